@@ -1,0 +1,102 @@
+package bootstrap
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hangar-ci/hangar/scripts"
+)
+
+// MaxScript bounds a bootstrap script, whatever its source.
+const MaxScript = 1 << 20
+
+// Scripts fetches pools' bootstrap scripts from "builtin:NAME", a file path
+// or an https URL. Files are read on every call, so an edit takes effect at
+// the next boot with no restart; URLs are cached for CacheFor so that a
+// hundred booting instances do not mean a hundred fetches.
+type Scripts struct {
+	HTTP     *http.Client
+	CacheFor time.Duration
+
+	mu    sync.Mutex
+	cache map[string]cached
+}
+
+type cached struct {
+	body []byte
+	at   time.Time
+}
+
+// Load returns the script named by src.
+func (s *Scripts) Load(ctx context.Context, src string) ([]byte, error) {
+	switch {
+	case strings.HasPrefix(src, "builtin:"):
+		b, err := scripts.Bootstrap.ReadFile("bootstrap/" + strings.TrimPrefix(src, "builtin:"))
+		if err != nil {
+			return nil, fmt.Errorf("reading bootstrap script %s: no such built-in script", src)
+		}
+		return b, nil
+	case strings.HasPrefix(src, "https://"), strings.HasPrefix(src, "http://"):
+		return s.fetch(ctx, src)
+	default:
+		f, err := os.Open(src)
+		if err != nil {
+			return nil, fmt.Errorf("reading bootstrap script: %w", err)
+		}
+		defer f.Close()
+		return readLimited(f, src)
+	}
+}
+
+func (s *Scripts) fetch(ctx context.Context, url string) ([]byte, error) {
+	s.mu.Lock()
+	c, ok := s.cache[url]
+	s.mu.Unlock()
+	if ok && time.Since(c.at) < s.CacheFor {
+		return c.body, nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("fetching bootstrap script %s: %w", url, err)
+	}
+	client := s.HTTP
+	if client == nil {
+		client = &http.Client{Timeout: 30 * time.Second}
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetching bootstrap script: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetching bootstrap script %s: %s", url, resp.Status)
+	}
+	body, err := readLimited(resp.Body, url)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if s.cache == nil {
+		s.cache = map[string]cached{}
+	}
+	s.cache[url] = cached{body: body, at: time.Now()}
+	s.mu.Unlock()
+	return body, nil
+}
+
+func readLimited(r io.Reader, name string) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, MaxScript+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading bootstrap script %s: %w", name, err)
+	}
+	if len(b) > MaxScript {
+		return nil, fmt.Errorf("bootstrap script %s is over %d bytes", name, MaxScript)
+	}
+	return b, nil
+}

@@ -1,0 +1,398 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/pool"
+	"github.com/hangar-ci/hangar/pool/api"
+	"github.com/spf13/cobra"
+)
+
+// run executes the CLI and returns the process's exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	root := newRoot(stdout, stderr)
+	root.SetArgs(args)
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(stderr, "hangar: "+oneLine(err))
+		return 1
+	}
+	return 0
+}
+
+// oneLine keeps an error to one line for the terminal; joined errors (a
+// config with several problems) keep their lines, indented.
+func oneLine(err error) string {
+	return strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "\n  ")
+}
+
+type globals struct {
+	server string
+	token  string
+	output string
+	stdout io.Writer
+	stderr io.Writer
+}
+
+func (g *globals) client() *api.Client { return &api.Client{BaseURL: g.server, Token: g.token} }
+
+func (g *globals) json() bool { return g.output == "json" }
+
+func (g *globals) printJSON(v any) error {
+	enc := json.NewEncoder(g.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (g *globals) table(header string, rows [][]string) {
+	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, header)
+	for _, r := range rows {
+		fmt.Fprintln(w, strings.Join(r, "\t"))
+	}
+	w.Flush()
+}
+
+func newRoot(stdout, stderr io.Writer) *cobra.Command {
+	g := &globals{stdout: stdout, stderr: stderr}
+	root := &cobra.Command{
+		Use:           "hangar",
+		Short:         "Pools of CI build instances, leased on demand",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			if g.output != "table" && g.output != "json" {
+				return fmt.Errorf("-o must be table or json, not %q", g.output)
+			}
+			return nil
+		},
+	}
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.server, "server", envOr("HANGAR_SERVER", "http://127.0.0.1:7878"), "Hangar server URL (env HANGAR_SERVER)")
+	pf.StringVar(&g.token, "token", os.Getenv("HANGAR_TOKEN"), "API bearer token (env HANGAR_TOKEN)")
+	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
+
+	root.AddCommand(serveCmd(g), leaseCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
+		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g))
+	return root
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// loadConfig reads --config, else ./hangar.toml if present, else the
+// embedded local default.
+func loadConfig(path string) (configs.Config, error) {
+	if path != "" {
+		return configs.Load(path)
+	}
+	if _, err := os.Stat("hangar.toml"); err == nil {
+		return configs.Load("hangar.toml")
+	}
+	return configs.LoadDefault()
+}
+
+func serveCmd(g *globals) *cobra.Command {
+	var path string
+	var debug bool
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the pools and serve the lease API",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := loadConfig(path)
+			if err != nil {
+				return err
+			}
+			level := slog.LevelInfo
+			if debug {
+				level = slog.LevelDebug
+			}
+			log := slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: level}))
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			s, err := startServer(ctx, cfg, serveOptions{Logger: log})
+			if err != nil {
+				return err
+			}
+			<-ctx.Done()
+			log.Info("shutting down; instances keep running and are adopted at the next start")
+			return s.Close()
+		},
+	}
+	cmd.Flags().StringVar(&path, "config", "", "config file (default ./hangar.toml if present, else the embedded local default)")
+	cmd.Flags().BoolVar(&debug, "debug", false, "log every API request")
+	return cmd
+}
+
+func leaseCmd(g *globals) *cobra.Command {
+	var wait, ttl time.Duration
+	var req api.LeaseRequest
+	cmd := &cobra.Command{
+		Use:   "lease POOL",
+		Short: "Lease an instance from a pool",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req.Pool = args[0]
+			req.Wait = wait.String()
+			if ttl > 0 {
+				req.TTL = ttl.String()
+			}
+			v, err := g.client().Lease(cmd.Context(), req)
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(v)
+			}
+			if v.State == pool.LeasePending {
+				fmt.Fprintf(g.stdout, "lease %s is still pending after %s; wait for it with the API (GET /v1/leases/%s?wait=60s) or release it\n", v.ID, wait, v.ID)
+				return nil
+			}
+			printLease(g, v)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&wait, "wait", 60*time.Second, "how long to wait for an instance")
+	f.DurationVar(&ttl, "ttl", 0, "lease time before it must be renewed (default: the pool's lease_ttl)")
+	f.StringVar(&req.Worker.Name, "worker-name", "", "worker name (default: generated)")
+	f.StringVar(&req.Worker.Master, "master", "", "CI master address host:port handed to the worker")
+	f.StringVar(&req.ClientToken, "client-token", "", "idempotency key: the same key returns the same lease")
+	return cmd
+}
+
+func printLease(g *globals, v pool.LeaseView) {
+	inst, ip := "", ""
+	if v.Instance != nil {
+		inst, ip = v.Instance.ID, v.Instance.PrivateIP
+	}
+	g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tIP\tWORKER\tEXPIRES", [][]string{{v.ID, v.Pool, string(v.State), inst, ip, v.Worker.Name, v.ExpiresAt.Local().Format(time.DateTime)}})
+	fmt.Fprintln(g.stderr, "(the worker password is in -o json; it is not printed in tables)")
+}
+
+func releaseCmd(g *globals) *cobra.Command {
+	var discard bool
+	cmd := &cobra.Command{
+		Use:   "release LEASE",
+		Short: "Give a leased instance back (or discard it)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := g.client().Release(cmd.Context(), args[0], discard); err != nil {
+				return err
+			}
+			if !g.json() {
+				fmt.Fprintf(g.stdout, "released %s\n", args[0])
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&discard, "discard", false, "terminate the instance instead of reusing it")
+	return cmd
+}
+
+func poolsCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "pools",
+		Short: "List pools",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			pools, err := g.client().Pools(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(pools)
+			}
+			var rows [][]string
+			for _, p := range pools {
+				note := p.LaunchError
+				if p.LaunchBlocked {
+					note = "LAUNCHES STOPPED (quota): " + note
+				}
+				rows = append(rows, []string{p.Name, p.Provider, fmt.Sprint(p.MinIdle), fmt.Sprint(p.MaxInstances),
+					countStates(p.Instances), fmt.Sprint(p.LeasesActive), fmt.Sprint(p.LeasesPending), note})
+			}
+			g.table("POOL\tPROVIDER\tMIN_IDLE\tMAX\tINSTANCES\tLEASED\tPENDING\tLAUNCH_ERROR", rows)
+			return nil
+		},
+	}
+}
+
+func countStates(m map[pool.State]int) string {
+	var parts []string
+	for s, n := range m {
+		parts = append(parts, fmt.Sprintf("%d %s", n, s))
+	}
+	sort.Strings(parts)
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func instancesCmd(g *globals) *cobra.Command {
+	var poolName string
+	cmd := &cobra.Command{
+		Use:   "instances",
+		Short: "List instances",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			list, err := g.client().Instances(cmd.Context(), poolName)
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(list)
+			}
+			var rows [][]string
+			for _, in := range list {
+				rows = append(rows, []string{orDash(in.ID), in.Pool, string(in.State), orDash(in.PrivateIP), orDash(in.LeaseID),
+					fmt.Sprint(in.Uses), time.Since(in.Since).Round(time.Second).String(), in.Reason})
+			}
+			g.table("INSTANCE\tPOOL\tSTATE\tIP\tLEASE\tUSES\tFOR\tREASON", rows)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&poolName, "pool", "", "only this pool")
+	return cmd
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func scaleCmd(g *globals) *cobra.Command {
+	var minIdle, max int
+	cmd := &cobra.Command{
+		Use:   "scale POOL",
+		Short: "Change a pool's min_idle and max_instances at run time",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var req api.ScaleRequest
+			if cmd.Flags().Changed("min-idle") {
+				req.MinIdle = &minIdle
+			}
+			if cmd.Flags().Changed("max") {
+				req.MaxInstances = &max
+			}
+			if req.MinIdle == nil && req.MaxInstances == nil {
+				return errors.New("give --min-idle, --max or both")
+			}
+			p, err := g.client().Scale(cmd.Context(), args[0], req)
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(p)
+			}
+			fmt.Fprintf(g.stdout, "pool %s: min_idle %d, max_instances %d\n", p.Name, p.MinIdle, p.MaxInstances)
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&minIdle, "min-idle", 0, "warm spares to keep")
+	cmd.Flags().IntVar(&max, "max", 0, "most instances the pool may have")
+	return cmd
+}
+
+func drainCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "drain INSTANCE",
+		Short: "Take an instance out of service (after its lease, if it has one)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			v, err := g.client().Drain(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(v)
+			}
+			fmt.Fprintf(g.stdout, "instance %s is %s\n", v.ID, v.State)
+			return nil
+		},
+	}
+}
+
+func consoleCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "console INSTANCE",
+		Short: "Print an instance's console output",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			out, err := g.client().Console(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(map[string]string{"id": args[0], "output": out})
+			}
+			io.WriteString(g.stdout, out)
+			return nil
+		},
+	}
+}
+
+func userdataCmd(g *globals) *cobra.Command {
+	ud := &cobra.Command{Use: "userdata", Short: "User-data tools"}
+	var path string
+	render := &cobra.Command{
+		Use:   "render POOL",
+		Short: "Print the user-data an instance of POOL boots with (token replaced by a placeholder)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := loadConfig(path)
+			if err != nil {
+				return err
+			}
+			b, err := pool.RenderUserData(cfg, args[0])
+			if err != nil {
+				return err
+			}
+			g.stdout.Write(b)
+			return nil
+		},
+	}
+	render.Flags().StringVar(&path, "config", "", "config file (default as for serve)")
+	ud.AddCommand(render)
+	return ud
+}
+
+func configCmd(g *globals) *cobra.Command {
+	c := &cobra.Command{Use: "config", Short: "Config tools"}
+	c.AddCommand(&cobra.Command{
+		Use:   "check FILE",
+		Short: "Check a config file and report every problem",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := configs.Load(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.stdout, "%s: ok (%d providers, %d pools)\n", args[0], len(cfg.Providers), len(cfg.Pools))
+			return nil
+		},
+	})
+	return c
+}

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/local"
+	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/metrics"
+	"github.com/hangar-ci/hangar/pool"
+	"github.com/hangar-ci/hangar/pool/api"
+	"github.com/hangar-ci/hangar/pool/store"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// serveOptions are what tests change about a server.
+type serveOptions struct {
+	Logger *slog.Logger
+	Clock  pool.Clock
+	Tick   time.Duration
+}
+
+// server is one running `hangar serve`.
+type server struct {
+	cfg       configs.Config
+	log       *slog.Logger
+	store     *store.Store
+	providers map[string]cloud.Provider
+	manager   *pool.Manager
+	http      *http.Server
+	url       string
+	stop      context.CancelFunc
+	done      chan struct{}
+}
+
+// startServer opens the store, starts the providers and the pool manager,
+// and serves the API and bootstrap endpoints. A listen address with port 0
+// gets a free port, and a public URL derived from it.
+func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *server, err error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &server{cfg: cfg, log: log, providers: map[string]cloud.Provider{}, done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			s.closeParts()
+		}
+	}()
+
+	tokens, err := apiTokens(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if len(tokens) == 0 {
+		if !loopback(cfg.Server.Listen) {
+			return nil, fmt.Errorf("refusing to serve on %s without [[server.tokens]]: only a loopback address may be open", cfg.Server.Listen)
+		}
+		log.Warn("no API tokens configured: the API is open to anyone who can reach " + cfg.Server.Listen)
+	}
+	ln, err := net.Listen("tcp", cfg.Server.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", cfg.Server.Listen, err)
+	}
+	s.url = "http://" + ln.Addr().String()
+	if cfg.Server.PublicURL == "" || cfg.Server.PublicURL == "http://"+cfg.Server.Listen {
+		cfg.Server.PublicURL = s.url
+	}
+
+	// Absolute, because instances run with their own working directories.
+	if cfg.Server.DataDir, err = filepath.Abs(cfg.Server.DataDir); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("resolving data dir: %w", err)
+	}
+	if err := os.MkdirAll(cfg.Server.DataDir, 0o700); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("creating data dir: %w", err)
+	}
+	s.store, err = store.Open(filepath.Join(cfg.Server.DataDir, "hangar.db"))
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	var mgr *pool.Manager
+	met := metrics.New(reg, func() metrics.Snapshot {
+		if mgr == nil {
+			return metrics.Snapshot{}
+		}
+		return mgr.Snapshot()
+	})
+	for name, pc := range cfg.Providers {
+		p, err := newProvider(ctx, cfg, name, pc, log)
+		if err != nil {
+			ln.Close()
+			return nil, err
+		}
+		s.providers[name] = met.Instrument(name, p)
+	}
+	mgr, err = pool.New(pool.Options{Config: cfg, Providers: s.providers, Store: s.store, Logger: log, Metrics: met, Clock: o.Clock, Tick: o.Tick})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	s.manager = mgr
+
+	mux := http.NewServeMux()
+	mux.Handle("/bootstrap/", bootstrap.Handler(mgr, log))
+	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg}).Handler())
+	// No write timeout: lease and assignment waits are long polls, each
+	// bounded by its own cap.
+	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	s.stop = cancel
+	go func() {
+		defer close(s.done)
+		mgr.Run(runCtx)
+	}()
+	go func() {
+		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("serving", "err", err)
+		}
+	}()
+	log.Info("hangar serving", "url", s.url, "public_url", cfg.Server.PublicURL, "data_dir", cfg.Server.DataDir, "pools", len(cfg.Pools))
+	return s, nil
+}
+
+func newProvider(ctx context.Context, cfg configs.Config, name string, pc configs.Provider, log *slog.Logger) (cloud.Provider, error) {
+	switch pc.Type {
+	case "local":
+		p, err := local.New(ctx, local.Options{
+			Dir:       filepath.Join(cfg.Server.DataDir, "local"),
+			BootDelay: pc.BootDelay.Duration,
+			Logger:    log.With("provider", name),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("starting provider %s: %w", name, err)
+		}
+		return p, nil
+	case "ec2":
+		return nil, fmt.Errorf("provider %s: the ec2 provider is not built yet", name)
+	default:
+		return nil, fmt.Errorf("provider %s: unknown type %q", name, pc.Type)
+	}
+}
+
+func apiTokens(cfg configs.Config) ([]api.Token, error) {
+	var out []api.Token
+	var problems []error
+	for _, t := range cfg.Server.Tokens {
+		secret, err := t.Secret()
+		if err != nil {
+			problems = append(problems, err)
+			continue
+		}
+		out = append(out, api.Token{Name: t.Name, Role: t.Role, Secret: secret})
+	}
+	return out, errors.Join(problems...)
+}
+
+func loopback(listen string) bool {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// Close stops serving and working. Instances keep running: the next start
+// adopts them.
+func (s *server) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.http.Shutdown(ctx)
+	s.stop()
+	<-s.done
+	return s.closeParts()
+}
+
+func (s *server) closeParts() error {
+	var errs []error
+	if s.manager != nil {
+		errs = append(errs, s.manager.Close())
+	}
+	for _, p := range s.providers {
+		errs = append(errs, p.Close())
+	}
+	if s.store != nil {
+		errs = append(errs, s.store.Close())
+	}
+	return errors.Join(errs...)
+}

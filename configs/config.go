@@ -1,0 +1,292 @@
+// Package configs loads Hangar's TOML configuration.
+//
+// The order is Default(), then the file decoded over it, then per-provider
+// and per-pool defaults and derived values, then Validate. Loading reports
+// every problem of a file at once (unknown keys, wrong types, unparsable
+// durations and semantic errors), each naming the file, the line and the key:
+//
+//	hangar.toml:12: pools.demo.max_instances: must be ≥ min_idle (5)
+//
+// A problem about a key that the file does not set (a default) has no line.
+package configs
+
+import (
+	_ "embed"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// embeddedName stands in for a file name in messages about the embedded
+// default, so that users are not sent looking for a file they do not have.
+const embeddedName = "local.toml (embedded)"
+
+//go:embed local.toml
+var localTOML []byte
+
+// Duration is a time.Duration written in TOML as a string such as "90s" or
+// "5m": TOML has no duration type and bare integers hide their unit.
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(text []byte) error {
+	v, err := time.ParseDuration(string(text))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q: use a number and a unit, e.g. \"90s\", \"5m\", \"1h\"", text)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes the duration in the form UnmarshalText reads.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(short(d.Duration)), nil }
+
+// Config is a whole Hangar configuration.
+type Config struct {
+	Server    Server              `toml:"server"`
+	Providers map[string]Provider `toml:"providers"`
+	Pools     map[string]Pool     `toml:"pools"`
+
+	// Path is the file the config was loaded from; "" for the embedded default.
+	Path string `toml:"-"`
+
+	src *source // where each key was written, for messages; nil when built in code
+}
+
+// Server configures the HTTP server and the reconciler.
+type Server struct {
+	Listen string `toml:"listen"`
+	// PublicURL is how instances reach the bootstrap endpoints. Load derives
+	// it from Listen when the file leaves it empty.
+	PublicURL string `toml:"public_url"`
+	// DataDir holds the store and the local cloud's instances. A relative
+	// path is relative to the process's working directory, not to the config
+	// file, so that `hangar serve` in a checkout keeps its state there.
+	DataDir           string   `toml:"data_dir"`
+	Tokens            []Token  `toml:"tokens"`
+	ReconcileInterval Duration `toml:"reconcile_interval"`
+	// OrphanGrace is how long an instance tagged as ours but unknown to the
+	// store lives before it is terminated: long enough for a launch whose
+	// intent is being written to show up in the store.
+	OrphanGrace Duration `toml:"orphan_grace"`
+}
+
+// Token is an API bearer token. Exactly one of TokenEnv, TokenFile and Token
+// says where its secret is.
+type Token struct {
+	Name      string `toml:"name"`
+	Role      string `toml:"role"` // "lease" | "admin"
+	TokenEnv  string `toml:"token_env"`
+	TokenFile string `toml:"token_file"` // resolved against the config file's directory
+	Token     string `toml:"token"`
+}
+
+// Secret resolves the token's secret. Errors never contain it.
+func (t Token) Secret() (string, error) {
+	var s string
+	switch {
+	case t.TokenEnv != "":
+		s = os.Getenv(t.TokenEnv)
+		if s == "" {
+			return "", fmt.Errorf("token %q: environment variable %s is not set or empty", t.Name, t.TokenEnv)
+		}
+	case t.TokenFile != "":
+		b, err := os.ReadFile(t.TokenFile)
+		if err != nil {
+			// The os error names the path and the cause, never the content.
+			return "", fmt.Errorf("token %q: reading token_file: %w", t.Name, err)
+		}
+		s = strings.TrimRight(string(b), "\r\n")
+		if s == "" {
+			return "", fmt.Errorf("token %q: token_file %s is empty", t.Name, t.TokenFile)
+		}
+	case t.Token != "":
+		s = t.Token
+	default:
+		return "", fmt.Errorf("token %q: none of token_env, token_file or token is set", t.Name)
+	}
+	return s, nil
+}
+
+// String keeps a literal secret out of logs and %v output.
+func (t Token) String() string {
+	from := "token"
+	switch {
+	case t.TokenEnv != "":
+		from = "env " + t.TokenEnv
+	case t.TokenFile != "":
+		from = "file " + t.TokenFile
+	}
+	return fmt.Sprintf("token %q (role %s, from %s)", t.Name, t.Role, from)
+}
+
+// Provider is a cloud that pools launch instances on.
+type Provider struct {
+	Type string `toml:"type"` // "local" | "ec2"
+
+	// local
+	BootDelay Duration `toml:"boot_delay"` // emulates a cloud's boot latency
+
+	// ec2
+	Region   string `toml:"region"`
+	Endpoint string `toml:"endpoint"` // EC2-compatible clouds; "" for AWS
+	Profile  string `toml:"profile"`
+	// CapacityRetry is how long a (type, zone, market) offering that failed
+	// for lack of capacity is skipped before it is tried again.
+	CapacityRetry Duration `toml:"capacity_retry"`
+}
+
+// MetadataOptions are the EC2 instance metadata settings. The defaults
+// (IMDSv2 required, hop limit 1) keep containers on the instance away from
+// its credentials; clouds without IMDSv2 can switch them off.
+type MetadataOptions struct {
+	HTTPTokens string `toml:"http_tokens"` // "required" | "optional"
+	HopLimit   int    `toml:"hop_limit"`
+}
+
+// Pool is a set of like instances handed out by leases.
+type Pool struct {
+	Provider      string   `toml:"provider"`
+	Image         string   `toml:"image"`
+	InstanceTypes []string `toml:"instance_types"` // ordered fallback
+	Zones         []string `toml:"zones"`          // ordered fallback
+
+	// ec2
+	Subnets            []string        `toml:"subnets"`
+	SecurityGroups     []string        `toml:"security_groups"`
+	KeyName            string          `toml:"key_name"`
+	IAMInstanceProfile string          `toml:"iam_instance_profile"`
+	RootVolumeGB       int             `toml:"root_volume_gb"` // 0: the image's size
+	Spot               string          `toml:"spot"`           // "off" | "prefer" | "only"
+	MetadataOptions    MetadataOptions `toml:"metadata_options"`
+
+	MinIdle      int      `toml:"min_idle"`
+	MaxInstances int      `toml:"max_instances"`
+	IdleTTD      Duration `toml:"idle_ttd"`
+	BootTimeout  Duration `toml:"boot_timeout"`
+	LeaseTTL     Duration `toml:"lease_ttl"`     // when the client asks for none
+	MaxLeaseTTL  Duration `toml:"max_lease_ttl"` // the most a client may ask for
+	MaxUses      int      `toml:"max_uses"`      // 0: unlimited
+	OnIdle       string   `toml:"on_idle"`       // "terminate" | "stop"
+
+	// Bootstrap is "builtin:NAME", a file path (resolved against the config
+	// file's directory) or an https:// URL.
+	Bootstrap      string `toml:"bootstrap"`
+	WorkerCommand  string `toml:"worker_command"`  // run by the bootstrap on assignment
+	CleanupCommand string `toml:"cleanup_command"` // run by the bootstrap on release
+	UserDataFormat string `toml:"userdata_format"` // "script" | "cloud-config" | "mime"
+	CloudConfig    string `toml:"cloud_config"`    // the user's own #cloud-config, mime only
+
+	Env  map[string]string `toml:"env"`
+	Tags map[string]string `toml:"tags"` // extra cloud tags
+}
+
+// Default returns the server defaults; it has no providers and no pools.
+func Default() Config {
+	return Config{
+		Server: Server{
+			Listen:            "127.0.0.1:7878",
+			PublicURL:         "http://127.0.0.1:7878",
+			DataDir:           ".hangar",
+			ReconcileInterval: Duration{10 * time.Second},
+			OrphanGrace:       Duration{5 * time.Minute},
+		},
+	}
+}
+
+// setDefaults fills a provider before the file is decoded over it, so that a
+// value the file sets, even a zero, is never replaced by a default.
+func (p *Provider) setDefaults() {
+	p.CapacityRetry = Duration{60 * time.Second}
+}
+
+// setDefaults fills a pool before the file is decoded over it.
+func (p *Pool) setDefaults() {
+	p.Spot = "off"
+	p.MetadataOptions = MetadataOptions{HTTPTokens: "required", HopLimit: 1}
+	p.MaxInstances = 4
+	p.IdleTTD = Duration{10 * time.Minute}
+	p.BootTimeout = Duration{5 * time.Minute}
+	p.LeaseTTL = Duration{time.Hour}
+	p.MaxLeaseTTL = Duration{24 * time.Hour}
+	p.OnIdle = "terminate"
+	p.Bootstrap = "builtin:generic.sh"
+	p.UserDataFormat = "script"
+}
+
+// Load reads and validates the config file at path.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("reading config: %w", err)
+	}
+	return parse(path, path, data)
+}
+
+// Parse validates a config from bytes. name is used in messages and as
+// Path, so relative paths in it resolve against name's directory.
+func Parse(name string, data []byte) (Config, error) {
+	return parse(name, name, data)
+}
+
+// LoadDefault returns the embedded configs/local.toml.
+func LoadDefault() (Config, error) {
+	return parse(embeddedName, "", localTOML)
+}
+
+func parse(name, path string, data []byte) (Config, error) {
+	c := Default()
+	c.Server.PublicURL = "" // derived from the file's listen unless it sets its own
+	c.Path = path
+	c.src = &source{name: name}
+	problems, err := c.src.decode(data, &c)
+	if err != nil {
+		return Config{}, err
+	}
+	c.derive()
+	problems = append(problems, c.check()...)
+	if err := joinProblems(problems); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+// derive fills values that depend on others and resolves relative paths.
+func (c *Config) derive() {
+	if c.Server.PublicURL == "" {
+		c.Server.PublicURL = "http://" + c.Server.Listen
+	}
+	dir := "."
+	if c.Path != "" {
+		dir = filepath.Dir(c.Path)
+	}
+	for i, t := range c.Server.Tokens {
+		c.Server.Tokens[i].TokenFile = resolve(dir, t.TokenFile)
+	}
+	for name, p := range c.Pools {
+		if !strings.HasPrefix(p.Bootstrap, "builtin:") && !strings.Contains(p.Bootstrap, "://") {
+			p.Bootstrap = resolve(dir, p.Bootstrap)
+			c.Pools[name] = p
+		}
+	}
+}
+
+// resolve makes a relative path relative to dir, absolute so that it does
+// not depend on the working directory later.
+func resolve(dir, p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	p = filepath.Join(dir, p)
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
+	}
+	return p
+}
+
+// Validate reports every problem of c at once.
+func (c Config) Validate() error {
+	return joinProblems(c.check())
+}

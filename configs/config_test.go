@@ -1,0 +1,496 @@
+package configs
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+func TestShippedConfigsValidate(t *testing.T) {
+	c, err := LoadDefault()
+	if err != nil {
+		t.Fatalf("embedded local.toml: %v", err)
+	}
+	demo, ok := c.Pools["demo"]
+	if !ok || demo.Provider != "local" || c.Providers["local"].Type != "local" {
+		t.Fatalf("local.toml has no demo pool on a local provider: %+v", c)
+	}
+	if demo.MinIdle != 1 || demo.MaxInstances != 4 || demo.IdleTTD.Duration != 5*time.Minute ||
+		demo.BootTimeout.Duration != 2*time.Minute || demo.Bootstrap != "builtin:generic.sh" {
+		t.Errorf("demo pool = %+v", demo)
+	}
+	if c.Path != "" || c.Server.Listen != "127.0.0.1:7878" || c.Server.PublicURL != "http://127.0.0.1:7878" || c.Server.DataDir != ".hangar" {
+		t.Errorf("server = %+v, path %q", c.Server, c.Path)
+	}
+
+	c, err = Load("ec2.example.toml")
+	if err != nil {
+		t.Fatalf("ec2.example.toml: %v", err)
+	}
+	p := c.Pools["linux"]
+	if c.Providers[p.Provider].Type != "ec2" || p.Spot != "prefer" || len(p.InstanceTypes) < 2 || len(p.Subnets) == 0 ||
+		p.MetadataOptions != (MetadataOptions{HTTPTokens: "required", HopLimit: 1}) {
+		t.Errorf("linux pool = %+v", p)
+	}
+}
+
+func TestDefaultsApplied(t *testing.T) {
+	c, err := Parse("hangar.toml", []byte(`
+[server]
+listen = "127.0.0.1:9000"
+[providers.local]
+type = "local"
+[providers.aws]
+type = "ec2"
+region = "eu-west-1"
+[pools.a]
+provider = "local"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Default()
+	want.Server.Listen = "127.0.0.1:9000"
+	want.Server.PublicURL = "http://127.0.0.1:9000"
+	if !reflect.DeepEqual(c.Server, want.Server) {
+		t.Errorf("server = %+v, want %+v", c.Server, want.Server)
+	}
+	if got := c.Providers["aws"].CapacityRetry.Duration; got != time.Minute {
+		t.Errorf("capacity_retry = %v, want 1m", got)
+	}
+	wantPool := Pool{
+		Provider:        "local",
+		Spot:            "off",
+		MetadataOptions: MetadataOptions{HTTPTokens: "required", HopLimit: 1},
+		MaxInstances:    4,
+		IdleTTD:         Duration{10 * time.Minute},
+		BootTimeout:     Duration{5 * time.Minute},
+		LeaseTTL:        Duration{time.Hour},
+		MaxLeaseTTL:     Duration{24 * time.Hour},
+		OnIdle:          "terminate",
+		Bootstrap:       "builtin:generic.sh",
+		UserDataFormat:  "script",
+	}
+	if got := c.Pools["a"]; !reflect.DeepEqual(got, wantPool) {
+		t.Errorf("pool = %+v\nwant   %+v", got, wantPool)
+	}
+}
+
+// A set value, even a zero, is never replaced by a default.
+func TestZeroIsNotDefault(t *testing.T) {
+	_, err := Parse("hangar.toml", []byte(`
+[providers.local]
+type = "local"
+[pools.a]
+provider = "local"
+max_instances = 0
+idle_ttd = "0s"
+`))
+	want := "hangar.toml:6: pools.a.max_instances: must be ≥ 1\n" +
+		"hangar.toml:7: pools.a.idle_ttd: must be positive"
+	if err == nil || err.Error() != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+// base is a valid config that the cases below extend; lines 1-4.
+const base = `[providers.local]
+type = "local"
+[pools.demo]
+provider = "local"
+`
+
+func TestBadConfigs(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, toml, want string
+	}{{
+		name: "every kind of problem at once",
+		toml: base + `min_idle = 5
+idle_ttd = "5 minutes"
+max_uses = "many"
+colour = "blue"
+[server]
+reconcile_interval = "0s"
+`,
+		want: `hangar.toml:5: pools.demo.min_idle: must be ≤ max_instances (4)
+hangar.toml:6: pools.demo.idle_ttd: invalid duration "5 minutes": use a number and a unit, e.g. "90s", "5m", "1h"
+hangar.toml:7: pools.demo.max_uses: must be an integer, not a string
+hangar.toml:8: pools.demo.colour: unknown key
+hangar.toml:10: server.reconcile_interval: must be positive`,
+	}, {
+		name: "syntax error stops everything else",
+		toml: base + "min_idle = \nmax_uses = \"x\"\n",
+		want: `hangar.toml:5: invalid toml: expected value but found '\n' instead`,
+	}, {
+		name: "unknown table reported once",
+		toml: base + "[pool.other]\nprovider = \"local\"\n",
+		want: "hangar.toml:5: pool: unknown key",
+	}, {
+		name: "type mismatches",
+		toml: base + `instance_types = "t3.small"
+env = ["A"]
+[server]
+tokens = 3
+listen = 7878
+`,
+		want: `hangar.toml:5: pools.demo.instance_types: must be an array, not a string
+hangar.toml:6: pools.demo.env: must be a table, not an array
+hangar.toml:8: server.tokens: must be an array, not an integer
+hangar.toml:9: server.listen: must be a string, not an integer`,
+	}, {
+		name: "max_instances set below min_idle",
+		toml: base + "min_idle = 3\nmax_instances = 2\nlease_ttl = \"48h\"\n",
+		want: "hangar.toml:6: pools.demo.max_instances: must be ≥ min_idle (3)\n" +
+			"hangar.toml:7: pools.demo.lease_ttl: must be ≤ max_lease_ttl (24h)",
+	}, {
+		name: "names and providers",
+		toml: `[providers.Local]
+type = "local"
+[providers.aws]
+type = "ec2"
+[providers.gce]
+type = "gce"
+[providers.none]
+[pools."my pool"]
+provider = "local"
+[pools.on-aws]
+provider = "aws"
+[pools.orphan]
+`,
+		want: `hangar.toml:1: providers.Local: invalid name: must match ^[a-z0-9][a-z0-9._-]{0,62}$
+hangar.toml:3: providers.aws: region is required for type "ec2"
+hangar.toml:6: providers.gce.type: must be "local" or "ec2", not "gce"
+hangar.toml:7: providers.none: type is required ("local" or "ec2")
+hangar.toml:8: pools."my pool": invalid name: must match ^[a-z0-9][a-z0-9._-]{0,62}$
+hangar.toml:9: pools."my pool".provider: no provider named "local" (defined: Local, aws, gce, none)
+hangar.toml:10: pools.on-aws: image is required for an ec2 provider
+hangar.toml:10: pools.on-aws: instance_types is required for an ec2 provider
+hangar.toml:12: pools.orphan: provider is required`,
+	}, {
+		name: "no pools",
+		toml: "[providers.local]\ntype = \"local\"\n",
+		want: "hangar.toml: pools: at least one pool is required",
+	}, {
+		name: "pool enums, env, tags, cloud_config",
+		toml: base + `spot = "always"
+on_idle = "hibernate"
+userdata_format = "yaml"
+cloud_config = "packages: [git]"
+max_uses = -1
+min_idle = -1
+metadata_options = { http_tokens = "no", hop_limit = 0 }
+[pools.demo.env]
+"1X" = "a"
+HANGAR_URL = "b"
+OK = "c"
+[pools.demo.tags]
+"hangar:pool" = "x"
+team = "ci"
+`,
+		want: `hangar.toml:5: pools.demo.spot: must be "off", "prefer" or "only", not "always"
+hangar.toml:6: pools.demo.on_idle: must be "terminate" or "stop", not "hibernate"
+hangar.toml:7: pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not "yaml"
+hangar.toml:8: pools.demo.cloud_config: is only used with userdata_format = "mime"
+hangar.toml:8: pools.demo.cloud_config: must start with "#cloud-config"
+hangar.toml:9: pools.demo.max_uses: must not be negative
+hangar.toml:10: pools.demo.min_idle: must not be negative
+hangar.toml:11: pools.demo.metadata_options.http_tokens: must be "required" or "optional", not "no"
+hangar.toml:11: pools.demo.metadata_options.hop_limit: must be between 1 and 64
+hangar.toml:13: pools.demo.env.1X: invalid variable name: must match ^[A-Za-z_][A-Za-z0-9_]*$
+hangar.toml:14: pools.demo.env.HANGAR_URL: the HANGAR_ prefix is reserved for Hangar's own variables
+hangar.toml:17: pools.demo.tags."hangar:pool": the "hangar:" prefix is reserved for Hangar's own tags`,
+	}, {
+		name: "bootstrap",
+		toml: `[providers.local]
+type = "local"
+[pools.a]
+provider = "local"
+bootstrap = "http://example.com/boot.sh"
+[pools.b]
+provider = "local"
+bootstrap = "ftp://example.com/boot.sh"
+[pools.c]
+provider = "local"
+bootstrap = "missing.sh"
+[pools.d]
+provider = "local"
+bootstrap = "builtin:nope.sh"
+[pools.e]
+provider = "local"
+bootstrap = "http://127.0.0.1:8000/boot.sh"
+[pools.f]
+provider = "local"
+bootstrap = "https://example.com/boot.sh"
+`,
+		want: `hangar.toml:5: pools.a.bootstrap: http:// is only allowed for a loopback host; use https://
+hangar.toml:8: pools.b.bootstrap: unsupported URL scheme "ftp"; use https://
+hangar.toml:11: pools.c.bootstrap: stat ` + filepath.Join(dir, "missing.sh") + `: no such file or directory
+hangar.toml:14: pools.d.bootstrap: no built-in bootstrap script "nope.sh"`,
+	}, {
+		name: "open non-loopback listen",
+		toml: base + "[server]\nlisten = \"0.0.0.0:7878\"\n",
+		want: `hangar.toml:6: server.listen: refusing to serve without tokens on a non-loopback address
+hangar.toml: server.public_url: must name a host instances can reach, not "http://0.0.0.0:7878"`,
+	}, {
+		name: "server addresses",
+		toml: base + `[server]
+listen = "localhost"
+public_url = "ftp://x"
+data_dir = ""
+orphan_grace = "-1s"
+`,
+		want: `hangar.toml:6: server.listen: must be host:port, such as "127.0.0.1:7878", not "localhost"
+hangar.toml:7: server.public_url: must be an http:// or https:// URL, not "ftp://x"
+hangar.toml:8: server.data_dir: must not be empty
+hangar.toml:9: server.orphan_grace: must not be negative`,
+	}, {
+		name: "tokens, each at its own lines",
+		toml: base + `[server]
+listen = ":7878"
+public_url = "http://ci.example.com:7878"
+[[server.tokens]]
+name = "a"
+role = "lease"
+token_env = "A"
+[[server.tokens]]
+name = "a"
+role = "root"
+token_env = "B"
+token = "hunter2"
+[[server.tokens]]
+`,
+		want: `hangar.toml:12: server.tokens[1]: set only one of token_env, token_file or token
+hangar.toml:13: server.tokens[1].name: duplicate token name "a" (also server.tokens[0])
+hangar.toml:14: server.tokens[1].role: must be "lease" or "admin", not "root"
+hangar.toml:17: server.tokens[2]: name is required
+hangar.toml:17: server.tokens[2]: role is required ("lease" or "admin")
+hangar.toml:17: server.tokens[2]: one of token_env, token_file or token is required`,
+	}, {
+		name: "inline tokens, unknown key and bad type in the second one",
+		toml: base + `[server]
+tokens = [
+  { name = "a", role = "lease", token_env = "A" },
+  { name = "b", role = "admin", token_file = 7, secret = "hunter2" },
+]
+`,
+		want: `hangar.toml:8: server.tokens[1].secret: unknown key
+hangar.toml:8: server.tokens[1].token_file: must be a string, not an integer`,
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse(filepath.Join(dir, "hangar.toml"), []byte(tc.toml))
+			if err == nil {
+				t.Fatalf("no error, want:\n%s", tc.want)
+			}
+			// Messages name the file as the user gave it.
+			got := strings.ReplaceAll(err.Error(), filepath.Join(dir, "hangar.toml"), "hangar.toml")
+			if got != tc.want {
+				t.Errorf("got:\n%s\nwant:\n%s", got, tc.want)
+			}
+			if strings.Contains(got, "hunter2") {
+				t.Errorf("error shows a secret:\n%s", got)
+			}
+		})
+	}
+}
+
+func TestValidateWithoutFile(t *testing.T) {
+	c := Default()
+	c.Providers = map[string]Provider{"local": {Type: "local"}}
+	c.Pools = map[string]Pool{"demo": {Provider: "local"}}
+	want := `local.toml (embedded): pools.demo.spot: must be "off", "prefer" or "only", not ""
+local.toml (embedded): pools.demo.metadata_options.http_tokens: must be "required" or "optional", not ""
+local.toml (embedded): pools.demo.metadata_options.hop_limit: must be between 1 and 64
+local.toml (embedded): pools.demo.max_instances: must be ≥ 1
+local.toml (embedded): pools.demo.idle_ttd: must be positive
+local.toml (embedded): pools.demo.boot_timeout: must be positive
+local.toml (embedded): pools.demo.lease_ttl: must be positive
+local.toml (embedded): pools.demo.max_lease_ttl: must be positive
+local.toml (embedded): pools.demo.on_idle: must be "terminate" or "stop", not ""
+local.toml (embedded): pools.demo.bootstrap: must not be empty
+local.toml (embedded): pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not ""`
+	if err := c.Validate(); err == nil || err.Error() != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+
+	c, err := LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Server.Listen = "0.0.0.0:7878"
+	want = "local.toml (embedded):10: server.listen: refusing to serve without tokens on a non-loopback address"
+	if err := c.Validate(); err == nil || err.Error() != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+func TestRelativePaths(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "scripts"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "scripts", "boot.sh"), []byte("#!/bin/bash\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "hangar.toml")
+	err := os.WriteFile(path, []byte(base+`bootstrap = "scripts/boot.sh"
+data_dir_is_not_here = false
+[pools.abs]
+provider = "local"
+bootstrap = "`+filepath.Join(dir, "scripts", "boot.sh")+`"
+[server]
+data_dir = "state"
+[[server.tokens]]
+name = "a"
+role = "admin"
+token_file = "secrets/a.token"
+`), 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Unknown key first: a failed load reports the file's own name.
+	if _, err := Load(path); err == nil || err.Error() != path+":6: pools.demo.data_dir_is_not_here: unknown key" {
+		t.Fatalf("got %v", err)
+	}
+	data, _ := os.ReadFile(path)
+	if err := os.WriteFile(path, []byte(strings.Replace(string(data), "data_dir_is_not_here = false\n", "", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(dir, "scripts", "boot.sh"); c.Pools["demo"].Bootstrap != want || c.Pools["abs"].Bootstrap != want {
+		t.Errorf("bootstrap = %q, %q, want %q", c.Pools["demo"].Bootstrap, c.Pools["abs"].Bootstrap, want)
+	}
+	if want := filepath.Join(dir, "secrets", "a.token"); c.Server.Tokens[0].TokenFile != want {
+		t.Errorf("token_file = %q, want %q", c.Server.Tokens[0].TokenFile, want)
+	}
+	if c.Server.DataDir != "state" {
+		t.Errorf("data_dir = %q, want it left relative to the working directory", c.Server.DataDir)
+	}
+}
+
+func TestTokenSecret(t *testing.T) {
+	const secret = "s3cr3t-value"
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	t.Setenv("HANGAR_TEST_TOKEN", secret)
+	t.Setenv("HANGAR_TEST_EMPTY", "")
+	for _, tc := range []struct {
+		name    string
+		token   Token
+		want    string
+		wantErr string
+	}{
+		{"env", Token{Name: "a", TokenEnv: "HANGAR_TEST_TOKEN"}, secret, ""},
+		{"file", Token{Name: "a", TokenFile: write("nl", secret+"\n")}, secret, ""},
+		{"file crlf", Token{Name: "a", TokenFile: write("crlf", secret+"\r\n")}, secret, ""},
+		{"literal", Token{Name: "a", Token: secret}, secret, ""},
+		{"env unset", Token{Name: "a", TokenEnv: "HANGAR_TEST_UNSET"}, "", `token "a": environment variable HANGAR_TEST_UNSET is not set or empty`},
+		{"env empty", Token{Name: "a", TokenEnv: "HANGAR_TEST_EMPTY"}, "", `token "a": environment variable HANGAR_TEST_EMPTY is not set or empty`},
+		{"file empty", Token{Name: "a", TokenFile: write("empty", "\n")}, "", `token "a": token_file ` + filepath.Join(dir, "empty") + ` is empty`},
+		{"file missing", Token{Name: "a", TokenFile: filepath.Join(dir, "missing")}, "", `token "a": reading token_file: open ` + filepath.Join(dir, "missing") + `: no such file or directory`},
+		{"none", Token{Name: "a"}, "", `token "a": none of token_env, token_file or token is set`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := tc.token.Secret()
+			if got != tc.want {
+				t.Errorf("secret = %q, want %q", got, tc.want)
+			}
+			if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || err.Error() != tc.wantErr) {
+				t.Errorf("err = %v, want %q", err, tc.wantErr)
+			}
+			if err != nil && strings.Contains(err.Error(), secret) {
+				t.Errorf("error shows the secret: %v", err)
+			}
+		})
+	}
+	if s := (Token{Name: "a", Role: "lease", Token: secret}).String(); strings.Contains(s, secret) {
+		t.Errorf("String() shows the secret: %s", s)
+	}
+}
+
+func TestDurationText(t *testing.T) {
+	var d Duration
+	if err := d.UnmarshalText([]byte("1h30m")); err != nil || d.Duration != 90*time.Minute {
+		t.Fatalf("got %v, %v", d, err)
+	}
+	if b, _ := d.MarshalText(); string(b) != "1h30m" {
+		t.Errorf("MarshalText = %q", b)
+	}
+	if b, _ := (Duration{24 * time.Hour}).MarshalText(); string(b) != "24h" {
+		t.Errorf("MarshalText = %q", b)
+	}
+}
+
+func TestIndexLines(t *testing.T) {
+	src := "# comment [not.a.table]\r\n" + // 1
+		"top = 1 # x = 2\r\n" + // 2
+		"[server]\n" + // 3
+		`listen = """` + "\n" + // 4
+		"[fake]\n" + // 5
+		`fake = 1 \"""` + "\n" + // 6
+		`"""` + "\n" + // 7
+		"list = [\n" + // 8
+		"  'a]', # ]\n" + // 9
+		"  { k = 1 },\n" + // 10
+		"]\n" + // 11
+		"a.b.c = 'x'\n" + // 12
+		`"quoted.key" = '''x` + "\n" + // 13
+		`y'''''` + "\n" + // 14
+		"[[server.tokens]]\n" + // 15
+		"name = 'one'\n" + // 16
+		"[server.tokens.sub]\n" + // 17
+		"x = 1\n" + // 18
+		"[[server.tokens]]\n" + // 19
+		"name = 'two'\n" + // 20
+		"inline = { a = { b = 1 }, c = 2 }\n" + // 21
+		"[ pools . demo ]\n" + // 22
+		"when = 1979-05-27 07:32:00Z\n" // 23
+	if _, err := toml.Decode(src, new(map[string]any)); err != nil {
+		t.Fatalf("test document is not valid TOML: %v", err)
+	}
+	got := indexLines(src)
+	want := map[string]int{
+		"top":                         2,
+		"server":                      3,
+		"server.listen":               4,
+		"server.list":                 8,
+		"server.list[0]":              9,
+		"server.list[1]":              10,
+		"server.list[1].k":            10,
+		"server.a":                    12,
+		"server.a.b":                  12,
+		"server.a.b.c":                12,
+		`server."quoted.key"`:         13,
+		"server.tokens":               15,
+		"server.tokens[0]":            15,
+		"server.tokens[0].name":       16,
+		"server.tokens[0].sub":        17,
+		"server.tokens[0].sub.x":      18,
+		"server.tokens[1]":            19,
+		"server.tokens[1].name":       20,
+		"server.tokens[1].inline":     21,
+		"server.tokens[1].inline.a":   21,
+		"server.tokens[1].inline.a.b": 21,
+		"server.tokens[1].inline.c":   21,
+		"pools":                       22,
+		"pools.demo":                  22,
+		"pools.demo.when":             23,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got  %v\nwant %v", got, want)
+	}
+}

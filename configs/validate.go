@@ -1,0 +1,291 @@
+package configs
+
+import (
+	"fmt"
+	"maps"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hangar-ci/hangar/scripts"
+)
+
+var (
+	// nameRe keeps pool and provider names safe in tags, paths, metrics
+	// labels and shell scripts without quoting surprises.
+	nameRe   = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+	envKeyRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+)
+
+type checker struct {
+	c        *Config
+	problems []problem
+}
+
+// add reports a problem with key, at the key's line if the file sets it.
+// A key that already failed to decode is not reported twice.
+func (k *checker) add(key, format string, args ...any) {
+	p := problem{key: key, msg: fmt.Sprintf(format, args...)}
+	if k.bad(key) {
+		return
+	}
+	if s := k.c.src; s != nil {
+		p.file, p.line = s.name, s.lines[key]
+	} else if p.file = k.c.Path; p.file == "" {
+		p.file = embeddedName
+	}
+	k.problems = append(k.problems, p)
+}
+
+// bad reports whether key failed to decode.
+func (k *checker) bad(key string) bool { return k.c.src != nil && k.c.src.bad[key] }
+
+// pair reports a conflict between two keys on the one the file sets, so
+// that the message points at a line when it can.
+func (k *checker) pair(key, msg, otherKey, otherMsg string) {
+	if s := k.c.src; s != nil && s.lines[key] == 0 && s.lines[otherKey] != 0 {
+		k.add(otherKey, "%s", otherMsg)
+		return
+	}
+	k.add(key, "%s", msg)
+}
+
+func (k *checker) oneOf(key, v string, allowed ...string) {
+	if slices.Contains(allowed, v) {
+		return
+	}
+	q := make([]string, len(allowed))
+	for i, a := range allowed {
+		q[i] = strconv.Quote(a)
+	}
+	k.add(key, "must be %s or %s, not %q", strings.Join(q[:len(q)-1], ", "), q[len(q)-1], v)
+}
+
+func (k *checker) positive(key string, d Duration) {
+	if d.Duration <= 0 {
+		k.add(key, "must be positive")
+	}
+}
+
+func (k *checker) notNegative(key string, n int64) {
+	if n < 0 {
+		k.add(key, "must not be negative")
+	}
+}
+
+// check finds every semantic problem; Validate and Load report them.
+func (c Config) check() []problem {
+	k := &checker{c: &c}
+	k.server(c.Server)
+	for _, name := range slices.Sorted(maps.Keys(c.Providers)) {
+		k.provider(name, c.Providers[name])
+	}
+	if len(c.Pools) == 0 {
+		k.add("pools", "at least one pool is required")
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Pools)) {
+		k.pool(name, c.Pools[name])
+	}
+	return k.problems
+}
+
+func (k *checker) server(s Server) {
+	host, port, err := net.SplitHostPort(s.Listen)
+	if _, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil {
+		k.add("server.listen", "must be host:port, such as \"127.0.0.1:7878\", not %q", s.Listen)
+	} else if len(s.Tokens) == 0 && !isLoopback(host) {
+		k.add("server.listen", "refusing to serve without tokens on a non-loopback address")
+	}
+	if u, err := url.Parse(s.PublicURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		k.add("server.public_url", "must be an http:// or https:// URL, not %q", s.PublicURL)
+	} else if ip := net.ParseIP(u.Hostname()); u.Hostname() == "" || ip != nil && ip.IsUnspecified() {
+		// Derived from a listen address such as ":7878" or "0.0.0.0:7878".
+		k.add("server.public_url", "must name a host instances can reach, not %q", s.PublicURL)
+	}
+	if s.DataDir == "" {
+		k.add("server.data_dir", "must not be empty")
+	}
+	k.positive("server.reconcile_interval", s.ReconcileInterval)
+	k.notNegative("server.orphan_grace", int64(s.OrphanGrace.Duration))
+
+	seen := map[string]string{}
+	for i, t := range s.Tokens {
+		key := index("server.tokens", i)
+		switch prev, dup := seen[t.Name]; {
+		case t.Name == "":
+			k.add(key, "name is required")
+		case dup:
+			k.add(join(key, "name"), "duplicate token name %q (also %s)", t.Name, prev)
+		default:
+			seen[t.Name] = key
+		}
+		if t.Role == "" {
+			k.add(key, `role is required ("lease" or "admin")`)
+		} else {
+			k.oneOf(join(key, "role"), t.Role, "lease", "admin")
+		}
+		sources := 0
+		for field, v := range map[string]string{"token_env": t.TokenEnv, "token_file": t.TokenFile, "token": t.Token} {
+			// One that failed to decode was still meant as the source.
+			if v != "" || k.bad(join(key, field)) {
+				sources++
+			}
+		}
+		switch {
+		case sources == 0:
+			k.add(key, "one of token_env, token_file or token is required")
+		case sources > 1:
+			k.add(key, "set only one of token_env, token_file or token")
+		}
+	}
+}
+
+func (k *checker) provider(name string, p Provider) {
+	key := join("providers", name)
+	if !nameRe.MatchString(name) {
+		k.add(key, "invalid name: must match %s", nameRe)
+	}
+	switch p.Type {
+	case "":
+		k.add(key, `type is required ("local" or "ec2")`)
+	case "local":
+	case "ec2":
+		if p.Region == "" {
+			k.add(key, `region is required for type "ec2"`)
+		}
+		if u, err := url.Parse(p.Endpoint); p.Endpoint != "" && (err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "") {
+			k.add(join(key, "endpoint"), "must be an http:// or https:// URL, not %q", p.Endpoint)
+		}
+	default:
+		k.oneOf(join(key, "type"), p.Type, "local", "ec2")
+	}
+	k.notNegative(join(key, "boot_delay"), int64(p.BootDelay.Duration))
+	k.notNegative(join(key, "capacity_retry"), int64(p.CapacityRetry.Duration))
+}
+
+func (k *checker) pool(name string, p Pool) {
+	key := join("pools", name)
+	f := func(field string) string { return join(key, field) }
+	if !nameRe.MatchString(name) {
+		k.add(key, "invalid name: must match %s", nameRe)
+	}
+	prov, ok := k.c.Providers[p.Provider]
+	switch {
+	case p.Provider == "":
+		k.add(key, "provider is required")
+	case !ok:
+		k.add(f("provider"), "no provider named %q (defined: %s)", p.Provider, strings.Join(slices.Sorted(maps.Keys(k.c.Providers)), ", "))
+	case prov.Type == "ec2":
+		if p.Image == "" {
+			k.add(key, "image is required for an ec2 provider")
+		}
+		if len(p.InstanceTypes) == 0 {
+			k.add(key, "instance_types is required for an ec2 provider")
+		}
+	}
+	k.oneOf(f("spot"), p.Spot, "off", "prefer", "only")
+	k.oneOf(join(f("metadata_options"), "http_tokens"), p.MetadataOptions.HTTPTokens, "required", "optional")
+	if h := p.MetadataOptions.HopLimit; h < 1 || h > 64 {
+		k.add(join(f("metadata_options"), "hop_limit"), "must be between 1 and 64")
+	}
+	k.notNegative(f("root_volume_gb"), int64(p.RootVolumeGB))
+
+	k.notNegative(f("min_idle"), int64(p.MinIdle))
+	switch {
+	case p.MaxInstances < 1:
+		k.add(f("max_instances"), "must be ≥ 1")
+	case p.MaxInstances < p.MinIdle:
+		k.pair(f("max_instances"), fmt.Sprintf("must be ≥ min_idle (%d)", p.MinIdle),
+			f("min_idle"), fmt.Sprintf("must be ≤ max_instances (%d)", p.MaxInstances))
+	}
+	k.positive(f("idle_ttd"), p.IdleTTD)
+	k.positive(f("boot_timeout"), p.BootTimeout)
+	k.positive(f("lease_ttl"), p.LeaseTTL)
+	k.positive(f("max_lease_ttl"), p.MaxLeaseTTL)
+	if p.LeaseTTL.Duration > p.MaxLeaseTTL.Duration && p.MaxLeaseTTL.Duration > 0 {
+		k.pair(f("lease_ttl"), fmt.Sprintf("must be ≤ max_lease_ttl (%s)", short(p.MaxLeaseTTL.Duration)),
+			f("max_lease_ttl"), fmt.Sprintf("must be ≥ lease_ttl (%s)", short(p.LeaseTTL.Duration)))
+	}
+	k.notNegative(f("max_uses"), int64(p.MaxUses))
+	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
+
+	k.bootstrap(f("bootstrap"), p.Bootstrap)
+	k.oneOf(f("userdata_format"), p.UserDataFormat, "script", "cloud-config", "mime")
+	if p.CloudConfig != "" {
+		if p.UserDataFormat != "mime" {
+			k.add(f("cloud_config"), `is only used with userdata_format = "mime"`)
+		}
+		if !strings.HasPrefix(p.CloudConfig, "#cloud-config") {
+			k.add(f("cloud_config"), `must start with "#cloud-config"`)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(p.Env)) {
+		switch {
+		case !envKeyRe.MatchString(name):
+			k.add(join(f("env"), name), "invalid variable name: must match %s", envKeyRe)
+		case strings.HasPrefix(name, "HANGAR_"):
+			k.add(join(f("env"), name), "the HANGAR_ prefix is reserved for Hangar's own variables")
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(p.Tags)) {
+		if strings.HasPrefix(name, "hangar:") {
+			k.add(join(f("tags"), name), `the "hangar:" prefix is reserved for Hangar's own tags`)
+		}
+	}
+}
+
+func (k *checker) bootstrap(key, b string) {
+	switch {
+	case b == "":
+		k.add(key, "must not be empty")
+	case strings.HasPrefix(b, "builtin:"):
+		if _, err := scripts.BootstrapScript(strings.TrimPrefix(b, "builtin:")); err != nil {
+			k.add(key, "no built-in bootstrap script %q", strings.TrimPrefix(b, "builtin:"))
+		}
+	case strings.Contains(b, "://"):
+		u, err := url.Parse(b)
+		switch {
+		case err != nil || u.Host == "":
+			k.add(key, "%q is not a valid URL", b)
+		case u.Scheme == "https":
+		case u.Scheme == "http" && isLoopback(u.Hostname()):
+		case u.Scheme == "http":
+			// The script runs on every instance: over plain http anyone on
+			// the path could swap it.
+			k.add(key, "http:// is only allowed for a loopback host; use https://")
+		default:
+			k.add(key, "unsupported URL scheme %q; use https://", u.Scheme)
+		}
+	default:
+		if fi, err := os.Stat(b); err != nil {
+			k.add(key, "%v", err)
+		} else if fi.IsDir() {
+			k.add(key, "%s is a directory", b)
+		}
+	}
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// short writes 24h rather than time.Duration's 24h0m0s.
+func short(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
+}

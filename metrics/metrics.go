@@ -1,0 +1,157 @@
+// Package metrics holds Hangar's Prometheus collectors. Labels carry pool,
+// state, operation and outcome names only: never a token, password or
+// anything an instance sent.
+package metrics
+
+import (
+	"context"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the collectors the pool manager and providers update.
+type Metrics struct {
+	LeaseWait       *prometheus.HistogramVec // pool, kind=warm|cold
+	BootSeconds     *prometheus.HistogramVec // pool
+	CloudCalls      *prometheus.CounterVec   // provider, operation, outcome
+	CloudSeconds    *prometheus.HistogramVec // provider, operation
+	Reaped          *prometheus.CounterVec   // pool, reason
+	InstanceSeconds *prometheus.CounterVec   // pool, state
+	LaunchErrors    *prometheus.CounterVec   // pool, class
+}
+
+// Snapshot is what the pool reports at each scrape.
+type Snapshot struct {
+	Instances     map[[2]string]int // {pool, state} → count
+	LeasesActive  map[string]int    // pool → count
+	LeasesPending map[string]int
+	LaunchBlocked map[string]bool // pool → launches stopped by a quota error
+}
+
+// New registers Hangar's collectors on reg. snapshot is called at every
+// scrape for the gauges; it must be cheap and safe to call concurrently.
+func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
+	m := &Metrics{
+		LeaseWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hangar_lease_wait_seconds",
+			Help:    "Time from a lease request to its fulfilment; warm leases took an idle instance, cold ones waited for a boot.",
+			Buckets: []float64{.001, .005, .025, .1, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+		}, []string{"pool", "kind"}),
+		BootSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hangar_boot_seconds",
+			Help:    "Time from launch (or start) to the instance's ready report.",
+			Buckets: []float64{.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600},
+		}, []string{"pool"}),
+		CloudCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_cloud_api_calls_total",
+			Help: "Cloud API calls by provider, operation and outcome (ok or an error class).",
+		}, []string{"provider", "operation", "outcome"}),
+		CloudSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hangar_cloud_api_seconds",
+			Help:    "Latency of cloud API calls.",
+			Buckets: prometheus.ExponentialBuckets(.001, 4, 9),
+		}, []string{"provider", "operation"}),
+		Reaped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_reaped_instances_total",
+			Help: "Instances terminated or stopped by Hangar, by reason.",
+		}, []string{"pool", "reason"}),
+		InstanceSeconds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_instance_seconds_total",
+			Help: "Instance-seconds spent in each state: what idle capacity costs.",
+		}, []string{"pool", "state"}),
+		LaunchErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_launch_errors_total",
+			Help: "Failed launches by pool and error class.",
+		}, []string{"pool", "class"}),
+	}
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors)
+	reg.MustRegister(&gauges{snapshot: snapshot})
+	return m
+}
+
+var (
+	instancesDesc     = prometheus.NewDesc("hangar_instances", "Instances by pool and Hangar state.", []string{"pool", "state"}, nil)
+	leasesActiveDesc  = prometheus.NewDesc("hangar_leases_active", "Leases holding an instance.", []string{"pool"}, nil)
+	leasesPendingDesc = prometheus.NewDesc("hangar_leases_pending", "Leases waiting for an instance.", []string{"pool"}, nil)
+	launchBlockedDesc = prometheus.NewDesc("hangar_launch_blocked", "1 while a quota error stops launches for the pool.", []string{"pool"}, nil)
+)
+
+// gauges reads the pool's state at scrape time instead of mirroring it, so
+// the numbers can never drift from what the pool holds.
+type gauges struct{ snapshot func() Snapshot }
+
+func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
+	ch <- instancesDesc
+	ch <- leasesActiveDesc
+	ch <- leasesPendingDesc
+	ch <- launchBlockedDesc
+}
+
+func (g *gauges) Collect(ch chan<- prometheus.Metric) {
+	s := g.snapshot()
+	for k, n := range s.Instances {
+		ch <- prometheus.MustNewConstMetric(instancesDesc, prometheus.GaugeValue, float64(n), k[0], k[1])
+	}
+	for p, n := range s.LeasesActive {
+		ch <- prometheus.MustNewConstMetric(leasesActiveDesc, prometheus.GaugeValue, float64(n), p)
+	}
+	for p, n := range s.LeasesPending {
+		ch <- prometheus.MustNewConstMetric(leasesPendingDesc, prometheus.GaugeValue, float64(n), p)
+	}
+	for p, b := range s.LaunchBlocked {
+		v := 0.0
+		if b {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(launchBlockedDesc, prometheus.GaugeValue, v, p)
+	}
+}
+
+// Instrument wraps a provider so every call is counted and timed by
+// operation and outcome.
+func (m *Metrics) Instrument(name string, p cloud.Provider) cloud.Provider {
+	return &instrumented{Provider: p, name: name, m: m}
+}
+
+type instrumented struct {
+	cloud.Provider
+	name string
+	m    *Metrics
+}
+
+func (i *instrumented) observe(op string, start time.Time, err error) {
+	i.m.CloudCalls.WithLabelValues(i.name, op, cloud.ErrorClass(err)).Inc()
+	i.m.CloudSeconds.WithLabelValues(i.name, op).Observe(time.Since(start).Seconds())
+}
+
+func (i *instrumented) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) (_ []cloud.Instance, err error) {
+	defer i.observe("launch", time.Now(), err)
+	return i.Provider.Launch(ctx, spec, n)
+}
+
+func (i *instrumented) List(ctx context.Context, tags map[string]string) (_ []cloud.Instance, err error) {
+	defer i.observe("list", time.Now(), err)
+	return i.Provider.List(ctx, tags)
+}
+
+func (i *instrumented) Terminate(ctx context.Context, ids []string) (_ []string, err error) {
+	defer i.observe("terminate", time.Now(), err)
+	return i.Provider.Terminate(ctx, ids)
+}
+
+func (i *instrumented) Stop(ctx context.Context, ids []string) (_ []string, err error) {
+	defer i.observe("stop", time.Now(), err)
+	return i.Provider.Stop(ctx, ids)
+}
+
+func (i *instrumented) Start(ctx context.Context, ids []string) (_ []string, err error) {
+	defer i.observe("start", time.Now(), err)
+	return i.Provider.Start(ctx, ids)
+}
+
+func (i *instrumented) ConsoleOutput(ctx context.Context, id string) (_ []byte, err error) {
+	defer i.observe("console_output", time.Now(), err)
+	return i.Provider.ConsoleOutput(ctx, id)
+}

@@ -1,0 +1,358 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sort"
+	"time"
+
+	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/pool/store"
+)
+
+// cloudCallTimeout bounds one cloud call; a call that times out is retried
+// by the next reconcile, never left to hang a goroutine.
+const cloudCallTimeout = 2 * time.Minute
+
+// launchLocked writes a launch intent and launches one instance for p in
+// the background. The intent is on disk before the cloud is asked, and its
+// key is the launch's idempotency token, so a crash at any point can neither
+// leak an instance nor launch a second one for the same intent.
+func (m *Manager) launchLocked(p *poolState) {
+	now := m.clock.Now()
+	in := &Instance{
+		Key:       "h-" + randomToken(12),
+		Pool:      p.name,
+		State:     Launching,
+		Since:     now,
+		IntentAt:  now,
+		Password:  randomToken(24), // 192 bits
+		LastSeen:  now,
+		accounted: now,
+		busy:      true,
+	}
+	in.token = randomToken(32)
+	in.TokenHash = bootstrap.HashToken(in.token)
+	m.index(in)
+	m.saveInstance(in)
+	intent := m.lastSave
+	m.notify()
+	m.goAsync(func(ctx context.Context) {
+		if err := intent.Wait(); err != nil {
+			m.mu.Lock()
+			m.launchFailedLocked(p, in, fmt.Errorf("writing launch intent: %w", err))
+			m.mu.Unlock()
+			return
+		}
+		m.launch(ctx, p, in)
+	})
+}
+
+func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
+	m.mu.Lock()
+	token := in.token
+	if token == "" {
+		// Restarted with an intent whose launch may not have happened:
+		// only the token's hash was kept, so the retry gets a new token.
+		token = randomToken(32)
+		delete(m.byToken, in.TokenHash)
+		in.TokenHash = bootstrap.HashToken(token)
+		m.byToken[in.TokenHash] = in
+		m.saveInstance(in)
+	}
+	in.token = ""
+	cfg := p.cfg
+	m.mu.Unlock()
+
+	ud, err := renderUserData(m.cfg, p.name, cfg, token)
+	var got []cloud.Instance
+	if err == nil {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		got, err = p.provider.Launch(cctx, cloud.LaunchSpec{
+			Image:         cfg.Image,
+			InstanceTypes: cfg.InstanceTypes,
+			Zones:         cfg.Zones,
+			UserData:      ud,
+			Tags:          m.tags(p, in),
+			ClientToken:   in.Key,
+		}, 1)
+		cancel()
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	in.busy = false
+	if err == nil && len(got) == 0 {
+		err = errors.New("cloud launched nothing")
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return // shutting down: the intent is retried at the next start
+		}
+		m.launchFailedLocked(p, in, err)
+		return
+	}
+	p.launchFailures, p.launchErr, p.blocked = 0, "", false
+	c := got[0]
+	in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, m.clock.Now()
+	m.byID[in.ID] = in
+	if in.doomed {
+		// Drained while launching: it is to go.
+		m.setState(in, Booting, "launched")
+		m.terminateLocked(in, in.Reason)
+	} else if !in.ReadyAt.IsZero() {
+		// Its ready report beat the launch call's answer.
+		m.setState(in, Idle, "ready")
+	} else {
+		m.setState(in, Booting, "launched")
+	}
+	m.dispatchLocked()
+}
+
+func (m *Manager) tags(p *poolState, in *Instance) map[string]string {
+	t := map[string]string{}
+	for k, v := range p.cfg.Tags {
+		t[k] = v
+	}
+	t[cloud.TagPool] = p.name
+	t[cloud.TagOwner] = m.store.Owner()
+	t[cloud.TagIntent] = in.Key
+	return t
+}
+
+// launchFailedLocked drops the intent and backs the pool off: exponentially
+// with jitter, or until an operator acts when the cloud says a quota is
+// reached (a retry storm would not raise the quota).
+func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
+	in.busy = false
+	class := cloud.ErrorClass(err)
+	m.log.Warn("launch failed", "pool", p.name, "intent", in.Key, "class", class, "err", err)
+	if m.metrics != nil {
+		m.metrics.LaunchErrors.WithLabelValues(p.name, class).Inc()
+	}
+	p.launchFailures++
+	p.launchErr = err.Error()
+	if errors.Is(err, cloud.ErrQuota) {
+		p.blocked = true
+	}
+	backoff := time.Second << min(p.launchFailures, 8) // up to 256s
+	backoff = backoff/2 + rand.N(backoff/2+1)
+	p.retryAt = m.clock.Now().Add(backoff)
+	m.setState(in, Gone, "launch failed: "+class)
+	delete(m.byToken, in.TokenHash)
+}
+
+// startLocked boots a stopped instance again.
+func (m *Manager) startLocked(in *Instance) {
+	p := m.pools[in.Pool]
+	if p == nil || in.busy {
+		return
+	}
+	m.setState(in, Starting, "needed")
+	in.busy = true
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		_, err := p.provider.Start(cctx, []string{in.ID})
+		cancel()
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		in.busy = false
+		if in.State != Starting {
+			return
+		}
+		if err != nil {
+			m.log.Warn("start failed", "pool", in.Pool, "instance", in.ID, "err", err)
+			m.terminateLocked(in, "start_failed")
+		} else {
+			in.LaunchedAt = m.clock.Now()
+			in.ReadyAt = time.Time{}
+			m.setState(in, Booting, "started")
+		}
+		m.dispatchLocked()
+	})
+}
+
+// stopLocked stops an idle instance, keeping its disk.
+func (m *Manager) stopLocked(in *Instance, reason string) {
+	p := m.pools[in.Pool]
+	m.setState(in, Stopping, reason)
+	m.reaped(in, reason)
+	in.busy = true
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		_, err := p.provider.Stop(cctx, []string{in.ID})
+		cancel()
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		in.busy = false
+		if in.State != Stopping {
+			return
+		}
+		if err != nil {
+			m.log.Warn("stop failed; terminating instead", "pool", in.Pool, "instance", in.ID, "err", err)
+			m.terminateLocked(in, "stop_failed")
+			return
+		}
+		m.setState(in, Stopped, reason)
+		m.dispatchLocked()
+	})
+}
+
+// terminateLocked ends an instance. Its token dies at once; the cloud call
+// runs in the background and is retried by reconcile until it succeeds.
+func (m *Manager) terminateLocked(in *Instance, reason string) {
+	if in.State == Terminating || in.State == Gone {
+		return
+	}
+	delete(m.byToken, in.TokenHash)
+	if in.State == Launching {
+		if in.busy {
+			// No cloud id yet: the launch goroutine terminates it on return.
+			in.doomed, in.Reason = true, reason
+		} else {
+			m.setState(in, Gone, reason)
+		}
+		return
+	}
+	if in.State == Booting && reason == "boot_timeout" {
+		m.setState(in, Failed, reason)
+	}
+	m.setState(in, Terminating, reason)
+	m.reaped(in, reason)
+	m.terminateCall(in)
+}
+
+func (m *Manager) terminateCall(in *Instance) {
+	p := m.pools[in.Pool]
+	if in.busy || p == nil {
+		return
+	}
+	in.busy = true
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		_, err := p.provider.Terminate(cctx, []string{in.ID})
+		cancel()
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		in.busy = false
+		if err != nil {
+			m.log.Warn("terminate failed; reconcile retries", "pool", in.Pool, "instance", in.ID, "err", err)
+			return
+		}
+		m.setState(in, Gone, "")
+		m.dispatchLocked()
+	})
+}
+
+func (m *Manager) reaped(in *Instance, reason string) {
+	if m.metrics != nil && reason != "" {
+		m.metrics.Reaped.WithLabelValues(in.Pool, reason).Inc()
+	}
+}
+
+// resumeLocked restarts the cloud calls a crash interrupted. Caller holds m.mu.
+func (m *Manager) resumeLocked() {
+	for _, in := range m.instances {
+		p := m.pools[in.Pool]
+		if p == nil {
+			if in.State != Gone && in.State != Terminating {
+				m.log.Warn("instance of a pool no longer configured", "pool", in.Pool, "instance", in.ID)
+			}
+			continue
+		}
+		switch in.State {
+		case Launching:
+			if !in.busy {
+				in.busy = true
+				m.goAsync(func(ctx context.Context) { m.launch(ctx, p, in) })
+			}
+		case Terminating:
+			m.terminateCall(in)
+		case Stopping:
+			m.setState(in, Terminating, "interrupted stop")
+			m.terminateCall(in)
+		case Starting:
+			m.setState(in, Stopped, "interrupted start")
+		}
+	}
+}
+
+// timersLocked acts on what the clock says is due. Caller holds m.mu.
+func (m *Manager) timersLocked() {
+	now := m.clock.Now()
+	for _, l := range m.leases {
+		switch {
+		case l.State == LeaseActive && now.After(l.ExpiresAt):
+			m.endLeaseLocked(l, LeaseExpired, true)
+		case l.State == LeasePending && now.After(l.ExpiresAt):
+			m.endLeaseLocked(l, LeaseCanceled, false)
+		case l.State.ended() && now.Sub(l.EndedAt) > endedKept:
+			delete(m.leases, l.ID)
+			if l.ClientToken != "" && m.byClient[l.Pool+"\x00"+l.ClientToken] == l {
+				delete(m.byClient, l.Pool+"\x00"+l.ClientToken)
+			}
+			m.lastSave = m.store.Commit(store.Op{Kind: store.Leases, ID: l.ID})
+		}
+	}
+	idle := map[string][]*Instance{}
+	live := map[string]int{}
+	for _, in := range m.instances {
+		m.account(in, now)
+		p := m.pools[in.Pool]
+		if in.State.live() {
+			live[in.Pool]++
+		}
+		switch {
+		case in.State == Gone:
+			if now.Sub(in.Since) > endedKept {
+				delete(m.instances, in.Key)
+				delete(m.byID, in.ID)
+				m.lastSave = m.store.Commit(store.Op{Kind: store.Instances, ID: in.Key})
+			}
+		case p == nil:
+			if in.State == Idle || in.State == Stopped || in.State == Booting || in.State == Failed {
+				m.terminateLocked(in, "pool_removed")
+			}
+		case in.State == Booting && now.Sub(in.Since) > p.cfg.BootTimeout.Duration:
+			m.log.Warn("instance did not report ready in time", "pool", in.Pool, "instance", in.ID, "boot_timeout", p.cfg.BootTimeout.Duration)
+			m.terminateLocked(in, "boot_timeout")
+		case in.State == Releasing && now.Sub(in.Since) > releaseTimeout:
+			m.terminateLocked(in, "release_timeout")
+		case in.State == Idle:
+			idle[in.Pool] = append(idle[in.Pool], in)
+		}
+	}
+	for name, p := range m.pools {
+		list := idle[name]
+		sortBy(list, func(in *Instance) time.Time { return in.Since }, false) // oldest first
+		remaining := len(list)
+		over := live[name] - p.cfg.MaxInstances // after a scale-in
+		for _, in := range list {
+			switch {
+			case over > 0:
+				// Only idle ones: scale-in never takes a busy worker.
+				m.terminateLocked(in, "scale_in")
+				over--
+			case remaining > p.cfg.MinIdle && now.Sub(in.Since) > p.cfg.IdleTTD.Duration:
+				if p.cfg.OnIdle == "stop" && p.provider.Capabilities().StopStart {
+					m.stopLocked(in, "idle_ttd")
+				} else {
+					m.terminateLocked(in, "idle_ttd")
+				}
+			default:
+				continue
+			}
+			remaining--
+		}
+		if p.blocked && now.After(p.retryAt.Add(5*time.Minute)) {
+			// Quotas do get raised; try again now and then, not in a storm.
+			p.blocked = false
+		}
+	}
+}
+
+func sortSlice[T any](s []T, less func(a, b T) bool) {
+	sort.Slice(s, func(i, j int) bool { return less(s[i], s[j]) })
+}

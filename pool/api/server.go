@@ -1,0 +1,305 @@
+// Package api serves Hangar's HTTP lease API and is its Go client.
+//
+// Handlers return (value, error); one wrapper encodes the value as JSON and
+// maps errors to {"error": …, "code": …} with the matching status.
+package api
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hangar-ci/hangar/pool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Roles a token can have. An admin token can do everything a lease token can.
+const (
+	RoleLease = "lease"
+	RoleAdmin = "admin"
+)
+
+// Token is one bearer token the API accepts.
+type Token struct {
+	Name   string
+	Role   string
+	Secret string
+}
+
+// Error is an API error as it travels over the wire.
+type Error struct {
+	Status  int    `json:"-"`
+	Message string `json:"error"`
+	Code    string `json:"code"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+func apiError(status int, code, format string, a ...any) *Error {
+	return &Error{Status: status, Code: code, Message: fmt.Sprintf(format, a...)}
+}
+
+// Server holds what the handlers need.
+type Server struct {
+	Manager *pool.Manager
+	Log     *slog.Logger
+	// Tokens are the accepted bearer tokens. None means open: every caller
+	// is an admin. The caller decides whether that is allowed (loopback).
+	Tokens   []Token
+	Gatherer prometheus.Gatherer
+}
+
+// Handler returns the API's routes: /v1/…, /metrics and /healthz.
+func (s *Server) Handler() http.Handler {
+	auth := newAuth(s.Tokens)
+	mux := http.NewServeMux()
+	route := func(pattern, role string, h func(r *http.Request) (int, any, error)) {
+		mux.Handle(pattern, s.wrap(auth, role, h))
+	}
+	route("POST /v1/leases", RoleLease, s.createLease)
+	route("GET /v1/leases/{id}", RoleLease, s.getLease)
+	route("POST /v1/leases/{id}/renew", RoleLease, s.renewLease)
+	route("DELETE /v1/leases/{id}", RoleLease, s.releaseLease)
+	route("GET /v1/pools", RoleLease, s.listPools)
+	route("PATCH /v1/pools/{name}", RoleAdmin, s.scalePool)
+	route("GET /v1/instances", RoleLease, s.listInstances)
+	route("POST /v1/instances/{id}/drain", RoleAdmin, s.drain)
+	route("GET /v1/instances/{id}/console", RoleAdmin, s.console)
+	route("/v1/", RoleLease, func(r *http.Request) (int, any, error) {
+		return 0, nil, apiError(http.StatusNotFound, "not_found", "no API endpoint %s %s", r.Method, r.URL.Path)
+	})
+	if s.Gatherer != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(s.Gatherer, promhttp.HandlerOpts{}))
+	}
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	return mux
+}
+
+type auth struct {
+	open   bool
+	tokens map[[32]byte]Token
+}
+
+func newAuth(tokens []Token) *auth {
+	a := &auth{open: len(tokens) == 0, tokens: map[[32]byte]Token{}}
+	for _, t := range tokens {
+		a.tokens[sha256.Sum256([]byte(t.Secret))] = t
+	}
+	return a
+}
+
+// check returns the caller's token name, or an error for 401 or 403.
+func (a *auth) check(r *http.Request, role string) (string, error) {
+	if a.open {
+		return "open", nil
+	}
+	secret, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || secret == "" {
+		return "", apiError(http.StatusUnauthorized, "unauthorized", "missing bearer token")
+	}
+	// Look up by hash, then compare in constant time, so neither the map
+	// nor the comparison leaks how much of a guess was right.
+	sum := sha256.Sum256([]byte(secret))
+	t, ok := a.tokens[sum]
+	if !ok || subtle.ConstantTimeCompare([]byte(t.Secret), []byte(secret)) != 1 {
+		return "", apiError(http.StatusUnauthorized, "unauthorized", "invalid bearer token")
+	}
+	if role == RoleAdmin && t.Role != RoleAdmin {
+		return t.Name, apiError(http.StatusForbidden, "forbidden", "token %q has role %s; this needs %s", t.Name, t.Role, RoleAdmin)
+	}
+	return t.Name, nil
+}
+
+func (s *Server) wrap(a *auth, role string, h func(r *http.Request) (int, any, error)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		who, err := a.check(r, role)
+		status, v := 0, any(nil)
+		if err == nil {
+			status, v, err = h(r)
+		}
+		if err != nil {
+			var e *Error
+			if !errors.As(err, &e) {
+				e = mapError(err)
+			}
+			status, v = e.Status, e
+			if status >= 500 {
+				s.Log.Error("api request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+			}
+		}
+		s.Log.Debug("api request", "method", r.Method, "path", r.URL.Path, "caller", who, "status", status, "duration", time.Since(start))
+		if status == http.StatusNoContent {
+			w.WriteHeader(status)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(v)
+	})
+}
+
+func mapError(err error) *Error {
+	switch {
+	case errors.Is(err, pool.ErrUnknownPool), errors.Is(err, pool.ErrUnknownLease), errors.Is(err, pool.ErrUnknownInstance):
+		return &Error{Status: http.StatusNotFound, Code: "not_found", Message: err.Error()}
+	case errors.Is(err, pool.ErrInvalid):
+		return &Error{Status: http.StatusBadRequest, Code: "bad_request", Message: err.Error()}
+	case errors.Is(err, pool.ErrLeaseEnded):
+		return &Error{Status: http.StatusConflict, Code: "conflict", Message: err.Error()}
+	default:
+		return &Error{Status: http.StatusInternalServerError, Code: "internal", Message: "internal error: " + err.Error()}
+	}
+}
+
+// maxBody bounds request bodies: a lease request is a few hundred bytes.
+const maxBody = 64 << 10
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return apiError(http.StatusBadRequest, "bad_request", "bad request body: %s", strings.TrimPrefix(err.Error(), "json: "))
+	}
+	if dec.More() {
+		return apiError(http.StatusBadRequest, "bad_request", "bad request body: more than one JSON value")
+	}
+	return nil
+}
+
+func duration(field, s string) (time.Duration, error) {
+	if s == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, apiError(http.StatusBadRequest, "bad_request", "%s: %q is not a duration such as 60s or 1h", field, s)
+	}
+	return d, nil
+}
+
+// LeaseRequest is the body of POST /v1/leases.
+type LeaseRequest struct {
+	Pool        string            `json:"pool"`
+	Wait        string            `json:"wait,omitempty"`
+	TTL         string            `json:"ttl,omitempty"`
+	Worker      pool.Worker       `json:"worker"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	ClientToken string            `json:"client_token,omitempty"`
+}
+
+func (s *Server) createLease(r *http.Request) (int, any, error) {
+	var req LeaseRequest
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Pool == "" {
+		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "pool is required")
+	}
+	wait, err := duration("wait", req.Wait)
+	if err != nil {
+		return 0, nil, err
+	}
+	ttl, err := duration("ttl", req.TTL)
+	if err != nil {
+		return 0, nil, err
+	}
+	v, err := s.Manager.Lease(r.Context(), pool.LeaseRequest{Pool: req.Pool, Wait: wait, TTL: ttl, Worker: req.Worker, Labels: req.Labels, ClientToken: req.ClientToken})
+	if err != nil {
+		return 0, nil, err
+	}
+	return leaseStatus(v), v, nil
+}
+
+// leaseStatus: 201 fulfilled, 202 still pending, 200 for an ended lease
+// returned again for its client token.
+func leaseStatus(v pool.LeaseView) int {
+	switch v.State {
+	case pool.LeaseActive:
+		return http.StatusCreated
+	case pool.LeasePending:
+		return http.StatusAccepted
+	default:
+		return http.StatusOK
+	}
+}
+
+func (s *Server) getLease(r *http.Request) (int, any, error) {
+	wait, err := duration("wait", r.URL.Query().Get("wait"))
+	if err != nil {
+		return 0, nil, err
+	}
+	v, err := s.Manager.GetLease(r.Context(), r.PathValue("id"), wait)
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, v, nil
+}
+
+func (s *Server) renewLease(r *http.Request) (int, any, error) {
+	v, err := s.Manager.Renew(r.Context(), r.PathValue("id"))
+	return http.StatusOK, v, err
+}
+
+func (s *Server) releaseLease(r *http.Request) (int, any, error) {
+	discard := false
+	if q := r.URL.Query().Get("discard"); q != "" {
+		b, err := strconv.ParseBool(q)
+		if err != nil {
+			return 0, nil, apiError(http.StatusBadRequest, "bad_request", "discard: %q is not true or false", q)
+		}
+		discard = b
+	}
+	return http.StatusNoContent, nil, s.Manager.Release(r.Context(), r.PathValue("id"), discard)
+}
+
+func (s *Server) listPools(r *http.Request) (int, any, error) {
+	return http.StatusOK, map[string]any{"pools": s.Manager.Pools()}, nil
+}
+
+// ScaleRequest is the body of PATCH /v1/pools/{name}.
+type ScaleRequest struct {
+	MinIdle      *int `json:"min_idle,omitempty"`
+	MaxInstances *int `json:"max_instances,omitempty"`
+}
+
+func (s *Server) scalePool(r *http.Request) (int, any, error) {
+	var req ScaleRequest
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.MinIdle == nil && req.MaxInstances == nil {
+		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "give min_idle, max_instances or both")
+	}
+	v, err := s.Manager.Scale(r.Context(), r.PathValue("name"), req.MinIdle, req.MaxInstances)
+	return http.StatusOK, v, err
+}
+
+func (s *Server) listInstances(r *http.Request) (int, any, error) {
+	v, err := s.Manager.Instances(r.URL.Query().Get("pool"))
+	if v == nil {
+		v = []pool.InstanceView{}
+	}
+	return http.StatusOK, map[string]any{"instances": v}, err
+}
+
+func (s *Server) drain(r *http.Request) (int, any, error) {
+	v, err := s.Manager.Drain(r.Context(), r.PathValue("id"))
+	return http.StatusOK, v, err
+}
+
+func (s *Server) console(r *http.Request) (int, any, error) {
+	out, err := s.Manager.Console(r.Context(), r.PathValue("id"))
+	return http.StatusOK, map[string]string{"id": r.PathValue("id"), "output": string(out)}, err
+}

@@ -1,0 +1,165 @@
+package pool
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/hangar-ci/hangar/bootstrap"
+)
+
+var _ bootstrap.Backend = (*Manager)(nil)
+
+// Authenticate implements bootstrap.Backend.
+func (m *Manager) Authenticate(tokenHash string) (string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	in, ok := m.byToken[tokenHash]
+	if !ok {
+		return "", bootstrap.ErrUnauthorized
+	}
+	return in.Key, nil
+}
+
+func (m *Manager) instanceLocked(key string) (*Instance, error) {
+	in, ok := m.instances[key]
+	if !ok || m.byToken[in.TokenHash] != in {
+		return nil, bootstrap.ErrUnauthorized
+	}
+	return in, nil
+}
+
+// Script implements bootstrap.Backend.
+func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
+	m.mu.Lock()
+	in, err := m.instanceLocked(key)
+	var src string
+	if err == nil {
+		if p := m.pools[in.Pool]; p != nil {
+			src = p.cfg.Bootstrap
+		} else {
+			err = fmt.Errorf("%w %q", ErrUnknownPool, in.Pool)
+		}
+	}
+	m.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return m.scripts.Load(ctx, src)
+}
+
+// Ready implements bootstrap.Backend: the instance's bootstrap runs.
+func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	in, err := m.instanceLocked(key)
+	if err != nil {
+		return err
+	}
+	now := m.clock.Now()
+	in.LastSeen = now
+	if r.SSHHostKey != "" {
+		if in.SSHHostKey != "" && in.SSHHostKey != r.SSHHostKey {
+			// Pinned at first report; a change means something else holds
+			// the token now.
+			m.log.Warn("instance reported a different ssh host key; refused", "pool", in.Pool, "instance", in.ID)
+			return fmt.Errorf("ssh host key of %s changed: %w", in.name(), bootstrap.ErrUnauthorized)
+		}
+		in.SSHHostKey = r.SSHHostKey
+	}
+	switch in.State {
+	case Launching:
+		in.ReadyAt = now
+		m.saveInstance(in)
+	case Booting:
+		in.ReadyAt = now
+		if m.metrics != nil && !in.LaunchedAt.IsZero() {
+			m.metrics.BootSeconds.WithLabelValues(in.Pool).Observe(now.Sub(in.LaunchedAt).Seconds())
+		}
+		m.setState(in, Idle, "ready")
+		m.dispatchLocked()
+	default:
+		m.saveInstance(in)
+	}
+	return nil
+}
+
+// Assignment implements bootstrap.Backend. An instance polling with an empty
+// current has no worker running: that is how a releasing instance says it is
+// clean again.
+func (m *Manager) Assignment(ctx context.Context, key, current string, wait time.Duration) (bootstrap.Assignment, error) {
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		m.mu.Lock()
+		in, err := m.instanceLocked(key)
+		if err != nil {
+			m.mu.Unlock()
+			return bootstrap.Assignment{State: bootstrap.AssignTerminate}, nil
+		}
+		in.LastSeen = m.clock.Now()
+		a := m.assignmentLocked(in, current)
+		changed := m.waitChange()
+		m.mu.Unlock()
+		if a.State != bootstrap.AssignNone {
+			return a, nil
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			return a, nil
+		case <-ctx.Done():
+			return a, nil
+		}
+	}
+}
+
+func (m *Manager) assignmentLocked(in *Instance, current string) bootstrap.Assignment {
+	p := m.pools[in.Pool]
+	a := bootstrap.Assignment{State: bootstrap.AssignNone}
+	if p != nil {
+		a.CleanupCommand = p.cfg.CleanupCommand
+	}
+	switch in.State {
+	case Terminating, Gone, Failed:
+		a.State = bootstrap.AssignTerminate
+		return a
+	}
+	l := m.leases[in.LeaseID]
+	if l != nil && l.State == LeaseActive && (in.State == Leased || in.State == Draining) {
+		if l.ID == current {
+			return a
+		}
+		a.State = bootstrap.AssignAssigned
+		a.LeaseID = l.ID
+		a.WorkerName, a.WorkerPassword, a.WorkerMaster = l.Worker.Name, l.Worker.Password, l.Worker.Master
+		if p != nil {
+			a.WorkerCommand = p.cfg.WorkerCommand
+		}
+		return a
+	}
+	if current != "" {
+		a.State = bootstrap.AssignReleased
+		return a
+	}
+	if in.State == Releasing {
+		m.setState(in, Idle, "worker stopped")
+		m.dispatchLocked()
+	}
+	return a
+}
+
+// Heartbeat implements bootstrap.Backend.
+func (m *Manager) Heartbeat(ctx context.Context, key string, hb bootstrap.Heartbeat) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	in, err := m.instanceLocked(key)
+	if err != nil {
+		return err
+	}
+	in.LastSeen = m.clock.Now()
+	if hb.Worker == "exited" && in.State == Leased {
+		m.log.Info("worker exited", "pool", in.Pool, "instance", in.ID, "lease", in.LeaseID, "exit_code", hb.ExitCode)
+	}
+	return nil
+}

@@ -1,0 +1,442 @@
+package pool
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"regexp"
+	"time"
+	"unicode"
+)
+
+// LeaseState is where a lease is in its life.
+type LeaseState string
+
+const (
+	LeasePending  LeaseState = "pending"  // waiting for an instance
+	LeaseActive   LeaseState = "active"   // holds an instance
+	LeaseReleased LeaseState = "released" // given back by its holder
+	LeaseExpired  LeaseState = "expired"  // its TTL ran out without a renew
+	LeaseCanceled LeaseState = "canceled" // ended while pending
+	LeaseLost     LeaseState = "lost"     // its instance vanished
+)
+
+func (s LeaseState) ended() bool { return s != LeasePending && s != LeaseActive }
+
+// Worker is what the instance's CI worker needs to connect to its master.
+type Worker struct {
+	Name     string `json:"name"`
+	Password string `json:"password,omitempty"`
+	Master   string `json:"master,omitempty"`
+}
+
+// Lease is a claim on one instance.
+type Lease struct {
+	ID          string            `json:"id"`
+	Pool        string            `json:"pool"`
+	State       LeaseState        `json:"state"`
+	InstanceKey string            `json:"instance_key,omitempty"`
+	Worker      Worker            `json:"worker"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	ClientToken string            `json:"client_token,omitempty"`
+	TTL         time.Duration     `json:"ttl"`
+	Warm        bool              `json:"warm,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	AssignedAt  time.Time         `json:"assigned_at,omitempty"`
+	// ExpiresAt is when an active lease ends without a renew, or when a
+	// pending one is given up for want of a client asking after it.
+	ExpiresAt time.Time `json:"expires_at"`
+	EndedAt   time.Time `json:"ended_at,omitempty"`
+}
+
+// LogValue keeps the worker password out of logs.
+func (l *Lease) LogValue() slog.Value {
+	return slog.GroupValue(slog.String("id", l.ID), slog.String("pool", l.Pool), slog.String("state", string(l.State)))
+}
+
+const (
+	// pendingGrace is how long a pending lease waits for its client to ask
+	// after it again once the client's own wait is over.
+	pendingGrace = 2 * time.Minute
+	// endedKept is how long an ended lease can still be read.
+	endedKept = time.Hour
+	// releaseTimeout bounds how long a released instance may take to stop
+	// its worker before it is thought broken and terminated.
+	releaseTimeout = 2 * time.Minute
+	// MaxWait caps how long one request may wait for a lease.
+	MaxWait = 15 * time.Minute
+)
+
+// LeaseRequest is a client's ask for an instance.
+type LeaseRequest struct {
+	Pool        string
+	Wait        time.Duration
+	TTL         time.Duration // 0: the pool's lease_ttl
+	Worker      Worker        // Name "" gets a generated one; Password "" gets the instance's own
+	Labels      map[string]string
+	ClientToken string
+}
+
+// LeaseView is a lease as the API shows it to its holder.
+type LeaseView struct {
+	ID        string            `json:"id"`
+	Pool      string            `json:"pool"`
+	State     LeaseState        `json:"state"`
+	Instance  *LeaseInstance    `json:"instance,omitempty"`
+	Worker    Worker            `json:"worker"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	CreatedAt time.Time         `json:"created_at"`
+	ExpiresAt time.Time         `json:"expires_at"`
+}
+
+// LeaseInstance is the part of an instance a lease holder sees.
+type LeaseInstance struct {
+	ID         string `json:"id"`
+	PrivateIP  string `json:"private_ip"`
+	State      State  `json:"state"`
+	SSHHostKey string `json:"ssh_host_key,omitempty"`
+}
+
+var (
+	workerNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+	labelKeyRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$`)
+)
+
+func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
+	var problems []error
+	bad := func(format string, a ...any) { problems = append(problems, fmt.Errorf(format, a...)) }
+	if r.Wait < 0 || r.Wait > MaxWait {
+		bad("wait must be between 0s and %s", MaxWait)
+	}
+	if r.TTL < 0 || r.TTL > maxTTL {
+		bad("ttl must be between 1s and the pool's max_lease_ttl (%s)", maxTTL)
+	}
+	if r.Worker.Name != "" && !workerNameRE.MatchString(r.Worker.Name) {
+		bad("worker.name must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+	}
+	if p := r.Worker.Password; p != "" && (len(p) > 256 || !printable(p)) {
+		bad("worker.password must be at most 256 printable characters")
+	}
+	if r.Worker.Master != "" {
+		host, port, err := net.SplitHostPort(r.Worker.Master)
+		if err != nil || host == "" || port == "" || len(r.Worker.Master) > 255 || !printable(r.Worker.Master) {
+			bad("worker.master must be host:port")
+		}
+	}
+	if len(r.Labels) > 32 {
+		bad("at most 32 labels")
+	}
+	for k, v := range r.Labels {
+		if !labelKeyRE.MatchString(k) || len(v) > 256 || !printable(v) {
+			bad("label %q: keys are 1-63 letters, digits, '.', '_', '/' or '-'; values at most 256 printable characters", k)
+		}
+	}
+	if len(r.ClientToken) > 128 || !printable(r.ClientToken) {
+		bad("client_token must be at most 128 printable characters")
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrInvalid, joinErrors(problems))
+}
+
+func printable(s string) bool {
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return false
+		}
+	}
+	return true
+}
+
+// Lease asks pool for an instance and waits up to r.Wait for one. A lease
+// not fulfilled by then is returned pending; the client asks again with
+// GetLease. Whatever it returns is on disk.
+func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) {
+	m.mu.Lock()
+	p, ok := m.pools[r.Pool]
+	if !ok {
+		m.mu.Unlock()
+		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownPool, r.Pool)
+	}
+	if err := validateRequest(r, p.cfg.MaxLeaseTTL.Duration); err != nil {
+		m.mu.Unlock()
+		return LeaseView{}, err
+	}
+	if r.ClientToken != "" {
+		if l, ok := m.byClient[r.Pool+"\x00"+r.ClientToken]; ok {
+			m.mu.Unlock()
+			return m.waitLease(ctx, l.ID, r.Wait)
+		}
+	}
+	now := m.clock.Now()
+	l := &Lease{
+		ID:          "l-" + randomToken(12),
+		Pool:        r.Pool,
+		State:       LeasePending,
+		Worker:      r.Worker,
+		Labels:      r.Labels,
+		ClientToken: r.ClientToken,
+		TTL:         r.TTL,
+		CreatedAt:   now,
+		ExpiresAt:   now.Add(r.Wait + pendingGrace),
+	}
+	if l.TTL == 0 {
+		l.TTL = p.cfg.LeaseTTL.Duration
+	}
+	if l.Worker.Name == "" {
+		l.Worker.Name = r.Pool + "-" + l.ID[2:10]
+	}
+	m.leases[l.ID] = l
+	if l.ClientToken != "" {
+		m.byClient[r.Pool+"\x00"+l.ClientToken] = l
+	}
+	p.queue = append(p.queue, l)
+	m.saveLease(l)
+	m.log.Info("lease requested", "pool", r.Pool, "lease", l.ID, "worker", l.Worker.Name)
+	m.dispatchLocked()
+	m.mu.Unlock()
+	return m.waitLease(ctx, l.ID, r.Wait)
+}
+
+// GetLease returns the lease, waiting up to wait while it is pending.
+func (m *Manager) GetLease(ctx context.Context, id string, wait time.Duration) (LeaseView, error) {
+	if wait < 0 || wait > MaxWait {
+		return LeaseView{}, fmt.Errorf("%w: wait must be between 0s and %s", ErrInvalid, MaxWait)
+	}
+	return m.waitLease(ctx, id, wait)
+}
+
+func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) (LeaseView, error) {
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		m.mu.Lock()
+		l, ok := m.leases[id]
+		if !ok {
+			m.mu.Unlock()
+			return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
+		}
+		if l.State == LeasePending {
+			// Someone still wants it: keep it in the queue.
+			if exp := m.clock.Now().Add(wait + pendingGrace); exp.After(l.ExpiresAt) {
+				l.ExpiresAt = exp
+			}
+		}
+		v := m.viewLocked(l)
+		changed := m.waitChange()
+		saved := m.synced()
+		m.mu.Unlock()
+		if v.State != LeasePending {
+			if err := saved.Wait(); err != nil {
+				return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
+			}
+			return v, nil
+		}
+		select {
+		case <-changed:
+			continue
+		case <-deadline.C:
+		case <-ctx.Done():
+		}
+		if err := saved.Wait(); err != nil {
+			return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
+		}
+		return v, nil
+	}
+}
+
+func (m *Manager) viewLocked(l *Lease) LeaseView {
+	v := LeaseView{ID: l.ID, Pool: l.Pool, State: l.State, Worker: l.Worker, Labels: l.Labels, CreatedAt: l.CreatedAt, ExpiresAt: l.ExpiresAt}
+	if in, ok := m.instances[l.InstanceKey]; ok && l.InstanceKey != "" {
+		v.Instance = &LeaseInstance{ID: in.ID, PrivateIP: in.PrivateIP, State: in.State, SSHHostKey: in.SSHHostKey}
+	}
+	return v
+}
+
+// Renew extends an active lease by its TTL from now.
+func (m *Manager) Renew(ctx context.Context, id string) (LeaseView, error) {
+	m.mu.Lock()
+	l, ok := m.leases[id]
+	if !ok {
+		m.mu.Unlock()
+		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
+	}
+	switch l.State {
+	case LeaseActive:
+		l.ExpiresAt = m.clock.Now().Add(l.TTL)
+	case LeasePending:
+		l.ExpiresAt = m.clock.Now().Add(pendingGrace)
+	default:
+		m.mu.Unlock()
+		return LeaseView{}, fmt.Errorf("%w: %s is %s", ErrLeaseEnded, id, l.State)
+	}
+	m.saveLease(l)
+	v := m.viewLocked(l)
+	saved := m.synced()
+	m.mu.Unlock()
+	if err := saved.Wait(); err != nil {
+		return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
+	}
+	return v, nil
+}
+
+// Release ends a lease. Its instance goes back to the pool once its worker
+// has stopped, or is terminated when discard is set, when it has served
+// max_uses, or when it is draining. Releasing an ended lease is a no-op.
+func (m *Manager) Release(ctx context.Context, id string, discard bool) error {
+	m.mu.Lock()
+	l, ok := m.leases[id]
+	if !ok {
+		m.mu.Unlock()
+		return fmt.Errorf("%w %q", ErrUnknownLease, id)
+	}
+	if !l.State.ended() {
+		if l.State == LeasePending {
+			m.endLeaseLocked(l, LeaseCanceled, false)
+		} else {
+			m.endLeaseLocked(l, LeaseReleased, discard)
+		}
+		m.dispatchLocked()
+	}
+	saved := m.synced()
+	m.mu.Unlock()
+	if err := saved.Wait(); err != nil {
+		return fmt.Errorf("saving lease %s: %w", id, err)
+	}
+	return nil
+}
+
+// endLeaseLocked ends l and decides what becomes of its instance.
+func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
+	now := m.clock.Now()
+	prev := l.State
+	l.State = to
+	l.EndedAt = now
+	m.saveLease(l)
+	m.notify()
+	m.log.Info("lease ended", "pool", l.Pool, "lease", l.ID, "state", to, "discard", discard)
+	if prev == LeasePending {
+		if p := m.pools[l.Pool]; p != nil {
+			p.queue = removeLease(p.queue, l)
+		}
+		return
+	}
+	in, ok := m.instances[l.InstanceKey]
+	if !ok || in.LeaseID != l.ID {
+		return
+	}
+	in.LeaseID = ""
+	p := m.pools[in.Pool]
+	switch {
+	case in.State == Draining:
+		m.terminateLocked(in, "drain")
+	case discard:
+		m.terminateLocked(in, "discard")
+	case to == LeaseExpired:
+		// Its holder vanished mid-build: the machine's state is unknown.
+		m.terminateLocked(in, "lease_expired")
+	case p == nil:
+		m.terminateLocked(in, "pool_removed")
+	case p.cfg.MaxUses > 0 && in.Uses >= p.cfg.MaxUses:
+		m.terminateLocked(in, "max_uses")
+	case in.State == Leased:
+		m.setState(in, Releasing, "released")
+	}
+}
+
+func removeLease(q []*Lease, l *Lease) []*Lease {
+	for i, x := range q {
+		if x == l {
+			return append(q[:i:i], q[i+1:]...)
+		}
+	}
+	return q
+}
+
+// dispatchLocked hands idle instances to queued leases, then launches or
+// starts what the queue and min_idle still need, within max_instances.
+// Caller holds m.mu.
+func (m *Manager) dispatchLocked() {
+	for _, p := range m.pools {
+		m.dispatchPool(p)
+	}
+}
+
+func (m *Manager) dispatchPool(p *poolState) {
+	var idle, coming, stopped []*Instance
+	live := 0
+	for _, in := range m.instances {
+		if in.Pool != p.name || !in.State.live() {
+			continue
+		}
+		live++
+		switch in.State {
+		case Idle:
+			idle = append(idle, in)
+		case Launching, Booting, Starting:
+			coming = append(coming, in)
+		case Stopped:
+			if !in.busy {
+				stopped = append(stopped, in)
+			}
+		}
+	}
+	// Most recently idle first: the others age toward idle_ttd and the
+	// reaper can shrink the pool.
+	sortBy(idle, func(in *Instance) time.Time { return in.Since }, true)
+	for len(p.queue) > 0 && len(idle) > 0 {
+		l, in := p.queue[0], idle[0]
+		p.queue, idle = p.queue[1:], idle[1:]
+		m.assignLocked(l, in)
+	}
+	need := len(p.queue) + p.cfg.MinIdle - len(idle) - len(coming)
+	sortBy(stopped, func(in *Instance) time.Time { return in.Since }, true)
+	for need > 0 && len(stopped) > 0 {
+		m.startLocked(stopped[0])
+		stopped = stopped[1:]
+		need--
+	}
+	now := m.clock.Now()
+	if need <= 0 || p.blocked || now.Before(p.retryAt) {
+		return
+	}
+	for ; need > 0 && live < p.cfg.MaxInstances; need-- {
+		m.launchLocked(p)
+		live++
+	}
+}
+
+func sortBy(s []*Instance, key func(*Instance) time.Time, newestFirst bool) {
+	sortSlice(s, func(a, b *Instance) bool {
+		if newestFirst {
+			return key(a).After(key(b))
+		}
+		return key(a).Before(key(b))
+	})
+}
+
+func (m *Manager) assignLocked(l *Lease, in *Instance) {
+	now := m.clock.Now()
+	l.State = LeaseActive
+	l.InstanceKey = in.Key
+	l.AssignedAt = now
+	l.ExpiresAt = now.Add(l.TTL)
+	l.Warm = in.ReadyAt.Before(l.CreatedAt)
+	if l.Worker.Password == "" {
+		l.Worker.Password = in.Password
+	}
+	in.LeaseID = l.ID
+	in.Uses++
+	m.saveLease(l)
+	m.setState(in, Leased, "lease "+l.ID)
+	if m.metrics != nil {
+		kind := "cold"
+		if l.Warm {
+			kind = "warm"
+		}
+		m.metrics.LeaseWait.WithLabelValues(l.Pool, kind).Observe(now.Sub(l.CreatedAt).Seconds())
+	}
+	m.log.Info("lease fulfilled", "pool", l.Pool, "lease", l.ID, "instance", in.ID, "warm", l.Warm)
+}

@@ -1,0 +1,345 @@
+// Package pool keeps pools of cloud instances and hands them out as leases.
+//
+// One Manager owns every pool. All state changes happen under its mutex
+// (m.mu) through setState; cloud calls run outside the lock in goroutines
+// that take it again to record their results. Every change is queued to the
+// store in lock order, and anything told to a client waits until its record
+// is on disk.
+package pool
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/metrics"
+	"github.com/hangar-ci/hangar/pool/store"
+	"github.com/hangar-ci/hangar/userdata"
+)
+
+// Clock is the time source; tests replace it to move time forward.
+type Clock interface{ Now() time.Time }
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+
+// Errors the API maps to status codes.
+var (
+	ErrUnknownPool     = errors.New("unknown pool")
+	ErrUnknownLease    = errors.New("unknown lease")
+	ErrUnknownInstance = errors.New("unknown instance")
+	ErrInvalid         = errors.New("invalid request")
+	ErrLeaseEnded      = errors.New("lease has ended")
+)
+
+// Options configure a Manager.
+type Options struct {
+	Config    configs.Config
+	Providers map[string]cloud.Provider // by config provider name
+	Store     *store.Store
+	Logger    *slog.Logger
+	Metrics   *metrics.Metrics // nil: no metrics
+	Clock     Clock            // nil: real time
+	// Tick is how often timers (TTD, boot timeout, lease expiry) are checked
+	// against Clock. Default 1s.
+	Tick time.Duration
+}
+
+// Instance is the pool's record of one instance. Key is ours from the moment
+// the launch intent is written; ID is the cloud's, known once launched.
+type Instance struct {
+	Key        string    `json:"key"`
+	ID         string    `json:"id,omitempty"`
+	Pool       string    `json:"pool"`
+	State      State     `json:"state"`
+	Since      time.Time `json:"since"`
+	Reason     string    `json:"reason,omitempty"`
+	PrivateIP  string    `json:"private_ip,omitempty"`
+	Type       string    `json:"type,omitempty"`
+	Zone       string    `json:"zone,omitempty"`
+	TokenHash  string    `json:"token_hash"`
+	Password   string    `json:"password"`
+	SSHHostKey string    `json:"ssh_host_key,omitempty"`
+	Uses       int       `json:"uses"`
+	LeaseID    string    `json:"lease_id,omitempty"`
+	IntentAt   time.Time `json:"intent_at"`
+	LaunchedAt time.Time `json:"launched_at,omitempty"`
+	ReadyAt    time.Time `json:"ready_at,omitempty"`
+	LastSeen   time.Time `json:"last_seen,omitempty"`
+
+	accounted time.Time // instance-seconds accounted up to here
+	busy      bool      // a cloud call for it is under way
+	doomed    bool      // to be terminated as soon as its launch returns
+	token     string    // the bootstrap token, kept only until launch
+}
+
+func (in *Instance) name() string {
+	if in.ID != "" {
+		return in.ID
+	}
+	return in.Key
+}
+
+// LogValue keeps secrets out of logs even if a record is logged whole.
+func (in *Instance) LogValue() slog.Value {
+	return slog.GroupValue(slog.String("id", in.name()), slog.String("pool", in.Pool), slog.String("state", string(in.State)))
+}
+
+type poolState struct {
+	name     string
+	cfg      configs.Pool
+	provider cloud.Provider
+	queue    []*Lease // pending leases, FIFO
+
+	launchFailures int
+	retryAt        time.Time // no launches before this
+	launchErr      string    // last launch error, shown in hangar pools
+	blocked        bool      // a quota error stopped launches
+}
+
+// Manager runs every pool.
+type Manager struct {
+	cfg     configs.Config
+	store   *store.Store
+	log     *slog.Logger
+	metrics *metrics.Metrics
+	clock   Clock
+	tick    time.Duration
+	scripts bootstrap.Scripts
+
+	mu        sync.Mutex
+	pools     map[string]*poolState
+	instances map[string]*Instance // by Key
+	byID      map[string]*Instance // by cloud id
+	byToken   map[string]*Instance // by bootstrap token hash
+	leases    map[string]*Lease
+	byClient  map[string]*Lease // by pool + client token
+	orphans   map[string]time.Time
+	changed   chan struct{} // closed and replaced on every change
+	lastSave  *store.Commit
+	wg        sync.WaitGroup
+	ctx       context.Context
+	cancel    context.CancelFunc
+}
+
+// New restores the pools' state from the store. Call Run to start work.
+func New(opts Options) (*Manager, error) {
+	m := &Manager{
+		cfg:       opts.Config,
+		store:     opts.Store,
+		log:       opts.Logger,
+		metrics:   opts.Metrics,
+		clock:     opts.Clock,
+		tick:      opts.Tick,
+		scripts:   bootstrap.Scripts{CacheFor: time.Minute},
+		pools:     map[string]*poolState{},
+		instances: map[string]*Instance{},
+		byID:      map[string]*Instance{},
+		byToken:   map[string]*Instance{},
+		leases:    map[string]*Lease{},
+		byClient:  map[string]*Lease{},
+		orphans:   map[string]time.Time{},
+		changed:   make(chan struct{}),
+	}
+	if m.log == nil {
+		m.log = slog.New(slog.DiscardHandler)
+	}
+	if m.clock == nil {
+		m.clock = realClock{}
+	}
+	if m.tick <= 0 {
+		m.tick = time.Second
+	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	overrides, err := store.Load[scale](m.store, store.Pools)
+	if err != nil {
+		return nil, err
+	}
+	for name, pc := range opts.Config.Pools {
+		p, ok := opts.Providers[pc.Provider]
+		if !ok {
+			return nil, fmt.Errorf("pool %s: provider %q is not running", name, pc.Provider)
+		}
+		if o, ok := overrides[name]; ok {
+			pc.MinIdle, pc.MaxInstances = o.MinIdle, o.MaxInstances
+		}
+		// Render once now so that a pool whose user-data can never be
+		// rendered fails at start, not at its first launch.
+		if _, err := renderUserData(opts.Config, name, pc, "probe-token"); err != nil {
+			return nil, fmt.Errorf("pool %s: %w", name, err)
+		}
+		m.pools[name] = &poolState{name: name, cfg: pc, provider: p}
+	}
+	if err := m.restore(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+type scale struct {
+	MinIdle      int `json:"min_idle"`
+	MaxInstances int `json:"max_instances"`
+}
+
+func (m *Manager) restore() error {
+	insts, err := store.Load[*Instance](m.store, store.Instances)
+	if err != nil {
+		return err
+	}
+	leases, err := store.Load[*Lease](m.store, store.Leases)
+	if err != nil {
+		return err
+	}
+	now := m.clock.Now()
+	for _, in := range insts {
+		in.accounted = now
+		in.LastSeen = now
+		m.index(in)
+	}
+	var pending []*Lease
+	for _, l := range leases {
+		m.leases[l.ID] = l
+		if l.ClientToken != "" {
+			m.byClient[l.Pool+"\x00"+l.ClientToken] = l
+		}
+		if l.State == LeasePending {
+			pending = append(pending, l)
+		}
+	}
+	sort.Slice(pending, func(i, j int) bool { return pending[i].CreatedAt.Before(pending[j].CreatedAt) })
+	for _, l := range pending {
+		if p := m.pools[l.Pool]; p != nil {
+			// A client that was waiting had its connection cut by the
+			// restart; give it time to come back for its lease.
+			l.ExpiresAt = now.Add(pendingGrace)
+			p.queue = append(p.queue, l)
+		}
+	}
+	m.log.Info("restored state", "instances", len(insts), "leases", len(leases), "pending", len(pending))
+	return nil
+}
+
+func (m *Manager) index(in *Instance) {
+	m.instances[in.Key] = in
+	if in.ID != "" {
+		m.byID[in.ID] = in
+	}
+	if in.TokenHash != "" && in.State != Gone {
+		m.byToken[in.TokenHash] = in
+	}
+}
+
+// Run works the pools until ctx ends: it reconciles with the clouds at once
+// and every reconcile interval, and checks timers every tick.
+func (m *Manager) Run(ctx context.Context) {
+	m.reconcile(ctx)
+	m.mu.Lock()
+	m.resumeLocked()
+	m.dispatchLocked()
+	m.mu.Unlock()
+	tick := time.NewTicker(m.tick)
+	defer tick.Stop()
+	rec := time.NewTicker(m.cfg.Server.ReconcileInterval.Duration)
+	defer rec.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			m.mu.Lock()
+			m.timersLocked()
+			m.dispatchLocked()
+			m.mu.Unlock()
+		case <-rec.C:
+			m.reconcile(ctx)
+		}
+	}
+}
+
+// Close waits for cloud calls under way and writes what is queued. It does
+// not end any instance: they are adopted at the next start.
+func (m *Manager) Close() error {
+	m.cancel()
+	m.wg.Wait()
+	m.mu.Lock()
+	last := m.lastSave
+	m.mu.Unlock()
+	if last != nil {
+		return last.Wait()
+	}
+	return nil
+}
+
+// notify wakes everyone waiting for a change. Caller holds m.mu.
+func (m *Manager) notify() {
+	close(m.changed)
+	m.changed = make(chan struct{})
+}
+
+// waitChange returns a channel closed at the next change. Caller holds m.mu.
+func (m *Manager) waitChange() <-chan struct{} { return m.changed }
+
+func (m *Manager) saveInstance(in *Instance) {
+	m.lastSave = m.store.Commit(store.Op{Kind: store.Instances, ID: in.Key, Value: in})
+}
+
+func (m *Manager) saveLease(l *Lease) {
+	m.lastSave = m.store.Commit(store.Op{Kind: store.Leases, ID: l.ID, Value: l})
+}
+
+// synced returns the latest queued write; waiting on it means everything
+// changed so far is on disk. Caller holds m.mu.
+func (m *Manager) synced() *store.Commit {
+	if m.lastSave == nil {
+		return m.store.Commit()
+	}
+	return m.lastSave
+}
+
+func (m *Manager) goAsync(f func(ctx context.Context)) {
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		f(m.ctx)
+	}()
+}
+
+// randomToken returns n random bytes, URL-safe base64 without padding.
+func randomToken(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic("crypto/rand failed: " + err.Error())
+	}
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func renderUserData(cfg configs.Config, pool string, pc configs.Pool, token string) ([]byte, error) {
+	return userdata.Render(userdata.Params{
+		Pool:           pool,
+		HangarURL:      cfg.Server.PublicURL,
+		BootstrapToken: token,
+		Env:            pc.Env,
+		Format:         userdata.Format(pc.UserDataFormat),
+		CloudConfig:    pc.CloudConfig,
+	})
+}
+
+// RenderUserData renders what an instance of pool would boot with, with a
+// placeholder token, for `hangar userdata render`.
+func RenderUserData(cfg configs.Config, pool string) ([]byte, error) {
+	pc, ok := cfg.Pools[pool]
+	if !ok {
+		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	return renderUserData(cfg, pool, pc, "TOKEN-PLACEHOLDER")
+}

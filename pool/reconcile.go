@@ -1,0 +1,140 @@
+package pool
+
+import (
+	"context"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+)
+
+// listGrace is how long a launched instance may be missing from the cloud's
+// listing before it is thought gone: listings are eventually consistent.
+const listGrace = 2 * time.Minute
+
+// reconcile compares the store with what each cloud says it runs: one
+// listing per provider, filtered by this store's owner tag, whatever the
+// number of pools and instances.
+func (m *Manager) reconcile(ctx context.Context) {
+	m.mu.Lock()
+	byProvider := map[cloud.Provider]bool{}
+	for _, p := range m.pools {
+		byProvider[p.provider] = true
+	}
+	owner := m.store.Owner()
+	m.mu.Unlock()
+	for prov := range byProvider {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		list, err := prov.List(cctx, map[string]string{cloud.TagOwner: owner})
+		cancel()
+		if err != nil {
+			m.log.Warn("listing instances for reconcile", "err", err)
+			continue
+		}
+		m.mu.Lock()
+		m.reconcileLocked(prov, list)
+		m.dispatchLocked()
+		m.mu.Unlock()
+	}
+}
+
+func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
+	now := m.clock.Now()
+	seen := map[string]bool{}
+	for _, c := range list {
+		in := m.instances[c.Tags[cloud.TagIntent]]
+		gone := c.State == cloud.StateTerminated || c.State == cloud.StateTerminating
+		if in == nil || m.pools[in.Pool] == nil || m.pools[in.Pool].provider != prov {
+			if !gone {
+				m.orphanLocked(prov, c, now)
+			}
+			continue
+		}
+		seen[in.Key] = true
+		delete(m.orphans, c.ID)
+		if in.ID == "" && !in.busy {
+			// Launched before a crash cut the launch call's answer off.
+			in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, c.LaunchedAt
+			m.byID[in.ID] = in
+			if in.State == Launching {
+				m.setState(in, Booting, "adopted")
+			}
+			m.saveInstance(in)
+		}
+		if in.ID != c.ID {
+			// A second instance for one intent: the cloud ignored the
+			// idempotency token. Keep the first, end this one.
+			m.orphanLocked(prov, c, now.Add(-m.cfg.Server.OrphanGrace.Duration))
+			continue
+		}
+		switch {
+		case in.State == Gone && !gone:
+			m.terminateIDs(prov, in.Pool, []string{c.ID}, "retry")
+		case in.State == Terminating:
+			if gone {
+				m.setState(in, Gone, "")
+			} else {
+				m.terminateCall(in)
+			}
+		case gone && in.State != Gone:
+			m.lostLocked(in, "vanished")
+		case c.State == cloud.StateStopped && !in.busy && in.State != Stopped:
+			m.lostLocked(in, "stopped_outside_hangar")
+		}
+	}
+	for _, in := range m.instances {
+		p := m.pools[in.Pool]
+		if seen[in.Key] || p == nil || p.provider != prov || in.busy {
+			continue
+		}
+		switch in.State {
+		case Gone, Launching:
+			// Launching ones are resumed with their idempotency token.
+		case Terminating:
+			m.setState(in, Gone, "")
+		default:
+			if now.Sub(in.LaunchedAt) > listGrace {
+				m.lostLocked(in, "vanished")
+			}
+		}
+	}
+}
+
+// lostLocked handles an instance that died outside Hangar's hands.
+func (m *Manager) lostLocked(in *Instance, reason string) {
+	m.log.Warn("instance lost", "pool", in.Pool, "instance", in.ID, "reason", reason)
+	if l, ok := m.leases[in.LeaseID]; ok && l.State == LeaseActive {
+		m.endLeaseLocked(l, LeaseLost, true)
+	}
+	m.terminateLocked(in, reason)
+}
+
+// orphanLocked terminates an owned instance nobody knows once it has been
+// seen for longer than orphan_grace: long enough for a launch whose intent
+// is being written, or a second server on a copied store, to claim it.
+func (m *Manager) orphanLocked(prov cloud.Provider, c cloud.Instance, now time.Time) {
+	first, ok := m.orphans[c.ID]
+	if !ok {
+		m.orphans[c.ID] = now
+		m.log.Warn("unknown instance with our owner tag", "instance", c.ID, "pool", c.Tags[cloud.TagPool])
+		return
+	}
+	if m.clock.Now().Sub(first) < m.cfg.Server.OrphanGrace.Duration {
+		return
+	}
+	delete(m.orphans, c.ID)
+	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, "orphan")
+}
+
+func (m *Manager) terminateIDs(prov cloud.Provider, pool string, ids []string, reason string) {
+	if m.metrics != nil {
+		m.metrics.Reaped.WithLabelValues(pool, reason).Add(float64(len(ids)))
+	}
+	m.log.Info("terminating instances", "pool", pool, "instances", ids, "reason", reason)
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+		defer cancel()
+		if _, err := prov.Terminate(cctx, ids); err != nil {
+			m.log.Warn("terminate failed; reconcile retries", "instances", ids, "err", err)
+		}
+	})
+}

@@ -1,0 +1,234 @@
+// Package store keeps Hangar's durable state in a bbolt file: instances
+// (including launch intents: an instance record written before the cloud is
+// asked to launch it), leases and the store's owner id.
+//
+// Writes go through Commit, which appends them to one ordered queue. A single
+// writer goroutine drains the queue into one bbolt transaction per round and
+// fsyncs once for all of them (group commit). The caller waits on the
+// returned channel before it acknowledges anything to a client, so whatever a
+// client was told survives kill -9; concurrent callers share commits, so
+// durability does not cap throughput. Because the queue is ordered, a caller
+// that enqueues under its own lock gets its writes applied in that lock's
+// order: a late write of an old snapshot can never overwrite a newer one.
+package store
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Kind is a bucket of records.
+type Kind string
+
+const (
+	Instances Kind = "instances"
+	Leases    Kind = "leases"
+	// Pools holds operators' runtime overrides (hangar scale).
+	Pools Kind = "pools"
+	meta  Kind = "meta"
+)
+
+var kinds = []Kind{Instances, Leases, Pools, meta}
+
+// Op is one write: a put of Value (JSON-encoded), or a delete when Value is nil.
+type Op struct {
+	Kind  Kind
+	ID    string
+	Value any
+}
+
+// Store is an open state file.
+type Store struct {
+	db    *bolt.DB
+	owner string
+
+	mu      sync.Mutex
+	queue   []pending
+	wake    chan struct{}
+	closed  bool
+	stopped chan struct{}
+}
+
+type pending struct {
+	ops []encoded
+	c   *Commit
+}
+
+// Commit is one queued write. Any number of goroutines may Wait on it.
+type Commit struct {
+	done chan struct{}
+	err  error
+}
+
+// Wait blocks until the write is on disk (or failed) and returns its error.
+func (c *Commit) Wait() error {
+	<-c.done
+	return c.err
+}
+
+func finished(err error) *Commit {
+	c := &Commit{done: make(chan struct{}), err: err}
+	close(c.done)
+	return c
+}
+
+type encoded struct {
+	kind Kind
+	id   string
+	val  []byte
+}
+
+// Open opens (creating if needed) the state file at path. Only one process
+// may hold it; a second one gets an error after a second instead of waiting.
+func Open(path string) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("opening state file %s: another hangar process holds it", path)
+		}
+		return nil, fmt.Errorf("opening state file %s: %w", path, err)
+	}
+	s := &Store{db: db, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, k := range kinds {
+			if _, err := tx.CreateBucketIfNotExists([]byte(k)); err != nil {
+				return err
+			}
+		}
+		b := tx.Bucket([]byte(meta))
+		if v := b.Get([]byte("owner")); v != nil {
+			s.owner = string(v)
+			return nil
+		}
+		var id [8]byte
+		if _, err := rand.Read(id[:]); err != nil {
+			return err
+		}
+		s.owner = "hangar-" + hex.EncodeToString(id[:])
+		return b.Put([]byte("owner"), []byte(s.owner))
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("initialising state file %s: %w", path, err)
+	}
+	go s.writer()
+	return s, nil
+}
+
+// Owner is this store's id. Every instance launched is tagged with it, so a
+// restarted server recognises its own instances and leaves others' alone.
+func (s *Store) Owner() string { return s.owner }
+
+// Commit queues ops to be written in one transaction, after everything queued
+// before. Wait on the result to know they are on disk; since writes land in
+// queue order, that also means everything queued earlier is. Commit itself
+// never blocks on I/O, so callers may hold a lock.
+func (s *Store) Commit(ops ...Op) *Commit {
+	p := pending{c: &Commit{done: make(chan struct{})}}
+	for _, op := range ops {
+		e := encoded{kind: op.Kind, id: op.ID}
+		if op.Value != nil {
+			b, err := json.Marshal(op.Value)
+			if err != nil {
+				return finished(fmt.Errorf("encoding %s %s: %w", op.Kind, op.ID, err))
+			}
+			e.val = b
+		}
+		p.ops = append(p.ops, e)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return finished(errors.New("state store is closed"))
+	}
+	s.queue = append(s.queue, p)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return p.c
+}
+
+// CommitWait is Commit followed by Wait.
+func (s *Store) CommitWait(ops ...Op) error { return s.Commit(ops...).Wait() }
+
+func (s *Store) writer() {
+	defer close(s.stopped)
+	for range s.wake {
+		s.mu.Lock()
+		batch := s.queue
+		s.queue = nil
+		closed := s.closed
+		s.mu.Unlock()
+		if len(batch) > 0 {
+			err := s.db.Update(func(tx *bolt.Tx) error {
+				for _, p := range batch {
+					for _, op := range p.ops {
+						b := tx.Bucket([]byte(op.kind))
+						var err error
+						if op.val == nil {
+							err = b.Delete([]byte(op.id))
+						} else {
+							err = b.Put([]byte(op.id), op.val)
+						}
+						if err != nil {
+							return fmt.Errorf("writing %s %s: %w", op.kind, op.id, err)
+						}
+					}
+				}
+				return nil
+			})
+			for _, p := range batch {
+				p.c.err = err
+				close(p.c.done)
+			}
+		}
+		if closed {
+			return
+		}
+	}
+}
+
+// Load decodes every record of kind into a map by id.
+func Load[T any](s *Store, kind Kind) (map[string]T, error) {
+	out := map[string]T{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte(kind)).ForEach(func(k, v []byte) error {
+			var t T
+			if err := json.Unmarshal(v, &t); err != nil {
+				return fmt.Errorf("decoding %s %s: %w", kind, k, err)
+			}
+			out[string(k)] = t
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", kind, err)
+	}
+	return out, nil
+}
+
+// Close writes what is queued and closes the file.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	<-s.stopped
+	return s.db.Close()
+}

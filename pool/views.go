@@ -1,0 +1,211 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/hangar-ci/hangar/metrics"
+	"github.com/hangar-ci/hangar/pool/store"
+)
+
+// PoolView is a pool as `hangar pools` shows it.
+type PoolView struct {
+	Name          string        `json:"name"`
+	Provider      string        `json:"provider"`
+	MinIdle       int           `json:"min_idle"`
+	MaxInstances  int           `json:"max_instances"`
+	Instances     map[State]int `json:"instances"`
+	LeasesActive  int           `json:"leases_active"`
+	LeasesPending int           `json:"leases_pending"`
+	LaunchError   string        `json:"launch_error,omitempty"`
+	LaunchBlocked bool          `json:"launch_blocked,omitempty"`
+	RetryAt       *time.Time    `json:"launch_retry_at,omitempty"`
+}
+
+// InstanceView is an instance as `hangar instances` shows it.
+type InstanceView struct {
+	ID         string    `json:"id"`
+	Pool       string    `json:"pool"`
+	State      State     `json:"state"`
+	Since      time.Time `json:"since"`
+	Reason     string    `json:"reason,omitempty"`
+	PrivateIP  string    `json:"private_ip,omitempty"`
+	Type       string    `json:"type,omitempty"`
+	Zone       string    `json:"zone,omitempty"`
+	LeaseID    string    `json:"lease_id,omitempty"`
+	Uses       int       `json:"uses"`
+	LaunchedAt time.Time `json:"launched_at,omitempty"`
+}
+
+// Pools lists every pool, by name.
+func (m *Manager) Pools() []PoolView {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []PoolView
+	for _, p := range m.pools {
+		out = append(out, m.poolViewLocked(p))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func (m *Manager) poolViewLocked(p *poolState) PoolView {
+	v := PoolView{Name: p.name, Provider: p.cfg.Provider, MinIdle: p.cfg.MinIdle, MaxInstances: p.cfg.MaxInstances,
+		Instances: map[State]int{}, LeasesPending: len(p.queue), LaunchError: p.launchErr, LaunchBlocked: p.blocked}
+	for _, in := range m.instances {
+		if in.Pool == p.name && in.State != Gone {
+			v.Instances[in.State]++
+		}
+	}
+	for _, l := range m.leases {
+		if l.Pool == p.name && l.State == LeaseActive {
+			v.LeasesActive++
+		}
+	}
+	if p.launchErr != "" && m.clock.Now().Before(p.retryAt) {
+		t := p.retryAt
+		v.RetryAt = &t
+	}
+	return v
+}
+
+// Scale changes a pool's min_idle and max_instances at run time. The change
+// is kept in the store and outlives a restart; the config file is not
+// touched.
+func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances *int) (PoolView, error) {
+	m.mu.Lock()
+	p, ok := m.pools[pool]
+	if !ok {
+		m.mu.Unlock()
+		return PoolView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	newMin, newMax := p.cfg.MinIdle, p.cfg.MaxInstances
+	if minIdle != nil {
+		newMin = *minIdle
+	}
+	if maxInstances != nil {
+		newMax = *maxInstances
+	}
+	var problems []error
+	if newMin < 0 {
+		problems = append(problems, errors.New("min_idle must be ≥ 0"))
+	}
+	if newMax < 1 {
+		problems = append(problems, errors.New("max_instances must be ≥ 1"))
+	}
+	if newMax < newMin {
+		problems = append(problems, fmt.Errorf("max_instances (%d) must be ≥ min_idle (%d)", newMax, newMin))
+	}
+	if len(problems) > 0 {
+		m.mu.Unlock()
+		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, joinErrors(problems))
+	}
+	p.cfg.MinIdle, p.cfg.MaxInstances = newMin, newMax
+	// A scaled-up pool may launch again even after a quota error.
+	p.blocked = false
+	m.lastSave = m.store.Commit(store.Op{Kind: store.Pools, ID: pool, Value: scale{newMin, newMax}})
+	m.log.Info("pool scaled", "pool", pool, "min_idle", newMin, "max_instances", newMax)
+	m.timersLocked()
+	m.dispatchLocked()
+	v := m.poolViewLocked(p)
+	saved := m.synced()
+	m.mu.Unlock()
+	return v, saved.Wait()
+}
+
+// Instances lists the instances of pool ("" for all), gone ones excluded.
+func (m *Manager) Instances(pool string) ([]InstanceView, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.pools[pool]; pool != "" && !ok {
+		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	var out []InstanceView
+	for _, in := range m.instances {
+		if in.State == Gone || pool != "" && in.Pool != pool {
+			continue
+		}
+		out = append(out, InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason,
+			PrivateIP: in.PrivateIP, Type: in.Type, Zone: in.Zone, LeaseID: in.LeaseID, Uses: in.Uses, LaunchedAt: in.LaunchedAt})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Pool != out[j].Pool {
+			return out[i].Pool < out[j].Pool
+		}
+		return out[i].LaunchedAt.Before(out[j].LaunchedAt)
+	})
+	return out, nil
+}
+
+// Drain takes an instance out of service: at once when it holds no lease,
+// else when its lease ends. Its lease is never cut short.
+func (m *Manager) Drain(ctx context.Context, id string) (InstanceView, error) {
+	m.mu.Lock()
+	in, ok := m.byID[id]
+	if !ok || in.State == Gone {
+		m.mu.Unlock()
+		return InstanceView{}, fmt.Errorf("%w %q", ErrUnknownInstance, id)
+	}
+	switch in.State {
+	case Leased:
+		m.setState(in, Draining, "drain")
+	case Draining, Terminating:
+	default:
+		m.terminateLocked(in, "drain")
+	}
+	m.dispatchLocked()
+	v := InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason, PrivateIP: in.PrivateIP, LeaseID: in.LeaseID, Uses: in.Uses}
+	saved := m.synced()
+	m.mu.Unlock()
+	return v, saved.Wait()
+}
+
+// Console returns what the instance printed to its console.
+func (m *Manager) Console(ctx context.Context, id string) ([]byte, error) {
+	m.mu.Lock()
+	in, ok := m.byID[id]
+	var p *poolState
+	if ok {
+		p = m.pools[in.Pool]
+	}
+	m.mu.Unlock()
+	if !ok || p == nil {
+		return nil, fmt.Errorf("%w %q", ErrUnknownInstance, id)
+	}
+	out, err := p.provider.ConsoleOutput(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("reading console of %s: %w", id, err)
+	}
+	return out, nil
+}
+
+// Snapshot is what the metrics gauges read at each scrape.
+func (m *Manager) Snapshot() metrics.Snapshot {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}}
+	for name, p := range m.pools {
+		s.LeasesActive[name] = 0
+		s.LeasesPending[name] = len(p.queue)
+		s.LaunchBlocked[name] = p.blocked
+		for _, st := range []State{Launching, Booting, Idle, Leased, Releasing, Draining, Stopping, Stopped, Starting, Failed, Terminating} {
+			s.Instances[[2]string{name, string(st)}] = 0
+		}
+	}
+	for _, in := range m.instances {
+		if in.State != Gone {
+			s.Instances[[2]string{in.Pool, string(in.State)}]++
+		}
+	}
+	for _, l := range m.leases {
+		if l.State == LeaseActive {
+			s.LeasesActive[l.Pool]++
+		}
+	}
+	return s
+}
+
+func joinErrors(errs []error) error { return errors.Join(errs...) }
