@@ -231,3 +231,10 @@ func (ts *testServer) localProvider(t *testing.T) cloud.Provider {
 	t.Helper()
 	return ts.providers["local"]
 }
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
