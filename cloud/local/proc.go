@@ -1,0 +1,203 @@
+package local
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// envMarker names the variable every process of an instance inherits. It
+// finds the processes that left the instance's process group.
+const envMarker = "HANGAR_LOCAL_INSTANCE_ID"
+
+// bootScript is what every boot of an instance runs, as `bash -c bootScript
+// hangar-boot DELAY STEP...`. It sleeps through the boot delay in the
+// instance's own process, so a server restart during the delay does not lose
+// the boot, and then runs the steps in order. Nothing is interpolated into
+// it: the delay and the step files are arguments.
+const bootScript = `sleep "$1" || exit
+shift
+for step do
+	case $step in
+	*.sh) bash "$step" || echo "hangar-local: $step exited with status $?" ;;
+	*) cat "$step" ;;
+	esac
+done`
+
+// boot starts the instance's processes in a new session and records its
+// process group in r.
+func (p *Provider) boot(r *record, delay time.Duration) error {
+	dir := p.store.instanceDir(r.ID)
+	ents, err := os.ReadDir(filepath.Join(dir, "parts"))
+	if err != nil {
+		return fmt.Errorf("booting %s: %w", r.ID, err)
+	}
+	args := []string{"-c", bootScript, "hangar-boot", strconv.FormatFloat(delay.Seconds(), 'f', -1, 64)}
+	for _, e := range ents { // ReadDir sorts by name, which is step order
+		args = append(args, filepath.Join(dir, "parts", e.Name()))
+	}
+	console, err := os.OpenFile(filepath.Join(dir, "console.log"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("booting %s: %w", r.ID, err)
+	}
+	defer console.Close() // the child holds its own copy
+	fmt.Fprintf(console, "hangar-local: booting %s at %s, user-data starts after %s\n",
+		r.ID, p.now().UTC().Format(time.RFC3339), delay)
+
+	cmd := exec.Command(p.bash, args...)
+	cmd.Dir = filepath.Join(dir, "disk")
+	// Only what an instance needs: the server's environment may hold secrets.
+	cmd.Env = []string{
+		"PATH=" + p.path,
+		"HOME=" + cmd.Dir,
+		"LANG=C.UTF-8",
+		// Temporary files stay on the instance's disk and go with it.
+		"TMPDIR=" + cmd.Dir,
+		// This "instance" is the host: its cloud-init directories are not
+		// the instance's to install per-boot scripts into.
+		"HANGAR_USERDATA_CLOUD_DIR=",
+		"HANGAR_METADATA_URL=" + p.metadataURL + "/" + r.MetadataKey,
+		envMarker + "=" + r.ID,
+	}
+	cmd.Stdout, cmd.Stderr = console, console
+	// A session of its own: the instance outlives the server and its
+	// terminal, and its processes can be found by group.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("booting %s: %w", r.ID, err)
+	}
+	go cmd.Wait() // reap; the instance's fate is read from /proc, not from here
+	r.PGID = cmd.Process.Pid
+	if st, err := readStat(r.PGID); err == nil {
+		r.LeaderStart = st.start
+	}
+	return nil
+}
+
+type procStat struct {
+	state byte
+	pgrp  int
+	start uint64 // clock ticks after boot
+}
+
+func readStat(pid int) (procStat, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procStat{}, err
+	}
+	// The command name may hold spaces and parentheses: fields start after the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return procStat{}, fmt.Errorf("parsing /proc/%d/stat", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return procStat{}, fmt.Errorf("parsing /proc/%d/stat", pid)
+	}
+	pgrp, err1 := strconv.Atoi(f[2])
+	start, err2 := strconv.ParseUint(f[19], 10, 64)
+	if err1 != nil || err2 != nil || len(f[0]) != 1 {
+		return procStat{}, fmt.Errorf("parsing /proc/%d/stat", pid)
+	}
+	return procStat{state: f[0][0], pgrp: pgrp, start: start}, nil
+}
+
+// instanceProcs returns the living processes of each instance: those in the
+// process group of its boot, and those that carry its environment marker
+// (which catches children that called setsid and double-forked). Zombies are
+// dead already and are left to their parents.
+func instanceProcs(recs []*record) map[string][]int {
+	groups := map[int]string{}
+	markers := map[string]string{}
+	for _, r := range recs {
+		markers[envMarker+"="+r.ID] = r.ID
+		if r.PGID <= 0 {
+			continue
+		}
+		// A living leader with another start time means the group number was
+		// reused after the instance's group died out: not ours.
+		if st, err := readStat(r.PGID); err == nil && st.start != r.LeaderStart {
+			continue
+		}
+		groups[r.PGID] = r.ID
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	self := os.Getpid()
+	out := map[string][]int{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == self {
+			continue
+		}
+		st, err := readStat(pid)
+		if err != nil || st.state == 'Z' || st.state == 'X' {
+			continue
+		}
+		if id, ok := groups[st.pgrp]; ok {
+			out[id] = append(out[id], pid)
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil {
+			continue
+		}
+		for kv := range bytes.SplitSeq(env, []byte{0}) {
+			if id, ok := markers[string(kv)]; ok {
+				out[id] = append(out[id], pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// endProcesses ends every process of the instances: SIGTERM, up to grace for
+// them to exit (less if ctx ends first), then SIGKILL until none is left. It
+// rescans each round because a dying process may still fork. It returns how
+// many processes of each instance outlived all that.
+func endProcesses(ctx context.Context, recs []*record, grace time.Duration) map[string]int {
+	const killFor = 5 * time.Second
+	termUntil := time.Now().Add(grace)
+	var killUntil time.Time
+	termed := map[int]bool{}
+	for {
+		procs := instanceProcs(recs)
+		if len(procs) == 0 {
+			return nil
+		}
+		now := time.Now()
+		if killUntil.IsZero() && (now.After(termUntil) || ctx.Err() != nil) {
+			killUntil = now.Add(killFor)
+		}
+		if !killUntil.IsZero() && now.After(killUntil) {
+			left := map[string]int{}
+			for id, pids := range procs {
+				left[id] = len(pids)
+			}
+			return left
+		}
+		for _, pids := range procs {
+			for _, pid := range pids {
+				switch {
+				case !killUntil.IsZero():
+					syscall.Kill(pid, syscall.SIGKILL)
+				case !termed[pid]:
+					termed[pid] = true
+					syscall.Kill(pid, syscall.SIGTERM)
+					syscall.Kill(pid, syscall.SIGCONT) // a stopped process would not see the TERM
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
