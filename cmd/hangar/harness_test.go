@@ -61,8 +61,12 @@ func (s *syncBuffer) String() string {
 // then holds the lease like a real worker would.
 const workerCommand = `env | grep '^HANGAR_WORKER_\|^HANGAR_LEASE_ID' | sort > "$HOME/worker.env"; exec sleep 600`
 
-// testTOML is a config for one local pool; extra is appended to the pool.
+// testTOML is a config for one local pool of at most 3 instances; extra is
+// appended to the pool's table.
 func testTOML(dataDir, pool, extra string) string {
+	if !strings.Contains(extra, "max_instances") {
+		extra = "max_instances = 3\n" + extra
+	}
 	return fmt.Sprintf(`
 [server]
 listen = "127.0.0.1:0"
@@ -74,7 +78,6 @@ type = "local"
 
 [pools.%s]
 provider = "local"
-max_instances = 3
 idle_ttd = "5m"
 boot_timeout = "2m"
 worker_command = %q
@@ -91,7 +94,7 @@ type testServer struct {
 
 // startTest serves cfgText. The server's instances are terminated when the
 // test ends, and the test fails if any of their processes survive.
-func startTest(t *testing.T, cfgText string, clock pool.Clock) *testServer {
+func startTest(t testing.TB, cfgText string, clock pool.Clock) *testServer {
 	t.Helper()
 	cfg, err := configs.Parse(filepath.Join(t.TempDir(), "hangar.toml"), []byte(cfgText))
 	if err != nil {
@@ -116,7 +119,7 @@ func startTest(t *testing.T, cfgText string, clock pool.Clock) *testServer {
 
 // terminateAll ends every instance of the local cloud under dir and checks
 // that no process of any of them survives.
-func terminateAll(t *testing.T, dir string) {
+func terminateAll(t testing.TB, dir string) {
 	t.Helper()
 	if _, err := os.Stat(dir); err != nil {
 		return
@@ -164,7 +167,7 @@ func instanceProcs(id string) []string {
 }
 
 // waitFor polls cond until it holds or the time runs out.
-func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -96,7 +96,6 @@ func TestKill9Restart(t *testing.T) {
 	dataDir := filepath.Join(dir, "data")
 	cfg := testTOML(dataDir, "demo", "max_instances = 4")
 	cfg = replaceOnce(cfg, `listen = "127.0.0.1:0"`, `listen = "`+addr+`"`)
-	cfg = replaceOnce(cfg, "max_instances = 3\n", "")
 	configPath := filepath.Join(dir, "hangar.toml")
 	os.WriteFile(configPath, []byte(cfg), 0o600)
 	logPath := filepath.Join(dir, "serve.log")

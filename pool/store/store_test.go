@@ -136,3 +136,18 @@ func BenchmarkCommitParallel(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkCommit is one writer waiting for each commit: the fsync cost a
+// lone lease request pays.
+func BenchmarkCommit(b *testing.B) {
+	s, err := Open(filepath.Join(b.TempDir(), "state.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	for i := 0; i < b.N; i++ {
+		if err := s.CommitWait(Op{Leases, fmt.Sprint(i), rec{N: i}}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

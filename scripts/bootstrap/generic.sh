@@ -116,10 +116,12 @@ stop_worker() {
 		# Too early: the worker has not called setsid yet.
 		kill -TERM "$worker_pid" 2>/dev/null
 	fi
+	# Up to 10s: most workers are gone within milliseconds, and a released
+	# instance is not leased again until this returns.
 	local i
-	for ((i = 0; i < 100; i++)); do
+	for ((i = 0; i < 110; i++)); do
 		kill -0 -- "-$worker_pid" 2>/dev/null || break
-		sleep 0.1
+		if ((i < 20)); then sleep 0.005; else sleep 0.1; fi
 	done
 	kill -KILL -- "-$worker_pid" 2>/dev/null
 	if [ "$worker_state" = running ]; then
