@@ -124,6 +124,22 @@ func TestWarmLeaseReuseDiscard(t *testing.T) {
 			t.Errorf("metrics lack %s:\n%s", want, grepLines(m, "hangar_reaped"))
 		}
 	}
+	for _, family := range []string{
+		`hangar_instances{pool="demo",state="idle"} 1`,
+		`hangar_leases_active{pool="demo"} 0`,
+		`hangar_leases_pending{pool="demo"} 0`,
+		`hangar_lease_wait_seconds_count{kind="warm",pool="demo"} `,
+		`hangar_boot_seconds_count{pool="demo"}`,
+		`hangar_cloud_api_calls_total{operation="launch",outcome="ok",provider="local"}`,
+		`hangar_cloud_api_calls_total{operation="terminate",outcome="ok",provider="local"}`,
+		`hangar_cloud_api_seconds_bucket{operation="list",provider="local"`,
+		`hangar_instance_seconds_total{pool="demo",state="leased"}`,
+		`hangar_instance_seconds_total{pool="demo",state="idle"}`,
+	} {
+		if !strings.Contains(m, family) {
+			t.Errorf("metrics lack %s", family)
+		}
+	}
 	// Releasing twice is harmless.
 	if err := ts.client.Release(ctx, third.ID, true); err != nil {
 		t.Errorf("second release: %v", err)

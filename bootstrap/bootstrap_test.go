@@ -1,0 +1,117 @@
+package bootstrap
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fakeBackend knows one instance, "i1", with token "good-token".
+type fakeBackend struct {
+	ready   []Ready
+	current string
+	wait    time.Duration
+	hb      []Heartbeat
+}
+
+func (f *fakeBackend) Authenticate(hash string) (string, error) {
+	if hash == HashToken("good-token") {
+		return "i1", nil
+	}
+	return "", ErrUnauthorized
+}
+
+func (f *fakeBackend) Script(ctx context.Context, instance string) ([]byte, error) {
+	return []byte("#!/bin/bash\necho hi\n"), nil
+}
+
+func (f *fakeBackend) Ready(ctx context.Context, instance string, r Ready) error {
+	f.ready = append(f.ready, r)
+	return nil
+}
+
+func (f *fakeBackend) Assignment(ctx context.Context, instance, current string, wait time.Duration) (Assignment, error) {
+	f.current, f.wait = current, wait
+	return Assignment{State: AssignAssigned, LeaseID: "l-1", WorkerName: "w1", WorkerPassword: "p'w; $(rm -rf /)", WorkerMaster: "m:1", WorkerCommand: "run-worker"}, nil
+}
+
+func (f *fakeBackend) Heartbeat(ctx context.Context, instance string, hb Heartbeat) error {
+	f.hb = append(f.hb, hb)
+	return nil
+}
+
+func TestEndpoints(t *testing.T) {
+	f := &fakeBackend{}
+	srv := httptest.NewServer(Handler(f, slog.New(slog.DiscardHandler)))
+	defer srv.Close()
+	do := func(method, path, token, form string) (int, string) {
+		req, _ := http.NewRequest(method, srv.URL+path, strings.NewReader(form))
+		if form != "" {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	key := "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ7 root@host"
+	cases := []struct {
+		name, method, path, token, form string
+		status                          int
+		body                            string
+	}{
+		{"no token", "GET", "/bootstrap/v1/script", "", "", 401, "missing bootstrap token"},
+		{"wrong token", "GET", "/bootstrap/v1/script", "bad-token", "", 401, "unknown or revoked"},
+		{"script", "GET", "/bootstrap/v1/script", "good-token", "", 200, "echo hi"},
+		{"ready", "POST", "/bootstrap/v1/ready", "good-token", "hostname=h1&ssh_host_key=" + url.QueryEscape(key+"\n"), 204, ""},
+		{"ready with junk key", "POST", "/bootstrap/v1/ready", "good-token", "ssh_host_key=hello", 400, "not an OpenSSH public key"},
+		{"ready huge", "POST", "/bootstrap/v1/ready", "good-token", "ssh_host_key=" + strings.Repeat("a", 20000), 400, "bad ready report"},
+		{"assignment bad wait", "GET", "/bootstrap/v1/assignment?wait=forever", "good-token", "", 400, "bad wait"},
+		{"heartbeat bad worker", "POST", "/bootstrap/v1/heartbeat", "good-token", "worker=dancing", 400, "worker must be"},
+		{"heartbeat bad exit", "POST", "/bootstrap/v1/heartbeat", "good-token", "worker=exited&exit_code=x", 400, "exit_code"},
+		{"heartbeat", "POST", "/bootstrap/v1/heartbeat", "good-token", "lease=l-1&worker=exited&exit_code=3", 204, ""},
+		{"wrong method", "GET", "/bootstrap/v1/ready", "good-token", "", 405, ""},
+	}
+	for _, c := range cases {
+		status, body := do(c.method, c.path, c.token, c.form)
+		if status != c.status || !strings.Contains(body, c.body) {
+			t.Errorf("%s: %d %q; want %d containing %q", c.name, status, body, c.status, c.body)
+		}
+	}
+	if len(f.ready) != 1 || f.ready[0].SSHHostKey != key || f.ready[0].Hostname != "h1" {
+		t.Errorf("ready reports = %+v", f.ready)
+	}
+	if len(f.hb) != 1 || f.hb[0] != (Heartbeat{LeaseID: "l-1", Worker: "exited", ExitCode: 3}) {
+		t.Errorf("heartbeats = %+v", f.hb)
+	}
+
+	// The assignment is shell assignments; hostile values stay literal, and
+	// the wait is capped.
+	status, body := do("GET", "/bootstrap/v1/assignment?wait=1h&current=l-0", "good-token", "")
+	if status != 200 || f.current != "l-0" || f.wait != MaxWait {
+		t.Fatalf("assignment: %d, current %q, wait %s", status, f.current, f.wait)
+	}
+	want := `HANGAR_ASSIGNMENT='assigned'
+HANGAR_LEASE_ID='l-1'
+HANGAR_WORKER_NAME='w1'
+HANGAR_WORKER_PASSWORD='p'\''w; $(rm -rf /)'
+HANGAR_WORKER_MASTER='m:1'
+HANGAR_WORKER_COMMAND='run-worker'
+HANGAR_CLEANUP_COMMAND=''
+`
+	if body != want {
+		t.Errorf("assignment body:\n%s\nwant:\n%s", body, want)
+	}
+}

@@ -1,0 +1,62 @@
+package bootstrap
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestScriptSources(t *testing.T) {
+	var fetches atomic.Int32
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fetches.Add(1)
+		switch r.URL.Path {
+		case "/ok.sh":
+			w.Write([]byte("#!/bin/bash\necho remote\n"))
+		case "/big.sh":
+			w.Write([]byte(strings.Repeat("#", MaxScript+1)))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	file := filepath.Join(t.TempDir(), "boot.sh")
+	os.WriteFile(file, []byte("#!/bin/bash\necho file\n"), 0o600)
+	s := &Scripts{HTTP: srv.Client(), CacheFor: time.Hour}
+	ctx := context.Background()
+
+	cases := []struct{ src, want, err string }{
+		{"builtin:generic.sh", "hangar-bootstrap", ""},
+		{"builtin:nope.sh", "", "no such built-in script"},
+		{file, "echo file", ""},
+		{filepath.Join(t.TempDir(), "missing.sh"), "", "no such file"},
+		{srv.URL + "/ok.sh", "echo remote", ""},
+		{srv.URL + "/missing.sh", "", "404"},
+		{srv.URL + "/big.sh", "", "over 1048576 bytes"},
+	}
+	for _, c := range cases {
+		got, err := s.Load(ctx, c.src)
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("Load(%s) error = %v, want %q", c.src, err, c.err)
+			}
+			continue
+		}
+		if err != nil || !strings.Contains(string(got), c.want) {
+			t.Errorf("Load(%s) = %q, %v; want %q", c.src, got, err, c.want)
+		}
+	}
+	before := fetches.Load()
+	for i := 0; i < 5; i++ {
+		s.Load(ctx, srv.URL+"/ok.sh")
+	}
+	if fetches.Load() != before {
+		t.Errorf("cached script fetched %d more times", fetches.Load()-before)
+	}
+}
