@@ -249,8 +249,24 @@ HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
 		out, _ := ts.client.Console(ctx, hung)
 		return strings.Contains(out, "hanging")
 	})
+	// The client keeps asking after its lease, so it stays queued (a
+	// pending lease nobody asks after is given up after its wait + 2m).
+	type result struct {
+		v   pool.LeaseView
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := ts.client.GetLease(ctx, pending.ID, 60*time.Second)
+		done <- result{v, err}
+	}()
+	waitFor(t, "the client's wait to keep the lease queued", 10*time.Second, func() bool {
+		v, err := ts.client.GetLease(ctx, pending.ID, 0)
+		return err == nil && v.ExpiresAt.After(clock.Now().Add(2*time.Minute+30*time.Second))
+	})
 	clock.Advance(2*time.Minute + time.Second)
-	got, err := ts.client.GetLease(ctx, pending.ID, 60*time.Second)
+	r := <-done
+	got, err := r.v, r.err
 	if err != nil || got.State != pool.LeaseActive {
 		t.Fatalf("lease after boot timeout = %+v, %v; want active", got, err)
 	}
