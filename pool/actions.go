@@ -57,8 +57,9 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	if token == "" {
 		// Restarted with an intent whose launch may not have happened:
 		// only the token's hash was kept, so the retry gets a new token.
+		// The earlier one stays valid in case the launch did happen.
 		token = randomToken(32)
-		delete(m.byToken, in.TokenHash)
+		in.EarlierTokenHashes = append(in.EarlierTokenHashes, in.TokenHash)
 		in.TokenHash = bootstrap.HashToken(token)
 		m.byToken[in.TokenHash] = in
 		m.saveInstance(in)
@@ -141,7 +142,7 @@ func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
 	backoff = backoff/2 + rand.N(backoff/2+1)
 	p.retryAt = m.clock.Now().Add(backoff)
 	m.setState(in, Gone, "launch failed: "+class)
-	delete(m.byToken, in.TokenHash)
+	m.revokeTokens(in)
 }
 
 // startLocked boots a stopped instance again.
@@ -206,7 +207,7 @@ func (m *Manager) terminateLocked(in *Instance, reason string) {
 	if in.State == Terminating || in.State == Gone {
 		return
 	}
-	delete(m.byToken, in.TokenHash)
+	m.revokeTokens(in)
 	if in.State == Launching {
 		if in.busy {
 			// No cloud id yet: the launch goroutine terminates it on return.

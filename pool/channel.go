@@ -145,6 +145,9 @@ func (m *Manager) assignmentLocked(in *Instance, current string) bootstrap.Assig
 	if in.State == Releasing {
 		m.setState(in, Idle, "worker stopped")
 		m.dispatchLocked()
+		// The dispatch may have handed it a queued lease: answer with it
+		// now, not when this long-poll times out.
+		return m.assignmentLocked(in, current)
 	}
 	return a
 }

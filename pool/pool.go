@@ -77,6 +77,12 @@ type Instance struct {
 	ReadyAt    time.Time `json:"ready_at,omitempty"`
 	LastSeen   time.Time `json:"last_seen,omitempty"`
 
+	// EarlierTokenHashes are the hashes of the tokens of launches a restart
+	// cut off. Such a launch may have reached the cloud; the retry with the
+	// same client token then returns that instance, booted with the earlier
+	// token, which must still let it in.
+	EarlierTokenHashes []string `json:"earlier_token_hashes,omitempty"`
+
 	accounted time.Time // instance-seconds accounted up to here
 	busy      bool      // a cloud call for it is under way
 	doomed    bool      // to be terminated as soon as its launch returns
@@ -236,6 +242,17 @@ func (m *Manager) index(in *Instance) {
 	}
 	if in.TokenHash != "" && in.State != Gone {
 		m.byToken[in.TokenHash] = in
+		for _, h := range in.EarlierTokenHashes {
+			m.byToken[h] = in
+		}
+	}
+}
+
+// revokeTokens makes every token of in useless. Caller holds m.mu.
+func (m *Manager) revokeTokens(in *Instance) {
+	delete(m.byToken, in.TokenHash)
+	for _, h := range in.EarlierTokenHashes {
+		delete(m.byToken, h)
 	}
 }
 

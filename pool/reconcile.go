@@ -50,7 +50,6 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
 			continue
 		}
 		seen[in.Key] = true
-		delete(m.orphans, c.ID)
 		if in.ID == "" && !in.busy {
 			// Launched before a crash cut the launch call's answer off.
 			in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, c.LaunchedAt
@@ -60,12 +59,17 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
 			}
 			m.saveInstance(in)
 		}
+		if in.ID == "" {
+			// Its launch call is under way; the answer will name it.
+			continue
+		}
 		if in.ID != c.ID {
 			// A second instance for one intent: the cloud ignored the
 			// idempotency token. Keep the first, end this one.
 			m.orphanLocked(prov, c, now.Add(-m.cfg.Server.OrphanGrace.Duration))
 			continue
 		}
+		delete(m.orphans, c.ID)
 		switch {
 		case in.State == Gone && !gone:
 			m.terminateIDs(prov, in.Pool, []string{c.ID}, "retry")
