@@ -375,7 +375,8 @@ func (m *Manager) dispatchPool(p *poolState) {
 		switch in.State {
 		case Idle:
 			idle = append(idle, in)
-		case Launching, Booting, Starting:
+		case Launching, Booting, Starting, Releasing:
+			// Releasing ones are idle as soon as their worker stops.
 			coming = append(coming, in)
 		case Stopped:
 			if !in.busy {

@@ -240,7 +240,8 @@ func (m *Manager) index(in *Instance) {
 	if in.ID != "" {
 		m.byID[in.ID] = in
 	}
-	if in.TokenHash != "" && in.State != Gone {
+	// Tokens of instances on their way out stay revoked across restarts.
+	if in.TokenHash != "" && in.State != Gone && in.State != Terminating && in.State != Failed {
 		m.byToken[in.TokenHash] = in
 		for _, h := range in.EarlierTokenHashes {
 			m.byToken[h] = in

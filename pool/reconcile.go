@@ -23,6 +23,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 	owner := m.store.Owner()
 	m.mu.Unlock()
 	for prov := range byProvider {
+		listedAt := m.clock.Now()
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
 		list, err := prov.List(cctx, map[string]string{cloud.TagOwner: owner})
 		cancel()
@@ -31,13 +32,15 @@ func (m *Manager) reconcile(ctx context.Context) {
 			continue
 		}
 		m.mu.Lock()
-		m.reconcileLocked(prov, list)
+		m.reconcileLocked(prov, list, listedAt)
 		m.dispatchLocked()
 		m.mu.Unlock()
 	}
 }
 
-func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
+// listedAt is when the listing was asked for: what changed since then is
+// newer than the listing and is not judged by it.
+func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, listedAt time.Time) {
 	now := m.clock.Now()
 	seen := map[string]bool{}
 	for _, c := range list {
@@ -70,6 +73,9 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
 			continue
 		}
 		delete(m.orphans, c.ID)
+		if in.Since.After(listedAt) {
+			continue
+		}
 		switch {
 		case in.State == Gone && !gone:
 			m.terminateIDs(prov, in.Pool, []string{c.ID}, "retry")
@@ -87,7 +93,7 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
 	}
 	for _, in := range m.instances {
 		p := m.pools[in.Pool]
-		if seen[in.Key] || p == nil || p.provider != prov || in.busy {
+		if seen[in.Key] || p == nil || p.provider != prov || in.busy || in.Since.After(listedAt) {
 			continue
 		}
 		switch in.State {
@@ -106,10 +112,12 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance) {
 // lostLocked handles an instance that died outside Hangar's hands.
 func (m *Manager) lostLocked(in *Instance, reason string) {
 	m.log.Warn("instance lost", "pool", in.Pool, "instance", in.ID, "reason", reason)
-	if l, ok := m.leases[in.LeaseID]; ok && l.State == LeaseActive {
+	l, ok := m.leases[in.LeaseID]
+	// Terminate first, so the reason recorded is why it was lost.
+	m.terminateLocked(in, reason)
+	if ok && l.State == LeaseActive {
 		m.endLeaseLocked(l, LeaseLost, true)
 	}
-	m.terminateLocked(in, reason)
 }
 
 // orphanLocked terminates an owned instance nobody knows once it has been

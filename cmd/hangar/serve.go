@@ -122,10 +122,17 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg}).Handler())
 	// No write timeout: lease and assignment waits are long polls, each
 	// bounded by its own cap.
-	s.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
-
 	runCtx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
+	s.http = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// Requests end with the server: a long poll answers at once
+		// instead of holding Shutdown up, and nothing runs on after the
+		// store is closed.
+		BaseContext: func(net.Listener) context.Context { return runCtx },
+	}
 	go func() {
 		defer close(s.done)
 		mgr.Run(runCtx)
@@ -189,8 +196,8 @@ func loopback(listen string) bool {
 func (s *server) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	s.http.Shutdown(ctx)
 	s.stop()
+	s.http.Shutdown(ctx)
 	<-s.done
 	return s.closeParts()
 }
