@@ -109,10 +109,15 @@ func startTest(t testing.TB, cfgText string, clock pool.Clock) *testServer {
 	ts := &testServer{server: s, client: &api.Client{BaseURL: s.url}, logs: logs, dataDir: s.cfg.Server.DataDir}
 	t.Cleanup(func() {
 		s.Close()
-		terminateAll(t, filepath.Join(ts.dataDir, "local"))
 		if t.Failed() {
 			t.Logf("server log:\n%s", logs.String())
+			consoles, _ := filepath.Glob(filepath.Join(ts.dataDir, "local", "instances", "*", "console.log"))
+			for _, c := range consoles {
+				b, _ := os.ReadFile(c)
+				t.Logf("%s:\n%s", c, b)
+			}
 		}
+		terminateAll(t, filepath.Join(ts.dataDir, "local"))
 	})
 	return ts
 }
