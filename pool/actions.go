@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"sort"
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
@@ -327,7 +326,7 @@ func (m *Manager) timersLocked() {
 	}
 	for name, p := range m.pools {
 		list := idle[name]
-		sortBy(list, func(in *Instance) time.Time { return in.Since }, false) // oldest first
+		bySince(list, false) // oldest first
 		remaining := len(list)
 		over := live[name] - p.cfg.MaxInstances // after a scale-in
 		for _, in := range list {
@@ -352,8 +351,4 @@ func (m *Manager) timersLocked() {
 			p.blocked = false
 		}
 	}
-}
-
-func sortSlice[T any](s []T, less func(a, b T) bool) {
-	sort.Slice(s, func(i, j int) bool { return less(s[i], s[j]) })
 }

@@ -2,10 +2,12 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"regexp"
+	"slices"
 	"time"
 	"unicode"
 )
@@ -138,7 +140,7 @@ func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
 	if len(problems) == 0 {
 		return nil
 	}
-	return fmt.Errorf("%w: %w", ErrInvalid, joinErrors(problems))
+	return fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
 }
 
 func printable(s string) bool {
@@ -386,14 +388,14 @@ func (m *Manager) dispatchPool(p *poolState) {
 	}
 	// Most recently idle first: the others age toward idle_ttd and the
 	// reaper can shrink the pool.
-	sortBy(idle, func(in *Instance) time.Time { return in.Since }, true)
+	bySince(idle, true)
 	for len(p.queue) > 0 && len(idle) > 0 {
 		l, in := p.queue[0], idle[0]
 		p.queue, idle = p.queue[1:], idle[1:]
 		m.assignLocked(l, in)
 	}
 	need := len(p.queue) + p.cfg.MinIdle - len(idle) - len(coming)
-	sortBy(stopped, func(in *Instance) time.Time { return in.Since }, true)
+	bySince(stopped, true)
 	for need > 0 && len(stopped) > 0 {
 		m.startLocked(stopped[0])
 		stopped = stopped[1:]
@@ -409,12 +411,13 @@ func (m *Manager) dispatchPool(p *poolState) {
 	}
 }
 
-func sortBy(s []*Instance, key func(*Instance) time.Time, newestFirst bool) {
-	sortSlice(s, func(a, b *Instance) bool {
+// bySince orders instances by when they entered their state.
+func bySince(s []*Instance, newestFirst bool) {
+	slices.SortFunc(s, func(a, b *Instance) int {
 		if newestFirst {
-			return key(a).After(key(b))
+			return b.Since.Compare(a.Since)
 		}
-		return key(a).Before(key(b))
+		return a.Since.Compare(b.Since)
 	})
 }
 

@@ -101,7 +101,7 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 	}
 	if len(problems) > 0 {
 		m.mu.Unlock()
-		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, joinErrors(problems))
+		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
 	}
 	p.cfg.MinIdle, p.cfg.MaxInstances = newMin, newMax
 	// A scaled-up pool may launch again even after a quota error.
@@ -207,5 +207,3 @@ func (m *Manager) Snapshot() metrics.Snapshot {
 	}
 	return s
 }
-
-func joinErrors(errs []error) error { return errors.Join(errs...) }
