@@ -185,8 +185,8 @@ func printLease(g *globals, v pool.LeaseView) {
 	if v.Instance != nil {
 		inst, ip = v.Instance.ID, v.Instance.PrivateIP
 	}
+	// The worker password is only in -o json: tables end up in CI logs.
 	g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tIP\tWORKER\tEXPIRES", [][]string{{v.ID, v.Pool, string(v.State), inst, ip, v.Worker.Name, v.ExpiresAt.Local().Format(time.DateTime)}})
-	fmt.Fprintln(g.stderr, "(the worker password is in -o json; it is not printed in tables)")
 }
 
 func releaseCmd(g *globals) *cobra.Command {
