@@ -9,12 +9,15 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/local"
 	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
@@ -87,7 +90,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 
 	root.AddCommand(serveCmd(g), leaseCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
-		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g))
+		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g), localCmd(g))
 	return root
 }
 
@@ -394,5 +397,47 @@ func configCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	})
+	return c
+}
+
+func localCmd(g *globals) *cobra.Command {
+	c := &cobra.Command{Use: "local", Short: "Tools for the embedded local cloud"}
+	var path string
+	down := &cobra.Command{
+		Use:   "terminate-all",
+		Short: "Terminate every local-cloud instance under the config's data_dir (they outlive `hangar serve`, as cloud instances do)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := loadConfig(path)
+			if err != nil {
+				return err
+			}
+			dir := filepath.Join(cfg.Server.DataDir, "local")
+			if _, err := os.Stat(dir); err != nil {
+				fmt.Fprintf(g.stdout, "no local cloud at %s\n", dir)
+				return nil
+			}
+			p, err := local.New(cmd.Context(), local.Options{Dir: dir})
+			if err != nil {
+				return err
+			}
+			defer p.Close()
+			list, err := p.List(cmd.Context(), nil)
+			if err != nil {
+				return err
+			}
+			var ids []string
+			for _, in := range list {
+				if in.State != cloud.StateTerminated {
+					ids = append(ids, in.ID)
+				}
+			}
+			done, err := p.Terminate(cmd.Context(), ids)
+			fmt.Fprintf(g.stdout, "terminated %d instances\n", len(done))
+			return err
+		},
+	}
+	down.Flags().StringVar(&path, "config", "", "config file (default as for serve)")
+	c.AddCommand(down)
 	return c
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hangar-ci/hangar/pool"
 )
@@ -120,5 +121,32 @@ func TestCLIConfigAndUserData(t *testing.T) {
 	code, out, errOut = runCLI(t, "userdata", "render", "other")
 	if code != 0 || !strings.Contains(out, "HANGAR_POOL='other'") {
 		t.Errorf("userdata render other with ./hangar.toml: %d\n%s\n%s", code, out, errOut)
+	}
+}
+
+// Local instances outlive `hangar serve`, as cloud instances do;
+// `hangar local terminate-all` ends them all.
+func TestCLILocalTerminateAll(t *testing.T) {
+	dir := t.TempDir()
+	cfgText := testTOML(filepath.Join(dir, "data"), "demo", "min_idle = 2")
+	ts := startTest(t, cfgText, nil)
+	waitFor(t, "2 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 2 })
+	list := ts.instances(t, "demo")
+	ts.Close()
+	for _, in := range list {
+		if len(instanceProcs(in.ID)) == 0 {
+			t.Fatalf("instance %s ended with the server", in.ID)
+		}
+	}
+	path := filepath.Join(dir, "hangar.toml")
+	writeFile(t, path, cfgText)
+	code, out, errOut := runCLI(t, "local", "terminate-all", "--config", path)
+	if code != 0 || !strings.Contains(out, "terminated 2 instances") {
+		t.Fatalf("local terminate-all: %d %q %q", code, out, errOut)
+	}
+	for _, in := range list {
+		if pids := instanceProcs(in.ID); len(pids) > 0 {
+			t.Errorf("instance %s: processes %v survived", in.ID, pids)
+		}
 	}
 }
