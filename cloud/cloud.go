@@ -103,6 +103,20 @@ type LaunchSpec struct {
 	// token returns the instances of the first instead of starting more
 	// (EC2's ClientToken). Required.
 	ClientToken string
+
+	// What follows is for clouds with networks, markets and metadata
+	// services (EC2 and its kin); the local cloud ignores it.
+
+	// Subnets, in order of preference; each names its zone. When set they
+	// take the place of Zones.
+	Subnets            []string
+	SecurityGroups     []string
+	KeyName            string
+	InstanceProfile    string // IAM instance profile name or ARN
+	RootVolumeGB       int    // 0: the image's default
+	Spot               string // "off" (or ""), "prefer" (fall back to on-demand), "only"
+	MetadataHTTPTokens string // "required" (IMDSv2 only) or "optional"; "" = required
+	MetadataHopLimit   int    // 0 = 1
 }
 
 // Capabilities says which optional calls a provider supports. A call that is

@@ -72,12 +72,20 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	if err == nil {
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
 		got, err = p.provider.Launch(cctx, cloud.LaunchSpec{
-			Image:         cfg.Image,
-			InstanceTypes: cfg.InstanceTypes,
-			Zones:         cfg.Zones,
-			UserData:      ud,
-			Tags:          m.tags(p, in),
-			ClientToken:   in.Key,
+			Image:              cfg.Image,
+			InstanceTypes:      cfg.InstanceTypes,
+			Zones:              cfg.Zones,
+			UserData:           ud,
+			Tags:               m.tags(p, in),
+			ClientToken:        in.Key,
+			Subnets:            cfg.Subnets,
+			SecurityGroups:     cfg.SecurityGroups,
+			KeyName:            cfg.KeyName,
+			InstanceProfile:    cfg.IAMInstanceProfile,
+			RootVolumeGB:       cfg.RootVolumeGB,
+			Spot:               cfg.Spot,
+			MetadataHTTPTokens: cfg.MetadataOptions.HTTPTokens,
+			MetadataHopLimit:   cfg.MetadataOptions.HopLimit,
 		}, 1)
 		cancel()
 	}
