@@ -20,6 +20,8 @@ type Metrics struct {
 	Reaped          *prometheus.CounterVec   // pool, reason
 	InstanceSeconds *prometheus.CounterVec   // pool, state
 	LaunchErrors    *prometheus.CounterVec   // pool, class
+	APICalls        *prometheus.CounterVec   // provider, action, code: each HTTP call a provider makes
+	APISeconds      *prometheus.HistogramVec // provider, action
 }
 
 // Snapshot is what the pool reports at each scrape.
@@ -65,8 +67,17 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Name: "hangar_launch_errors_total",
 			Help: "Failed launches by pool and error class.",
 		}, []string{"pool", "class"}),
+		APICalls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_cloud_requests_total",
+			Help: "Requests to a cloud's API (each retry counts) by action and the cloud's error code (\"ok\" for none).",
+		}, []string{"provider", "action", "code"}),
+		APISeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hangar_cloud_request_seconds",
+			Help:    "Latency of requests to a cloud's API.",
+			Buckets: prometheus.ExponentialBuckets(.001, 4, 9),
+		}, []string{"provider", "action"}),
 	}
-	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors)
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds)
 	reg.MustRegister(&gauges{snapshot: snapshot})
 	return m
 }
@@ -106,6 +117,19 @@ func (g *gauges) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(launchBlockedDesc, prometheus.GaugeValue, v, p)
+	}
+}
+
+// ObserveRequests returns a hook a provider calls for every request it
+// sends to its cloud: action, the cloud's error code ("" for success) and
+// latency.
+func (m *Metrics) ObserveRequests(provider string) func(action, code string, d time.Duration) {
+	return func(action, code string, d time.Duration) {
+		if code == "" {
+			code = "ok"
+		}
+		m.APICalls.WithLabelValues(provider, action, code).Inc()
+		m.APISeconds.WithLabelValues(provider, action).Observe(d.Seconds())
 	}
 }
 
