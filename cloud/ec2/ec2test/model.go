@@ -1,0 +1,1156 @@
+package ec2test
+
+import (
+	"cmp"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+)
+
+// This file is the EC2 the server pretends to be: instances and their
+// states, images, idempotency, and the faults tests inject.
+
+// EC2's instance state codes; the low byte of instanceState/code.
+const (
+	pending      = 0
+	running      = 16
+	shuttingDown = 32
+	terminated   = 48
+	stopping     = 64
+	stopped      = 80
+)
+
+var stateNames = map[int]string{
+	pending: "pending", running: "running", shuttingDown: "shutting-down",
+	terminated: "terminated", stopping: "stopping", stopped: "stopped",
+}
+
+const (
+	marketOnDemand = "on-demand"
+	marketSpot     = "spot"
+	vpcID          = "vpc-0e5e0e5e0e5e0e5e0"
+	// maxUserData is EC2's limit on decoded user-data.
+	maxUserData = 16 << 10
+	// consoleTail is how much console EC2 returns: the last 64 KiB.
+	consoleTail = 64 << 10
+)
+
+// DefaultImageID names the image every server starts with, so a test that
+// does not care about images can launch at once.
+const DefaultImageID = "ami-0123456789abcdef0"
+
+// Image is an AMI that DescribeImages lists and RunInstances accepts.
+type Image struct {
+	ID, Name     string
+	Owner        string    // account id; default the server's, which "self" names
+	Created      time.Time // default: when added
+	State        string    // default "available"
+	Architecture string    // default "x86_64"
+	RootDevice   string    // default "/dev/xvda"
+	RootVolumeGB int       // default 8
+	Tags         map[string]string
+	snapshot     string
+}
+
+// Instance is a snapshot of one instance as the server holds it, for tests
+// to check what a client asked for (tags, IMDS options, market …).
+type Instance struct {
+	ID          string
+	State       string // EC2's name: pending, running, stopping …
+	Type, Zone  string
+	Subnet      string // "subnet-<zone>" even when the launch named none
+	Image       string
+	Market      string // "on-demand" or "spot"
+	KeyName     string
+	Profile     string // IAM instance profile ARN, "" for none
+	ClientToken string
+	PrivateIP   string
+	// SecurityGroups are the ids the launch named.
+	SecurityGroups   []string
+	Tags, VolumeTags map[string]string
+	UserData         []byte // decoded
+	RootVolumeGB     int    // 0: the image's size
+	HTTPTokens       string // "optional" (EC2's default) or "required"
+	HopLimit         int
+	LaunchTime       time.Time
+}
+
+type instance struct {
+	id, reservation, clientToken string
+	image, typ, zone, subnet, ip string
+	market, spotRequest          string
+	keyName, profile, profileID  string
+	groups                       []string
+	rootDevice, volumeID         string
+	rootGB                       int
+	httpTokens, httpEndpoint     string
+	hopLimit                     int
+	tags, volumeTags             map[string]string
+	userData                     []byte
+	launchIndex                  int
+
+	state    int
+	reason   string    // stateTransitionReason
+	since    time.Time // when state was entered
+	launched time.Time // launchTime: resets on start, as on EC2
+	created  time.Time // first launch, for HideNewFor
+	seq      uint64    // listing order and pagination cursor
+}
+
+// launchRecord is what a ClientToken launched.
+type launchRecord struct {
+	fingerprint string
+	reservation string
+	instances   []*instance
+}
+
+type throttle struct{ fraction, acc float64 }
+
+// state is the server's EC2. launchMu serializes RunInstances and
+// StartInstances whole (checks, backend launch, bookkeeping), so that quota
+// and idempotency hold under concurrent calls without holding mu across a
+// backend call. mu guards everything else.
+type state struct {
+	launchMu sync.Mutex
+
+	mu        sync.Mutex
+	instances map[string]*instance
+	seq       uint64
+	ipSeq     int
+	tokens    map[string]*launchRecord
+	launches  map[string]int
+	images    []Image
+	calls     map[string]int
+	errs      map[string]int
+	throttles map[string]*throttle
+	capacity  func(instanceType, zone, market string) string
+	quotaMax  int
+	quotaCode string
+	hideFor   time.Duration
+	peak      int
+}
+
+func (st *state) init(opts Options) {
+	st.instances = map[string]*instance{}
+	st.tokens = map[string]*launchRecord{}
+	st.launches = map[string]int{}
+	st.calls = map[string]int{}
+	st.errs = map[string]int{}
+	st.throttles = map[string]*throttle{}
+	st.images = []Image{fillImage(Image{
+		ID: DefaultImageID, Name: "ec2test-default", Owner: opts.Account,
+		Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
+	})}
+}
+
+func fillImage(im Image) Image {
+	if im.State == "" {
+		im.State = "available"
+	}
+	if im.Architecture == "" {
+		im.Architecture = "x86_64"
+	}
+	if im.RootDevice == "" {
+		im.RootDevice = "/dev/xvda"
+	}
+	if im.RootVolumeGB == 0 {
+		im.RootVolumeGB = 8
+	}
+	if im.Created.IsZero() {
+		im.Created = time.Now()
+	}
+	im.Tags = maps.Clone(im.Tags)
+	im.snapshot = newHexID("snap-")
+	return im
+}
+
+// ---- fault injection and observation ----
+
+// Throttle makes a fraction (0..1) of the calls to action answer
+// RequestLimitExceeded; action "" applies to every action that has no
+// setting of its own. It is deterministic: with 0.3, exactly 3 calls in
+// every 10 are throttled, spread evenly, so tests can count.
+func (s *Server) Throttle(action string, fraction float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if fraction <= 0 {
+		delete(s.throttles, action)
+		return
+	}
+	s.throttles[action] = &throttle{fraction: math.Min(fraction, 1)}
+}
+
+func (s *Server) throttled(action string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.throttles[action]
+	if t == nil {
+		t = s.throttles[""]
+	}
+	if t == nil {
+		return false
+	}
+	t.acc += t.fraction
+	if t.acc >= 1-1e-9 {
+		t.acc--
+		return true
+	}
+	return false
+}
+
+// SetCapacity installs f, asked before every launch and start: it returns
+// "" to allow it, or the EC2 error code to fail with, such as
+// "InsufficientInstanceCapacity", "Unsupported", "SpotMaxPriceTooLow",
+// "MaxSpotInstanceCountExceeded". market is "on-demand" or "spot". nil
+// restores unlimited capacity.
+func (s *Server) SetCapacity(f func(instanceType, zone, market string) (code string)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.capacity = f
+}
+
+// SetQuota fails launches and starts with code ("InstanceLimitExceeded" or
+// "VcpuLimitExceeded") once pending plus running instances would exceed
+// maxRunning. Like EC2, a launch with MinCount < MaxCount gets as many as
+// fit. code "" removes the quota.
+func (s *Server) SetQuota(maxRunning int, code string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.quotaMax, s.quotaCode = maxRunning, code
+}
+
+// HideNewFor emulates EC2's eventual consistency: for d after its launch an
+// instance is missing from DescribeInstances, and every call naming its id
+// (Describe, Terminate, Stop, Start, CreateTags, GetConsoleOutput …)
+// answers InvalidInstanceID.NotFound.
+func (s *Server) HideNewFor(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hideFor = d
+}
+
+// AddImage adds an image, or replaces the one with its id (DefaultImageID
+// included). Defaults are as documented on Image.
+func (s *Server) AddImage(im Image) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	im.Owner = cmp.Or(im.Owner, s.opts.Account)
+	im = fillImage(im)
+	if i := slices.IndexFunc(s.images, func(o Image) bool { return o.ID == im.ID }); i >= 0 {
+		s.images[i] = im
+		return
+	}
+	s.images = append(s.images, im)
+}
+
+// Calls counts requests per action, throttled and failed ones included.
+func (s *Server) Calls() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.calls)
+}
+
+// Errors counts error responses per "Action/Code", e.g.
+// "RunInstances/RequestLimitExceeded".
+func (s *Server) Errors() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.errs)
+}
+
+// Launches is how many RunInstances calls with clientToken started
+// instances. Idempotency means it is never more than 1.
+func (s *Server) Launches(clientToken string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.launches[clientToken]
+}
+
+// Running is the number of instances pending or running now.
+func (s *Server) Running() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.active(time.Now())
+}
+
+// PeakRunning is the most instances ever pending or running at once.
+func (s *Server) PeakRunning() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.peak
+}
+
+// Instances returns every listed instance, hidden ones included, in launch
+// order.
+func (s *Server) Instances() []Instance {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Instance
+	for _, in := range s.ordered(time.Now()) {
+		out = append(out, Instance{
+			ID: in.id, State: stateNames[in.state], Type: in.typ, Zone: in.zone, Subnet: in.subnet,
+			Image: in.image, Market: in.market, KeyName: in.keyName, Profile: in.profile,
+			ClientToken: in.clientToken, PrivateIP: in.ip, SecurityGroups: slices.Clone(in.groups),
+			Tags: maps.Clone(in.tags), VolumeTags: maps.Clone(in.volumeTags),
+			UserData: slices.Clone(in.userData), RootVolumeGB: in.rootGB,
+			HTTPTokens: in.httpTokens, HopLimit: in.hopLimit, LaunchTime: in.launched,
+		})
+	}
+	return out
+}
+
+func (s *Server) countCall(action string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls[action]++
+}
+
+func (s *Server) countError(action, code string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.errs[action+"/"+code]++
+}
+
+// ---- instance states ----
+
+// settle moves an instance through the timed transitions. Callers hold mu.
+func (s *Server) settle(in *instance, now time.Time) {
+	next := func(after time.Duration, to int) {
+		if at := in.since.Add(after); !now.Before(at) {
+			in.state, in.since = to, at
+		}
+	}
+	switch in.state {
+	case pending:
+		next(s.opts.BootDelay, running)
+	case stopping:
+		next(s.opts.StopDelay, stopped)
+	case shuttingDown:
+		next(s.opts.StopDelay, terminated)
+	}
+}
+
+func (s *Server) setState(in *instance, to int, now time.Time) {
+	in.state, in.since = to, now
+	switch to {
+	case stopping, shuttingDown:
+		in.reason = "User initiated (" + now.UTC().Format("2006-01-02 15:04:05 MST") + ")"
+	case pending:
+		in.reason, in.launched = "", now
+	}
+}
+
+// ordered settles every instance, forgets those terminated longer than
+// TerminatedTTL, and returns the rest in launch order. Callers hold mu.
+func (s *Server) ordered(now time.Time) []*instance {
+	out := make([]*instance, 0, len(s.instances))
+	for id, in := range s.instances {
+		s.settle(in, now)
+		if in.state == terminated && now.Sub(in.since) > s.opts.TerminatedTTL {
+			delete(s.instances, id)
+			continue
+		}
+		out = append(out, in)
+	}
+	slices.SortFunc(out, func(a, b *instance) int { return cmp.Compare(a.seq, b.seq) })
+	return out
+}
+
+func (s *Server) hidden(in *instance, now time.Time) bool {
+	return now.Sub(in.created) < s.hideFor
+}
+
+// active counts pending and running instances. Callers hold mu.
+func (s *Server) active(now time.Time) int {
+	n := 0
+	for _, in := range s.ordered(now) {
+		if in.state == pending || in.state == running {
+			n++
+		}
+	}
+	return n
+}
+
+// lookup finds instances by id. Like EC2, one unknown id fails the whole
+// call and the error lists every unknown one. Callers hold mu.
+func (s *Server) lookup(ids []string, now time.Time) ([]*instance, error) {
+	s.ordered(now) // settle and forget expired ones
+	var found []*instance
+	var missing []string
+	for _, id := range ids {
+		in, ok := s.instances[id]
+		if !ok || s.hidden(in, now) {
+			if !slices.Contains(missing, id) {
+				missing = append(missing, id)
+			}
+			continue
+		}
+		if !slices.Contains(found, in) {
+			found = append(found, in)
+		}
+	}
+	switch len(missing) {
+	case 0:
+		return found, nil
+	case 1:
+		return nil, errorf("InvalidInstanceID.NotFound", "The instance ID '%s' does not exist", missing[0])
+	}
+	return nil, errorf("InvalidInstanceID.NotFound", "The instance IDs '%s' do not exist", strings.Join(missing, ", "))
+}
+
+// ---- RunInstances ----
+
+func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
+	req, err := s.parseRun(q)
+	if err != nil {
+		return nil, err
+	}
+	s.launchMu.Lock()
+	defer s.launchMu.Unlock()
+
+	s.mu.Lock()
+	if rec, ok := s.tokens[req.token]; ok {
+		defer s.mu.Unlock()
+		if rec.fingerprint != req.fingerprint {
+			return nil, errorf("IdempotentParameterMismatch", "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).")
+		}
+		return s.reservation(rec.reservation, rec.instances, time.Now(), true), nil
+	}
+	s.mu.Unlock()
+	if err := s.checkCapacity(req.typ, req.zone, req.market); err != nil {
+		return nil, err
+	}
+	n, err := s.quota(req.minCount, req.maxCount)
+	if err != nil {
+		return nil, err
+	}
+
+	type placed struct{ id, ip string }
+	var got []placed
+	if b := s.opts.Backend; b != nil {
+		token := req.token
+		if token == "" {
+			token = newHexID("ec2test-")
+		}
+		spec := cloud.LaunchSpec{
+			Image: req.image.ID, InstanceTypes: []string{req.typ}, Zones: []string{req.zone},
+			Subnets: []string{req.subnet}, UserData: req.userData, Tags: req.tags,
+			ClientToken: token, SecurityGroups: req.groups, KeyName: req.keyName,
+			InstanceProfile: req.profile, RootVolumeGB: req.rootGB,
+			MetadataHTTPTokens: req.httpTokens, MetadataHopLimit: req.hopLimit,
+		}
+		if req.market == marketSpot {
+			spec.Spot = "only"
+		}
+		insts, err := b.Launch(ctx, spec, n)
+		if len(insts) == 0 {
+			if err == nil {
+				err = errors.New("backend launched nothing")
+			}
+			return nil, errorf("InternalError", "An internal error has occurred: backend: %v", err)
+		}
+		if err != nil {
+			s.log.Warn("ec2test: backend launched fewer instances", "want", n, "got", len(insts), "err", err)
+		}
+		for _, bi := range insts {
+			got = append(got, placed{bi.ID, bi.PrivateIP})
+		}
+	} else {
+		for range n {
+			got = append(got, placed{})
+		}
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	res := newHexID("r-")
+	var launched []*instance
+	for i, p := range got {
+		in := &instance{
+			id: p.id, ip: p.ip, reservation: res, image: req.image.ID, typ: req.typ,
+			zone: req.zone, subnet: req.subnet, market: req.market, keyName: req.keyName,
+			profile: req.profile, profileID: req.profileID, clientToken: req.token,
+			volumeID: newHexID("vol-"), rootDevice: req.image.RootDevice,
+			httpTokens: req.httpTokens, httpEndpoint: req.httpEndpoint, hopLimit: req.hopLimit,
+			groups: req.groups, tags: maps.Clone(req.tags), volumeTags: maps.Clone(req.volumeTags),
+			userData: req.userData, rootGB: req.rootGB, launchIndex: i, created: now,
+		}
+		// A backend's ids are the EC2 ids; without one, make them.
+		for in.id == "" || s.opts.Backend == nil && s.instances[in.id] != nil {
+			in.id = newHexID("i-")
+		}
+		if in.ip == "" {
+			in.ip = s.nextIP()
+		}
+		if in.market == marketSpot {
+			in.spotRequest = newHexID("sir-")[:12]
+		}
+		s.setState(in, pending, now)
+		s.seq++
+		in.seq = s.seq
+		s.instances[in.id] = in
+		launched = append(launched, in)
+	}
+	if req.token != "" {
+		s.tokens[req.token] = &launchRecord{fingerprint: req.fingerprint, reservation: res, instances: launched}
+		s.launches[req.token]++
+	}
+	// A fresh launch answers pending, as on EC2, whatever the boot delay.
+	resp := s.reservation(res, launched, now, false)
+	s.peak = max(s.peak, s.active(now))
+	return resp, nil
+}
+
+func (s *Server) reservation(id string, insts []*instance, now time.Time, settle bool) *runInstancesResponse {
+	r := &runInstancesResponse{reservationXML: reservationXML{ReservationID: id, OwnerID: s.opts.Account}}
+	for _, in := range insts {
+		if settle {
+			s.settle(in, now)
+		}
+		r.Instances = append(r.Instances, s.instanceXML(in))
+	}
+	return r
+}
+
+// nextIP hands out 10.0.0.0/8 addresses in order. Callers hold mu.
+func (s *Server) nextIP() string {
+	s.ipSeq++
+	n := s.ipSeq + 3 // skip .1-.3, which AWS reserves in every subnet
+	return fmt.Sprintf("10.%d.%d.%d", n>>16&255, n>>8&255, n&255)
+}
+
+// checkCapacity asks the test's capacity function, outside mu so that the
+// function may call the Server.
+func (s *Server) checkCapacity(typ, zone, market string) error {
+	s.mu.Lock()
+	f := s.capacity
+	s.mu.Unlock()
+	if f == nil {
+		return nil
+	}
+	if code := f(typ, zone, market); code != "" {
+		return s.capacityError(code, typ, zone, market)
+	}
+	return nil
+}
+
+// quota returns how many of between minCount and maxCount new instances
+// fit under the quota. Callers hold launchMu, so nothing starts meanwhile.
+func (s *Server) quota(minCount, maxCount int) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.quotaCode == "" {
+		return maxCount, nil
+	}
+	now := time.Now()
+	free := s.quotaMax - s.active(now)
+	if free < minCount {
+		if s.quotaCode == "VcpuLimitExceeded" {
+			return 0, errorf(s.quotaCode, "You have requested more vCPU capacity than your current vCPU limit of %d allows for the instance bucket that the specified instance type belongs to. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.", s.quotaMax)
+		}
+		return 0, errorf(s.quotaCode, "You have requested more instances (%d) than your current instance limit of %d allows for the specified instance type. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.", s.active(now)+minCount, s.quotaMax)
+	}
+	return min(maxCount, free), nil
+}
+
+// capacityError words code as EC2 does, so a client that logs the message
+// shows what a real one would.
+func (s *Server) capacityError(code, typ, zone, market string) *apiError {
+	others := strings.Join(slices.DeleteFunc(slices.Clone(s.opts.Zones), func(z string) bool { return z == zone }), ", ")
+	switch {
+	case code == "InsufficientInstanceCapacity" && market == marketSpot:
+		return errorf(code, "There is no Spot capacity available that matches your request.")
+	case code == "InsufficientInstanceCapacity":
+		return errorf(code, "We currently do not have sufficient %s capacity in the Availability Zone you requested (%s). Our system will be working on provisioning additional capacity. You can currently get %s capacity by not specifying an Availability Zone in your request or choosing %s.", typ, zone, typ, others)
+	case code == "Unsupported":
+		return errorf(code, "Your requested instance type (%s) is not supported in your requested Availability Zone (%s). Please retry your request by not specifying an Availability Zone or choosing %s.", typ, zone, others)
+	case code == "SpotMaxPriceTooLow":
+		return errorf(code, "Your Spot request price is lower than the minimum required Spot request fulfillment price.")
+	case code == "MaxSpotInstanceCountExceeded":
+		return errorf(code, "Max spot instance count exceeded")
+	}
+	return errorf(code, "ec2test: injected %s for %s in %s (%s)", code, typ, zone, market)
+}
+
+// ---- DescribeInstances ----
+
+var instanceFilters = []string{"instance-id", "instance-state-name", "tag-key", "client-token",
+	"instance-type", "availability-zone", "subnet-id", "image-id", "instance-lifecycle"}
+
+func (s *Server) describeInstances(_ context.Context, q query) (response, error) {
+	ids := q.list("InstanceId")
+	for _, id := range ids {
+		if err := checkInstanceID(id); err != nil {
+			return nil, err
+		}
+	}
+	filters, err := q.filters()
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range filters {
+		if !strings.HasPrefix(f.name, "tag:") && !slices.Contains(instanceFilters, f.name) {
+			return nil, errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
+		}
+	}
+	limit, paged, err := q.int("MaxResults")
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case paged && len(ids) > 0:
+		return nil, errorf("InvalidParameterCombination", "The parameter instancesSet cannot be used with the parameter maxResults")
+	case paged && (limit < 5 || limit > 1000):
+		return nil, errorf("InvalidParameterValue", "Value ( %d ) for parameter maxResults is invalid. Expecting a value from 5 to 1000.", limit)
+	case !paged:
+		limit = math.MaxInt
+	}
+	var after uint64
+	if tok := q.str("NextToken"); tok != "" {
+		if after, err = decodeToken(tok); err != nil {
+			return nil, err
+		}
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	var cands []*instance
+	if len(ids) > 0 {
+		if cands, err = s.lookup(ids, now); err != nil {
+			return nil, err
+		}
+	} else {
+		for _, in := range s.ordered(now) {
+			if !s.hidden(in, now) {
+				cands = append(cands, in)
+			}
+		}
+	}
+	resp := &describeInstancesResponse{}
+	var page []*instance
+	for _, in := range cands {
+		if in.seq <= after || !matchesAll(filters, in.filterValues) {
+			continue
+		}
+		if len(page) == limit {
+			resp.NextToken = encodeToken(page[len(page)-1].seq)
+			break
+		}
+		page = append(page, in)
+	}
+	// Instances of one reservation share an item, in launch order.
+	byRes := map[string]int{}
+	for _, in := range page {
+		i, ok := byRes[in.reservation]
+		if !ok {
+			i = len(resp.Reservations)
+			byRes[in.reservation] = i
+			resp.Reservations = append(resp.Reservations, reservationXML{ReservationID: in.reservation, OwnerID: s.opts.Account})
+		}
+		resp.Reservations[i].Instances = append(resp.Reservations[i].Instances, s.instanceXML(in))
+	}
+	return resp, nil
+}
+
+// filterValues is what an instance offers for a filter name; ok is false
+// when it has nothing for it (a tag it lacks).
+func (in *instance) filterValues(name string) (vals []string, ok bool) {
+	if k, isTag := strings.CutPrefix(name, "tag:"); isTag {
+		v, ok := in.tags[k]
+		return []string{v}, ok
+	}
+	switch name {
+	case "instance-id":
+		return []string{in.id}, true
+	case "instance-state-name":
+		return []string{stateNames[in.state]}, true
+	case "tag-key":
+		return slices.Collect(maps.Keys(in.tags)), true
+	case "client-token":
+		return []string{in.clientToken}, true
+	case "instance-type":
+		return []string{in.typ}, true
+	case "availability-zone":
+		return []string{in.zone}, true
+	case "subnet-id":
+		return []string{in.subnet}, true
+	case "image-id":
+		return []string{in.image}, true
+	case "instance-lifecycle":
+		return []string{"spot"}, in.market == marketSpot // on-demand instances have none
+	}
+	return nil, false
+}
+
+// matchesAll: every filter matches (AND); within one, any value (OR).
+// Values may use EC2's * and ? wildcards.
+func matchesAll(filters []filter, values func(string) ([]string, bool)) bool {
+	for _, f := range filters {
+		have, ok := values(f.name)
+		if !ok {
+			return false
+		}
+		hit := false
+		for _, h := range have {
+			for _, want := range f.values {
+				if glob(want, h) {
+					hit = true
+				}
+			}
+		}
+		if !hit {
+			return false
+		}
+	}
+	return true
+}
+
+// glob matches EC2 filter wildcards: * any run, ? one character, \ escapes.
+func glob(pattern, s string) bool {
+	for len(pattern) > 0 {
+		switch pattern[0] {
+		case '*':
+			for i := len(s); i >= 0; i-- {
+				if glob(pattern[1:], s[i:]) {
+					return true
+				}
+			}
+			return false
+		case '?':
+			if s == "" {
+				return false
+			}
+			pattern, s = pattern[1:], s[1:]
+			continue
+		case '\\':
+			if len(pattern) > 1 {
+				pattern = pattern[1:]
+			}
+		}
+		if s == "" || s[0] != pattern[0] {
+			return false
+		}
+		pattern, s = pattern[1:], s[1:]
+	}
+	return s == ""
+}
+
+// Page tokens are opaque to clients; inside, the last launch sequence
+// number shown, so a page never repeats or skips an instance that exists
+// throughout.
+const tokenPrefix = "ec2test-page:"
+
+func encodeToken(seq uint64) string {
+	return base64.StdEncoding.EncodeToString([]byte(tokenPrefix + strconv.FormatUint(seq, 10)))
+}
+
+func decodeToken(tok string) (uint64, error) {
+	b, err := base64.StdEncoding.DecodeString(tok)
+	if err == nil {
+		if rest, ok := strings.CutPrefix(string(b), tokenPrefix); ok {
+			if n, err := strconv.ParseUint(rest, 10, 64); err == nil {
+				return n, nil
+			}
+		}
+	}
+	return 0, errorf("InvalidPaginationToken", "Invalid pagination token: %s", tok)
+}
+
+// ---- Terminate, Stop, Start ----
+
+// change is one instance moving from one state to another.
+type change struct {
+	in       *instance
+	from, to int
+}
+
+func (s *Server) terminateInstances(ctx context.Context, q query) (response, error) {
+	return s.transition(ctx, q, func(in *instance) (int, error) {
+		switch in.state {
+		case terminated, shuttingDown:
+			return in.state, nil
+		}
+		return shuttingDown, nil
+	}, cloud.Provider.Terminate)
+}
+
+func (s *Server) stopInstances(ctx context.Context, q query) (response, error) {
+	if _, err := q.bool("Force"); err != nil {
+		return nil, err
+	}
+	return s.transition(ctx, q, func(in *instance) (int, error) {
+		switch {
+		case in.state == stopped || in.state == stopping:
+			return in.state, nil
+		case in.market == marketSpot:
+			return 0, errorf("UnsupportedOperation", "You can't stop the Spot Instance '%s' because it is associated with a one-time Spot Instance request. You can only stop Spot Instances associated with persistent Spot Instance requests.", in.id)
+		case in.state != running:
+			return 0, errorf("IncorrectInstanceState", "This instance '%s' is not in a state from which it can be stopped.", in.id)
+		}
+		return stopping, nil
+	}, cloud.Provider.Stop)
+}
+
+func (s *Server) startInstances(ctx context.Context, q query) (response, error) {
+	// Starting counts against capacity and quota, as a launch does.
+	s.launchMu.Lock()
+	defer s.launchMu.Unlock()
+	return s.transition(ctx, q, func(in *instance) (int, error) {
+		switch in.state {
+		case pending, running:
+			return in.state, nil
+		case stopped:
+			return pending, nil
+		}
+		return 0, errorf("IncorrectInstanceState", "The instance '%s' is not in a state from which it can be started.", in.id)
+	}, cloud.Provider.Start)
+}
+
+// transition runs Terminate-, Stop- or StartInstances: decide every
+// instance's next state (one refusal fails the whole call, as on EC2), tell
+// the backend outside the lock, then record what the backend did.
+func (s *Server) transition(ctx context.Context, q query, next func(*instance) (int, error),
+	backend func(cloud.Provider, context.Context, []string) ([]string, error)) (response, error) {
+	ids, err := q.instanceIDs()
+	if err != nil {
+		return nil, err
+	}
+	changes, err := s.plan(ids, next)
+	if err != nil {
+		return nil, err
+	}
+	var moving []string
+	starting := 0
+	for _, c := range changes {
+		if c.to == c.from {
+			continue
+		}
+		moving = append(moving, c.in.id)
+		if c.to == pending {
+			if err := s.checkCapacity(c.in.typ, c.in.zone, c.in.market); err != nil {
+				return nil, err
+			}
+			starting++
+		}
+	}
+	if starting > 0 {
+		if _, err := s.quota(starting, starting); err != nil {
+			return nil, err
+		}
+	}
+	done := moving
+	var backendErr error
+	if b := s.opts.Backend; b != nil && len(moving) > 0 {
+		done, backendErr = backend(b, ctx, moving)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	resp := &stateChangesResponse{}
+	for _, c := range changes {
+		// A concurrent terminate wins over this call.
+		if c.to != c.from && slices.Contains(done, c.in.id) && c.in.state != shuttingDown && c.in.state != terminated {
+			s.setState(c.in, c.to, now)
+		}
+		resp.Instances = append(resp.Instances, stateChangeXML{
+			InstanceID: c.in.id, PreviousState: stateOf(c.from), CurrentState: stateOf(c.in.state),
+		})
+	}
+	s.peak = max(s.peak, s.active(now))
+	if backendErr != nil {
+		return nil, errorf("InternalError", "An internal error has occurred: backend: %v", backendErr)
+	}
+	return resp, nil
+}
+
+// plan finds the instances and decides where each goes.
+func (s *Server) plan(ids []string, next func(*instance) (int, error)) ([]change, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	insts, err := s.lookup(ids, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	changes := make([]change, len(insts))
+	for i, in := range insts {
+		to, err := next(in)
+		if err != nil {
+			return nil, err
+		}
+		changes[i] = change{in, in.state, to}
+	}
+	return changes, nil
+}
+
+// ---- console, attributes, tags ----
+
+func (s *Server) getConsoleOutput(ctx context.Context, q query) (response, error) {
+	id := q.str("InstanceId")
+	if id == "" {
+		return nil, errorf("MissingParameter", "The request must contain the parameter InstanceId")
+	}
+	if err := checkInstanceID(id); err != nil {
+		return nil, err
+	}
+	if _, err := q.bool("Latest"); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	insts, err := s.lookup([]string{id}, time.Now())
+	var in instance
+	if err == nil {
+		in = *insts[0]
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	var out []byte
+	switch {
+	case s.opts.Backend != nil:
+		out, err = s.opts.Backend.ConsoleOutput(ctx, id)
+		if err != nil && !errors.Is(err, cloud.ErrNotFound) {
+			return nil, errorf("InternalError", "An internal error has occurred: backend: %v", err)
+		}
+	case in.state == running:
+		out = fmt.Appendf(nil, "ec2test: %s (%s) booted from %s\n", in.id, in.typ, in.image)
+	}
+	if len(out) > consoleTail {
+		out = out[len(out)-consoleTail:]
+	}
+	r := &consoleOutputResponse{InstanceID: id, Timestamp: ec2Time(time.Now())}
+	if len(out) > 0 {
+		r.Output = base64Of(out)
+	}
+	return r, nil
+}
+
+func (s *Server) describeInstanceAttribute(_ context.Context, q query) (response, error) {
+	id, attr := q.str("InstanceId"), q.str("Attribute")
+	switch {
+	case id == "":
+		return nil, errorf("MissingParameter", "The request must contain the parameter InstanceId")
+	case attr == "":
+		return nil, errorf("MissingParameter", "The request must contain the parameter Attribute")
+	}
+	if err := checkInstanceID(id); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	insts, err := s.lookup([]string{id}, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	in := insts[0]
+	r := &instanceAttributeResponse{InstanceID: id}
+	switch attr {
+	case "userData":
+		r.UserData = &attrValueXML{}
+		if len(in.userData) > 0 {
+			r.UserData.Value = base64Of(in.userData)
+		}
+	case "instanceType":
+		r.InstanceType = &attrValueXML{Value: in.typ}
+	default:
+		return nil, errorf("InvalidParameterValue", "Value (%s) for parameter attribute is invalid. ec2test knows userData and instanceType.", attr)
+	}
+	return r, nil
+}
+
+func (s *Server) createTags(_ context.Context, q query) (response, error) {
+	ids := q.list("ResourceId")
+	if len(ids) == 0 {
+		return nil, errorf("MissingParameter", "The request must contain the parameter ResourceId")
+	}
+	tags, err := q.tags("Tag")
+	if err != nil {
+		return nil, err
+	}
+	if len(tags) == 0 {
+		return nil, errorf("MissingParameter", "The request must contain the parameter Tag")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	var targets []map[string]string
+	var instIDs []string
+	for _, id := range ids {
+		switch {
+		case strings.HasPrefix(id, "i-"):
+			if err := checkInstanceID(id); err != nil {
+				return nil, err
+			}
+			instIDs = append(instIDs, id)
+		case strings.HasPrefix(id, "vol-"):
+			var found *instance
+			for _, in := range s.ordered(now) {
+				if in.volumeID == id && !s.hidden(in, now) {
+					found = in
+				}
+			}
+			if found == nil {
+				return nil, errorf("InvalidVolume.NotFound", "The volume '%s' does not exist.", id)
+			}
+			if found.volumeTags == nil {
+				found.volumeTags = map[string]string{}
+			}
+			targets = append(targets, found.volumeTags)
+		default:
+			return nil, errorf("InvalidID", "The ID '%s' is not valid", id)
+		}
+	}
+	insts, err := s.lookup(instIDs, now)
+	if err != nil {
+		return nil, err
+	}
+	for _, in := range insts {
+		if in.tags == nil {
+			in.tags = map[string]string{}
+		}
+		targets = append(targets, in.tags)
+	}
+	for _, t := range targets {
+		merged := maps.Clone(t)
+		maps.Copy(merged, tags)
+		if len(merged) > 50 {
+			return nil, errorf("TagLimitExceeded", "The maximum number of tags (50) per resource has been exceeded.")
+		}
+	}
+	for _, t := range targets {
+		maps.Copy(t, tags)
+	}
+	return &createTagsResponse{Return: true}, nil
+}
+
+// ---- images and zones ----
+
+var imageFilters = []string{"name", "state", "image-id", "owner-id", "architecture"}
+
+func (s *Server) describeImages(_ context.Context, q query) (response, error) {
+	ids := q.list("ImageId")
+	for _, id := range ids {
+		if !validID(id, "ami-") {
+			return nil, errorf("InvalidAMIID.Malformed", "Invalid id: \"%s\" (expecting \"ami-...\")", id)
+		}
+	}
+	if _, err := q.bool("IncludeDeprecated"); err != nil {
+		return nil, err
+	}
+	owners := q.list("Owner")
+	for i, o := range owners {
+		if o == "self" {
+			owners[i] = s.opts.Account
+		}
+	}
+	filters, err := q.filters()
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range filters {
+		if !slices.Contains(imageFilters, f.name) {
+			return nil, errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var missing []string
+	for _, id := range ids {
+		if !slices.ContainsFunc(s.images, func(im Image) bool { return im.ID == id }) {
+			missing = append(missing, id)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, errorf("InvalidAMIID.NotFound", "The image id '[%s]' does not exist", strings.Join(missing, ", "))
+	}
+	resp := &describeImagesResponse{}
+	for _, im := range s.images {
+		if len(ids) > 0 && !slices.Contains(ids, im.ID) || len(owners) > 0 && !slices.Contains(owners, im.Owner) {
+			continue
+		}
+		values := func(name string) ([]string, bool) {
+			switch name {
+			case "name":
+				return []string{im.Name}, true
+			case "state":
+				return []string{im.State}, true
+			case "image-id":
+				return []string{im.ID}, true
+			case "owner-id":
+				return []string{im.Owner}, true
+			case "architecture":
+				return []string{im.Architecture}, true
+			}
+			return nil, false
+		}
+		if matchesAll(filters, values) {
+			resp.Images = append(resp.Images, s.imageXML(im))
+		}
+	}
+	return resp, nil
+}
+
+func (s *Server) describeAvailabilityZones(_ context.Context, q query) (response, error) {
+	if _, err := q.bool("AllAvailabilityZones"); err != nil {
+		return nil, err
+	}
+	names := q.list("ZoneName")
+	for _, n := range names {
+		if !slices.Contains(s.opts.Zones, n) {
+			return nil, errorf("InvalidParameterValue", "The zone '%s' does not exist", n)
+		}
+	}
+	filters, err := q.filters()
+	if err != nil {
+		return nil, err
+	}
+	resp := &availabilityZonesResponse{}
+	for i, z := range s.opts.Zones {
+		x := zoneXML{
+			ZoneName: z, ZoneState: "available", RegionName: s.opts.Region,
+			ZoneID: zoneIDPrefix(s.opts.Region) + "-az" + strconv.Itoa(i+1), OptInStatus: "opt-in-not-required",
+			GroupName: s.opts.Region, NetworkBorderGroup: s.opts.Region, ZoneType: "availability-zone",
+		}
+		values := func(name string) ([]string, bool) {
+			switch name {
+			case "zone-name":
+				return []string{x.ZoneName}, true
+			case "zone-id":
+				return []string{x.ZoneID}, true
+			case "state":
+				return []string{x.ZoneState}, true
+			case "region-name":
+				return []string{x.RegionName}, true
+			}
+			return nil, false
+		}
+		if (len(names) == 0 || slices.Contains(names, z)) && matchesAll(filters, values) {
+			resp.Zones = append(resp.Zones, x)
+		}
+	}
+	return resp, nil
+}
+
+// zoneIDPrefix abbreviates a region as zone ids do: us-east-1 → use1.
+func zoneIDPrefix(region string) string {
+	parts := strings.Split(region, "-")
+	if len(parts) < 3 {
+		return region
+	}
+	return parts[0] + parts[1][:1] + parts[len(parts)-1]
+}
+
+func newHexID(prefix string) string { return prefix + strings.ReplaceAll(newRequestID(), "-", "")[:17] }
