@@ -133,6 +133,7 @@ type state struct {
 	calls     map[string]int
 	errs      map[string]int
 	throttles map[string]*throttle
+	buckets   map[string]*bucket
 	capacity  func(instanceType, zone, market string) string
 	quotaMax  int
 	quotaCode string
@@ -147,6 +148,7 @@ func (st *state) init(opts Options) {
 	st.calls = map[string]int{}
 	st.errs = map[string]int{}
 	st.throttles = map[string]*throttle{}
+	st.buckets = map[string]*bucket{}
 	st.images = []Image{fillImage(Image{
 		ID: DefaultImageID, Name: "ec2test-default", Owner: opts.Account,
 		Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
@@ -190,9 +192,40 @@ func (s *Server) Throttle(action string, fraction float64) {
 	s.throttles[action] = &throttle{fraction: math.Min(fraction, 1)}
 }
 
+// RateLimit makes action behave like EC2's request token bucket: burst
+// calls at once, refilled at perSecond; a call that finds the bucket empty
+// answers RequestLimitExceeded. perSecond <= 0 removes the limit.
+func (s *Server) RateLimit(action string, burst int, perSecond float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if perSecond <= 0 {
+		delete(s.buckets, action)
+		return
+	}
+	s.buckets[action] = &bucket{capacity: float64(burst), tokens: float64(burst), rate: perSecond, at: time.Now()}
+}
+
+type bucket struct {
+	capacity, tokens, rate float64
+	at                     time.Time
+}
+
+func (b *bucket) take(now time.Time) bool {
+	b.tokens = math.Min(b.capacity, b.tokens+now.Sub(b.at).Seconds()*b.rate)
+	b.at = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
 func (s *Server) throttled(action string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if b := s.buckets[action]; b != nil && !b.take(time.Now()) {
+		return true
+	}
 	t := s.throttles[action]
 	if t == nil {
 		t = s.throttles[""]

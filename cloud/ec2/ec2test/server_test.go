@@ -504,3 +504,29 @@ func TestStatusForCodes(t *testing.T) {
 		}
 	}
 }
+
+// RateLimit answers RequestLimitExceeded once the bucket is empty, and
+// refills it over time.
+func TestRateLimitBucket(t *testing.T) {
+	s := New(Options{})
+	defer s.Close()
+	s.RateLimit("DescribeAvailabilityZones", 3, 50)
+	b := &bucket{capacity: 3, tokens: 3, rate: 50, at: time.Now()}
+	now := b.at
+	for i := 0; i < 3; i++ {
+		if !b.take(now) {
+			t.Fatalf("call %d refused within the burst", i)
+		}
+	}
+	if b.take(now) {
+		t.Fatal("call beyond the burst allowed")
+	}
+	if !b.take(now.Add(25 * time.Millisecond)) {
+		t.Fatal("no refill after 25ms at 50/s")
+	}
+	s.RateLimit("DescribeAvailabilityZones", 1, 0.001)
+	s.throttled("DescribeAvailabilityZones")
+	if !s.throttled("DescribeAvailabilityZones") {
+		t.Error("server did not throttle beyond its bucket")
+	}
+}
