@@ -96,13 +96,21 @@ type testServer struct {
 // test ends, and the test fails if any of their processes survive.
 func startTest(t testing.TB, cfgText string, clock pool.Clock) *testServer {
 	t.Helper()
+	return startTestWith(t, cfgText, serveOptions{Clock: clock})
+}
+
+// startTestWith is startTest with any serve options; the logger and tick
+// are the harness's own.
+func startTestWith(t testing.TB, cfgText string, o serveOptions) *testServer {
+	t.Helper()
 	cfg, err := configs.Parse(filepath.Join(t.TempDir(), "hangar.toml"), []byte(cfgText))
 	if err != nil {
 		t.Fatalf("config: %v", err)
 	}
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	s, err := startServer(context.Background(), cfg, serveOptions{Logger: log, Clock: clock, Tick: 20 * time.Millisecond})
+	o.Logger, o.Tick = log, 20*time.Millisecond
+	s, err := startServer(context.Background(), cfg, o)
 	if err != nil {
 		t.Fatalf("starting server: %v", err)
 	}
@@ -205,7 +213,14 @@ func (ts *testServer) countState(t *testing.T, poolName string, st pool.State) i
 // workerEnv reads what the worker of instance id was started with.
 func (ts *testServer) workerEnv(t *testing.T, id string) map[string]string {
 	t.Helper()
-	path := filepath.Join(ts.dataDir, "local", "instances", id, "disk", "worker.env")
+	return readWorkerEnv(t, filepath.Join(ts.dataDir, "local"), id)
+}
+
+// readWorkerEnv waits for the worker of instance id, on the local cloud
+// under dir, to have written its environment, and returns it.
+func readWorkerEnv(t *testing.T, dir, id string) map[string]string {
+	t.Helper()
+	path := filepath.Join(dir, "instances", id, "disk", "worker.env")
 	var data []byte
 	waitFor(t, "the worker to start on "+id, 30*time.Second, func() bool {
 		var err error

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/ec2"
 	"github.com/hangar-ci/hangar/cloud/local"
 	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/metrics"
@@ -29,6 +30,9 @@ type serveOptions struct {
 	Logger *slog.Logger
 	Clock  pool.Clock
 	Tick   time.Duration
+	// Providers replace the config's providers of the same name, for
+	// benchmarks that need a provider built with other options.
+	Providers map[string]cloud.Provider
 }
 
 // server is one running `hangar serve`.
@@ -103,7 +107,11 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		return mgr.Snapshot()
 	})
 	for name, pc := range cfg.Providers {
-		p, err := newProvider(ctx, cfg, name, pc, log)
+		if p, ok := o.Providers[name]; ok {
+			s.providers[name] = met.Instrument(name, p)
+			continue
+		}
+		p, err := newProvider(ctx, cfg, name, pc, log, met.ObserveRequests)
 		if err != nil {
 			ln.Close()
 			return nil, err
@@ -146,7 +154,7 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	return s, nil
 }
 
-func newProvider(ctx context.Context, cfg configs.Config, name string, pc configs.Provider, log *slog.Logger) (cloud.Provider, error) {
+func newProvider(ctx context.Context, cfg configs.Config, name string, pc configs.Provider, log *slog.Logger, observe func(provider string) func(action, code string, d time.Duration)) (cloud.Provider, error) {
 	switch pc.Type {
 	case "local":
 		p, err := local.New(ctx, local.Options{
@@ -159,7 +167,18 @@ func newProvider(ctx context.Context, cfg configs.Config, name string, pc config
 		}
 		return p, nil
 	case "ec2":
-		return nil, fmt.Errorf("provider %s: the ec2 provider is not built yet", name)
+		p, err := ec2.New(ctx, ec2.Options{
+			Region:        pc.Region,
+			Endpoint:      pc.Endpoint,
+			Profile:       pc.Profile,
+			CapacityRetry: pc.CapacityRetry.Duration,
+			Logger:        log.With("provider", name),
+			Observe:       observe(name),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("starting provider %s: %w", name, err)
+		}
+		return p, nil
 	default:
 		return nil, fmt.Errorf("provider %s: unknown type %q", name, pc.Type)
 	}

@@ -1,0 +1,221 @@
+package ec2
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/credentials"
+
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/ec2/ec2test"
+)
+
+// hermetic keeps the SDK's default chains off the machine's own AWS
+// setup: no instance metadata, no shared files, no AWS_* from the
+// environment. Call it in a test that is not parallel, before its
+// parallel subtests.
+func hermetic(t *testing.T) {
+	t.Helper()
+	dir := t.TempDir()
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "config"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "credentials"))
+	for _, k := range []string{
+		"AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+		"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+		"AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2",
+		"AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CA_BUNDLE",
+	} {
+		t.Setenv(k, "")
+	}
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func newServer(t *testing.T, opts ec2test.Options) *ec2test.Server {
+	t.Helper()
+	if opts.Logger == nil {
+		opts.Logger = testLogger(t)
+	}
+	s := ec2test.New(opts)
+	t.Cleanup(s.Close)
+	return s
+}
+
+// observer records what Options.Observe reports.
+type observer struct {
+	mu    sync.Mutex
+	calls map[string]int // action → requests
+	codes map[string]int // action/code → requests
+}
+
+func newObserver() *observer {
+	return &observer{calls: map[string]int{}, codes: map[string]int{}}
+}
+
+func (o *observer) observe(action, code string, d time.Duration) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.calls[action]++
+	if code != "" {
+		o.codes[action+"/"+code]++
+	}
+}
+
+func (o *observer) snapshot() (calls, codes map[string]int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return maps.Clone(o.calls), maps.Clone(o.codes)
+}
+
+// newProvider returns a provider on srv with static credentials. It
+// refuses any endpoint but a loopback one, so no test can reach AWS.
+func newProvider(t *testing.T, srv *ec2test.Server, edit func(*Options)) *Provider {
+	t.Helper()
+	opts := Options{
+		Region:      "us-east-1",
+		Endpoint:    srv.URL(),
+		Credentials: credentials.NewStaticCredentialsProvider("AKIDEC2TEST", "ec2test-secret", ""),
+		Logger:      testLogger(t),
+	}
+	if edit != nil {
+		edit(&opts)
+	}
+	if !strings.HasPrefix(opts.Endpoint, "http://127.0.0.1:") {
+		t.Fatalf("test endpoint %q is not the loopback test server", opts.Endpoint)
+	}
+	p, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// faultyTransport sits between the SDK and ec2test and loses answers:
+// the request reaches the server (which acts on it) but the client gets a
+// connection reset instead of the response, as when a network drops or a
+// client times out. It is an HTTP fault, not a fake of the SDK.
+type faultyTransport struct {
+	next http.RoundTripper
+
+	mu   sync.Mutex
+	lose func(action string, n int) bool // n counts requests of action from 1
+	seen map[string]int
+	// reject answers requests whose body contains a key with an EC2 error
+	// instead of sending them: a cloud that lacks a parameter.
+	reject map[string]string // body substring → error code
+}
+
+func newFaultyTransport() *faultyTransport {
+	return &faultyTransport{next: http.DefaultTransport, seen: map[string]int{}, reject: map[string]string{}}
+}
+
+func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	body, err := io.ReadAll(r.Body)
+	r.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	action := ""
+	for kv := range strings.SplitSeq(string(body), "&") {
+		if v, ok := strings.CutPrefix(kv, "Action="); ok {
+			action = v
+		}
+	}
+	f.mu.Lock()
+	f.seen[action]++
+	n := f.seen[action]
+	lose := f.lose != nil && f.lose(action, n)
+	var code string
+	for sub, c := range f.reject {
+		if strings.Contains(string(body), sub) {
+			code = c
+		}
+	}
+	f.mu.Unlock()
+	if code != "" {
+		msg := `<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>` + code +
+			`</Code><Message>The parameter is not recognized</Message></Error></Errors><RequestID>fault-1</RequestID></Response>`
+		return &http.Response{
+			StatusCode: http.StatusBadRequest, Status: "400 Bad Request", Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			Header: http.Header{"Content-Type": {"text/xml"}}, Body: io.NopCloser(strings.NewReader(msg)),
+			ContentLength: int64(len(msg)), Request: r,
+		}, nil
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	resp, err := f.next.RoundTrip(r)
+	if err != nil || !lose {
+		return resp, err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return nil, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+}
+
+func (f *faultyTransport) count(action string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.seen[action]
+}
+
+// launchSpec is a minimal spec for ec2test's default image.
+func launchSpec(token string, types ...string) cloud.LaunchSpec {
+	if len(types) == 0 {
+		types = []string{"t3.small"}
+	}
+	return cloud.LaunchSpec{
+		Image:         ec2test.DefaultImageID,
+		InstanceTypes: types,
+		ClientToken:   token,
+		Tags:          map[string]string{cloud.TagPool: "p", cloud.TagIntent: token},
+	}
+}
+
+func instanceIDs(insts []cloud.Instance) []string {
+	out := make([]string, len(insts))
+	for i, in := range insts {
+		out[i] = in.ID
+	}
+	return out
+}
+
+// serverInstance returns what ec2test holds for id.
+func serverInstance(t *testing.T, srv *ec2test.Server, id string) ec2test.Instance {
+	t.Helper()
+	for _, in := range srv.Instances() {
+		if in.ID == id {
+			return in
+		}
+	}
+	t.Fatalf("ec2test has no instance %s", id)
+	return ec2test.Instance{}
+}
+
+func wantErrIs(t *testing.T, err, target error) {
+	t.Helper()
+	if !errors.Is(err, target) {
+		t.Fatalf("error %v, want one matching %v", err, target)
+	}
+}

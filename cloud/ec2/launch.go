@@ -1,0 +1,406 @@
+package ec2
+
+import (
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/ec2"
+	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
+
+	"github.com/hangar-ci/hangar/cloud"
+)
+
+// offering is one way to launch: an instance type, where, and on which
+// market.
+type offering struct {
+	Type   string
+	Subnet string // set when the pool names subnets
+	Zone   string // set when the pool names zones and no subnets
+	Spot   bool
+}
+
+func (o offering) market() string {
+	if o.Spot {
+		return "spot"
+	}
+	return "on-demand"
+}
+
+func (o offering) String() string {
+	where := cmp.Or(o.Subnet, o.Zone, "any zone")
+	return fmt.Sprintf("%s in %s (%s)", o.Type, where, o.market())
+}
+
+// offerings lists what to try, best first: each instance type in order,
+// within it each subnet (or zone) in order, within that spot before
+// on-demand when spot is preferred.
+func offerings(spec cloud.LaunchSpec) ([]offering, error) {
+	if len(spec.InstanceTypes) == 0 {
+		return nil, errors.New("no instance types given")
+	}
+	var markets []bool
+	switch spec.Spot {
+	case "", "off":
+		markets = []bool{false}
+	case "prefer":
+		markets = []bool{true, false}
+	case "only":
+		markets = []bool{true}
+	default:
+		return nil, fmt.Errorf("spot %q: want off, prefer or only", spec.Spot)
+	}
+	places := []offering{{}}
+	switch {
+	case len(spec.Subnets) > 0:
+		places = places[:0]
+		for _, s := range spec.Subnets {
+			places = append(places, offering{Subnet: s})
+		}
+	case len(spec.Zones) > 0:
+		places = places[:0]
+		for _, z := range spec.Zones {
+			places = append(places, offering{Zone: z})
+		}
+	}
+	var out []offering
+	for _, t := range spec.InstanceTypes {
+		for _, pl := range places {
+			for _, spot := range markets {
+				out = append(out, offering{Type: t, Subnet: pl.Subnet, Zone: pl.Zone, Spot: spot})
+			}
+		}
+	}
+	return out, nil
+}
+
+// clientToken is the ClientToken EC2 gets for one offering of a launch.
+// Each offering needs its own: EC2 refuses a token reused with other
+// parameters (IdempotentParameterMismatch). Deriving it from the launch's
+// token keeps it the same across retries and restarts, so that a launch
+// that did happen is found again instead of repeated. EC2 allows 64 ASCII
+// characters; this is 55.
+func clientToken(launchToken string, o offering) string {
+	h := sha256.Sum256([]byte(strings.Join([]string{launchToken, o.Type, o.Subnet, o.Zone, o.market()}, "\x00")))
+	return "hangar-" + hex.EncodeToString(h[:24])
+}
+
+// offeringMemory remembers offerings that failed for lack of capacity, so
+// that for a while launches go straight to the next one instead of
+// knocking on a door that just stayed shut.
+type offeringMemory struct {
+	ttl time.Duration
+	now func() time.Time
+
+	mu    sync.Mutex
+	until map[offering]time.Time
+}
+
+func newOfferingMemory(ttl time.Duration, now func() time.Time) *offeringMemory {
+	return &offeringMemory{ttl: ttl, now: now, until: map[offering]time.Time{}}
+}
+
+func (m *offeringMemory) fail(o offering) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.until[o] = m.now().Add(m.ttl)
+}
+
+// skip reports whether o failed within the memory's time.
+func (m *offeringMemory) skip(o offering) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	until, ok := m.until[o]
+	if ok && !m.now().Before(until) {
+		delete(m.until, o)
+		return false
+	}
+	return ok
+}
+
+// launchRounds bounds how often a launch whose outcome is unknown (lost
+// response, EC2 internal error, throttling the SDK's retries did not ride
+// out) is sent again with the same offering and token.
+const launchRounds = 4
+
+// Launch starts n instances, falling back through the spec's offerings on
+// capacity errors. Each offering gets its own client token derived from
+// spec.ClientToken, and a launch moves on to the next offering only when
+// EC2 has said no to this one: after an unknown outcome it asks again with
+// the same token, so that at most one offering can ever have launched.
+func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]cloud.Instance, error) {
+	if spec.ClientToken == "" {
+		return nil, errors.New("launching ec2 instances: a client token is required")
+	}
+	if n < 1 {
+		return nil, fmt.Errorf("launching ec2 instances: count %d is not positive", n)
+	}
+	offers, err := offerings(spec)
+	if err != nil {
+		return nil, fmt.Errorf("launching ec2 instances: %w", err)
+	}
+	img, err := p.images.resolve(ctx, spec.Image, spec.RootVolumeGB > 0)
+	if err != nil {
+		return nil, fmt.Errorf("launching ec2 instances: %w", err)
+	}
+	if spec.RootVolumeGB > 0 && img.RootDevice == "" {
+		return nil, fmt.Errorf("launching ec2 instances: image %s has no root device to resize", img.ID)
+	}
+	if len(offers) > 1 && !p.noTokenFilter.Load() {
+		// An earlier call (before a crash, or one whose answer was lost)
+		// may have launched on an offering this call would not reach
+		// first: asking EC2 for every offering's token is the only way to
+		// know, and it is one cheap, filtered Describe.
+		found, err := p.launchedEarlier(ctx, spec.ClientToken, offers)
+		if err != nil {
+			return nil, err
+		}
+		if len(found) > 0 {
+			return found, nil
+		}
+	}
+
+	capErr := &capacityError{n: n, ttl: p.offerings.ttl}
+	for _, o := range offers {
+		if p.offerings.skip(o) {
+			capErr.skipped++
+			continue
+		}
+		insts, err := p.runOffering(ctx, spec, img, o, n)
+		if err == nil {
+			return insts, nil
+		}
+		if !errors.Is(err, cloud.ErrCapacity) {
+			return nil, err
+		}
+		p.log.Info("no capacity; trying the next offering", "offering", o.String(), "code", errorCode(err))
+		p.offerings.fail(o)
+		capErr.tried = append(capErr.tried, o)
+		capErr.errs = append(capErr.errs, err)
+	}
+	return nil, capErr
+}
+
+// capacityError says that every offering lacked capacity, now or lately.
+// Its message names each offering tried with EC2's code; the full errors,
+// EC2's messages and request ids included, are in the chain.
+type capacityError struct {
+	n       int
+	tried   []offering
+	errs    []error
+	skipped int
+	ttl     time.Duration
+}
+
+func (e *capacityError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "launching %d ec2 instance(s): no offering has capacity", e.n)
+	if e.skipped > 0 {
+		fmt.Fprintf(&b, " (%d skipped after failing within %s)", e.skipped, e.ttl)
+	}
+	for i, o := range e.tried {
+		fmt.Fprintf(&b, "; %s: %s", o, errorCode(e.errs[i]))
+	}
+	return b.String()
+}
+
+func (e *capacityError) Unwrap() []error { return append([]error{cloud.ErrCapacity}, e.errs...) }
+
+// runOffering launches on one offering, asking again with the same token
+// while the outcome is unknown.
+func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img image, o offering, n int) ([]cloud.Instance, error) {
+	in := runInput(spec, img, o, n)
+	doing := fmt.Sprintf("launching %d %s", n, o)
+	for round := 1; ; round++ {
+		out, err := p.api.RunInstances(ctx, in)
+		if err == nil {
+			return p.launched(out.Instances, spec.Tags), nil
+		}
+		if errorCode(err) == "IdempotentParameterMismatch" {
+			// This token launched before with other parameters: a
+			// restarted pool retrying an intent renders new user-data.
+			// The instance of that launch is the one this intent gets.
+			if found, ferr := p.launchedEarlier(ctx, spec.ClientToken, []offering{o}); ferr == nil && len(found) > 0 {
+				return found, nil
+			}
+		}
+		if !uncertain(err) || round >= launchRounds || ctx.Err() != nil {
+			return nil, wrapErr(doing, err)
+		}
+		p.log.Warn("launch outcome unknown; asking again with the same client token", "offering", o.String(), "round", round, "err", err)
+		select {
+		case <-time.After(p.backoff(round)):
+		case <-ctx.Done():
+			return nil, wrapErr(doing, fmt.Errorf("%w; gave up: %w", err, ctx.Err()))
+		}
+	}
+}
+
+// launched translates what RunInstances returned and remembers the ids
+// for the consistency window.
+func (p *Provider) launched(insts []types.Instance, tags map[string]string) []cloud.Instance {
+	out := make([]cloud.Instance, 0, len(insts))
+	for _, in := range insts {
+		inst := toInstance(in)
+		if inst.Tags == nil {
+			// Not every cloud echoes the tags it was launched with.
+			inst.Tags = maps.Clone(tags)
+		}
+		out = append(out, inst)
+		p.recent.add(inst.ID)
+	}
+	return out
+}
+
+// maxFilterValues is the most values EC2 takes in one filter.
+const maxFilterValues = 200
+
+// launchedEarlier returns the instances already launched under any of the
+// launch's offering tokens.
+func (p *Provider) launchedEarlier(ctx context.Context, launchToken string, offers []offering) ([]cloud.Instance, error) {
+	tokens := make([]string, len(offers))
+	for i, o := range offers {
+		tokens[i] = clientToken(launchToken, o)
+	}
+	var out []cloud.Instance
+	for chunk := range slices.Chunk(tokens, maxFilterValues) {
+		pages := ec2.NewDescribeInstancesPaginator(p.api, &ec2.DescribeInstancesInput{
+			Filters:    []types.Filter{{Name: aws.String("client-token"), Values: chunk}},
+			MaxResults: aws.Int32(pageSize),
+		})
+		for pages.HasMorePages() {
+			page, err := pages.NextPage(ctx)
+			if err != nil && filterRefused(err) {
+				// Some EC2-compatible clouds lack the filter. Launching
+				// anyway keeps the pool working; a launch retried after a
+				// crash may then start a second instance, which the pool's
+				// reconcile ends as an orphan.
+				p.log.Warn("this cloud cannot look up launches by client token; a retried launch may start a second instance", "err", err)
+				p.noTokenFilter.Store(true)
+				return nil, nil
+			}
+			if err != nil {
+				return nil, wrapErr("looking for an earlier launch by client token", err)
+			}
+			for _, r := range page.Reservations {
+				for _, in := range r.Instances {
+					// A cloud that ignores the filter must not pass
+					// strangers off as this launch's instances.
+					if slices.Contains(chunk, aws.ToString(in.ClientToken)) {
+						out = append(out, toInstance(in))
+					}
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// filterRefused reports whether err is a cloud refusing a filter.
+func filterRefused(err error) bool {
+	switch errorCode(err) {
+	case "InvalidParameterValue", "InvalidFilter", "InvalidParameter", "UnknownParameter", "InvalidParameterCombination":
+		return true
+	}
+	return false
+}
+
+// runInput builds the RunInstances request for one offering.
+func runInput(spec cloud.LaunchSpec, img image, o offering, n int) *ec2.RunInstancesInput {
+	in := &ec2.RunInstancesInput{
+		ImageId:      aws.String(img.ID),
+		InstanceType: types.InstanceType(o.Type),
+		MinCount:     aws.Int32(int32(n)),
+		MaxCount:     aws.Int32(int32(n)),
+		ClientToken:  aws.String(clientToken(spec.ClientToken, o)),
+	}
+	if len(spec.UserData) > 0 {
+		in.UserData = aws.String(base64.StdEncoding.EncodeToString(spec.UserData))
+	}
+	if len(spec.Tags) > 0 {
+		var tags []types.Tag
+		for _, k := range slices.Sorted(maps.Keys(spec.Tags)) {
+			tags = append(tags, types.Tag{Key: aws.String(k), Value: aws.String(spec.Tags[k])})
+		}
+		// Volumes carry the tags too, so that a volume left behind can be
+		// traced to its pool.
+		in.TagSpecifications = []types.TagSpecification{
+			{ResourceType: types.ResourceTypeInstance, Tags: tags},
+			{ResourceType: types.ResourceTypeVolume, Tags: tags},
+		}
+	}
+	if spec.KeyName != "" {
+		in.KeyName = aws.String(spec.KeyName)
+	}
+	for _, g := range spec.SecurityGroups {
+		// Ids work everywhere; names only in a default VPC or on clouds
+		// without VPCs, such as older Eucalyptus.
+		if strings.HasPrefix(g, "sg-") {
+			in.SecurityGroupIds = append(in.SecurityGroupIds, g)
+		} else {
+			in.SecurityGroups = append(in.SecurityGroups, g)
+		}
+	}
+	if p := spec.InstanceProfile; p != "" {
+		if strings.HasPrefix(p, "arn:") {
+			in.IamInstanceProfile = &types.IamInstanceProfileSpecification{Arn: aws.String(p)}
+		} else {
+			in.IamInstanceProfile = &types.IamInstanceProfileSpecification{Name: aws.String(p)}
+		}
+	}
+	in.MetadataOptions = metadataOptions(spec)
+	switch {
+	case o.Subnet != "":
+		in.SubnetId = aws.String(o.Subnet)
+	case o.Zone != "":
+		in.Placement = &types.Placement{AvailabilityZone: aws.String(o.Zone)}
+	}
+	if spec.RootVolumeGB > 0 {
+		in.BlockDeviceMappings = []types.BlockDeviceMapping{{
+			DeviceName: aws.String(img.RootDevice),
+			Ebs: &types.EbsBlockDevice{
+				VolumeSize: aws.Int32(int32(spec.RootVolumeGB)),
+				// An image may keep its root volume after termination;
+				// a pool's never should.
+				DeleteOnTermination: aws.Bool(true),
+			},
+		}}
+	}
+	if o.Spot {
+		in.InstanceMarketOptions = &types.InstanceMarketOptionsRequest{
+			MarketType: types.MarketTypeSpot,
+			SpotOptions: &types.SpotMarketOptions{
+				SpotInstanceType:             types.SpotInstanceTypeOneTime,
+				InstanceInterruptionBehavior: types.InstanceInterruptionBehaviorTerminate,
+			},
+		}
+	}
+	return in
+}
+
+// metadataOptions keeps IMDSv2 required with hop limit 1 unless the pool
+// says otherwise. "optional" with hop limit 1 is exactly EC2's default, so
+// then nothing is sent: clouds that lack metadata options (some
+// EC2-compatible ones reject the parameter) work that way.
+func metadataOptions(spec cloud.LaunchSpec) *types.InstanceMetadataOptionsRequest {
+	tokens := cmp.Or(spec.MetadataHTTPTokens, "required")
+	hops := max(spec.MetadataHopLimit, 1)
+	if tokens == "optional" && hops == 1 {
+		return nil
+	}
+	return &types.InstanceMetadataOptionsRequest{
+		HttpTokens:              types.HttpTokensState(tokens),
+		HttpPutResponseHopLimit: aws.Int32(int32(hops)),
+		HttpEndpoint:            types.InstanceMetadataEndpointStateEnabled,
+	}
+}
