@@ -238,20 +238,49 @@ func (m *Manager) terminateCall(in *Instance) {
 		return
 	}
 	in.busy = true
-	m.goAsync(func(ctx context.Context) {
+	q := m.terminating[p.provider]
+	m.terminating[p.provider] = append(q, in)
+	if len(q) == 0 {
+		m.goAsync(func(ctx context.Context) { m.terminateBatches(ctx, p.provider) })
+	}
+}
+
+// terminateBatches ends the instances queued for prov, one call for all of
+// them; those queued while a call is under way go in the next one. A reaper
+// ending a hundred idle instances makes one call, not a hundred.
+func (m *Manager) terminateBatches(ctx context.Context, prov cloud.Provider) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for len(m.terminating[prov]) > 0 {
+		batch := m.terminating[prov]
+		ids := make([]string, len(batch))
+		for i, in := range batch {
+			ids[i] = in.ID
+		}
+		m.mu.Unlock()
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
-		_, err := p.provider.Terminate(cctx, []string{in.ID})
+		done, err := prov.Terminate(cctx, ids)
 		cancel()
 		m.mu.Lock()
-		defer m.mu.Unlock()
-		in.busy = false
-		if err != nil {
-			m.log.Warn("terminate failed; reconcile retries", "pool", in.Pool, "instance", in.ID, "err", err)
-			return
+		// Only now: a termination queued meanwhile must not start a second
+		// batch goroutine while this one still owns the queue.
+		m.terminating[prov] = m.terminating[prov][len(batch):]
+		ended := map[string]bool{}
+		for _, id := range done {
+			ended[id] = true
 		}
-		m.setState(in, Gone, "")
+		if err != nil {
+			m.log.Warn("terminate failed; reconcile retries", "instances", len(ids)-len(done), "err", err)
+		}
+		for _, in := range batch {
+			in.busy = false
+			if ended[in.ID] {
+				m.setState(in, Gone, "")
+			}
+		}
 		m.dispatchLocked()
-	})
+	}
+	delete(m.terminating, prov)
 }
 
 func (m *Manager) reaped(in *Instance, reason string) {

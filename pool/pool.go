@@ -131,31 +131,34 @@ type Manager struct {
 	leases    map[string]*Lease
 	byClient  map[string]*Lease // by pool + client token
 	orphans   map[string]time.Time
-	changed   chan struct{} // closed and replaced on every change
-	lastSave  *store.Commit
-	wg        sync.WaitGroup
-	ctx       context.Context
-	cancel    context.CancelFunc
+	// terminating queues instances per provider for terminateBatches.
+	terminating map[cloud.Provider][]*Instance
+	changed     chan struct{} // closed and replaced on every change
+	lastSave    *store.Commit
+	wg          sync.WaitGroup
+	ctx         context.Context
+	cancel      context.CancelFunc
 }
 
 // New restores the pools' state from the store. Call Run to start work.
 func New(opts Options) (*Manager, error) {
 	m := &Manager{
-		cfg:       opts.Config,
-		store:     opts.Store,
-		log:       opts.Logger,
-		metrics:   opts.Metrics,
-		clock:     opts.Clock,
-		tick:      opts.Tick,
-		scripts:   bootstrap.Scripts{CacheFor: time.Minute},
-		pools:     map[string]*poolState{},
-		instances: map[string]*Instance{},
-		byID:      map[string]*Instance{},
-		byToken:   map[string]*Instance{},
-		leases:    map[string]*Lease{},
-		byClient:  map[string]*Lease{},
-		orphans:   map[string]time.Time{},
-		changed:   make(chan struct{}),
+		cfg:         opts.Config,
+		store:       opts.Store,
+		log:         opts.Logger,
+		metrics:     opts.Metrics,
+		clock:       opts.Clock,
+		tick:        opts.Tick,
+		scripts:     bootstrap.Scripts{CacheFor: time.Minute},
+		pools:       map[string]*poolState{},
+		instances:   map[string]*Instance{},
+		byID:        map[string]*Instance{},
+		byToken:     map[string]*Instance{},
+		leases:      map[string]*Lease{},
+		byClient:    map[string]*Lease{},
+		orphans:     map[string]time.Time{},
+		terminating: map[cloud.Provider][]*Instance{},
+		changed:     make(chan struct{}),
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)

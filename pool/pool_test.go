@@ -1481,3 +1481,22 @@ func TestReadyBeforeLaunchAnswer(t *testing.T) {
 		t.Fatalf("lease %+v, instance %s; want the lease active on %s", got, h.state(id), id)
 	}
 }
+
+// Reaping many idle instances at once makes one terminate call for all of
+// them, not one each.
+func TestReapedInstancesTerminatedInOneCall(t *testing.T) {
+	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 8 })
+	ids := h.warm(6)
+	h.clock.Advance(h.cfg.Pools["demo"].IdleTTD.Duration + time.Second)
+	h.tick()
+	h.settle()
+	for _, id := range ids {
+		if h.state(id) != Gone || !h.cloud.Terminated(id) {
+			t.Errorf("%s: %s, terminated %v", id, h.state(id), h.cloud.Terminated(id))
+		}
+	}
+	calls := h.cloud.Calls("terminate")
+	if len(calls) != 1 || len(calls[0].IDs) != 6 {
+		t.Errorf("terminate calls %+v, want one call with the 6 ids", calls)
+	}
+}
