@@ -368,12 +368,15 @@ func (m *Manager) dispatchLocked() {
 
 func (m *Manager) dispatchPool(p *poolState) {
 	var idle, coming, stopped []*Instance
-	live := 0
+	live, launching := 0, 0
 	for _, in := range m.instances {
 		if in.Pool != p.name || !in.State.live() {
 			continue
 		}
 		live++
+		if in.State == Launching {
+			launching++
+		}
 		switch in.State {
 		case Idle:
 			idle = append(idle, in)
@@ -405,11 +408,19 @@ func (m *Manager) dispatchPool(p *poolState) {
 	if need <= 0 || p.blocked || now.Before(p.retryAt) {
 		return
 	}
-	for ; need > 0 && live < p.cfg.MaxInstances; need-- {
+	for ; need > 0 && live < p.cfg.MaxInstances && launching < maxLaunching; need-- {
 		m.launchLocked(p)
 		live++
+		launching++
 	}
 }
+
+// maxLaunching bounds a pool's launch calls under way. The rest of a large
+// scale-out waits here rather than in the provider's rate limiter, where it
+// would run into its call timeout (at EC2's 2 RunInstances a second, 500
+// queued calls take four minutes). Each launch that returns dispatches the
+// next.
+const maxLaunching = 10
 
 // bySince orders instances by when they entered their state.
 func bySince(s []*Instance, newestFirst bool) {

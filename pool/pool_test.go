@@ -1500,3 +1500,40 @@ func TestReapedInstancesTerminatedInOneCall(t *testing.T) {
 		t.Errorf("terminate calls %+v, want one call with the 6 ids", calls)
 	}
 }
+
+// A large scale-out keeps at most maxLaunching launch calls under way; each
+// one that returns lets the next go.
+func TestScaleOutBoundsLaunchesUnderWay(t *testing.T) {
+	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 25 })
+	var mu sync.Mutex
+	inFlight, peak := 0, 0
+	release := make(chan struct{})
+	h.cloud.SetBeforeLaunch(func(ctx context.Context, spec cloud.LaunchSpec) error {
+		mu.Lock()
+		inFlight++
+		peak = max(peak, inFlight)
+		mu.Unlock()
+		<-release
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+		return nil
+	})
+	n := 25
+	if _, err := h.m.Scale(context.Background(), "demo", &n, nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the first launches to be under way", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return inFlight == maxLaunching
+	})
+	close(release)
+	h.settle()
+	if got := len(h.cloud.Running()); got != 25 {
+		t.Errorf("%d instances launched, want 25", got)
+	}
+	if peak > maxLaunching {
+		t.Errorf("%d launches under way at once, want at most %d", peak, maxLaunching)
+	}
+}
