@@ -154,14 +154,16 @@ func (p *Provider) Start(ctx context.Context, ids []string) ([]string, error) {
 func (p *Provider) batches(ctx context.Context, verb string, ids []string, unknownOK bool, call func(context.Context, []string) error) ([]string, error) {
 	var done []string
 	var errs []error
-	for chunk := range slices.Chunk(slices.Compact(slices.Sorted(slices.Values(ids))), maxBatch) {
-		d, err := p.batch(ctx, verb, chunk, unknownOK, call)
+	ids = slices.Compact(slices.Sorted(slices.Values(ids)))
+	for i := 0; i < len(ids); i += maxBatch {
+		if err := ctx.Err(); err != nil {
+			errs = append(errs, fmt.Errorf("%s %d ec2 instances: not sent: %w", verb, len(ids)-i, err))
+			break
+		}
+		d, err := p.batch(ctx, verb, ids[i:min(i+maxBatch, len(ids))], unknownOK, call)
 		done = append(done, d...)
 		if err != nil {
 			errs = append(errs, err)
-		}
-		if ctx.Err() != nil {
-			break
 		}
 	}
 	slices.Sort(done)

@@ -172,7 +172,10 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 
 	capErr := &capacityError{n: n, ttl: p.offerings.ttl}
 	for _, o := range offers {
-		if p.offerings.skip(o) {
+		// An offering this launch may already have launched on must be
+		// asked again, however full it looked to others since: EC2 may
+		// not list that instance yet, so only its token can find it.
+		if _, unsure := p.unsure.age(clientToken(spec.ClientToken, o)); !unsure && p.offerings.skip(o) {
 			capErr.skipped++
 			continue
 		}
@@ -217,10 +220,16 @@ func (e *capacityError) Error() string {
 func (e *capacityError) Unwrap() []error { return append([]error{cloud.ErrCapacity}, e.errs...) }
 
 // runOffering launches on one offering, asking again with the same token
-// while the outcome is unknown.
-func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img image, o offering, n int) ([]cloud.Instance, error) {
+// while the outcome is unknown. When it gives up not knowing, it remembers
+// the token for Launch.
+func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img image, o offering, n int) (_ []cloud.Instance, err error) {
 	in := runInput(spec, img, o, n)
 	doing := fmt.Sprintf("launching %d %s", n, o)
+	defer func() {
+		if uncertain(err) {
+			p.unsure.add(aws.ToString(in.ClientToken))
+		}
+	}()
 	for round := 1; ; round++ {
 		out, err := p.api.RunInstances(ctx, in)
 		if err == nil {

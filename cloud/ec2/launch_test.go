@@ -570,3 +570,55 @@ func TestImageResolution(t *testing.T) {
 	_, err = p.Launch(ctx, s, 1)
 	wantErrIs(t, err, cloud.ErrNotFound)
 }
+
+// TestLaunchRetryAfterUnknownOutcomeOnFullOffering: a launch's answer on
+// its first offering is lost; before the pool retries, another launch
+// finds that offering full, so the offering memory says to skip it, and
+// EC2 does not list the instance yet (eventual consistency), so the
+// client-token check finds nothing. The retry must ask the first offering
+// again with its token, not launch a second instance on the next one.
+func TestLaunchRetryAfterUnknownOutcomeOnFullOffering(t *testing.T) {
+	hermetic(t)
+	srv := newServer(t, ec2test.Options{})
+	srv.HideNewFor(time.Minute)
+	ft := newFaultyTransport()
+	p := newProvider(t, srv, func(o *Options) {
+		o.HTTPClient = &http.Client{Transport: ft}
+		o.backoff = func(int) time.Duration { return time.Millisecond }
+		o.RateLimits = &RateLimits{}
+	})
+	ctx := testCtx(t)
+	spec := func(token string) cloud.LaunchSpec { return launchSpec(token, "t3.small", "t3a.small") }
+
+	ft.lose = func(action string, n int) bool { return action == "RunInstances" }
+	if _, err := p.Launch(ctx, spec("unsure"), 1); err == nil || errors.Is(err, cloud.ErrCapacity) {
+		t.Fatalf("Launch without answers: %v, want an error that is not ErrCapacity", err)
+	}
+	ft.mu.Lock()
+	ft.lose = nil
+	ft.mu.Unlock()
+	if n := srv.Launches(clientToken("unsure", offering{Type: "t3.small"})); n != 1 {
+		t.Fatalf("first offering launched %d times, want 1", n)
+	}
+
+	srv.SetCapacity(func(typ, zone, market string) string {
+		if typ == "t3.small" {
+			return "InsufficientInstanceCapacity"
+		}
+		return ""
+	})
+	if _, err := p.Launch(ctx, spec("other"), 1); err != nil {
+		t.Fatal(err)
+	}
+
+	insts, err := p.Launch(ctx, spec("unsure"), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.Launches(clientToken("unsure", offering{Type: "t3a.small"})); n != 0 {
+		t.Errorf("the retry launched a second instance on t3a.small (%d launches)", n)
+	}
+	if len(insts) != 1 || insts[0].Type != "t3.small" {
+		t.Errorf("retry returned %+v, want the t3.small launched before", insts)
+	}
+}

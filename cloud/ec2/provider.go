@@ -108,6 +108,9 @@ type Provider struct {
 	images    *imageCache
 	offerings *offeringMemory
 	recent    *recentLaunches
+	// unsure holds the client tokens of launches whose outcome was never
+	// learned.
+	unsure *recentLaunches
 	// noTokenFilter is set once the cloud refused DescribeInstances'
 	// client-token filter.
 	noTokenFilter atomic.Bool
@@ -189,6 +192,7 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		images:    newImageCache(client, opts.ImageCacheTTL, now),
 		offerings: newOfferingMemory(opts.CapacityRetry, now),
 		recent:    &recentLaunches{now: now, at: map[string]time.Time{}},
+		unsure:    &recentLaunches{now: now, at: map[string]time.Time{}},
 	}, nil
 }
 
@@ -212,8 +216,9 @@ func jitteredBackoff(attempt int) time.Duration {
 // an instance (its API is eventually consistent).
 const consistencyWindow = 2 * time.Minute
 
-// recentLaunches remembers the instances this provider launched within
-// the consistency window.
+// recentLaunches remembers, within the consistency window, what this
+// provider launched or may have launched: instance ids, or the client
+// tokens of launches whose answer was lost.
 type recentLaunches struct {
 	now func() time.Time
 	mu  sync.Mutex
@@ -234,7 +239,7 @@ func (r *recentLaunches) add(ids ...string) {
 	}
 }
 
-// age returns how long ago id was launched, if within the window.
+// age returns how long ago id was added, if within the window.
 func (r *recentLaunches) age(id string) (time.Duration, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

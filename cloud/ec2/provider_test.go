@@ -437,3 +437,34 @@ func TestConfigurationChain(t *testing.T) {
 		t.Errorf("New without any region: %v, want an error saying so", err)
 	}
 }
+
+// TestBatchesCanceledBetweenCalls: when the context ends between two
+// batches of more than maxBatch ids, the ids never sent must come back as
+// an error, not as a silent success.
+func TestBatchesCanceledBetweenCalls(t *testing.T) {
+	hermetic(t)
+	srv := newServer(t, ec2test.Options{})
+	ctx, cancel := context.WithCancel(testCtx(t))
+	defer cancel()
+	p := newProvider(t, srv, func(o *Options) {
+		o.RateLimits = &RateLimits{}
+		o.Observe = func(action, code string, d time.Duration) {
+			if action == "TerminateInstances" {
+				cancel()
+			}
+		}
+	})
+	ids := make([]string, maxBatch+1)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("i-%017x", i+1)
+	}
+	done, err := p.Terminate(ctx, ids)
+	if len(done) == len(ids) {
+		t.Fatalf("all %d ids done; the test did not cancel between batches", len(done))
+	}
+	if err == nil {
+		t.Errorf("Terminate returned %d of %d ids done and no error", len(done), len(ids))
+	} else if !errors.Is(err, context.Canceled) {
+		t.Errorf("error %v, want one matching context.Canceled", err)
+	}
+}
