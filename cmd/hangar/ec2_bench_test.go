@@ -19,6 +19,15 @@ import (
 // RequestLimitExceeded; nothing boots, so instances stay "booting" (the
 // pools' boot_timeout is an hour).
 
+// benchEC2Server is an in-memory EC2 with the pools' image and AWS's
+// request buckets.
+func benchEC2Server() *ec2test.Server {
+	srv := ec2test.New(ec2test.Options{})
+	srv.AddImage(ec2test.Image{ID: "ami-0123456789abcdef0", Name: "hangar-worker-2026-11-01", Owner: "123456789012", Created: time.Now().Add(-time.Hour)})
+	awsBuckets(srv)
+	return srv
+}
+
 func awsBuckets(srv *ec2test.Server) {
 	srv.RateLimit("RunInstances", 5, 2)
 	for _, a := range []string{"DescribeInstances", "DescribeImages", "GetConsoleOutput"} {
@@ -63,8 +72,7 @@ func totalCalls(m map[string]int) int {
 func BenchmarkEC2ScaleOut500(b *testing.B) {
 	benchEC2Env(b)
 	for i := 0; i < b.N; i++ {
-		srv := ec2test.New(ec2test.Options{})
-		awsBuckets(srv)
+		srv := benchEC2Server()
 		ts := startTest(b, ec2TOML(b.TempDir(), srv.URL(), "min_idle = 500\nmax_instances = 500\nboot_timeout = \"1h\"\nidle_ttd = \"1h\""), nil)
 		start := time.Now()
 		waitFor(b, "500 instances", 20*time.Minute, func() bool { return srv.Running() >= 500 })
@@ -88,7 +96,8 @@ func BenchmarkEC2ScaleOut500(b *testing.B) {
 func BenchmarkEC2SteadyState1000(b *testing.B) {
 	benchEC2Env(b)
 	for i := 0; i < b.N; i++ {
-		srv := ec2test.New(ec2test.Options{})
+		srv := benchEC2Server()
+		srv.RateLimit("RunInstances", 0, 0) // filling the pool is not what is measured
 		limits := ec2.DefaultRateLimits()
 		limits.RunInstances = ec2.Bucket{Size: 1000, PerSecond: 1000}
 		limits.LaunchedInstances = ec2.Bucket{Size: 1000, PerSecond: 1000}
