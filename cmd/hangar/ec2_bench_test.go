@@ -82,6 +82,16 @@ func BenchmarkEC2ScaleOut500(b *testing.B) {
 		b.ReportMetric(float64(calls["RunInstances"]), "RunInstances")
 		b.ReportMetric(float64(totalCalls(calls)), "calls")
 		b.ReportMetric(float64(throttles(srv)), "throttled")
+		// What reached the pool: launches that failed, by class.
+		failed := 0
+		for _, line := range strings.Split(scrape(b, ts.url), "\n") {
+			if strings.HasPrefix(line, "hangar_launch_errors_total{") {
+				failed++
+				b.Log(line)
+			}
+		}
+		b.ReportMetric(float64(failed), "pool-launch-error-kinds")
+		b.Logf("EC2 errors answered: %v", srv.Errors())
 		if srv.PeakRunning() > 500 {
 			b.Errorf("peak %d instances over max_instances 500", srv.PeakRunning())
 		}

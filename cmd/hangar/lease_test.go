@@ -346,7 +346,7 @@ func total(m map[pool.State]int) int {
 	return n
 }
 
-func scrape(t *testing.T, base string) string {
+func scrape(t testing.TB, base string) string {
 	t.Helper()
 	resp, err := http.Get(base + "/metrics")
 	if err != nil {
