@@ -38,14 +38,6 @@ func awsBuckets(srv *ec2test.Server) {
 	}
 }
 
-func benchEC2Env(b *testing.B) {
-	for k, v := range map[string]string{
-		"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "secret",
-		"AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true",
-	} {
-		b.Setenv(k, v)
-	}
-}
 
 func throttles(srv *ec2test.Server) int {
 	n := 0
@@ -70,7 +62,7 @@ func totalCalls(m map[string]int) int {
 // the same table. Reports the time, the calls, and the throttling errors
 // EC2 answered (the goal is 0).
 func BenchmarkEC2ScaleOut500(b *testing.B) {
-	benchEC2Env(b)
+	hermeticAWS(b)
 	for i := 0; i < b.N; i++ {
 		srv := benchEC2Server()
 		ts := startTest(b, ec2TOML(b.TempDir(), srv.URL(), "min_idle = 500\nmax_instances = 500\nboot_timeout = \"1h\"\nidle_ttd = \"1h\""), nil)
@@ -104,7 +96,7 @@ func BenchmarkEC2ScaleOut500(b *testing.B) {
 // 1,000 instances with nothing to do. The pool is filled with a provider
 // whose RunInstances bucket is opened wide, then one minute is counted.
 func BenchmarkEC2SteadyState1000(b *testing.B) {
-	benchEC2Env(b)
+	hermeticAWS(b)
 	for i := 0; i < b.N; i++ {
 		srv := benchEC2Server()
 		srv.RateLimit("RunInstances", 0, 0) // filling the pool is not what is measured

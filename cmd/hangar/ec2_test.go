@@ -21,17 +21,7 @@ import (
 // test can reach AWS.
 func ec2Cloud(t *testing.T) (srv *ec2test.Server, localDir string) {
 	t.Helper()
-	for k, v := range map[string]string{
-		"AWS_ACCESS_KEY_ID":           "AKIDTEST",
-		"AWS_SECRET_ACCESS_KEY":       "secret",
-		"AWS_SESSION_TOKEN":           "",
-		"AWS_PROFILE":                 "",
-		"AWS_CONFIG_FILE":             filepath.Join(t.TempDir(), "none"),
-		"AWS_SHARED_CREDENTIALS_FILE": filepath.Join(t.TempDir(), "none"),
-		"AWS_EC2_METADATA_DISABLED":   "true",
-	} {
-		t.Setenv(k, v)
-	}
+	hermeticAWS(t)
 	dir := filepath.Join(t.TempDir(), "local")
 	backend, err := local.New(context.Background(), local.Options{Dir: dir})
 	if err != nil {
@@ -45,6 +35,22 @@ func ec2Cloud(t *testing.T) (srv *ec2test.Server, localDir string) {
 		terminateAll(t, dir)
 	})
 	return srv, dir
+}
+
+// hermeticAWS gives the SDK's default chain dummy credentials and nothing
+// else to find, so no test can reach AWS.
+func hermeticAWS(t testing.TB) {
+	for k, v := range map[string]string{
+		"AWS_ACCESS_KEY_ID":           "AKIDTEST",
+		"AWS_SECRET_ACCESS_KEY":       "secret",
+		"AWS_SESSION_TOKEN":           "",
+		"AWS_PROFILE":                 "",
+		"AWS_CONFIG_FILE":             filepath.Join(t.TempDir(), "none"),
+		"AWS_SHARED_CREDENTIALS_FILE": filepath.Join(t.TempDir(), "none"),
+		"AWS_EC2_METADATA_DISABLED":   "true",
+	} {
+		t.Setenv(k, v)
+	}
 }
 
 func ec2TOML(dataDir, endpoint, extra string) string {
