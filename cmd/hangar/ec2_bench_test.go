@@ -38,7 +38,6 @@ func awsBuckets(srv *ec2test.Server) {
 	}
 }
 
-
 func throttles(srv *ec2test.Server) int {
 	n := 0
 	for k, c := range srv.Errors() {
