@@ -37,7 +37,7 @@ type cached struct {
 func (s *Scripts) Load(ctx context.Context, src string) ([]byte, error) {
 	switch {
 	case strings.HasPrefix(src, "builtin:"):
-		b, err := scripts.Bootstrap.ReadFile("bootstrap/" + strings.TrimPrefix(src, "builtin:"))
+		b, err := scripts.BootstrapScript(strings.TrimPrefix(src, "builtin:"))
 		if err != nil {
 			return nil, fmt.Errorf("reading bootstrap script %s: no such built-in script", src)
 		}

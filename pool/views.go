@@ -191,8 +191,10 @@ func (m *Manager) Snapshot() metrics.Snapshot {
 		s.LeasesActive[name] = 0
 		s.LeasesPending[name] = len(p.queue)
 		s.LaunchBlocked[name] = p.blocked
-		for _, st := range []State{Launching, Booting, Idle, Leased, Releasing, Draining, Stopping, Stopped, Starting, Failed, Terminating} {
-			s.Instances[[2]string{name, string(st)}] = 0
+		for st := range transitions {
+			if st.live() {
+				s.Instances[[2]string{name, string(st)}] = 0
+			}
 		}
 	}
 	for _, in := range m.instances {
