@@ -80,9 +80,12 @@ const (
 
 // Instance is one machine as the cloud describes it.
 type Instance struct {
-	ID         string            `json:"id"`
-	State      State             `json:"state"`
-	PrivateIP  string            `json:"private_ip,omitempty"`
+	ID        string `json:"id"`
+	State     State  `json:"state"`
+	PrivateIP string `json:"private_ip,omitempty"`
+	// PublicIP is the address reachable from outside the cloud's network,
+	// when the instance has one.
+	PublicIP   string            `json:"public_ip,omitempty"`
 	Type       string            `json:"type,omitempty"`
 	Zone       string            `json:"zone,omitempty"`
 	Image      string            `json:"image,omitempty"`
@@ -124,6 +127,8 @@ type LaunchSpec struct {
 type Capabilities struct {
 	StopStart     bool
 	ConsoleOutput bool
+	// SSHPort is the port the instances' sshd listens on; 0 means 22.
+	SSHPort int
 }
 
 // Provider is a cloud Hangar launches instances on.

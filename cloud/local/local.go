@@ -5,7 +5,27 @@
 //
 // All state lives under Options.Dir, so a restarted server, or another
 // process on the same directory, sees the same instances. Mutations are
-// serialized across processes by a flock on Dir/lock.
+// serialized across processes by a flock on the region's lock file.
+//
+// Regions: the region "local" is Options.Dir itself; any other region is a
+// complete tree of its own under Dir/regions/<name>, with its own instances,
+// storage, lock and metadata service. CopySnapshot reads other regions'
+// trees under the same Dir.
+//
+// Storage (cloud.Storage): volumes are directories (or, when raw, sparse
+// image files) and snapshots copies of them, made with cp --reflink=auto.
+// An attached volume appears inside its instance as the link
+// $HANGAR_ROOT/dev/sdX. HANGAR_ROOT is the instance's directory "disk" (its
+// HOME and working directory), which stands for "/" of a real machine.
+// Images are records naming snapshots; an instance launched from one starts
+// with a copy of its root snapshot as its disk.
+//
+// ssh: an instance launched with a key pair runs OpenSSH's sshd (package
+// openssh-server) on port 2222 of its address, with a host key of its own
+// that its boot prints to the console as cloud-init does. Logins run as the
+// server's own user, who runs sshd, and sshd refuses any other login name.
+// Sessions carry HANGAR_ROOT and the instance's marker, and Stop and
+// Terminate end them, and sshd, with the instance.
 //
 // It is not a sandbox: instances run as the server's user and can read what
 // that user can. Their environment is cleared, though, so the server's
@@ -25,6 +45,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -44,8 +65,29 @@ type Options struct {
 	// only. Default "127.0.0.1:0", which reuses the port of the last run
 	// when it can.
 	MetadataAddr string
+	// Region names the region: "" or "local" is the tree in Dir itself, any
+	// other name a tree of its own under Dir/regions. Regions share nothing
+	// but Dir, where CopySnapshot finds the other regions.
+	Region string
 	// Logger gets the provider's logs; nil discards them.
 	Logger *slog.Logger
+}
+
+// defaultRegion is the region whose tree is Options.Dir itself, as it was
+// before there were regions.
+const defaultRegion = "local"
+
+var regionRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// regionDir returns the tree of region under root.
+func regionDir(root, region string) (string, error) {
+	if !regionRE.MatchString(region) {
+		return "", fmt.Errorf("invalid region %q: use 1 to 63 lower-case letters, digits or '-', starting with a letter or digit", region)
+	}
+	if region == defaultRegion {
+		return root, nil
+	}
+	return filepath.Join(root, "regions", region), nil
 }
 
 const (
@@ -59,7 +101,8 @@ const (
 
 // Provider is a local cloud. It is safe for concurrent use.
 type Provider struct {
-	opts        Options
+	opts        Options // Dir is the root of every region
+	region      string
 	log         *slog.Logger
 	store       *store
 	bash        string
@@ -104,7 +147,16 @@ func newProvider(ctx context.Context, opts Options, now func() time.Time) (*Prov
 		return nil, fmt.Errorf("starting local cloud: %w", err)
 	}
 	opts.Dir = dir
-	st, err := openStore(dir, log)
+	region := opts.Region
+	if region == "" {
+		region = defaultRegion
+	}
+	tree, err := regionDir(dir, region)
+	if err != nil {
+		return nil, fmt.Errorf("starting local cloud: %w", err)
+	}
+	log = log.With("region", region)
+	st, err := openStore(tree, log)
 	if err != nil {
 		return nil, fmt.Errorf("starting local cloud: %w", err)
 	}
@@ -113,13 +165,14 @@ func newProvider(ctx context.Context, opts Options, now func() time.Time) (*Prov
 		path = "/usr/local/bin:/usr/bin:/bin"
 	}
 	p := &Provider{
-		opts:  opts,
-		log:   log,
-		store: st,
-		bash:  bash,
-		path:  path,
-		now:   now,
-		keys:  map[string]string{},
+		opts:   opts,
+		region: region,
+		log:    log,
+		store:  st,
+		bash:   bash,
+		path:   path,
+		now:    now,
+		keys:   map[string]string{},
 	}
 	ln, err := p.listenMetadata(opts.MetadataAddr)
 	if err != nil {
@@ -137,7 +190,7 @@ func newProvider(ctx context.Context, opts Options, now func() time.Time) (*Prov
 			log.Error("metadata service stopped", "err", err)
 		}
 	}()
-	log.Info("local cloud ready", "dir", opts.Dir, "metadata", p.metadataURL)
+	log.Info("local cloud ready", "dir", tree, "metadata", p.metadataURL)
 	return p, nil
 }
 
@@ -146,9 +199,15 @@ func newProvider(ctx context.Context, opts Options, now func() time.Time) (*Prov
 func (p *Provider) MetadataURL() string { return p.metadataURL }
 
 // Capabilities: the local cloud can stop and start, and keeps a console log.
+// Instances launched with a key pair run sshd on port 2222 of their address
+// (22 would need root, and the host's own sshd may hold it).
 func (p *Provider) Capabilities() cloud.Capabilities {
-	return cloud.Capabilities{StopStart: true, ConsoleOutput: true}
+	return cloud.Capabilities{StopStart: true, ConsoleOutput: true, SSHPort: sshPort}
 }
+
+// Region names the provider's region ("local" unless Options.Region says
+// otherwise).
+func (p *Provider) Region() string { return p.region }
 
 // Close stops the metadata service. Instances keep running.
 func (p *Provider) Close() error {
@@ -175,6 +234,14 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	if err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
 	}
+	if spec.KeyName != "" {
+		if err := validKeyName(spec.KeyName); err != nil {
+			return nil, fmt.Errorf("launching local instances: %w", err)
+		}
+		if err := checkSSHD(); err != nil {
+			return nil, fmt.Errorf("launching local instances with key pair %q: %w", spec.KeyName, err)
+		}
+	}
 	unlock, err := p.store.lock(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
@@ -189,6 +256,10 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 		return p.instances(ids, now), nil
 	}
 
+	src, err := p.launchSource(spec)
+	if err != nil {
+		return nil, fmt.Errorf("launching local instances: %w", err)
+	}
 	recs, err := p.store.records(now, 0)
 	if err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
@@ -200,7 +271,7 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	planned := make([]*record, n)
 	ids := make([]string, n)
 	for i := range planned {
-		planned[i] = p.newRecord(spec, now, usedIPs)
+		planned[i] = p.newRecord(spec, src, now, usedIPs)
 		ids[i] = planned[i].ID
 	}
 	// Written before any instance exists, so that a retry after a crash here
@@ -212,7 +283,7 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	var out []cloud.Instance
 	var errs []error
 	for _, r := range planned {
-		if err := p.create(r, spec.UserData, steps); err != nil {
+		if err := p.create(ctx, r, spec.UserData, steps, src); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -232,7 +303,65 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	return out, nil
 }
 
-func (p *Provider) newRecord(spec cloud.LaunchSpec, now time.Time, usedIPs map[string]bool) *record {
+// defaultRootGB is the root disk size instances report when neither the
+// image nor the launch gives one (EC2's usual default).
+const defaultRootGB = 8
+
+// launchSrc is what a launch starts its instances from, beyond the spec.
+type launchSrc struct {
+	// rootData is the directory the disk starts as a copy of; "" is empty.
+	rootData string
+	rootGB   int
+	// authorizedKey is the key pair's key, when the spec names one.
+	authorizedKey []byte
+}
+
+// launchSource finds spec's key pair and image. The caller holds the lock,
+// so neither can be deleted before the instances are made.
+func (p *Provider) launchSource(spec cloud.LaunchSpec) (launchSrc, error) {
+	var src launchSrc
+	if spec.KeyName != "" {
+		key, err := os.ReadFile(p.store.keyPairPath(spec.KeyName))
+		if errors.Is(err, fs.ErrNotExist) {
+			return src, fmt.Errorf("key pair %q: %w", spec.KeyName, cloud.ErrNotFound)
+		}
+		if err != nil {
+			return src, fmt.Errorf("reading key pair %q: %w", spec.KeyName, err)
+		}
+		src.authorizedKey = key
+	}
+	// Only ids shaped like this cloud's image ids (ami- and 17 hex digits)
+	// name an image; other strings ("local", "ami-0123") are labels, as
+	// before there were images.
+	if validResourceID("ami", spec.Image) {
+		img, err := p.store.getImage(spec.Image)
+		if err != nil {
+			return src, err
+		}
+		root, ok := img.rootDevice()
+		if !ok {
+			return src, fmt.Errorf("image %s has no root device %s", img.ID, img.RootDevice)
+		}
+		snap, err := p.store.getSnapshot(root.SnapshotID)
+		if err != nil {
+			return src, fmt.Errorf("root snapshot of image %s: %w", img.ID, err)
+		}
+		if snap.Raw {
+			return src, fmt.Errorf("image %s: its root snapshot %s is a raw disk image; local instances boot from directory snapshots only", img.ID, snap.ID)
+		}
+		src.rootData = p.store.snapshotData(snap)
+		src.rootGB = max(root.SizeGB, snap.SizeGB)
+	}
+	if spec.RootVolumeGB > src.rootGB {
+		src.rootGB = spec.RootVolumeGB
+	}
+	if src.rootGB == 0 {
+		src.rootGB = defaultRootGB
+	}
+	return src, nil
+}
+
+func (p *Provider) newRecord(spec cloud.LaunchSpec, src launchSrc, now time.Time, usedIPs map[string]bool) *record {
 	id := newID()
 	for p.store.exists(id) {
 		id = newID()
@@ -254,6 +383,8 @@ func (p *Provider) newRecord(spec cloud.LaunchSpec, now time.Time, usedIPs map[s
 		PrivateIP:   ip,
 		ClientToken: spec.ClientToken,
 		MetadataKey: randHex(16),
+		KeyName:     spec.KeyName,
+		RootGB:      src.rootGB,
 	}
 	if len(spec.InstanceTypes) > 0 {
 		r.Type = spec.InstanceTypes[0]
@@ -278,11 +409,24 @@ func newLoopbackIP() string {
 
 // create lays out the instance's directory and boots it. The record is saved
 // before the boot so that a crash cannot leave processes nobody lists.
-func (p *Provider) create(r *record, userData []byte, steps []bootStep) error {
+func (p *Provider) create(ctx context.Context, r *record, userData []byte, steps []bootStep, src launchSrc) error {
 	dir := p.store.instanceDir(r.ID)
 	err := func() error {
-		if err := os.MkdirAll(filepath.Join(dir, "disk"), 0o700); err != nil {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return err
+		}
+		disk := filepath.Join(dir, "disk")
+		if src.rootData != "" {
+			if err := copyData(ctx, src.rootData, disk, false); err != nil {
+				return fmt.Errorf("copying the image's root disk: %w", err)
+			}
+		} else if err := os.Mkdir(disk, 0o700); err != nil {
+			return err
+		}
+		if r.KeyName != "" {
+			if err := writeSSHFiles(dir, r, src.authorizedKey); err != nil {
+				return err
+			}
 		}
 		if err := os.Mkdir(filepath.Join(dir, "parts"), 0o700); err != nil {
 			return err

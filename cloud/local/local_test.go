@@ -412,7 +412,7 @@ func TestServerEnvironmentDoesNotLeak(t *testing.T) {
 		t.Errorf("the server's environment reached the instance:\n%s", out)
 	}
 	// bash itself adds PWD, SHLVL and _.
-	allowed := []string{"PATH", "HOME", "LANG", "TMPDIR", "HANGAR_USERDATA_CLOUD_DIR", "HANGAR_METADATA_URL", envMarker, "PWD", "SHLVL", "_", "OLDPWD"}
+	allowed := []string{"PATH", "HOME", "LANG", "TMPDIR", "HANGAR_USERDATA_CLOUD_DIR", "HANGAR_METADATA_URL", envMarker, rootEnv, "PWD", "SHLVL", "_", "OLDPWD"}
 	for line := range strings.SplitSeq(out, "\n") {
 		name, _, ok := strings.Cut(line, "=")
 		if ok && !strings.Contains(name, " ") && !slices.Contains(allowed, name) {

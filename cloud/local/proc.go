@@ -3,7 +3,9 @@ package local
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,13 +19,43 @@ import (
 // finds the processes that left the instance's process group.
 const envMarker = "HANGAR_LOCAL_INSTANCE_ID"
 
+// rootEnv names the variable that holds the instance's root directory.
+const rootEnv = "HANGAR_ROOT"
+
 // bootScript is what every boot of an instance runs, as `bash -c bootScript
-// hangar-boot DELAY STEP...`. It sleeps through the boot delay in the
-// instance's own process, so a server restart during the delay does not lose
-// the boot, and then runs the steps in order. Nothing is interpolated into
-// it: the delay and the step files are arguments.
+// hangar-boot DELAY SSHD SSHDIR STEP...`. It sleeps through the boot delay in
+// the instance's own process, so a server restart during the delay does not
+// lose the boot. Then, for an instance with a key pair (SSHD is not empty),
+// it starts sshd in the background, waits until it listens and prints its
+// host key the way cloud-init does on EC2's console, which is where the
+// staging engine pins it from. Then it runs the steps in order. Nothing is
+// interpolated into it: paths and the delay are arguments.
 const bootScript = `sleep "$1" || exit
-shift
+sshd=$2 sshdir=$3
+shift 3
+if [ -n "$sshd" ]; then
+	log=$sshdir/sshd.log
+	[ -e "$log" ] && mv -f "$log" "$log.1"
+	"$sshd" -D -e -f "$sshdir/sshd_config" -E "$log" </dev/null &
+	pid=$! i=0
+	until grep -q 'Server listening on' "$log" 2>/dev/null; do
+		if ! kill -0 "$pid" 2>/dev/null; then
+			echo "hangar-local: sshd exited at start:"; tail -n 5 "$log"; pid=
+			break
+		fi
+		i=$((i + 1))
+		if [ "$i" -ge 400 ]; then
+			echo "hangar-local: sshd is not listening after 20s:"; tail -n 5 "$log"; pid=
+			break
+		fi
+		sleep 0.05
+	done
+	if [ -n "$pid" ]; then
+		echo "-----BEGIN SSH HOST KEY KEYS-----"
+		cat "$sshdir/ssh_host_ed25519_key.pub"
+		echo "-----END SSH HOST KEY KEYS-----"
+	fi
+fi
 for step do
 	case $step in
 	*.sh) bash "$step" || echo "hangar-local: $step exited with status $?" ;;
@@ -39,7 +71,11 @@ func (p *Provider) boot(r *record, delay time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("booting %s: %w", r.ID, err)
 	}
-	args := []string{"-c", bootScript, "hangar-boot", strconv.FormatFloat(delay.Seconds(), 'f', -1, 64)}
+	sshd, sshdir := "", ""
+	if r.KeyName != "" {
+		sshd, sshdir = sshdPath, filepath.Join(dir, "ssh")
+	}
+	args := []string{"-c", bootScript, "hangar-boot", strconv.FormatFloat(delay.Seconds(), 'f', -1, 64), sshd, sshdir}
 	for _, e := range ents { // ReadDir sorts by name, which is step order
 		args = append(args, filepath.Join(dir, "parts", e.Name()))
 	}
@@ -65,6 +101,9 @@ func (p *Provider) boot(r *record, delay time.Duration) error {
 		"HANGAR_USERDATA_CLOUD_DIR=",
 		"HANGAR_METADATA_URL=" + p.metadataURL + "/" + r.MetadataKey,
 		envMarker + "=" + r.ID,
+		// What "/" is to a real machine: the staging engine puts its
+		// mount points under it. ssh sessions get it too (sshd_config).
+		rootEnv + "=" + cmd.Dir,
 	}
 	cmd.Stdout, cmd.Stderr = console, console
 	// A session of its own: the instance outlives the server and its
@@ -110,14 +149,21 @@ func readStat(pid int) (procStat, error) {
 }
 
 // instanceProcs returns the living processes of each instance: those in the
-// process group of its boot, and those that carry its environment marker
-// (which catches children that called setsid and double-forked). Zombies are
-// dead already and are left to their parents.
+// process group of its boot, those that carry its environment marker (which
+// catches children that called setsid and double-forked, and the shells of
+// ssh sessions), and those holding a TCP socket on its sshd's address. The
+// last are sshd's own: each connection gets a session of its own, and sshd
+// writes its process titles over its environment, marker and all. Zombies
+// are dead already and are left to their parents.
 func instanceProcs(recs []*record) map[string][]int {
 	groups := map[int]string{}
 	markers := map[string]string{}
+	sshAddrs := map[string]string{}
 	for _, r := range recs {
 		markers[envMarker+"="+r.ID] = r.ID
+		if r.KeyName != "" && r.PrivateIP != "" {
+			sshAddrs[net.JoinHostPort(r.PrivateIP, strconv.Itoa(sshPort))] = r.ID
+		}
 		if r.PGID <= 0 {
 			continue
 		}
@@ -132,6 +178,7 @@ func instanceProcs(recs []*record) map[string][]int {
 	if err != nil {
 		return nil
 	}
+	sockets := socketsOn(sshAddrs)
 	self := os.Getpid()
 	out := map[string][]int{}
 	for _, e := range ents {
@@ -147,18 +194,95 @@ func instanceProcs(recs []*record) map[string][]int {
 			out[id] = append(out[id], pid)
 			continue
 		}
-		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
-		if err != nil {
+		if id, ok := markedWith(pid, markers); ok {
+			out[id] = append(out[id], pid)
 			continue
 		}
-		for kv := range bytes.SplitSeq(env, []byte{0}) {
-			if id, ok := markers[string(kv)]; ok {
-				out[id] = append(out[id], pid)
-				break
-			}
+		if id, ok := holdsSocket(pid, sockets); ok {
+			out[id] = append(out[id], pid)
 		}
 	}
 	return out
+}
+
+// markedWith returns the instance whose marker is in pid's environment.
+func markedWith(pid int, markers map[string]string) (string, bool) {
+	env, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return "", false
+	}
+	for kv := range bytes.SplitSeq(env, []byte{0}) {
+		if id, ok := markers[string(kv)]; ok {
+			return id, true
+		}
+	}
+	return "", false
+}
+
+// holdsSocket returns the instance one of pid's descriptors is a socket of.
+func holdsSocket(pid int, sockets map[string]string) (string, bool) {
+	if len(sockets) == 0 {
+		return "", false
+	}
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		return "", false
+	}
+	for _, fd := range fds {
+		if link, err := os.Readlink(dir + "/" + fd.Name()); err == nil {
+			if id, ok := sockets[link]; ok {
+				return id, true
+			}
+		}
+	}
+	return "", false
+}
+
+// socketsOn maps the TCP sockets bound to the given local addresses
+// ("ip:port" → instance id), listening or connected, to their instances,
+// keyed as /proc/PID/fd links show them: "socket:[INODE]".
+func socketsOn(addrs map[string]string) map[string]string {
+	if len(addrs) == 0 {
+		return nil
+	}
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return nil
+	}
+	out := map[string]string{}
+	for i, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if i == 0 || len(f) < 10 || f[9] == "0" {
+			continue // the header, or a socket no process holds (TIME_WAIT)
+		}
+		addr, ok := parseProcNetAddr(f[1])
+		if !ok {
+			continue
+		}
+		if id, ok := addrs[addr]; ok {
+			out["socket:["+f[9]+"]"] = id
+		}
+	}
+	return out
+}
+
+// parseProcNetAddr reads an IPv4 "ADDR:PORT" of /proc/net/tcp: the address
+// is the 32-bit word as it lies in memory, printed in hex; the port is in
+// host order.
+func parseProcNetAddr(s string) (string, bool) {
+	a, p, ok := strings.Cut(s, ":")
+	if !ok || len(a) != 8 {
+		return "", false
+	}
+	word, err1 := strconv.ParseUint(a, 16, 32)
+	port, err2 := strconv.ParseUint(p, 16, 16)
+	if err1 != nil || err2 != nil {
+		return "", false
+	}
+	ip := make(net.IP, 4)
+	binary.NativeEndian.PutUint32(ip, uint32(word))
+	return net.JoinHostPort(ip.String(), strconv.FormatUint(port, 10)), true
 }
 
 // endProcesses ends every process of the instances: SIGTERM, up to grace for

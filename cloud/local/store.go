@@ -21,8 +21,9 @@ import (
 	"github.com/hangar-ci/hangar/cloud"
 )
 
-// On-disk layout under Options.Dir. Every file is replaced atomically, so a
-// reader never needs the lock; writers hold it.
+// On-disk layout of one region's tree: Options.Dir itself for the region
+// "local", Options.Dir/regions/<region> for any other. Every file is replaced
+// atomically, so a reader never needs the lock; writers hold it.
 //
 //	lock                      flock(2) serializing mutations across processes
 //	metadata.addr             last address of the metadata service
@@ -30,10 +31,21 @@ import (
 //	instances/<id>/user-data  raw, served by the metadata service
 //	instances/<id>/parts/     what the boot wrapper runs (*.sh) or prints
 //	instances/<id>/console.log
-//	instances/<id>/disk/      cwd and HOME of the instance's processes
+//	instances/<id>/disk/      cwd and HOME of the instance's processes, and its
+//	                          HANGAR_ROOT; disk/dev/<sdX> link attached volumes
+//	instances/<id>/ssh/       with a key pair: host key, authorized_keys,
+//	                          sshd_config, sshd.log, sshd.pid
 //	terminated/<id>.json      tombstone: listed for tombstoneListed, kept for tokenKept
 //	tokens/<sha256(token)>.json
-//	trash/                    directories of terminated instances, being removed
+//	trash/                    directories of terminated instances and deleted
+//	                          volumes and snapshots, being removed
+//	storage/keypairs/<name>.pub
+//	storage/volumes/<vol-id>/volume.json, and data/ or (raw) disk.img
+//	storage/snapshots/<snap-id>/snapshot.json, and data/ or disk.img
+//	storage/images/<ami-id>.json
+//	storage/tmp/<id>.<unix>/  volumes and snapshots being made; renamed into
+//	                          place when complete, so none is listed half-made
+//	regions/<region>/         the tree of another region (under the "local" tree)
 const (
 	tombstoneListed = time.Hour
 	// tokenKept bounds how long a retried Launch still gets its old
@@ -59,10 +71,15 @@ type record struct {
 	// PGID is the process group (and session) of the current boot; LeaderStart
 	// is its leader's start time in clock ticks, which tells our group from a
 	// later one that reuses the number.
-	PGID         int       `json:"pgid,omitempty"`
-	LeaderStart  uint64    `json:"leader_start,omitempty"`
-	ClientToken  string    `json:"client_token"`
-	MetadataKey  string    `json:"metadata_key,omitempty"`
+	PGID        int    `json:"pgid,omitempty"`
+	LeaderStart uint64 `json:"leader_start,omitempty"`
+	ClientToken string `json:"client_token"`
+	MetadataKey string `json:"metadata_key,omitempty"`
+	// KeyName is the key pair whose key the instance's sshd lets in; an
+	// instance without one runs no sshd.
+	KeyName string `json:"key_name,omitempty"`
+	// RootGB is the size of the root disk, for images made of it.
+	RootGB       int       `json:"root_gb,omitempty"`
 	TerminatedAt time.Time `json:"terminated_at,omitzero"`
 }
 
@@ -96,7 +113,8 @@ type store struct {
 }
 
 func openStore(dir string, log *slog.Logger) (*store, error) {
-	for _, d := range []string{"instances", "terminated", "tokens", "trash"} {
+	for _, d := range []string{"instances", "terminated", "tokens", "trash",
+		"storage/keypairs", "storage/volumes", "storage/snapshots", "storage/images", "storage/tmp"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, fmt.Errorf("creating local cloud directory: %w", err)
 		}
@@ -289,6 +307,17 @@ func (s *store) bury(r *record, now time.Time) (trash string, err error) {
 	return trash, nil
 }
 
+// discard moves path, a directory named id, into the trash, where gc finds
+// it if the caller crashes before removing the returned path (which it does
+// without the lock, since removing may take a while).
+func (s *store) discard(path, id string, now time.Time) (trash string, err error) {
+	trash = filepath.Join(s.dir, "trash", fmt.Sprintf("%s-%s.%d", id, randHex(4), now.Unix()))
+	if err := os.Rename(path, trash); err != nil {
+		return "", err
+	}
+	return trash, nil
+}
+
 type tokenFile struct {
 	IDs []string `json:"ids"`
 }
@@ -354,6 +383,15 @@ func (s *store) gc(now time.Time) error {
 			errs = append(errs, os.RemoveAll(filepath.Join(s.dir, "trash", e.Name())))
 		}
 	}
+	ents, err = os.ReadDir(filepath.Join(s.dir, "storage", "tmp"))
+	errs = append(errs, err)
+	for _, e := range ents {
+		// Copies of big volumes take a while; a day-old one was left by a crash.
+		_, stamp, _ := strings.Cut(e.Name(), ".")
+		if sec, err := strconv.ParseInt(stamp, 10, 64); err != nil || now.Sub(time.Unix(sec, 0)) > tokenKept {
+			errs = append(errs, os.RemoveAll(filepath.Join(s.dir, "storage", "tmp", e.Name())))
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cleaning up the local cloud: %w", err)
 	}
@@ -378,11 +416,20 @@ func randHex(n int) string {
 // newID returns an EC2-shaped id: "i-" and 17 hex digits.
 func newID() string { return "i-" + randHex(9)[:17] }
 
-func validID(id string) bool {
-	if len(id) != 19 || !strings.HasPrefix(id, "i-") {
+func validID(id string) bool { return validResourceID("i", id) }
+
+// newResourceID returns an EC2-shaped id of another kind: "vol-", "snap-" or
+// "ami-" and 17 hex digits.
+func newResourceID(kind string) string { return kind + "-" + randHex(9)[:17] }
+
+// validResourceID also keeps ids that become file names from leaving their
+// directory.
+func validResourceID(kind, id string) bool {
+	digits, ok := strings.CutPrefix(id, kind+"-")
+	if !ok || len(digits) != 17 {
 		return false
 	}
-	for _, c := range id[2:] {
+	for _, c := range digits {
 		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
 			return false
 		}
