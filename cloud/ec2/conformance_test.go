@@ -128,3 +128,28 @@ func splitList(s string) []string {
 	}
 	return out
 }
+
+// TestStorageConformanceLocalBackend runs the storage contract through
+// the real SDK against ec2test backed by the local cloud, so that volumes,
+// snapshots and their copies hold real data; the second region shares the
+// backend, as ec2test's regions do.
+func TestStorageConformanceLocalBackend(t *testing.T) {
+	hermetic(t)
+	backend, err := local.New(context.Background(), local.Options{Dir: t.TempDir(), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { backend.Close() })
+	srv := newServer(t, ec2test.Options{Backend: backend, Regions: []string{"us-east-1", "eu-west-1"}})
+	cloudtest.RunStorage(t, func(t *testing.T) cloud.Provider {
+		return newProvider(t, srv, nil)
+	}, cloudtest.StorageOptions{
+		Image:         ec2test.DefaultImageID,
+		InstanceTypes: []string{"t3.small"},
+		Zone:          "us-east-1a",
+		Wait:          time.Minute,
+		OtherRegion: func(t *testing.T) cloud.Storage {
+			return newProvider(t, srv, func(o *Options) { o.Region = "eu-west-1" })
+		},
+	})
+}

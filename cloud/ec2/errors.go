@@ -31,6 +31,7 @@ var (
 		"Unsupported", // the type is not offered in this zone
 		"SpotMaxPriceTooLow",
 		"MaxSpotInstanceCountExceeded",
+		"InsufficientVolumeCapacity", // no EBS capacity of this type in the zone
 	}
 	// quotaCodes: an account limit. Other offerings hit the same limit, and
 	// retrying only adds load, so launching stops until an operator acts.
@@ -39,7 +40,9 @@ var (
 		"VcpuLimitExceeded",
 		"VolumeLimitExceeded",
 		"MaxIOPSLimitExceeded",
-		"PendingVerification", // new account or region still being validated
+		"SnapshotLimitExceeded",
+		"ResourceLimitExceeded", // e.g. concurrent snapshot or image copies
+		"PendingVerification",   // new account or region still being validated
 	}
 	// throttleCodes: EC2's and compatible clouds' ways to say "slow down".
 	throttleCodes = []string{
@@ -50,15 +53,23 @@ var (
 		"RequestThrottledException",
 		"TooManyRequestsException",
 		"SlowDown",
+		// Too many snapshots of one volume in flight: wait, then the same
+		// request succeeds.
+		"SnapshotCreationPerVolumeRateExceeded",
 	}
-	// notFoundCodes: the instance or image does not exist, or its id cannot
-	// name one.
+	// notFoundCodes: the instance, image, volume, snapshot or key pair does
+	// not exist, or its id cannot name one.
 	notFoundCodes = []string{
 		"InvalidInstanceID.NotFound",
 		"InvalidInstanceID.Malformed",
 		"InvalidAMIID.NotFound",
 		"InvalidAMIID.Malformed",
 		"InvalidAMIID.Unavailable",
+		"InvalidVolume.NotFound",
+		"InvalidVolumeID.Malformed",
+		"InvalidSnapshot.NotFound",
+		"InvalidSnapshotID.Malformed",
+		"InvalidKeyPair.NotFound",
 	}
 	// instanceStateCodes: EC2 rejects a whole batch because of one
 	// instance's state or kind (a stop of a terminated or spot instance).

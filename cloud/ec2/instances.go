@@ -99,6 +99,7 @@ func toInstance(in types.Instance) cloud.Instance {
 		ID:        aws.ToString(in.InstanceId),
 		State:     stateOf(in.State),
 		PrivateIP: aws.ToString(in.PrivateIpAddress),
+		PublicIP:  aws.ToString(in.PublicIpAddress),
 		Type:      string(in.InstanceType),
 		Image:     aws.ToString(in.ImageId),
 	}

@@ -26,6 +26,10 @@ func TestLaunchReachesEC2(t *testing.T) {
 	srv := newServer(t, ec2test.Options{})
 	p := newProvider(t, srv, nil)
 	ctx := testCtx(t)
+	// EC2 refuses a launch with a key pair it does not know.
+	if err := p.ImportKeyPair(ctx, "ops", []byte(testEd25519Key)); err != nil {
+		t.Fatal(err)
+	}
 
 	spec := cloud.LaunchSpec{
 		Image:           ec2test.DefaultImageID,

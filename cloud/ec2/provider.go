@@ -70,10 +70,16 @@ type Options struct {
 	HTTPClient  *http.Client
 	// RateLimits nil means DefaultRateLimits.
 	RateLimits *RateLimits
+	// SSHPort is the port the images' sshd listens on, reported in
+	// Capabilities; 0 means 22.
+	SSHPort int
 
 	// backoff, for tests, replaces the jittered exponential backoff
 	// between retries.
 	backoff func(attempt int) time.Duration
+	// pageSize, for tests, replaces the largest page of the volume and
+	// snapshot listings.
+	pageSize int32
 }
 
 const (
@@ -96,6 +102,7 @@ type ec2API interface {
 	StopInstances(context.Context, *ec2.StopInstancesInput, ...func(*ec2.Options)) (*ec2.StopInstancesOutput, error)
 	StartInstances(context.Context, *ec2.StartInstancesInput, ...func(*ec2.Options)) (*ec2.StartInstancesOutput, error)
 	GetConsoleOutput(context.Context, *ec2.GetConsoleOutputInput, ...func(*ec2.Options)) (*ec2.GetConsoleOutputOutput, error)
+	storageAPI
 }
 
 var _ ec2API = (*ec2.Client)(nil)
@@ -103,6 +110,8 @@ var _ ec2API = (*ec2.Client)(nil)
 // Provider is an EC2 region of one account. It is safe for concurrent use.
 type Provider struct {
 	api       ec2API
+	region    string
+	sshPort   int
 	log       *slog.Logger
 	backoff   func(attempt int) time.Duration
 	images    *imageCache
@@ -114,6 +123,8 @@ type Provider struct {
 	// noTokenFilter is set once the cloud refused DescribeInstances'
 	// client-token filter.
 	noTokenFilter atomic.Bool
+	// testPageSize is Options.pageSize.
+	testPageSize int32
 }
 
 var _ cloud.Provider = (*Provider)(nil)
@@ -126,6 +137,12 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 	}
 	if opts.ImageCacheTTL <= 0 {
 		opts.ImageCacheTTL = defaultImageCacheTTL
+	}
+	if opts.SSHPort == 0 {
+		opts.SSHPort = 22
+	}
+	if opts.SSHPort < 1 || opts.SSHPort > 65535 {
+		return nil, fmt.Errorf("configuring ec2: ssh port %d is not a TCP port", opts.SSHPort)
 	}
 	limits := DefaultRateLimits()
 	if opts.RateLimits != nil {
@@ -186,21 +203,27 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		o.APIOptions = append(o.APIOptions, addMiddleware(lim, opts.Observe))
 	})
 	return &Provider{
-		api:       client,
-		log:       log,
-		backoff:   backoff,
-		images:    newImageCache(client, opts.ImageCacheTTL, now),
-		offerings: newOfferingMemory(opts.CapacityRetry, now),
-		recent:    &recentLaunches{now: now, at: map[string]time.Time{}},
-		unsure:    &recentLaunches{now: now, at: map[string]time.Time{}},
+		api:          client,
+		region:       cfg.Region,
+		sshPort:      opts.SSHPort,
+		testPageSize: opts.pageSize,
+		log:          log,
+		backoff:      backoff,
+		images:       newImageCache(client, opts.ImageCacheTTL, now),
+		offerings:    newOfferingMemory(opts.CapacityRetry, now),
+		recent:       &recentLaunches{now: now, at: map[string]time.Time{}},
+		unsure:       &recentLaunches{now: now, at: map[string]time.Time{}},
 	}, nil
 }
 
 // Capabilities: EC2 stops and starts EBS-backed instances and keeps a
-// console log.
+// console log; sshd listens where the images say (Options.SSHPort).
 func (p *Provider) Capabilities() cloud.Capabilities {
-	return cloud.Capabilities{StopStart: true, ConsoleOutput: true}
+	return cloud.Capabilities{StopStart: true, ConsoleOutput: true, SSHPort: p.sshPort}
 }
+
+// Region is the region the provider's requests are signed for and act in.
+func (p *Provider) Region() string { return p.region }
 
 // Close does nothing: the client holds no resources that outlive a call.
 func (p *Provider) Close() error { return nil }

@@ -289,6 +289,12 @@ func addMiddleware(l *limiter, observe func(action, code string, d time.Duration
 		if err := s.Initialize.Add(resourceLimit{l}, middleware.After); err != nil {
 			return err
 		}
+		if _, ok := s.Finalize.Get("Retry"); !ok {
+			// A presigning stack (CopySnapshot's PresignedUrl for the source
+			// region) has no retry step: it signs a URL and sends nothing,
+			// so there is no request to pace or observe.
+			return nil
+		}
 		return s.Finalize.Insert(requestLimitObserve{l: l, observe: observe}, "Retry", middleware.After)
 	}
 }

@@ -1,6 +1,7 @@
 package ec2test
 
 import (
+	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/xml"
 	"io"
@@ -10,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/crypto/ssh"
 )
 
 // These helpers speak to the server over plain HTTP and read its answers
@@ -131,10 +134,55 @@ func (r reply) instanceIDs() []string {
 
 const testAuth = "AWS4-HMAC-SHA256 Credential=AKIDEC2TEST/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host;x-amz-date, Signature=00"
 
+// authFor is testAuth scoped to another region.
+func authFor(region string) string {
+	return strings.Replace(testAuth, "/us-east-1/", "/"+region+"/", 1)
+}
+
 // call posts one action with key, value pairs as the SDK would.
 func call(t *testing.T, s *Server, action string, kv ...string) reply {
 	t.Helper()
 	return callAuth(t, s, testAuth, action, kv...)
+}
+
+// callIn is call in another region.
+func callIn(t *testing.T, s *Server, region, action string, kv ...string) reply {
+	t.Helper()
+	return callAuth(t, s, authFor(region), action, kv...)
+}
+
+// mustCallIn is mustCall in another region.
+func mustCallIn(t *testing.T, s *Server, region, action string, kv ...string) reply {
+	t.Helper()
+	r := callIn(t, s, region, action, kv...)
+	if r.status != http.StatusOK {
+		t.Fatalf("%s in %s: HTTP %d %s: %s", action, region, r.status, r.code(), r.message())
+	}
+	return r
+}
+
+// publicKey makes a new Ed25519 key and returns its authorized_keys line.
+func publicKey(t *testing.T, comment string) []byte {
+	t.Helper()
+	pub, _, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sp)))
+	if comment != "" {
+		line += " " + comment
+	}
+	return []byte(line + "\n")
+}
+
+// importKey imports a new key pair called name through ImportKeyPair.
+func importKey(t *testing.T, s *Server, name string) reply {
+	t.Helper()
+	return mustCall(t, s, "ImportKeyPair", "KeyName", name, "PublicKeyMaterial", b64(string(publicKey(t, name+"@test"))))
 }
 
 func callAuth(t *testing.T, s *Server, auth, action string, kv ...string) reply {

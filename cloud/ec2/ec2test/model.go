@@ -17,8 +17,9 @@ import (
 	"github.com/hangar-ci/hangar/cloud"
 )
 
-// This file is the EC2 the server pretends to be: instances and their
-// states, images, idempotency, and the faults tests inject.
+// This file is the EC2 the server pretends to be: regions, instances and
+// their states, idempotency, and the faults tests inject. storage.go holds
+// key pairs, volumes and snapshots, images.go images.
 
 // EC2's instance state codes; the low byte of instanceState/code.
 const (
@@ -45,21 +46,62 @@ const (
 	consoleTail = 64 << 10
 )
 
-// DefaultImageID names the image every server starts with, so a test that
-// does not care about images can launch at once.
+// DefaultImageID names the image every region of a server starts with, so
+// a test that does not care about images can launch at once. (Real AMI ids
+// are unique across regions; this one is the same everywhere for
+// convenience.)
 const DefaultImageID = "ami-0123456789abcdef0"
 
 // Image is an AMI that DescribeImages lists and RunInstances accepts.
 type Image struct {
 	ID, Name     string
+	Description  string
 	Owner        string    // account id; default the server's, which "self" names
 	Created      time.Time // default: when added
 	State        string    // default "available"
 	Architecture string    // default "x86_64"
 	RootDevice   string    // default "/dev/xvda"
-	RootVolumeGB int       // default 8
+	RootVolumeGB int       // default 8; with Devices, the root device's size
 	Tags         map[string]string
-	snapshot     string
+	// Devices are the image's EBS disks. Default: one of RootVolumeGB on
+	// RootDevice, from a snapshot the server makes up and does not list
+	// (as a public image's snapshot is not the account's).
+	Devices []ImageDevice
+
+	// What RegisterImage sets and AddImage leaves at the defaults of a
+	// modern HVM image.
+	virtualization, bootMode, imdsSupport string
+	ena                                   bool
+	// readyAt is when a pending image made by a client may become
+	// available (once its snapshots are complete too); zero for images
+	// added by the test, which keep their State.
+	readyAt time.Time
+	// backendID is the storage backend's copy of the image, which
+	// launches boot from; "" if it has none. backendReady: the backend has
+	// reported it available (always true without one).
+	backendID    string
+	backendReady bool
+}
+
+// ImageDevice is one block device mapping of an image.
+type ImageDevice struct {
+	Device     string // "/dev/xvda"
+	SnapshotID string
+	SizeGB     int
+	VolumeType string // default "gp3"
+	// DeleteOnTermination is the device's EC2 setting; AddImage's
+	// defaults set it.
+	DeleteOnTermination bool
+}
+
+// root is the root device's mapping.
+func (im *Image) root() ImageDevice {
+	for _, d := range im.Devices {
+		if d.Device == im.RootDevice {
+			return d
+		}
+	}
+	return ImageDevice{Device: im.RootDevice, SizeGB: im.RootVolumeGB}
 }
 
 // Instance is a snapshot of one instance as the server holds it, for tests
@@ -75,6 +117,7 @@ type Instance struct {
 	Profile     string // IAM instance profile ARN, "" for none
 	ClientToken string
 	PrivateIP   string
+	PublicIP    string // the backend's, "" without one
 	// SecurityGroups are the ids the launch named.
 	SecurityGroups   []string
 	Tags, VolumeTags map[string]string
@@ -88,6 +131,7 @@ type Instance struct {
 type instance struct {
 	id, reservation, clientToken string
 	image, typ, zone, subnet, ip string
+	publicIP                     string
 	market, spotRequest          string
 	keyName, profile, profileID  string
 	groups                       []string
@@ -119,17 +163,19 @@ type throttle struct{ fraction, acc float64 }
 // state is the server's EC2. launchMu serializes RunInstances and
 // StartInstances whole (checks, backend launch, bookkeeping), so that quota
 // and idempotency hold under concurrent calls without holding mu across a
-// backend call. mu guards everything else.
+// backend call; storageMu does the same for the calls that make, change
+// or delete key pairs, volumes, snapshots and images. mu guards
+// everything else. Lock order: launchMu or storageMu, then mu.
 type state struct {
-	launchMu sync.Mutex
+	launchMu  sync.Mutex
+	storageMu sync.Mutex
 
-	mu        sync.Mutex
-	instances map[string]*instance
-	seq       uint64
+	mu sync.Mutex
+	// regions is fixed once New returns; what each holds is under mu.
+	regions   map[string]*region
+	def       *region // Options.Region
+	seq       uint64  // listing order and page cursor of every resource
 	ipSeq     int
-	tokens    map[string]*launchRecord
-	launches  map[string]int
-	images    []Image
 	calls     map[string]int
 	errs      map[string]int
 	throttles map[string]*throttle
@@ -138,26 +184,59 @@ type state struct {
 	quotaMax  int
 	quotaCode string
 	hideFor   time.Duration
+}
+
+// region is one EC2 region: every instance, volume, snapshot, image and key
+// pair lives in exactly one, and a request sees only its own region's.
+type region struct {
+	name      string
+	zones     []string
+	instances map[string]*instance
+	tokens    map[string]*launchRecord
+	launches  map[string]int
 	peak      int
+	images    []Image
+	keyPairs  map[string]*keyPair // by name
+	volumes   map[string]*volume
+	snapshots map[string]*snapshot
+	// idempotent holds the ClientTokens of CreateVolume and CopyImage, by
+	// action and token.
+	idempotent map[string]tokenRecord
+}
+
+func defaultZones(region string) []string {
+	return []string{region + "a", region + "b", region + "c"}
 }
 
 func (st *state) init(opts Options) {
-	st.instances = map[string]*instance{}
-	st.tokens = map[string]*launchRecord{}
-	st.launches = map[string]int{}
 	st.calls = map[string]int{}
 	st.errs = map[string]int{}
 	st.throttles = map[string]*throttle{}
 	st.buckets = map[string]*bucket{}
-	st.images = []Image{fillImage(Image{
-		ID: DefaultImageID, Name: "ec2test-default", Owner: opts.Account,
-		Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
-	})}
+	st.regions = map[string]*region{}
+	for _, name := range opts.Regions {
+		rg := &region{
+			name: name, zones: defaultZones(name),
+			instances: map[string]*instance{}, tokens: map[string]*launchRecord{}, launches: map[string]int{},
+			keyPairs: map[string]*keyPair{}, volumes: map[string]*volume{}, snapshots: map[string]*snapshot{},
+			idempotent: map[string]tokenRecord{},
+			images: []Image{fillImage(Image{
+				ID: DefaultImageID, Name: "ec2test-default", Owner: opts.Account,
+				Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
+			})},
+		}
+		if name == opts.Region {
+			rg.zones = slices.Clone(opts.Zones)
+			st.def = rg
+		}
+		st.regions[name] = rg
+	}
 }
 
+// fillImage gives an image added by a test its defaults.
 func fillImage(im Image) Image {
 	if im.State == "" {
-		im.State = "available"
+		im.State = cloud.ImageAvailable
 	}
 	if im.Architecture == "" {
 		im.Architecture = "x86_64"
@@ -165,14 +244,25 @@ func fillImage(im Image) Image {
 	if im.RootDevice == "" {
 		im.RootDevice = "/dev/xvda"
 	}
-	if im.RootVolumeGB == 0 {
-		im.RootVolumeGB = 8
-	}
 	if im.Created.IsZero() {
 		im.Created = time.Now()
 	}
 	im.Tags = maps.Clone(im.Tags)
-	im.snapshot = newHexID("snap-")
+	im.Devices = slices.Clone(im.Devices)
+	if len(im.Devices) == 0 {
+		im.Devices = []ImageDevice{{Device: im.RootDevice, SnapshotID: newHexID("snap-"), SizeGB: cmp.Or(im.RootVolumeGB, 8)}}
+	}
+	for i := range im.Devices {
+		d := &im.Devices[i]
+		if d.VolumeType == "" {
+			d.VolumeType, d.DeleteOnTermination = "gp3", true
+		}
+		if d.Device == im.RootDevice {
+			im.RootVolumeGB = d.SizeGB
+		}
+	}
+	im.virtualization, im.bootMode, im.ena = "hvm", "", true
+	im.backendReady = true
 	return im
 }
 
@@ -272,19 +362,9 @@ func (s *Server) HideNewFor(d time.Duration) {
 	s.hideFor = d
 }
 
-// AddImage adds an image, or replaces the one with its id (DefaultImageID
-// included). Defaults are as documented on Image.
-func (s *Server) AddImage(im Image) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	im.Owner = cmp.Or(im.Owner, s.opts.Account)
-	im = fillImage(im)
-	if i := slices.IndexFunc(s.images, func(o Image) bool { return o.ID == im.ID }); i >= 0 {
-		s.images[i] = im
-		return
-	}
-	s.images = append(s.images, im)
-}
+// AddImage adds an image to the default region, or replaces the one with
+// its id (DefaultImageID included). Defaults are as documented on Image.
+func (s *Server) AddImage(im Image) { s.Region("").AddImage(im) }
 
 // Calls counts requests per action, throttled and failed ones included.
 func (s *Server) Calls() map[string]int {
@@ -302,38 +382,94 @@ func (s *Server) Errors() map[string]int {
 }
 
 // Launches is how many RunInstances calls with clientToken started
+// instances in the default region. Idempotency means it is never more
+// than 1.
+func (s *Server) Launches(clientToken string) int { return s.Region("").Launches(clientToken) }
+
+// Running is the number of instances pending or running now in the
+// default region.
+func (s *Server) Running() int { return s.Region("").Running() }
+
+// PeakRunning is the most instances ever pending or running at once in
+// the default region.
+func (s *Server) PeakRunning() int { return s.Region("").PeakRunning() }
+
+// Instances returns every listed instance of the default region, hidden
+// ones included, in launch order.
+func (s *Server) Instances() []Instance { return s.Region("").Instances() }
+
+// Region is one region of a server, for a test to set up and inspect.
+type Region struct {
+	s  *Server
+	rg *region
+}
+
+// Region returns the region called name; "" is the default region. It
+// panics if the server does not serve name: that is a mistake in the test.
+func (s *Server) Region(name string) *Region {
+	rg := s.def
+	if name != "" {
+		rg = s.regions[name]
+	}
+	if rg == nil {
+		panic(fmt.Sprintf("ec2test: region %q is not served (Options.Regions is %v)", name, s.opts.Regions))
+	}
+	return &Region{s, rg}
+}
+
+// Name is the region's name ("us-east-1").
+func (r *Region) Name() string { return r.rg.name }
+
+// Zones are the region's availability zones.
+func (r *Region) Zones() []string { return slices.Clone(r.rg.zones) }
+
+// AddImage adds an image, or replaces the one with its id (DefaultImageID
+// included). Defaults are as documented on Image.
+func (r *Region) AddImage(im Image) {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	im.Owner = cmp.Or(im.Owner, r.s.opts.Account)
+	im = fillImage(im)
+	if i := slices.IndexFunc(r.rg.images, func(o Image) bool { return o.ID == im.ID }); i >= 0 {
+		r.rg.images[i] = im
+		return
+	}
+	r.rg.images = append(r.rg.images, im)
+}
+
+// Launches is how many RunInstances calls with clientToken started
 // instances. Idempotency means it is never more than 1.
-func (s *Server) Launches(clientToken string) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.launches[clientToken]
+func (r *Region) Launches(clientToken string) int {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	return r.rg.launches[clientToken]
 }
 
 // Running is the number of instances pending or running now.
-func (s *Server) Running() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.active(time.Now())
+func (r *Region) Running() int {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	return r.s.active(r.rg, time.Now())
 }
 
 // PeakRunning is the most instances ever pending or running at once.
-func (s *Server) PeakRunning() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.peak
+func (r *Region) PeakRunning() int {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	return r.rg.peak
 }
 
 // Instances returns every listed instance, hidden ones included, in launch
 // order.
-func (s *Server) Instances() []Instance {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+func (r *Region) Instances() []Instance {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
 	var out []Instance
-	for _, in := range s.ordered(time.Now()) {
+	for _, in := range r.s.ordered(r.rg, time.Now()) {
 		out = append(out, Instance{
 			ID: in.id, State: stateNames[in.state], Type: in.typ, Zone: in.zone, Subnet: in.subnet,
 			Image: in.image, Market: in.market, KeyName: in.keyName, Profile: in.profile,
-			ClientToken: in.clientToken, PrivateIP: in.ip, SecurityGroups: slices.Clone(in.groups),
+			ClientToken: in.clientToken, PrivateIP: in.ip, PublicIP: in.publicIP, SecurityGroups: slices.Clone(in.groups),
 			Tags: maps.Clone(in.tags), VolumeTags: maps.Clone(in.volumeTags),
 			UserData: slices.Clone(in.userData), RootVolumeGB: in.rootGB,
 			HTTPTokens: in.httpTokens, HopLimit: in.hopLimit, LaunchTime: in.launched,
@@ -385,12 +521,12 @@ func (s *Server) setState(in *instance, to int, now time.Time) {
 
 // ordered settles every instance, forgets those terminated longer than
 // TerminatedTTL, and returns the rest in launch order. Callers hold mu.
-func (s *Server) ordered(now time.Time) []*instance {
-	out := make([]*instance, 0, len(s.instances))
-	for id, in := range s.instances {
+func (s *Server) ordered(rg *region, now time.Time) []*instance {
+	out := make([]*instance, 0, len(rg.instances))
+	for id, in := range rg.instances {
 		s.settle(in, now)
 		if in.state == terminated && now.Sub(in.since) > s.opts.TerminatedTTL {
-			delete(s.instances, id)
+			delete(rg.instances, id)
 			continue
 		}
 		out = append(out, in)
@@ -404,9 +540,9 @@ func (s *Server) hidden(in *instance, now time.Time) bool {
 }
 
 // active counts pending and running instances. Callers hold mu.
-func (s *Server) active(now time.Time) int {
+func (s *Server) active(rg *region, now time.Time) int {
 	n := 0
-	for _, in := range s.ordered(now) {
+	for _, in := range s.ordered(rg, now) {
 		if in.state == pending || in.state == running {
 			n++
 		}
@@ -416,12 +552,12 @@ func (s *Server) active(now time.Time) int {
 
 // lookup finds instances by id. Like EC2, one unknown id fails the whole
 // call and the error lists every unknown one. Callers hold mu.
-func (s *Server) lookup(ids []string, now time.Time) ([]*instance, error) {
-	s.ordered(now) // settle and forget expired ones
+func (s *Server) lookup(rg *region, ids []string, now time.Time) ([]*instance, error) {
+	s.ordered(rg, now) // settle and forget expired ones
 	var found []*instance
 	var missing []string
 	for _, id := range ids {
-		in, ok := s.instances[id]
+		in, ok := rg.instances[id]
 		if !ok || s.hidden(in, now) {
 			if !slices.Contains(missing, id) {
 				missing = append(missing, id)
@@ -443,8 +579,12 @@ func (s *Server) lookup(ids []string, now time.Time) ([]*instance, error) {
 
 // ---- RunInstances ----
 
-func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
-	req, err := s.parseRun(q)
+func (s *Server) runInstances(ctx context.Context, rg *region, q query) (response, error) {
+	// An image the backend was still making may be ready now.
+	if err := s.refresh(ctx, rg); err != nil {
+		return nil, err
+	}
+	req, err := s.parseRun(rg, q)
 	if err != nil {
 		return nil, err
 	}
@@ -452,23 +592,23 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 	defer s.launchMu.Unlock()
 
 	s.mu.Lock()
-	if rec, ok := s.tokens[req.token]; ok {
+	if rec, ok := rg.tokens[req.token]; ok {
 		defer s.mu.Unlock()
 		if rec.fingerprint != req.fingerprint {
 			return nil, errorf("IdempotentParameterMismatch", "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).")
 		}
-		return s.reservation(rec.reservation, rec.instances, time.Now(), true), nil
+		return s.reservation(rg, rec.reservation, rec.instances, time.Now(), true), nil
 	}
 	s.mu.Unlock()
-	if err := s.checkCapacity(req.typ, req.zone, req.market); err != nil {
+	if err := s.checkCapacity(rg, req.typ, req.zone, req.market); err != nil {
 		return nil, err
 	}
-	n, err := s.quota(req.minCount, req.maxCount)
+	n, err := s.quota(rg, req.minCount, req.maxCount)
 	if err != nil {
 		return nil, err
 	}
 
-	type placed struct{ id, ip string }
+	type placed struct{ id, ip, publicIP string }
 	var got []placed
 	if b := s.opts.Backend; b != nil {
 		token := req.token
@@ -476,7 +616,7 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 			token = newHexID("ec2test-")
 		}
 		spec := cloud.LaunchSpec{
-			Image: req.image.ID, InstanceTypes: []string{req.typ}, Zones: []string{req.zone},
+			Image: s.backendImage(req.image), InstanceTypes: []string{req.typ}, Zones: []string{req.zone},
 			Subnets: []string{req.subnet}, UserData: req.userData, Tags: req.tags,
 			ClientToken: token, SecurityGroups: req.groups, KeyName: req.keyName,
 			InstanceProfile: req.profile, RootVolumeGB: req.rootGB,
@@ -496,7 +636,7 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 			s.log.Warn("ec2test: backend launched fewer instances", "want", n, "got", len(insts), "err", err)
 		}
 		for _, bi := range insts {
-			got = append(got, placed{bi.ID, bi.PrivateIP})
+			got = append(got, placed{bi.ID, bi.PrivateIP, bi.PublicIP})
 		}
 	} else {
 		for range n {
@@ -511,7 +651,7 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 	var launched []*instance
 	for i, p := range got {
 		in := &instance{
-			id: p.id, ip: p.ip, reservation: res, image: req.image.ID, typ: req.typ,
+			id: p.id, ip: p.ip, publicIP: p.publicIP, reservation: res, image: req.image.ID, typ: req.typ,
 			zone: req.zone, subnet: req.subnet, market: req.market, keyName: req.keyName,
 			profile: req.profile, profileID: req.profileID, clientToken: req.token,
 			volumeID: newHexID("vol-"), rootDevice: req.image.RootDevice,
@@ -520,7 +660,7 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 			userData: req.userData, rootGB: req.rootGB, launchIndex: i, created: now,
 		}
 		// A backend's ids are the EC2 ids; without one, make them.
-		for in.id == "" || s.opts.Backend == nil && s.instances[in.id] != nil {
+		for in.id == "" || s.opts.Backend == nil && rg.instances[in.id] != nil {
 			in.id = newHexID("i-")
 		}
 		if in.ip == "" {
@@ -532,26 +672,26 @@ func (s *Server) runInstances(ctx context.Context, q query) (response, error) {
 		s.setState(in, pending, now)
 		s.seq++
 		in.seq = s.seq
-		s.instances[in.id] = in
+		rg.instances[in.id] = in
 		launched = append(launched, in)
 	}
 	if req.token != "" {
-		s.tokens[req.token] = &launchRecord{fingerprint: req.fingerprint, reservation: res, instances: launched}
-		s.launches[req.token]++
+		rg.tokens[req.token] = &launchRecord{fingerprint: req.fingerprint, reservation: res, instances: launched}
+		rg.launches[req.token]++
 	}
 	// A fresh launch answers pending, as on EC2, whatever the boot delay.
-	resp := s.reservation(res, launched, now, false)
-	s.peak = max(s.peak, s.active(now))
+	resp := s.reservation(rg, res, launched, now, false)
+	rg.peak = max(rg.peak, s.active(rg, now))
 	return resp, nil
 }
 
-func (s *Server) reservation(id string, insts []*instance, now time.Time, settle bool) *runInstancesResponse {
+func (s *Server) reservation(rg *region, id string, insts []*instance, now time.Time, settle bool) *runInstancesResponse {
 	r := &runInstancesResponse{reservationXML: reservationXML{ReservationID: id, OwnerID: s.opts.Account}}
 	for _, in := range insts {
 		if settle {
 			s.settle(in, now)
 		}
-		r.Instances = append(r.Instances, s.instanceXML(in))
+		r.Instances = append(r.Instances, s.instanceXML(rg, in, now))
 	}
 	return r
 }
@@ -565,7 +705,7 @@ func (s *Server) nextIP() string {
 
 // checkCapacity asks the test's capacity function, outside mu so that the
 // function may call the Server.
-func (s *Server) checkCapacity(typ, zone, market string) error {
+func (s *Server) checkCapacity(rg *region, typ, zone, market string) error {
 	s.mu.Lock()
 	f := s.capacity
 	s.mu.Unlock()
@@ -573,34 +713,34 @@ func (s *Server) checkCapacity(typ, zone, market string) error {
 		return nil
 	}
 	if code := f(typ, zone, market); code != "" {
-		return s.capacityError(code, typ, zone, market)
+		return s.capacityError(rg, code, typ, zone, market)
 	}
 	return nil
 }
 
 // quota returns how many of between minCount and maxCount new instances
 // fit under the quota. Callers hold launchMu, so nothing starts meanwhile.
-func (s *Server) quota(minCount, maxCount int) (int, error) {
+func (s *Server) quota(rg *region, minCount, maxCount int) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.quotaCode == "" {
 		return maxCount, nil
 	}
 	now := time.Now()
-	free := s.quotaMax - s.active(now)
+	free := s.quotaMax - s.active(rg, now)
 	if free < minCount {
 		if s.quotaCode == "VcpuLimitExceeded" {
 			return 0, errorf(s.quotaCode, "You have requested more vCPU capacity than your current vCPU limit of %d allows for the instance bucket that the specified instance type belongs to. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.", s.quotaMax)
 		}
-		return 0, errorf(s.quotaCode, "You have requested more instances (%d) than your current instance limit of %d allows for the specified instance type. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.", s.active(now)+minCount, s.quotaMax)
+		return 0, errorf(s.quotaCode, "You have requested more instances (%d) than your current instance limit of %d allows for the specified instance type. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.", s.active(rg, now)+minCount, s.quotaMax)
 	}
 	return min(maxCount, free), nil
 }
 
 // capacityError words code as EC2 does, so a client that logs the message
 // shows what a real one would.
-func (s *Server) capacityError(code, typ, zone, market string) *apiError {
-	others := strings.Join(slices.DeleteFunc(slices.Clone(s.opts.Zones), func(z string) bool { return z == zone }), ", ")
+func (s *Server) capacityError(rg *region, code, typ, zone, market string) *apiError {
+	others := strings.Join(slices.DeleteFunc(slices.Clone(rg.zones), func(z string) bool { return z == zone }), ", ")
 	switch {
 	case code == "InsufficientInstanceCapacity" && market == marketSpot:
 		return errorf(code, "There is no Spot capacity available that matches your request.")
@@ -621,7 +761,7 @@ func (s *Server) capacityError(code, typ, zone, market string) *apiError {
 var instanceFilters = []string{"instance-id", "instance-state-name", "tag-key", "client-token",
 	"instance-type", "availability-zone", "subnet-id", "image-id", "instance-lifecycle"}
 
-func (s *Server) describeInstances(_ context.Context, q query) (response, error) {
+func (s *Server) describeInstances(_ context.Context, rg *region, q query) (response, error) {
 	ids := q.list("InstanceId")
 	for _, id := range ids {
 		if err := checkInstanceID(id); err != nil {
@@ -661,11 +801,11 @@ func (s *Server) describeInstances(_ context.Context, q query) (response, error)
 	now := time.Now()
 	var cands []*instance
 	if len(ids) > 0 {
-		if cands, err = s.lookup(ids, now); err != nil {
+		if cands, err = s.lookup(rg, ids, now); err != nil {
 			return nil, err
 		}
 	} else {
-		for _, in := range s.ordered(now) {
+		for _, in := range s.ordered(rg, now) {
 			if !s.hidden(in, now) {
 				cands = append(cands, in)
 			}
@@ -692,7 +832,7 @@ func (s *Server) describeInstances(_ context.Context, q query) (response, error)
 			byRes[in.reservation] = i
 			resp.Reservations = append(resp.Reservations, reservationXML{ReservationID: in.reservation, OwnerID: s.opts.Account})
 		}
-		resp.Reservations[i].Instances = append(resp.Reservations[i].Instances, s.instanceXML(in))
+		resp.Reservations[i].Instances = append(resp.Reservations[i].Instances, s.instanceXML(rg, in, now))
 	}
 	return resp, nil
 }
@@ -809,8 +949,8 @@ type change struct {
 	from, to int
 }
 
-func (s *Server) terminateInstances(ctx context.Context, q query) (response, error) {
-	return s.transition(ctx, q, func(in *instance) (int, error) {
+func (s *Server) terminateInstances(ctx context.Context, rg *region, q query) (response, error) {
+	return s.transition(ctx, rg, q, func(in *instance) (int, error) {
 		switch in.state {
 		case terminated, shuttingDown:
 			return in.state, nil
@@ -819,11 +959,11 @@ func (s *Server) terminateInstances(ctx context.Context, q query) (response, err
 	}, cloud.Provider.Terminate)
 }
 
-func (s *Server) stopInstances(ctx context.Context, q query) (response, error) {
+func (s *Server) stopInstances(ctx context.Context, rg *region, q query) (response, error) {
 	if _, err := q.bool("Force"); err != nil {
 		return nil, err
 	}
-	return s.transition(ctx, q, func(in *instance) (int, error) {
+	return s.transition(ctx, rg, q, func(in *instance) (int, error) {
 		switch {
 		case in.state == stopped || in.state == stopping:
 			return in.state, nil
@@ -836,11 +976,11 @@ func (s *Server) stopInstances(ctx context.Context, q query) (response, error) {
 	}, cloud.Provider.Stop)
 }
 
-func (s *Server) startInstances(ctx context.Context, q query) (response, error) {
+func (s *Server) startInstances(ctx context.Context, rg *region, q query) (response, error) {
 	// Starting counts against capacity and quota, as a launch does.
 	s.launchMu.Lock()
 	defer s.launchMu.Unlock()
-	return s.transition(ctx, q, func(in *instance) (int, error) {
+	return s.transition(ctx, rg, q, func(in *instance) (int, error) {
 		switch in.state {
 		case pending, running:
 			return in.state, nil
@@ -854,13 +994,13 @@ func (s *Server) startInstances(ctx context.Context, q query) (response, error) 
 // transition runs Terminate-, Stop- or StartInstances: decide every
 // instance's next state (one refusal fails the whole call, as on EC2), tell
 // the backend outside the lock, then record what the backend did.
-func (s *Server) transition(ctx context.Context, q query, next func(*instance) (int, error),
+func (s *Server) transition(ctx context.Context, rg *region, q query, next func(*instance) (int, error),
 	backend func(cloud.Provider, context.Context, []string) ([]string, error)) (response, error) {
 	ids, err := q.instanceIDs()
 	if err != nil {
 		return nil, err
 	}
-	changes, err := s.plan(ids, next)
+	changes, err := s.plan(rg, ids, next)
 	if err != nil {
 		return nil, err
 	}
@@ -872,14 +1012,14 @@ func (s *Server) transition(ctx context.Context, q query, next func(*instance) (
 		}
 		moving = append(moving, c.in.id)
 		if c.to == pending {
-			if err := s.checkCapacity(c.in.typ, c.in.zone, c.in.market); err != nil {
+			if err := s.checkCapacity(rg, c.in.typ, c.in.zone, c.in.market); err != nil {
 				return nil, err
 			}
 			starting++
 		}
 	}
 	if starting > 0 {
-		if _, err := s.quota(starting, starting); err != nil {
+		if _, err := s.quota(rg, starting, starting); err != nil {
 			return nil, err
 		}
 	}
@@ -902,7 +1042,7 @@ func (s *Server) transition(ctx context.Context, q query, next func(*instance) (
 			InstanceID: c.in.id, PreviousState: stateOf(c.from), CurrentState: stateOf(c.in.state),
 		})
 	}
-	s.peak = max(s.peak, s.active(now))
+	rg.peak = max(rg.peak, s.active(rg, now))
 	if backendErr != nil {
 		return nil, errorf("InternalError", "An internal error has occurred: backend: %v", backendErr)
 	}
@@ -910,10 +1050,10 @@ func (s *Server) transition(ctx context.Context, q query, next func(*instance) (
 }
 
 // plan finds the instances and decides where each goes.
-func (s *Server) plan(ids []string, next func(*instance) (int, error)) ([]change, error) {
+func (s *Server) plan(rg *region, ids []string, next func(*instance) (int, error)) ([]change, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	insts, err := s.lookup(ids, time.Now())
+	insts, err := s.lookup(rg, ids, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -930,7 +1070,7 @@ func (s *Server) plan(ids []string, next func(*instance) (int, error)) ([]change
 
 // ---- console, attributes, tags ----
 
-func (s *Server) getConsoleOutput(ctx context.Context, q query) (response, error) {
+func (s *Server) getConsoleOutput(ctx context.Context, rg *region, q query) (response, error) {
 	id := q.str("InstanceId")
 	if id == "" {
 		return nil, errorf("MissingParameter", "The request must contain the parameter InstanceId")
@@ -942,7 +1082,7 @@ func (s *Server) getConsoleOutput(ctx context.Context, q query) (response, error
 		return nil, err
 	}
 	s.mu.Lock()
-	insts, err := s.lookup([]string{id}, time.Now())
+	insts, err := s.lookup(rg, []string{id}, time.Now())
 	var in instance
 	if err == nil {
 		in = *insts[0]
@@ -971,7 +1111,7 @@ func (s *Server) getConsoleOutput(ctx context.Context, q query) (response, error
 	return r, nil
 }
 
-func (s *Server) describeInstanceAttribute(_ context.Context, q query) (response, error) {
+func (s *Server) describeInstanceAttribute(_ context.Context, rg *region, q query) (response, error) {
 	id, attr := q.str("InstanceId"), q.str("Attribute")
 	switch {
 	case id == "":
@@ -984,7 +1124,7 @@ func (s *Server) describeInstanceAttribute(_ context.Context, q query) (response
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	insts, err := s.lookup([]string{id}, time.Now())
+	insts, err := s.lookup(rg, []string{id}, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -1004,7 +1144,7 @@ func (s *Server) describeInstanceAttribute(_ context.Context, q query) (response
 	return r, nil
 }
 
-func (s *Server) createTags(_ context.Context, q query) (response, error) {
+func (s *Server) createTags(_ context.Context, rg *region, q query) (response, error) {
 	ids := q.list("ResourceId")
 	if len(ids) == 0 {
 		return nil, errorf("MissingParameter", "The request must contain the parameter ResourceId")
@@ -1018,131 +1158,144 @@ func (s *Server) createTags(_ context.Context, q query) (response, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := time.Now()
-	var targets []map[string]string
-	var instIDs []string
-	for _, id := range ids {
-		switch {
-		case strings.HasPrefix(id, "i-"):
-			if err := checkInstanceID(id); err != nil {
-				return nil, err
-			}
-			instIDs = append(instIDs, id)
-		case strings.HasPrefix(id, "vol-"):
-			var found *instance
-			for _, in := range s.ordered(now) {
-				if in.volumeID == id && !s.hidden(in, now) {
-					found = in
-				}
-			}
-			if found == nil {
-				return nil, errorf("InvalidVolume.NotFound", "The volume '%s' does not exist.", id)
-			}
-			if found.volumeTags == nil {
-				found.volumeTags = map[string]string{}
-			}
-			targets = append(targets, found.volumeTags)
-		default:
-			return nil, errorf("InvalidID", "The ID '%s' is not valid", id)
-		}
-	}
-	insts, err := s.lookup(instIDs, now)
+	targets, err := s.tagTargets(rg, ids, time.Now())
 	if err != nil {
 		return nil, err
 	}
-	for _, in := range insts {
-		if in.tags == nil {
-			in.tags = map[string]string{}
-		}
-		targets = append(targets, in.tags)
-	}
 	for _, t := range targets {
-		merged := maps.Clone(t)
+		merged := map[string]string{}
+		maps.Copy(merged, *t)
 		maps.Copy(merged, tags)
 		if len(merged) > 50 {
 			return nil, errorf("TagLimitExceeded", "The maximum number of tags (50) per resource has been exceeded.")
 		}
 	}
 	for _, t := range targets {
-		maps.Copy(t, tags)
+		if *t == nil {
+			*t = map[string]string{}
+		}
+		maps.Copy(*t, tags)
 	}
-	return &createTagsResponse{Return: true}, nil
+	return &returnResponse{Return: true}, nil
 }
 
-// ---- images and zones ----
-
-var imageFilters = []string{"name", "state", "image-id", "owner-id", "architecture"}
-
-func (s *Server) describeImages(_ context.Context, q query) (response, error) {
-	ids := q.list("ImageId")
-	for _, id := range ids {
-		if !validID(id, "ami-") {
-			return nil, errorf("InvalidAMIID.Malformed", "Invalid id: \"%s\" (expecting \"ami-...\")", id)
+// deleteTags removes Tag.N.Key from each resource; with Tag.N.Value, only
+// where the tag has that value; with no Tag at all, every tag.
+func (s *Server) deleteTags(_ context.Context, rg *region, q query) (response, error) {
+	ids := q.list("ResourceId")
+	if len(ids) == 0 {
+		return nil, errorf("MissingParameter", "The request must contain the parameter ResourceId")
+	}
+	type del struct {
+		key, value string
+		anyValue   bool
+	}
+	var dels []del
+	for _, i := range q.indexes("Tag") {
+		p := "Tag." + strconv.Itoa(i)
+		k := q.str(p + ".Key")
+		if k == "" {
+			return nil, errorf("InvalidParameterValue", "Tag key must not be empty (%s.Key).", p)
 		}
-	}
-	if _, err := q.bool("IncludeDeprecated"); err != nil {
-		return nil, err
-	}
-	owners := q.list("Owner")
-	for i, o := range owners {
-		if o == "self" {
-			owners[i] = s.opts.Account
+		if strings.HasPrefix(strings.ToLower(k), "aws:") {
+			return nil, errorf("InvalidParameterValue", "Tag keys starting with 'aws:' are reserved for internal use")
 		}
-	}
-	filters, err := q.filters()
-	if err != nil {
-		return nil, err
-	}
-	for _, f := range filters {
-		if !slices.Contains(imageFilters, f.name) {
-			return nil, errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
-		}
+		dels = append(dels, del{k, q.str(p + ".Value"), !q.has(p + ".Value")})
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var missing []string
-	for _, id := range ids {
-		if !slices.ContainsFunc(s.images, func(im Image) bool { return im.ID == id }) {
-			missing = append(missing, id)
-		}
+	targets, err := s.tagTargets(rg, ids, time.Now())
+	if err != nil {
+		return nil, err
 	}
-	if len(missing) > 0 {
-		return nil, errorf("InvalidAMIID.NotFound", "The image id '[%s]' does not exist", strings.Join(missing, ", "))
-	}
-	resp := &describeImagesResponse{}
-	for _, im := range s.images {
-		if len(ids) > 0 && !slices.Contains(ids, im.ID) || len(owners) > 0 && !slices.Contains(owners, im.Owner) {
-			continue
+	for _, t := range targets {
+		if len(dels) == 0 {
+			*t = nil
 		}
-		values := func(name string) ([]string, bool) {
-			switch name {
-			case "name":
-				return []string{im.Name}, true
-			case "state":
-				return []string{im.State}, true
-			case "image-id":
-				return []string{im.ID}, true
-			case "owner-id":
-				return []string{im.Owner}, true
-			case "architecture":
-				return []string{im.Architecture}, true
+		for _, d := range dels {
+			if v, ok := (*t)[d.key]; ok && (d.anyValue || v == d.value) {
+				delete(*t, d.key)
 			}
-			return nil, false
-		}
-		if matchesAll(filters, values) {
-			resp.Images = append(resp.Images, s.imageXML(im))
 		}
 	}
-	return resp, nil
+	return &returnResponse{Return: true}, nil
 }
 
-func (s *Server) describeAvailabilityZones(_ context.Context, q query) (response, error) {
+// tagTargets finds the tag maps of the resources named by ids, in the
+// region: instances, volumes (instances' root volumes included),
+// snapshots, images and key pairs. One unknown id fails the whole call.
+// Callers hold mu.
+func (s *Server) tagTargets(rg *region, ids []string, now time.Time) ([]*map[string]string, error) {
+	var targets []*map[string]string
+	var instIDs []string
+	for _, id := range ids {
+		prefix, _, _ := strings.Cut(id, "-")
+		switch prefix {
+		case "i":
+			if err := checkInstanceID(id); err != nil {
+				return nil, err
+			}
+			instIDs = append(instIDs, id)
+		case "vol":
+			if v := rg.volumes[id]; v != nil {
+				targets = append(targets, &v.tags)
+			} else if in := s.rootVolumeOf(rg, id, now); in != nil {
+				targets = append(targets, &in.volumeTags)
+			} else {
+				return nil, errorf("InvalidVolume.NotFound", "The volume '%s' does not exist.", id)
+			}
+		case "snap":
+			sn := rg.snapshots[id]
+			if sn == nil {
+				return nil, errorf("InvalidSnapshot.NotFound", "The snapshot '%s' does not exist.", id)
+			}
+			targets = append(targets, &sn.tags)
+		case "ami":
+			im := s.findImage(rg, id, now)
+			if im == nil {
+				return nil, errorf("InvalidAMIID.NotFound", "The image id '[%s]' does not exist", id)
+			}
+			targets = append(targets, &im.Tags)
+		case "key":
+			kp := rg.keyPairByID(id)
+			if kp == nil {
+				return nil, errorf("InvalidKeyPair.NotFound", "The key pair '%s' does not exist", id)
+			}
+			targets = append(targets, &kp.tags)
+		default:
+			return nil, errorf("InvalidID", "The ID '%s' is not valid", id)
+		}
+	}
+	insts, err := s.lookup(rg, instIDs, now)
+	if err != nil {
+		return nil, err
+	}
+	for _, in := range insts {
+		targets = append(targets, &in.tags)
+	}
+	return targets, nil
+}
+
+// rootVolumeOf finds the instance whose root volume id is, ignoring
+// hidden ones. Callers hold mu.
+func (s *Server) rootVolumeOf(rg *region, id string, now time.Time) *instance {
+	for _, in := range s.ordered(rg, now) {
+		if in.volumeID == id && !s.hidden(in, now) && in.state != terminated {
+			return in
+		}
+	}
+	return nil
+}
+
+// ---- zones ----
+
+func (s *Server) describeAvailabilityZones(_ context.Context, rg *region, q query) (response, error) {
 	if _, err := q.bool("AllAvailabilityZones"); err != nil {
 		return nil, err
 	}
 	names := q.list("ZoneName")
 	for _, n := range names {
-		if !slices.Contains(s.opts.Zones, n) {
+		if !slices.Contains(rg.zones, n) {
 			return nil, errorf("InvalidParameterValue", "The zone '%s' does not exist", n)
 		}
 	}
@@ -1151,11 +1304,11 @@ func (s *Server) describeAvailabilityZones(_ context.Context, q query) (response
 		return nil, err
 	}
 	resp := &availabilityZonesResponse{}
-	for i, z := range s.opts.Zones {
+	for i, z := range rg.zones {
 		x := zoneXML{
-			ZoneName: z, ZoneState: "available", RegionName: s.opts.Region,
-			ZoneID: zoneIDPrefix(s.opts.Region) + "-az" + strconv.Itoa(i+1), OptInStatus: "opt-in-not-required",
-			GroupName: s.opts.Region, NetworkBorderGroup: s.opts.Region, ZoneType: "availability-zone",
+			ZoneName: z, ZoneState: "available", RegionName: rg.name,
+			ZoneID: zoneIDPrefix(rg.name) + "-az" + strconv.Itoa(i+1), OptInStatus: "opt-in-not-required",
+			GroupName: rg.name, NetworkBorderGroup: rg.name, ZoneType: "availability-zone",
 		}
 		values := func(name string) ([]string, bool) {
 			switch name {

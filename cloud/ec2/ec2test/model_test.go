@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -206,6 +207,15 @@ func (m *serviceModel) checkParam(name string, segs []string) bool {
 	return false
 }
 
+// newerThanModel lists parameters the server accepts that Debian's
+// botocore model is too old to have. Each is checked against a source just
+// as foreign: the serializer of the aws-sdk-go-v2 EC2 client this module
+// builds with.
+var newerThanModel = map[string][]string{
+	"RegisterImage": {"TagSpecification.N.ResourceType", "TagSpecification.N.Tag.N.Key", "TagSpecification.N.Tag.N.Value"},
+	"CopyImage":     {"TagSpecification.N.ResourceType", "TagSpecification.N.Tag.N.Key", "TagSpecification.N.Tag.N.Value"},
+}
+
 func TestParametersAreInModel(t *testing.T) {
 	t.Parallel()
 	m := loadModel(t)
@@ -216,6 +226,9 @@ func TestParametersAreInModel(t *testing.T) {
 			continue
 		}
 		for _, p := range append([]string{"DryRun"}, a.params...) {
+			if slices.Contains(newerThanModel[action], p) {
+				continue
+			}
 			if !m.checkParam(op.Input.Shape, strings.Split(p, ".")) {
 				t.Errorf("%s accepts %s, which %s does not have", action, p, op.Input.Shape)
 			}
@@ -223,18 +236,66 @@ func TestParametersAreInModel(t *testing.T) {
 	}
 }
 
+func TestNewerParametersAreInGoSDK(t *testing.T) {
+	t.Parallel()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/aws/aws-sdk-go-v2/service/ec2").Output()
+	if err != nil {
+		t.Skipf("cannot find the aws-sdk-go-v2 EC2 module: %v", err)
+	}
+	src, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "serializers.go"))
+	if err != nil {
+		t.Skipf("the aws-sdk-go-v2 EC2 module is not downloaded: %v", err)
+	}
+	for action, params := range newerThanModel {
+		if !slices.ContainsFunc(params, func(p string) bool { return slices.Contains(actions[action].params, p) }) {
+			t.Errorf("newerThanModel lists %s parameters the server does not accept", action)
+		}
+		body := goSerializer(string(src), action)
+		if body == "" {
+			t.Errorf("no serializer for %s in the Go SDK", action)
+			continue
+		}
+		for _, p := range params {
+			top, _, _ := strings.Cut(p, ".")
+			// Lists are FlatKey, scalars Key.
+			if !strings.Contains(body, `Key("`+top+`")`) {
+				t.Errorf("the Go SDK does not send %s with %s", top, action)
+			}
+		}
+	}
+}
+
+// goSerializer returns the body of the Go SDK's query serializer for an
+// action's input.
+func goSerializer(src, action string) string {
+	start := strings.Index(src, "func awsEc2query_serializeOpDocument"+action+"Input(")
+	if start < 0 {
+		return ""
+	}
+	end := strings.Index(src[start:], "\n}\n")
+	return src[start : start+end]
+}
+
 // sampleResponses drives the server through every action with parameters
 // that make it emit as many elements as it can, and returns the bodies.
 func sampleResponses(t *testing.T) map[string][]reply {
 	out := map[string][]reply{}
-	// slow keeps instances pending and stopping; fast moves them on at once.
-	slow := newServer(t, Options{BootDelay: time.Hour, StopDelay: time.Hour})
-	fast := newServer(t, Options{})
-	add := func(s *Server, action string, kv ...string) reply {
-		r := mustCall(t, s, action, kv...)
+	// slow keeps instances, volumes, snapshots and images pending; fast
+	// moves them on at once.
+	hour := time.Hour
+	slow := newServer(t, Options{BootDelay: hour, StopDelay: hour, VolumeDelay: hour, SnapshotDelay: hour, ImageDelay: hour})
+	// fast has a second region and a backend, for public addresses.
+	fast := newServer(t, Options{Regions: []string{"us-east-1", "eu-west-1"}, Backend: newMemBackend()})
+	addIn := func(s *Server, region, action string, kv ...string) reply {
+		r := mustCallIn(t, s, region, action, kv...)
 		out[action] = append(out[action], r)
 		return r
 	}
+	add := func(s *Server, action string, kv ...string) reply { return addIn(s, "us-east-1", action, kv...) }
+	key := b64(string(publicKey(t, "ops@sample")))
+	add(slow, "ImportKeyPair", "KeyName", "ops", "PublicKeyMaterial", key)
+	add(fast, "ImportKeyPair", "KeyName", "ops", "PublicKeyMaterial", key,
+		"TagSpecification.1.ResourceType", "key-pair", "TagSpecification.1.Tag.1.Key", "k", "TagSpecification.1.Tag.1.Value", "v")
 	full := []string{
 		"ImageId", DefaultImageID, "MinCount", "1", "MaxCount", "1",
 		"InstanceType", "t3.small", "SubnetId", "subnet-us-east-1a", "KeyName", "ops",
@@ -261,7 +322,61 @@ func sampleResponses(t *testing.T) map[string][]reply {
 	fast.AddImage(Image{ID: "ami-0aaaaaaaaaaaaaaa1", Name: "worker", Owner: "123456789012", Tags: map[string]string{"os": "debian"}})
 	add(fast, "DescribeImages", "Owner.1", "self")
 	add(fast, "DescribeAvailabilityZones")
+	addIn(fast, "eu-west-1", "DescribeAvailabilityZones")
+
+	sampleStorage(t, slow, fast, add, addIn)
 	return out
+}
+
+// sampleStorage adds samples of the volume, snapshot, image and key pair
+// calls: slow shows what is pending, fast what is done.
+func sampleStorage(t *testing.T, slow, fast *Server, add func(*Server, string, ...string) reply, addIn func(*Server, string, string, ...string) reply) {
+	tagged := func(rt string) []string {
+		return []string{"TagSpecification.1.ResourceType", rt, "TagSpecification.1.Tag.1.Key", "hangar:pool", "TagSpecification.1.Tag.1.Value", "s"}
+	}
+	add(fast, "DescribeKeyPairs", "IncludePublicKey", "true")
+	add(fast, "DescribeKeyPairs", "KeyName.1", "ops", "Filter.1.Name", "key-type", "Filter.1.Value.1", "ed25519")
+
+	// Pending things.
+	run(t, slow, 1)
+	slowVol := add(slow, "CreateVolume", append([]string{"AvailabilityZone", "us-east-1a", "Size", "10", "ClientToken", "v"}, tagged("volume")...)...).root.get("volumeId")
+	add(slow, "DescribeVolumes", "VolumeId.1", slowVol)
+	slowRoot := mustCall(t, slow, "DescribeInstances").root.get("reservationSet/item/instancesSet/item/blockDeviceMapping/item/ebs/volumeId")
+	add(slow, "CreateSnapshot", append([]string{"VolumeId", slowRoot, "Description", "root"}, tagged("snapshot")...)...)
+	add(slow, "DescribeSnapshots", "Owner.1", "self")
+	// An instance must run to be imaged.
+	imaging := newServer(t, Options{ImageDelay: time.Hour})
+	add(imaging, "CreateImage", "InstanceId", run(t, imaging, 1).instanceIDs()[0], "Name", "pending-image")
+	add(imaging, "DescribeImages", "Owner.1", "self", "Filter.1.Name", "state", "Filter.1.Value.1", "pending")
+
+	// Done things, in the default region and copied to the other.
+	id := run(t, fast, 1, "KeyName", "ops", "SubnetId", "subnet-us-east-1b").instanceIDs()[0]
+	vol := add(fast, "CreateVolume", append([]string{"AvailabilityZone", "us-east-1b", "Size", "4", "VolumeType", "gp2", "Encrypted", "true"}, tagged("volume")...)...).root.get("volumeId")
+	add(fast, "CreateVolume", "AvailabilityZone", "us-east-1b", "Size", "20", "VolumeType", "gp3", "Iops", "4000", "Throughput", "250")
+	add(fast, "AttachVolume", "VolumeId", vol, "InstanceId", id, "Device", "/dev/sdf")
+	add(fast, "DescribeVolumes", "Filter.1.Name", "attachment.instance-id", "Filter.1.Value.1", id)
+	add(fast, "DescribeVolumes", "MaxResults", "5")
+	add(fast, "DescribeInstances", "InstanceId.1", id)
+	snap := add(fast, "CreateSnapshot", append([]string{"VolumeId", vol, "Description", "data"}, tagged("snapshot")...)...).root.get("snapshotId")
+	add(fast, "DescribeSnapshots", "SnapshotId.1", snap)
+	add(fast, "DescribeSnapshots", "MaxResults", "5", "Filter.1.Name", "tag:hangar:pool", "Filter.1.Value.1", "s")
+	addIn(fast, "eu-west-1", "CopySnapshot", append([]string{"SourceRegion", "us-east-1", "SourceSnapshotId", snap, "DestinationRegion", "eu-west-1", "PresignedUrl", "https://example.invalid/"}, tagged("snapshot")...)...)
+	addIn(fast, "eu-west-1", "DescribeSnapshots", "Owner.1", "self")
+	ami := add(fast, "CreateImage", append([]string{"InstanceId", id, "Name", "created", "NoReboot", "true"}, tagged("image")...)...).root.get("imageId")
+	add(fast, "RegisterImage", "Name", "registered", "Description", "from a snapshot", "Architecture", "arm64", "RootDeviceName", "/dev/xvda",
+		"VirtualizationType", "hvm", "EnaSupport", "true", "BootMode", "uefi", "ImdsSupport", "v2.0",
+		"BlockDeviceMapping.1.DeviceName", "/dev/xvda", "BlockDeviceMapping.1.Ebs.SnapshotId", snap, "BlockDeviceMapping.1.Ebs.VolumeSize", "8",
+		"BlockDeviceMapping.1.Ebs.VolumeType", "gp3", "BlockDeviceMapping.1.Ebs.DeleteOnTermination", "false")
+	addIn(fast, "eu-west-1", "CopyImage", "SourceRegion", "us-east-1", "SourceImageId", ami, "Name", "copied", "Description", "a copy", "ClientToken", "c", "CopyImageTags", "true")
+	add(fast, "DescribeImages", "ImageId.1", ami)
+	addIn(fast, "eu-west-1", "DescribeImages", "Owner.1", "self", "Filter.1.Name", "tag-key", "Filter.1.Value.1", "hangar:pool")
+	add(fast, "DeleteTags", "ResourceId.1", vol, "ResourceId.2", snap, "ResourceId.3", ami, "Tag.1.Key", "hangar:pool")
+	add(fast, "DetachVolume", "VolumeId", vol, "Force", "true")
+	add(fast, "DeleteVolume", "VolumeId", vol)
+	add(fast, "DeregisterImage", "ImageId", ami)
+	other := mustCall(t, fast, "CreateSnapshot", "VolumeId", mustCall(t, fast, "CreateVolume", "AvailabilityZone", "us-east-1a", "Size", "1").root.get("volumeId")).root.get("snapshotId")
+	add(fast, "DeleteSnapshot", "SnapshotId", other)
+	add(fast, "DeleteKeyPair", "KeyName", "ops")
 }
 
 func TestResponsesAreInModel(t *testing.T) {

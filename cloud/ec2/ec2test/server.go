@@ -4,12 +4,18 @@
 // produces: throttling, capacity and quota errors, eventual consistency.
 //
 // For a client under test:
-//   - Give the SDK URL() as its endpoint, the server's region (default
-//     us-east-1) and any static credentials. Requests must carry a SigV4
-//     Authorization header scoped to that region and to ec2; the signature
-//     itself is not checked.
-//   - Image DefaultImageID exists from the start, and subnet
-//     "subnet-<zone>" for each zone.
+//   - Give the SDK URL() as its endpoint, one of the server's regions
+//     (default just us-east-1) and any static credentials. Requests must
+//     carry a SigV4 Authorization header scoped to ec2 and to a region the
+//     server serves; the signature itself is not checked. The scope's
+//     region is the request's region: one server plays several regions,
+//     each with its own instances, volumes, snapshots, images and key
+//     pairs.
+//   - Image DefaultImageID exists from the start in every region, and
+//     subnet "subnet-<zone>" for each zone.
+//   - Besides instances it serves key pairs, EBS volumes, snapshots and
+//     images (storage.go), and with a Backend that implements
+//     cloud.Storage it keeps their data there.
 //   - Errors come with EC2's HTTP statuses, which decide what the SDK's
 //     retryer does: 400 for client errors, 500 for
 //     InsufficientInstanceCapacity and InternalError, 503 for
@@ -20,8 +26,9 @@
 package ec2test
 
 // This file holds the HTTP side: authentication, the parameters each action
-// accepts, and RunInstances' parameters. model.go holds instances and
-// faults, xml.go the response shapes.
+// accepts, and RunInstances' parameters. model.go holds regions, instances
+// and faults, storage.go key pairs, volumes and snapshots, images.go
+// images, xml.go the response shapes.
 
 import (
 	"bytes"
@@ -35,6 +42,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -51,20 +59,31 @@ const apiVersion = "2016-11-15"
 
 // Options configures a Server. The zero value is a usable in-memory EC2.
 type Options struct {
-	// Region must match the region in the client's credential scope.
-	// Default "us-east-1".
+	// Region is the default region: the one the Server's own inspection
+	// methods (Instances, Running, AddImage …) act on. Default Regions[0],
+	// else "us-east-1".
 	Region string
-	// Zones in the region. Default Region+"a", "b", "c". Subnet
-	// "subnet-<zone>" exists for each.
+	// Regions are all the regions served; a request whose credential scope
+	// names another fails as EC2 fails a region the account cannot use.
+	// Default: just Region. Region is always served.
+	Regions []string
+	// Zones of the default region. Default Region+"a", "b", "c"; every
+	// other region R has R+"a", "b", "c". Subnet "subnet-<zone>" exists for
+	// each zone.
 	Zones []string
 	// Account is the owner id of reservations and of "self" images.
 	// Default "123456789012".
 	Account string
 	// Backend, when set, really runs each instance (user-data included) and
 	// is told of every terminate, stop and start. Its instance ids and
-	// private addresses become the EC2 ones, so its ids must be EC2-shaped
-	// ("i-" and 17 hex digits), as the local cloud's are. Without a
-	// backend, instances exist only in memory.
+	// private and public addresses become the EC2 ones, so its ids must be
+	// EC2-shaped ("i-" and 17 hex digits), as the local cloud's are.
+	// Without a backend, instances exist only in memory. One backend
+	// stands behind every region.
+	//
+	// A backend that also implements cloud.Storage gets the key pairs,
+	// volumes and snapshots too, so that their data is real: see
+	// storage.go.
 	Backend cloud.Provider
 	// Logger gets one debug line per request; nil discards.
 	Logger *slog.Logger
@@ -76,6 +95,18 @@ type Options struct {
 	// TerminatedTTL is how long a terminated instance stays listed.
 	// Default 1h, as on EC2.
 	TerminatedTTL time.Duration
+	// VolumeDelay is how long a new volume stays creating, and an
+	// attachment attaching or detaching. Default 0: the next Describe
+	// shows it available (attached, detached). CreateVolume, AttachVolume
+	// and DetachVolume always answer creating, attaching, detaching, as
+	// EC2 does.
+	VolumeDelay time.Duration
+	// SnapshotDelay is how long a created or copied snapshot stays pending,
+	// its progress rising with time. Default 0.
+	SnapshotDelay time.Duration
+	// ImageDelay is how long a created, registered or copied image stays
+	// pending; it also waits for its snapshots to complete. Default 0.
+	ImageDelay time.Duration
 }
 
 // Server is a running EC2 test endpoint on 127.0.0.1. It is safe for
@@ -91,9 +122,15 @@ type Server struct {
 func New(opts Options) *Server {
 	if opts.Region == "" {
 		opts.Region = "us-east-1"
+		if len(opts.Regions) > 0 {
+			opts.Region = opts.Regions[0]
+		}
+	}
+	if !slices.Contains(opts.Regions, opts.Region) {
+		opts.Regions = append([]string{opts.Region}, opts.Regions...)
 	}
 	if len(opts.Zones) == 0 {
-		opts.Zones = []string{opts.Region + "a", opts.Region + "b", opts.Region + "c"}
+		opts.Zones = defaultZones(opts.Region)
 	}
 	if opts.Account == "" {
 		opts.Account = "123456789012"
@@ -155,8 +192,15 @@ type action struct {
 	// serializer names them, with N for a list index. The model test
 	// checks each against the botocore service model.
 	params []string
-	serve  func(s *Server, ctx context.Context, q query) (response, error)
+	// serve answers the request, made in region rg.
+	serve func(s *Server, ctx context.Context, rg *region, q query) (response, error)
 }
+
+// tagSpecParams are the TagSpecification parameters of the actions that
+// tag what they create.
+var tagSpecParams = []string{"TagSpecification.N.ResourceType", "TagSpecification.N.Tag.N.Key", "TagSpecification.N.Tag.N.Value"}
+
+var filterParams = []string{"Filter.N.Name", "Filter.N.Value.N"}
 
 // actions: what Hangar's EC2 provider calls. DryRun is accepted everywhere.
 var actions = map[string]action{
@@ -186,12 +230,63 @@ var actions = map[string]action{
 	"CreateTags": {serve: (*Server).createTags, params: []string{
 		"ResourceId.N", "Tag.N.Key", "Tag.N.Value",
 	}},
+	"DeleteTags": {serve: (*Server).deleteTags, params: []string{
+		"ResourceId.N", "Tag.N.Key", "Tag.N.Value",
+	}},
 	"DescribeInstanceAttribute": {serve: (*Server).describeInstanceAttribute, params: []string{
 		"InstanceId", "Attribute",
 	}},
 	"DescribeAvailabilityZones": {serve: (*Server).describeAvailabilityZones, params: []string{
 		"ZoneName.N", "Filter.N.Name", "Filter.N.Value.N", "AllAvailabilityZones",
 	}},
+
+	"ImportKeyPair": {serve: (*Server).importKeyPair, params: slices.Concat([]string{
+		"KeyName", "PublicKeyMaterial",
+	}, tagSpecParams)},
+	"DescribeKeyPairs": {serve: (*Server).describeKeyPairs, params: slices.Concat([]string{
+		"KeyName.N", "KeyPairId.N", "IncludePublicKey",
+	}, filterParams)},
+	"DeleteKeyPair": {serve: (*Server).deleteKeyPair, params: []string{"KeyName", "KeyPairId"}},
+
+	"CreateVolume": {serve: (*Server).createVolume, params: slices.Concat([]string{
+		"AvailabilityZone", "Size", "SnapshotId", "VolumeType", "Iops", "Throughput", "Encrypted", "ClientToken",
+	}, tagSpecParams)},
+	"DescribeVolumes": {serve: (*Server).describeVolumes, params: slices.Concat([]string{
+		"VolumeId.N", "MaxResults", "NextToken",
+	}, filterParams)},
+	"AttachVolume": {serve: (*Server).attachVolume, params: []string{"VolumeId", "InstanceId", "Device"}},
+	"DetachVolume": {serve: (*Server).detachVolume, params: []string{"VolumeId", "InstanceId", "Device", "Force"}},
+	"DeleteVolume": {serve: (*Server).deleteVolume, params: []string{"VolumeId"}},
+
+	"CreateSnapshot": {serve: (*Server).createSnapshot, params: slices.Concat([]string{
+		"VolumeId", "Description",
+	}, tagSpecParams)},
+	"DescribeSnapshots": {serve: (*Server).describeSnapshots, params: slices.Concat([]string{
+		"SnapshotId.N", "Owner.N", "MaxResults", "NextToken",
+	}, filterParams)},
+	"DeleteSnapshot": {serve: (*Server).deleteSnapshot, params: []string{"SnapshotId"}},
+	// The SDKs fill in DestinationRegion and PresignedUrl themselves for a
+	// copy between regions; the URL's signature is not checked.
+	"CopySnapshot": {serve: (*Server).copySnapshot, params: slices.Concat([]string{
+		"SourceRegion", "SourceSnapshotId", "Description", "DestinationRegion", "PresignedUrl", "Encrypted",
+	}, tagSpecParams)},
+
+	"CreateImage": {serve: (*Server).createImage, params: slices.Concat([]string{
+		"InstanceId", "Name", "Description", "NoReboot",
+	}, tagSpecParams)},
+	// TagSpecification is newer than Debian's botocore model for
+	// RegisterImage and CopyImage; model_test.go checks it against the Go
+	// SDK's serializer instead.
+	"RegisterImage": {serve: (*Server).registerImage, params: slices.Concat([]string{
+		"Name", "Description", "Architecture", "RootDeviceName", "VirtualizationType", "EnaSupport",
+		"BootMode", "ImdsSupport",
+		"BlockDeviceMapping.N.DeviceName", "BlockDeviceMapping.N.Ebs.SnapshotId", "BlockDeviceMapping.N.Ebs.VolumeSize",
+		"BlockDeviceMapping.N.Ebs.DeleteOnTermination", "BlockDeviceMapping.N.Ebs.VolumeType",
+	}, tagSpecParams)},
+	"CopyImage": {serve: (*Server).copyImage, params: slices.Concat([]string{
+		"SourceRegion", "SourceImageId", "Name", "Description", "ClientToken", "CopyImageTags", "Encrypted",
+	}, tagSpecParams)},
+	"DeregisterImage": {serve: (*Server).deregisterImage, params: []string{"ImageId"}},
 }
 
 // response is an action's result; see header in xml.go.
@@ -213,7 +308,8 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		name = r.Form.Get("Action")
 		s.countCall(name)
-		if err := s.checkAuth(r); err != nil {
+		rg, err := s.checkAuth(r)
+		if err != nil {
 			return nil, err
 		}
 		a, ok := actions[name]
@@ -240,7 +336,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		// A launch the client stopped waiting for still happens on EC2;
 		// a client timeout must not cancel backend work halfway.
-		return a.serve(s, context.WithoutCancel(r.Context()), q)
+		return a.serve(s, context.WithoutCancel(r.Context()), rg, q)
 	}()
 	if err != nil {
 		s.writeError(w, name, requestID, err)
@@ -277,18 +373,26 @@ func (s *Server) writeXML(w http.ResponseWriter, status int, v any, root xml.Nam
 	w.Write(buf.Bytes())
 }
 
-// checkAuth wants a SigV4 Authorization header scoped to this region and to
-// ec2. The signature is not checked: the point is that the client signs, and
-// signs for the region the server stands for, so a misconfigured region
-// fails here as it would on AWS.
-func (s *Server) checkAuth(r *http.Request) error {
+// checkAuth wants a SigV4 Authorization header scoped to ec2 and to a
+// region the server serves, and returns that region. The signature is not
+// checked: the point is that the client signs, and signs for a region the
+// server stands for, so a misconfigured region fails here as it would on
+// AWS.
+//
+// A region not served answers AuthFailure (HTTP 401), not
+// UnauthorizedOperation: EC2 sends AuthFailure when it cannot accept the
+// credentials in that region at all (a region the account has not opted
+// into, or a scope the endpoint does not serve), while
+// UnauthorizedOperation (403) means IAM denied an action, which a client
+// would wrongly take for a permissions problem.
+func (s *Server) checkAuth(r *http.Request) (*region, error) {
 	h := r.Header.Get("Authorization")
 	if h == "" {
-		return errorf("MissingAuthenticationToken", "The request must contain either a valid (registered) AWS access key ID or X.509 certificate.")
+		return nil, errorf("MissingAuthenticationToken", "The request must contain either a valid (registered) AWS access key ID or X.509 certificate.")
 	}
 	rest, ok := strings.CutPrefix(h, "AWS4-HMAC-SHA256 ")
 	if !ok {
-		return errorf("AuthFailure", "Authorization header is not AWS4-HMAC-SHA256.")
+		return nil, errorf("AuthFailure", "Authorization header is not AWS4-HMAC-SHA256.")
 	}
 	var scope []string
 	for field := range strings.SplitSeq(rest, ",") {
@@ -298,15 +402,16 @@ func (s *Server) checkAuth(r *http.Request) error {
 	}
 	// AKID/yyyymmdd/region/service/aws4_request
 	if len(scope) != 5 || scope[0] == "" || scope[4] != "aws4_request" {
-		return errorf("AuthFailure", "Authorization header has no valid Credential scope.")
+		return nil, errorf("AuthFailure", "Authorization header has no valid Credential scope.")
 	}
-	if scope[2] != s.opts.Region {
-		return errorf("AuthFailure", "Credential should be scoped to a valid region, not '%s'.", scope[2])
+	rg := s.regions[scope[2]]
+	if rg == nil {
+		return nil, errorf("AuthFailure", "Credential should be scoped to a valid region, not '%s'.", scope[2])
 	}
 	if scope[3] != "ec2" {
-		return errorf("AuthFailure", "Credential should be scoped to correct service: 'ec2'.")
+		return nil, errorf("AuthFailure", "Credential should be scoped to correct service: 'ec2'.")
 	}
-	return nil
+	return rg, nil
 }
 
 func newRequestID() string {
@@ -424,6 +529,21 @@ func (q query) filters() ([]filter, error) {
 	return out, nil
 }
 
+// checkedFilters reads Filter.N, refusing a name not in allowed; tag:KEY
+// is always allowed.
+func (q query) checkedFilters(allowed []string) ([]filter, error) {
+	filters, err := q.filters()
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range filters {
+		if !strings.HasPrefix(f.name, "tag:") && !slices.Contains(allowed, f.name) {
+			return nil, errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
+		}
+	}
+	return filters, nil
+}
+
 // tags reads prefix.N.Key and prefix.N.Value with EC2's limits.
 func (q query) tags(prefix string) (map[string]string, error) {
 	out := map[string]string{}
@@ -449,6 +569,78 @@ func (q query) tags(prefix string) (map[string]string, error) {
 		return nil, errorf("TagLimitExceeded", "The maximum number of tags (50) per resource has been exceeded.")
 	}
 	return out, nil
+}
+
+// tagSpecs reads TagSpecification.N: the tags for each resource type, of
+// those the action allows.
+func (q query) tagSpecs(allowed ...string) (map[string]map[string]string, error) {
+	out := map[string]map[string]string{}
+	for _, i := range q.indexes("TagSpecification") {
+		p := "TagSpecification." + strconv.Itoa(i)
+		rt := q.str(p + ".ResourceType")
+		switch {
+		case rt == "":
+			return nil, errorf("MissingParameter", "The request must contain the parameter %s.ResourceType", p)
+		case !slices.Contains(allowed, rt):
+			return nil, errorf("InvalidParameterValue", "'%s' is not a valid taggable resource type for this operation.", rt)
+		case out[rt] != nil:
+			return nil, errorf("InvalidParameterValue", "The same resource type may not be specified more than once in tag specifications")
+		}
+		tags, err := q.tags(p + ".Tag")
+		if err != nil {
+			return nil, err
+		}
+		out[rt] = tags
+	}
+	return out, nil
+}
+
+// id reads a required id parameter of the given prefix; malformed names
+// the error code for a malformed one ("InvalidVolumeID.Malformed").
+func (q query) id(name, prefix, malformed string) (string, error) {
+	id := q.str(name)
+	if id == "" {
+		return "", errorf("MissingParameter", "The request must contain the parameter %s", name)
+	}
+	if !validID(id, prefix) {
+		return "", errorf(malformed, "Invalid id: \"%s\" (expecting \"%s...\")", id, prefix)
+	}
+	return id, nil
+}
+
+// ids reads the optional list name.N of ids with prefix.
+func (q query) ids(name, prefix, malformed string) ([]string, error) {
+	ids := q.list(name)
+	for _, id := range ids {
+		if !validID(id, prefix) {
+			return nil, errorf(malformed, "Invalid id: \"%s\" (expecting \"%s...\")", id, prefix)
+		}
+	}
+	return ids, nil
+}
+
+// page reads MaxResults and NextToken as the describe calls with EC2's
+// paging take them: MaxResults from 5 up (larger than most is cut to
+// most), never together with a list of ids. after is the last sequence
+// number a previous page showed.
+func (q query) page(most int, withIDs bool) (limit int, after uint64, err error) {
+	limit, paged, err := q.int("MaxResults")
+	switch {
+	case err != nil:
+		return 0, 0, err
+	case paged && withIDs:
+		return 0, 0, errorf("InvalidParameterCombination", "The parameter MaxResults cannot be used with a list of ids.")
+	case paged && limit < 5:
+		return 0, 0, errorf("InvalidParameterValue", "Value ( %d ) for parameter maxResults is invalid. Expecting a value greater than 5.", limit)
+	case !paged:
+		limit = math.MaxInt
+	}
+	if tok := q.str("NextToken"); tok != "" {
+		if after, err = decodeToken(tok); err != nil {
+			return 0, 0, err
+		}
+	}
+	return min(limit, most), after, nil
 }
 
 // instanceIDs reads InstanceId.N, all well formed, at least one.
@@ -495,11 +687,14 @@ type runRequest struct {
 	fingerprint                          string
 }
 
-func (s *Server) parseRun(q query) (*runRequest, error) {
+func (s *Server) parseRun(rg *region, q query) (*runRequest, error) {
 	req := &runRequest{typ: q.str("InstanceType"), token: q.str("ClientToken"), keyName: q.str("KeyName"), market: marketOnDemand}
 	var err error
-	if req.image, err = s.image(q.str("ImageId")); err != nil {
+	if req.image, err = s.image(rg, q.str("ImageId")); err != nil {
 		return nil, err
+	}
+	if req.keyName != "" && !s.hasKeyPair(rg, req.keyName) {
+		return nil, errorf("InvalidKeyPair.NotFound", "The key pair '%s' does not exist", req.keyName)
 	}
 	if req.typ == "" {
 		req.typ = "m1.small" // EC2's default
@@ -528,7 +723,7 @@ func (s *Server) parseRun(q query) (*runRequest, error) {
 	if len(req.token) > 64 {
 		return nil, errorf("InvalidParameterValue", "Value for parameter clientToken is invalid: longer than 64 characters.")
 	}
-	if err := s.parsePlacement(q, req); err != nil {
+	if err := s.parsePlacement(rg, q, req); err != nil {
 		return nil, err
 	}
 	for _, g := range q.list("SecurityGroupId") {
@@ -574,14 +769,14 @@ func (s *Server) parseRun(q query) (*runRequest, error) {
 
 // parsePlacement picks the zone: the subnet's, else Placement's, else the
 // first zone. Subnets are "subnet-<zone>".
-func (s *Server) parsePlacement(q query, req *runRequest) error {
+func (s *Server) parsePlacement(rg *region, q query, req *runRequest) error {
 	az := q.str("Placement.AvailabilityZone")
-	if az != "" && !slices.Contains(s.opts.Zones, az) {
+	if az != "" && !slices.Contains(rg.zones, az) {
 		return errorf("InvalidParameterValue", "Invalid availability zone: [%s]", az)
 	}
 	if req.subnet = q.str("SubnetId"); req.subnet != "" {
 		zone, _ := strings.CutPrefix(req.subnet, "subnet-")
-		if !slices.Contains(s.opts.Zones, zone) {
+		if !slices.Contains(rg.zones, zone) {
 			return errorf("InvalidSubnetID.NotFound", "The subnet ID '%s' does not exist", req.subnet)
 		}
 		if az != "" && az != zone {
@@ -590,7 +785,7 @@ func (s *Server) parsePlacement(q query, req *runRequest) error {
 		req.zone = zone
 		return nil
 	}
-	req.zone = cmp.Or(az, s.opts.Zones[0])
+	req.zone = cmp.Or(az, rg.zones[0])
 	req.subnet = "subnet-" + req.zone // the zone's default subnet
 	return nil
 }
@@ -615,31 +810,13 @@ func (s *Server) parseProfile(q query, req *runRequest) error {
 }
 
 func parseTagSpecs(q query, req *runRequest) error {
-	seen := map[string]bool{}
-	for _, i := range q.indexes("TagSpecification") {
-		p := "TagSpecification." + strconv.Itoa(i)
-		rt := q.str(p + ".ResourceType")
-		if seen[rt] {
-			return errorf("InvalidParameterValue", "The same resource type may not be specified more than once in tag specifications")
-		}
-		seen[rt] = true
-		tags, err := q.tags(p + ".Tag")
-		if err != nil {
-			return err
-		}
-		switch rt {
-		case "":
-			return errorf("MissingParameter", "The request must contain the parameter %s.ResourceType", p)
-		case "instance":
-			req.tags = tags
-		case "volume":
-			req.volumeTags = tags
-		case "network-interface", "spot-instances-request":
-			// Accepted by EC2; nothing here shows them.
-		default:
-			return errorf("InvalidParameterValue", "'%s' is not a valid taggable resource type for this operation.", rt)
-		}
+	// EC2 accepts network-interface and spot-instances-request too;
+	// nothing here shows them.
+	specs, err := q.tagSpecs("instance", "volume", "network-interface", "spot-instances-request")
+	if err != nil {
+		return err
 	}
+	req.tags, req.volumeTags = specs["instance"], specs["volume"]
 	return nil
 }
 
@@ -658,7 +835,7 @@ func parseRootVolume(q query, req *runRequest) error {
 			return errorf("InvalidParameterValue", "Volume of size %dGB is out of range [1, 16384].", size)
 		}
 		if ok && size < req.image.RootVolumeGB && dev == req.image.RootDevice {
-			return errorf("InvalidBlockDeviceMapping", "Volume of size %dGB is smaller than snapshot '%s', expect size >= %dGB", size, req.image.snapshot, req.image.RootVolumeGB)
+			return errorf("InvalidBlockDeviceMapping", "Volume of size %dGB is smaller than snapshot '%s', expect size >= %dGB", size, req.image.root().SnapshotID, req.image.RootVolumeGB)
 		}
 		if vt := q.str(p + ".Ebs.VolumeType"); vt != "" && !slices.Contains([]string{"standard", "io1", "io2", "gp2", "sc1", "st1", "gp3"}, vt) {
 			return errorf("InvalidParameterValue", "Value (%s) for parameter volumeType is invalid.", vt)
@@ -742,7 +919,8 @@ func validInstanceType(t string) bool {
 		strings.Trim(size, "abcdefghijklmnopqrstuvwxyz0123456789-") == ""
 }
 
-func (s *Server) image(id string) (Image, error) {
+// image finds an available image to launch from.
+func (s *Server) image(rg *region, id string) (Image, error) {
 	if id == "" {
 		return Image{}, errorf("MissingParameter", "The request must contain the parameter ImageId")
 	}
@@ -751,10 +929,12 @@ func (s *Server) image(id string) (Image, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, im := range s.images {
-		if im.ID == id {
-			return im, nil
-		}
+	im := s.findImage(rg, id, time.Now())
+	switch {
+	case im == nil:
+		return Image{}, errorf("InvalidAMIID.NotFound", "The image id '[%s]' does not exist", id)
+	case im.State != cloud.ImageAvailable:
+		return Image{}, errorf("InvalidAMIID.Unavailable", "The image id '[%s]' is not available (%s)", id, im.State)
 	}
-	return Image{}, errorf("InvalidAMIID.NotFound", "The image id '[%s]' does not exist", id)
+	return *im, nil
 }

@@ -59,6 +59,7 @@ func TestRequestChecks(t *testing.T) {
 func TestLifecycle(t *testing.T) {
 	t.Parallel()
 	s := newServer(t, Options{})
+	importKey(t, s, "ops")
 	r := run(t, s, 2,
 		"InstanceType", "t3.small", "SubnetId", "subnet-us-east-1b", "KeyName", "ops",
 		"SecurityGroupId.1", "sg-0123456789abcdef0",

@@ -79,6 +79,7 @@ type instanceXML struct {
 	SubnetID           string             `xml:"subnetId"`
 	VpcID              string             `xml:"vpcId"`
 	PrivateIPAddress   string             `xml:"privateIpAddress,omitempty"`
+	IPAddress          string             `xml:"ipAddress,omitempty"`
 	SourceDestCheck    bool               `xml:"sourceDestCheck"`
 	Groups             []groupXML         `xml:"groupSet>item"`
 	StateReason        *stateReasonXML    `xml:"stateReason,omitempty"`
@@ -184,12 +185,15 @@ type imageXML struct {
 	Architecture       string        `xml:"architecture"`
 	ImageType          string        `xml:"imageType"`
 	Name               string        `xml:"name"`
+	Description        string        `xml:"description,omitempty"`
 	RootDeviceType     string        `xml:"rootDeviceType"`
 	RootDeviceName     string        `xml:"rootDeviceName"`
 	BlockDevices       []imageBDMXML `xml:"blockDeviceMapping>item"`
 	VirtualizationType string        `xml:"virtualizationType"`
 	Hypervisor         string        `xml:"hypervisor"`
 	EnaSupport         bool          `xml:"enaSupport"`
+	BootMode           string        `xml:"bootMode,omitempty"`
+	ImdsSupport        string        `xml:"imdsSupport,omitempty"`
 	PlatformDetails    string        `xml:"platformDetails"`
 	UsageOperation     string        `xml:"usageOperation"`
 	Tags               []tagXML      `xml:"tagSet>item"`
@@ -206,9 +210,10 @@ type imageBDMXML struct {
 	} `xml:"ebs"`
 }
 
-type createTagsResponse struct {
+// returnResponse answers the actions that have no output shape in the
+// model (CreateTags, DeleteVolume …); EC2 sends this anyway.
+type returnResponse struct {
 	header
-	// CreateTags has no output shape in the model; EC2 sends this anyway.
 	Return bool `xml:"return"`
 }
 
@@ -239,6 +244,110 @@ type zoneXML struct {
 	ZoneType           string `xml:"zoneType"`
 }
 
+type importKeyPairResponse struct {
+	header
+	KeyFingerprint string   `xml:"keyFingerprint"`
+	KeyName        string   `xml:"keyName"`
+	KeyPairID      string   `xml:"keyPairId"`
+	Tags           []tagXML `xml:"tagSet>item"`
+}
+
+type describeKeyPairsResponse struct {
+	header
+	KeyPairs []keyPairXML `xml:"keySet>item"`
+}
+
+type keyPairXML struct {
+	KeyPairID      string   `xml:"keyPairId"`
+	KeyFingerprint string   `xml:"keyFingerprint"`
+	KeyName        string   `xml:"keyName"`
+	KeyType        string   `xml:"keyType"`
+	Tags           []tagXML `xml:"tagSet>item"`
+	PublicKey      string   `xml:"publicKey,omitempty"`
+	CreateTime     string   `xml:"createTime"`
+}
+
+// volumeResponse answers CreateVolume, whose output is a Volume.
+type volumeResponse struct {
+	header
+	volumeXML
+}
+
+type describeVolumesResponse struct {
+	header
+	Volumes   []volumeXML `xml:"volumeSet>item"`
+	NextToken string      `xml:"nextToken,omitempty"`
+}
+
+type volumeXML struct {
+	VolumeID         string          `xml:"volumeId"`
+	Size             int             `xml:"size"`
+	SnapshotID       string          `xml:"snapshotId"`
+	AvailabilityZone string          `xml:"availabilityZone"`
+	Status           string          `xml:"status"`
+	CreateTime       string          `xml:"createTime"`
+	Attachments      []attachmentXML `xml:"attachmentSet>item"`
+	Tags             []tagXML        `xml:"tagSet>item"`
+	VolumeType       string          `xml:"volumeType"`
+	Iops             int             `xml:"iops,omitempty"`
+	Throughput       int             `xml:"throughput,omitempty"`
+	Encrypted        bool            `xml:"encrypted"`
+	MultiAttach      bool            `xml:"multiAttachEnabled"`
+}
+
+type attachmentXML struct {
+	VolumeID            string `xml:"volumeId"`
+	InstanceID          string `xml:"instanceId"`
+	Device              string `xml:"device"`
+	Status              string `xml:"status"`
+	AttachTime          string `xml:"attachTime"`
+	DeleteOnTermination bool   `xml:"deleteOnTermination"`
+}
+
+// attachmentResponse answers AttachVolume and DetachVolume.
+type attachmentResponse struct {
+	header
+	attachmentXML
+}
+
+// snapshotResponse answers CreateSnapshot, whose output is a Snapshot.
+type snapshotResponse struct {
+	header
+	snapshotXML
+}
+
+type describeSnapshotsResponse struct {
+	header
+	Snapshots []snapshotXML `xml:"snapshotSet>item"`
+	NextToken string        `xml:"nextToken,omitempty"`
+}
+
+type snapshotXML struct {
+	SnapshotID  string   `xml:"snapshotId"`
+	VolumeID    string   `xml:"volumeId"`
+	Status      string   `xml:"status"`
+	StartTime   string   `xml:"startTime"`
+	Progress    string   `xml:"progress"`
+	OwnerID     string   `xml:"ownerId"`
+	VolumeSize  int      `xml:"volumeSize"`
+	Description string   `xml:"description"`
+	Encrypted   bool     `xml:"encrypted"`
+	StorageTier string   `xml:"storageTier"`
+	Tags        []tagXML `xml:"tagSet>item"`
+}
+
+type copySnapshotResponse struct {
+	header
+	SnapshotID string   `xml:"snapshotId"`
+	Tags       []tagXML `xml:"tagSet>item"`
+}
+
+// imageIDResponse answers CreateImage, RegisterImage and CopyImage.
+type imageIDResponse struct {
+	header
+	ImageID string `xml:"imageId"`
+}
+
 func tagsXML(tags map[string]string) []tagXML {
 	var out []tagXML
 	for _, k := range slices.Sorted(maps.Keys(tags)) {
@@ -251,12 +360,12 @@ func stateOf(code int) stateXML { return stateXML{Code: code, Name: stateNames[c
 
 // instanceXML renders an instance as Run- and DescribeInstances show it.
 // Callers hold s.mu.
-func (s *Server) instanceXML(in *instance) instanceXML {
+func (s *Server) instanceXML(rg *region, in *instance, now time.Time) instanceXML {
 	x := instanceXML{
 		InstanceID:         in.id,
 		ImageID:            in.image,
 		State:              stateOf(in.state),
-		PrivateDNSName:     s.privateDNS(in.ip),
+		PrivateDNSName:     privateDNS(rg.name, in.ip),
 		Reason:             in.reason,
 		KeyName:            in.keyName,
 		AmiLaunchIndex:     in.launchIndex,
@@ -267,6 +376,7 @@ func (s *Server) instanceXML(in *instance) instanceXML {
 		SubnetID:           in.subnet,
 		VpcID:              vpcID,
 		PrivateIPAddress:   in.ip,
+		IPAddress:          in.publicIP,
 		SourceDestCheck:    true,
 		Architecture:       "x86_64",
 		RootDeviceType:     "ebs",
@@ -294,12 +404,17 @@ func (s *Server) instanceXML(in *instance) instanceXML {
 		x.StateReason = &stateReasonXML{Code: "Client.UserInitiatedShutdown", Message: "Client.UserInitiatedShutdown: User initiated shutdown"}
 	}
 	if in.state == terminated {
-		// A terminated instance has given up its address and disk.
-		x.PrivateDNSName, x.PrivateIPAddress = "", ""
+		// A terminated instance has given up its addresses and disks.
+		x.PrivateDNSName, x.PrivateIPAddress, x.IPAddress = "", "", ""
 	} else {
 		bd := instanceBDMXML{DeviceName: in.rootDevice}
 		bd.Ebs.VolumeID, bd.Ebs.Status, bd.Ebs.AttachTime, bd.Ebs.DeleteOnTermination = in.volumeID, "attached", ec2Time(in.created), true
 		x.BlockDevices = []instanceBDMXML{bd}
+		for _, v := range s.attachedTo(rg, in.id, now) {
+			bd := instanceBDMXML{DeviceName: v.attach.device}
+			bd.Ebs.VolumeID, bd.Ebs.Status, bd.Ebs.AttachTime = v.id, v.attach.state, ec2Time(v.attach.since)
+			x.BlockDevices = append(x.BlockDevices, bd)
+		}
 	}
 	if in.market == marketSpot {
 		x.InstanceLifecycle, x.SpotRequestID = "spot", in.spotRequest
@@ -310,18 +425,18 @@ func (s *Server) instanceXML(in *instance) instanceXML {
 	return x
 }
 
-func (s *Server) privateDNS(ip string) string {
+func privateDNS(region, ip string) string {
 	if ip == "" {
 		return ""
 	}
 	host := "ip-" + strings.ReplaceAll(ip, ".", "-")
-	if s.opts.Region == "us-east-1" {
+	if region == "us-east-1" {
 		return host + ".ec2.internal"
 	}
-	return host + "." + s.opts.Region + ".compute.internal"
+	return host + "." + region + ".compute.internal"
 }
 
-func (s *Server) imageXML(im Image) imageXML {
+func imageToXML(im *Image) imageXML {
 	x := imageXML{
 		ImageID:            im.ID,
 		ImageLocation:      im.Owner + "/" + im.Name,
@@ -331,19 +446,64 @@ func (s *Server) imageXML(im Image) imageXML {
 		Architecture:       im.Architecture,
 		ImageType:          "machine",
 		Name:               im.Name,
+		Description:        im.Description,
 		RootDeviceType:     "ebs",
 		RootDeviceName:     im.RootDevice,
-		VirtualizationType: "hvm",
+		VirtualizationType: im.virtualization,
 		Hypervisor:         "xen",
-		EnaSupport:         true,
+		EnaSupport:         im.ena,
+		BootMode:           im.bootMode,
+		ImdsSupport:        im.imdsSupport,
 		PlatformDetails:    "Linux/UNIX",
 		UsageOperation:     "RunInstances",
 		Tags:               tagsXML(im.Tags),
 	}
-	bd := imageBDMXML{DeviceName: im.RootDevice}
-	bd.Ebs.SnapshotID, bd.Ebs.VolumeSize, bd.Ebs.DeleteOnTermination, bd.Ebs.VolumeType = im.snapshot, im.RootVolumeGB, true, "gp3"
-	x.BlockDevices = []imageBDMXML{bd}
+	for _, d := range im.Devices {
+		bd := imageBDMXML{DeviceName: d.Device}
+		bd.Ebs.SnapshotID, bd.Ebs.VolumeSize, bd.Ebs.DeleteOnTermination, bd.Ebs.VolumeType = d.SnapshotID, d.SizeGB, d.DeleteOnTermination, d.VolumeType
+		x.BlockDevices = append(x.BlockDevices, bd)
+	}
 	return x
+}
+
+func (k *keyPair) xml(withPublicKey bool) keyPairXML {
+	x := keyPairXML{
+		KeyPairID: k.id, KeyFingerprint: k.fingerprint, KeyName: k.name, KeyType: k.keyType,
+		Tags: tagsXML(k.tags), CreateTime: ec2Time(k.created),
+	}
+	if withPublicKey {
+		x.PublicKey = k.publicKey
+	}
+	return x
+}
+
+// xml renders a volume; callers hold mu and have settled it.
+func (v *volume) xml() volumeXML {
+	x := volumeXML{
+		VolumeID: v.id, Size: v.size, SnapshotID: v.snapshot, AvailabilityZone: v.zone,
+		Status: v.status(), CreateTime: ec2Time(v.created), Tags: tagsXML(v.tags),
+		VolumeType: v.typ, Iops: v.iops, Throughput: v.throughput, Encrypted: v.encrypted,
+	}
+	if v.attach != nil {
+		x.Attachments = []attachmentXML{v.attachmentXML()}
+	}
+	return x
+}
+
+func (v *volume) attachmentXML() attachmentXML {
+	return attachmentXML{
+		VolumeID: v.id, InstanceID: v.attach.instance, Device: v.attach.device,
+		Status: v.attach.state, AttachTime: ec2Time(v.attach.since),
+	}
+}
+
+// xml renders a snapshot; callers hold mu and have settled it.
+func (sn *snapshot) xml(owner string, now time.Time) snapshotXML {
+	return snapshotXML{
+		SnapshotID: sn.id, VolumeID: sn.volumeID, Status: sn.state, StartTime: ec2Time(sn.started),
+		Progress: sn.progress(now), OwnerID: owner, VolumeSize: sn.size, Description: sn.description,
+		Encrypted: sn.encrypted, StorageTier: "standard", Tags: tagsXML(sn.tags),
+	}
 }
 
 func base64Of(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
