@@ -136,6 +136,49 @@ type Provider struct {
 	// CapacityRetry is how long a (type, zone, market) offering that failed
 	// for lack of capacity is skipped before it is tried again.
 	CapacityRetry Duration `toml:"capacity_retry"`
+	// SSHPort is the port instances' sshd listens on (0 = 22).
+	SSHPort int `toml:"ssh_port"`
+
+	// Staging says how `hangar staging` launches and reaches its servers.
+	Staging Staging `toml:"staging"`
+}
+
+// Staging configures the staging engine's servers on one provider. Empty
+// image, instance_type and user take the provider type's defaults (see
+// StagingDefaults).
+type Staging struct {
+	Image          string   `toml:"image"`
+	InstanceType   string   `toml:"instance_type"`
+	Zone           string   `toml:"zone"`
+	User           string   `toml:"user"` // ssh login; must be root or have passwordless sudo
+	Subnets        []string `toml:"subnets"`
+	SecurityGroups []string `toml:"security_groups"` // must let this machine reach port 22
+	OnExit         string   `toml:"on_exit"`         // "stop" | "terminate" | "run"
+	ReadyTimeout   Duration `toml:"ready_timeout"`   // launch → ssh works
+}
+
+// StagingDefaults fills what s leaves empty for a provider of type typ:
+// Debian's official image and its "admin" user on EC2; on the local cloud,
+// whose servers are this machine, the user running Hangar.
+func (s Staging) StagingDefaults(typ, currentUser string) Staging {
+	if typ == "ec2" {
+		if s.Image == "" {
+			s.Image = "136693071363:debian-12-amd64-*" // Debian's own AWS account
+		}
+		if s.InstanceType == "" {
+			s.InstanceType = "t3.small"
+		}
+		if s.User == "" {
+			s.User = "admin"
+		}
+	}
+	if s.Image == "" {
+		s.Image = "local"
+	}
+	if s.User == "" {
+		s.User = currentUser
+	}
+	return s
 }
 
 // MetadataOptions are the EC2 instance metadata settings. The defaults
@@ -200,6 +243,8 @@ func Default() Config {
 // value the file sets, even a zero, is never replaced by a default.
 func (p *Provider) setDefaults() {
 	p.CapacityRetry = Duration{60 * time.Second}
+	p.Staging.OnExit = "stop"
+	p.Staging.ReadyTimeout = Duration{10 * time.Minute}
 }
 
 // setDefaults fills a pool before the file is decoded over it.

@@ -303,7 +303,9 @@ func TestValidateWithoutFile(t *testing.T) {
 	c := Default()
 	c.Providers = map[string]Provider{"local": {Type: "local"}}
 	c.Pools = map[string]Pool{"demo": {Provider: "local"}}
-	want := `local.toml (embedded): pools.demo.spot: must be "off", "prefer" or "only", not ""
+	want := `local.toml (embedded): providers.local.staging.on_exit: must be "stop", "terminate" or "run", not ""
+local.toml (embedded): providers.local.staging.ready_timeout: must be positive
+local.toml (embedded): pools.demo.spot: must be "off", "prefer" or "only", not ""
 local.toml (embedded): pools.demo.metadata_options.http_tokens: must be "required" or "optional", not ""
 local.toml (embedded): pools.demo.metadata_options.hop_limit: must be between 1 and 64
 local.toml (embedded): pools.demo.max_instances: must be ≥ 1

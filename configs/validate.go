@@ -166,6 +166,14 @@ func (k *checker) provider(name string, p Provider) {
 	}
 	k.notNegative(join(key, "boot_delay"), int64(p.BootDelay.Duration))
 	k.notNegative(join(key, "capacity_retry"), int64(p.CapacityRetry.Duration))
+	if p.SSHPort < 0 || p.SSHPort > 65535 {
+		k.add(join(key, "ssh_port"), "must be a port number, not %d", p.SSHPort)
+	}
+	st := join(key, "staging")
+	k.oneOf(join(st, "on_exit"), p.Staging.OnExit, "stop", "terminate", "run")
+	if p.Staging.ReadyTimeout.Duration <= 0 {
+		k.add(join(st, "ready_timeout"), "must be positive")
+	}
 }
 
 func (k *checker) pool(name string, p Pool) {

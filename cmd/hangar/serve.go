@@ -159,6 +159,7 @@ func newProvider(ctx context.Context, cfg configs.Config, name string, pc config
 	case "local":
 		p, err := local.New(ctx, local.Options{
 			Dir:       filepath.Join(cfg.Server.DataDir, "local"),
+			Region:    pc.Region,
 			BootDelay: pc.BootDelay.Duration,
 			Logger:    log.With("provider", name),
 		})
@@ -172,6 +173,7 @@ func newProvider(ctx context.Context, cfg configs.Config, name string, pc config
 			Endpoint:      pc.Endpoint,
 			Profile:       pc.Profile,
 			CapacityRetry: pc.CapacityRetry.Duration,
+			SSHPort:       pc.SSHPort,
 			Logger:        log.With("provider", name),
 			Observe:       observe(name),
 		})
