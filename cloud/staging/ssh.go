@@ -57,11 +57,27 @@ func (e *ExitError) Error() string {
 // Dial connects to addr ("host:port") as user, authenticating with signer and
 // accepting only a host key pinned in kh.
 func Dial(ctx context.Context, addr, user string, signer ssh.Signer, kh *KnownHosts) (*Client, error) {
+	return DialAlias(ctx, addr, "", user, signer, kh)
+}
+
+// DialAlias is Dial with the host key looked up under hostKeyAlias instead
+// of addr, as OpenSSH's HostKeyAlias. Staging servers are pinned under their
+// instance id: clouds reuse addresses, and an address that once belonged to
+// another machine must not make a new one look like a changed key.
+func DialAlias(ctx context.Context, addr, hostKeyAlias, user string, signer ssh.Signer, kh *KnownHosts) (*Client, error) {
 	hostKeyCallback, err := kh.HostKeyCallback()
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", addr, err)
 	}
-	pinned, err := kh.pinnedKeys(withPort(addr))
+	lookup := withPort(addr)
+	if hostKeyAlias != "" {
+		lookup = withPort(hostKeyAlias)
+		byAddr := hostKeyCallback
+		hostKeyCallback = func(_ string, _ net.Addr, key ssh.PublicKey) error {
+			return byAddr(lookup, fakeAddr(lookup), key)
+		}
+	}
+	pinned, err := kh.pinnedKeys(lookup)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", addr, err)
 	}

@@ -63,6 +63,9 @@ func Start(t testing.TB) *Server {
 	if err := os.WriteFile(s.authorizedKeys, nil, 0o600); err != nil {
 		t.Fatalf("sshtest: writing authorized_keys: %v", err)
 	}
+	if err := os.Mkdir(s.tmpDir(), 0o700); err != nil {
+		t.Fatalf("sshtest: making the sessions' TMPDIR: %v", err)
+	}
 	hostKeyPath := filepath.Join(s.dir, "ssh_host_ed25519_key")
 	if s.hostKey, err = writeHostKey(hostKeyPath); err != nil {
 		t.Fatalf("sshtest: %v", err)
@@ -104,6 +107,9 @@ func (s *Server) run(t testing.TB, hostKeyPath string, port int) error {
 		// Tests open many connections at once; the default drops some.
 		"MaxStartups 100",
 		"MaxSessions 100",
+		// Commands that make temporary files on the "server" make them
+		// in the test's directory, not in the machine's /tmp.
+		"SetEnv TMPDIR=" + s.tmpDir(),
 		"",
 	}, "\n")
 	if err := os.WriteFile(config, []byte(text), 0o600); err != nil {
@@ -155,6 +161,12 @@ func (s *Server) run(t testing.TB, hostKeyPath string, port int) error {
 	})
 	return nil
 }
+
+// TempDir is the TMPDIR of the server's sessions, inside the test's
+// temporary directory.
+func (s *Server) TempDir() string { return s.tmpDir() }
+
+func (s *Server) tmpDir() string { return filepath.Join(s.dir, "tmp") }
 
 // Addr is the server's "127.0.0.1:port".
 func (s *Server) Addr() string { return s.addr }
