@@ -29,6 +29,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	root := newRoot(stdout, stderr)
 	root.SetArgs(args)
 	if err := root.Execute(); err != nil {
+		var st *statusError
+		if errors.As(err, &st) {
+			return st.code // the remote command's own stderr said why
+		}
 		fmt.Fprintln(stderr, "hangar: "+oneLine(err))
 		return 1
 	}
@@ -90,7 +94,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 
 	root.AddCommand(serveCmd(g), leaseCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
-		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g), localCmd(g))
+		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
 	return root
 }
 
