@@ -173,6 +173,22 @@ hangar.toml:10: pools.on-aws: image is required for an ec2 provider
 hangar.toml:10: pools.on-aws: instance_types is required for an ec2 provider
 hangar.toml:12: pools.orphan: provider is required`,
 	}, {
+		name: "staging",
+		toml: `[providers.local]
+type = "local"
+ssh_port = 70000
+[providers.local.staging]
+on_exit = "never"
+ready_timeout = "-1m"
+user = 7
+[pools.demo]
+provider = "local"
+`,
+		want: `hangar.toml:3: providers.local.ssh_port: must be a port number, not 70000
+hangar.toml:5: providers.local.staging.on_exit: must be "stop", "terminate" or "run", not "never"
+hangar.toml:6: providers.local.staging.ready_timeout: must not be negative
+hangar.toml:7: providers.local.staging.user: must be a string, not an integer`,
+	}, {
 		name: "no pools",
 		toml: "[providers.local]\ntype = \"local\"\n",
 		want: "hangar.toml: pools: at least one pool is required",
@@ -303,9 +319,7 @@ func TestValidateWithoutFile(t *testing.T) {
 	c := Default()
 	c.Providers = map[string]Provider{"local": {Type: "local"}}
 	c.Pools = map[string]Pool{"demo": {Provider: "local"}}
-	want := `local.toml (embedded): providers.local.staging.on_exit: must be "stop", "terminate" or "run", not ""
-local.toml (embedded): providers.local.staging.ready_timeout: must be positive
-local.toml (embedded): pools.demo.spot: must be "off", "prefer" or "only", not ""
+	want := `local.toml (embedded): pools.demo.spot: must be "off", "prefer" or "only", not ""
 local.toml (embedded): pools.demo.metadata_options.http_tokens: must be "required" or "optional", not ""
 local.toml (embedded): pools.demo.metadata_options.hop_limit: must be between 1 and 64
 local.toml (embedded): pools.demo.max_instances: must be ≥ 1

@@ -169,11 +169,12 @@ func (k *checker) provider(name string, p Provider) {
 	if p.SSHPort < 0 || p.SSHPort > 65535 {
 		k.add(join(key, "ssh_port"), "must be a port number, not %d", p.SSHPort)
 	}
+	// Empty staging values take the staging engine's defaults.
 	st := join(key, "staging")
-	k.oneOf(join(st, "on_exit"), p.Staging.OnExit, "stop", "terminate", "run")
-	if p.Staging.ReadyTimeout.Duration <= 0 {
-		k.add(join(st, "ready_timeout"), "must be positive")
+	if p.Staging.OnExit != "" {
+		k.oneOf(join(st, "on_exit"), p.Staging.OnExit, "stop", "terminate", "run")
 	}
+	k.notNegative(join(st, "ready_timeout"), int64(p.Staging.ReadyTimeout.Duration))
 }
 
 func (k *checker) pool(name string, p Pool) {

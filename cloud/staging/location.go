@@ -182,6 +182,10 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 		return fmt.Errorf("rsync: %w", err)
 	}
 	opts := RsyncOptions{KeyPath: m.keyPath, KnownHostsPath: m.kh.Path, Extra: extra, Progress: m.opts.Progress}
+	if m.opts.Progress != nil {
+		// rsync's progress line ends in a carriage return, not a newline.
+		defer fmt.Fprintln(m.opts.Progress)
+	}
 
 	switch {
 	case srcEP != nil && dstEP != nil && srcSrv != nil && dstSrv != nil && srcSrv.Instance.ID == dstSrv.Instance.ID:
