@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/rsa"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
 	"testing"
 
@@ -55,5 +58,21 @@ func TestPIDFilter(t *testing.T) {
 				t.Errorf("pid %d, out %q; want %d, %q", f.get(), out.String(), tc.pid, tc.out)
 			}
 		})
+	}
+}
+
+// The staging servers' user-data is a POSIX sh script that must pass
+// shellcheck, like every script Hangar hands an instance.
+func TestServerUserDataShellcheck(t *testing.T) {
+	sc, err := exec.LookPath("shellcheck")
+	if err != nil {
+		t.Skip("shellcheck not installed")
+	}
+	path := filepath.Join(t.TempDir(), "user-data")
+	if err := os.WriteFile(path, []byte(serverUserData), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(sc, "-e", "SC2086", path).CombinedOutput(); err != nil {
+		t.Fatalf("shellcheck: %v\n%s", err, out)
 	}
 }

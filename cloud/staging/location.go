@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/hangar-ci/hangar/userdata"
@@ -74,8 +75,12 @@ func parseLocation(s string) (Location, error) {
 			continue
 		}
 		name, p, _ := strings.Cut(rest, ":")
-		if err := userdata.ValidName(name); err != nil && !strings.HasPrefix(name, "i-") {
+		if err := userdata.ValidName(name); err != nil {
 			return Location{}, fmt.Errorf("location %q: %s %w", s, kind, err)
+		}
+		// A volume path starts at the volume's root and stays inside it.
+		if kind == "vol" && slices.Contains(strings.Split(p, "/"), "..") {
+			return Location{}, fmt.Errorf("location %q: a volume path may not contain \"..\"", s)
 		}
 		switch {
 		case kind == "vol" && p == "":
@@ -211,7 +216,13 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 		if err != nil {
 			return fmt.Errorf("rsync: %w", err)
 		}
-		return RemoteRsync(ctx, c, m.opts.Sudo, srcPaths, *dstEP, dstPath, keys, m.signer, opts)
+		// Servers of one region reach each other on their private
+		// addresses, which security groups for "this machine" may not.
+		ep := *dstEP
+		if ip := dstSrv.Instance.PrivateIP; ip != "" {
+			ep.Host = ip
+		}
+		return RemoteRsync(ctx, c, m.opts.Sudo, srcPaths, ep, dstPath, keys, m.signer, opts)
 	}
 	var from []Path
 	for _, p := range srcPaths {

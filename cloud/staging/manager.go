@@ -27,6 +27,9 @@ const (
 	TagFSType = "hangar:staging-fstype"
 	TagMount  = "hangar:staging-mount"
 	TagLabel  = "hangar:staging-label"
+	// TagKey names the key pair a server accepts: a manager only uses
+	// servers it can log into.
+	TagKey = "hangar:staging-key"
 )
 
 // OnExit says what Close does with the servers the manager knows.
@@ -81,9 +84,14 @@ type Manager struct {
 	kh      *KnownHosts
 
 	mu      sync.Mutex
-	servers map[string]*Server // by name
-	clients map[string]*Client // by instance id
+	servers map[string]*Server   // by name
+	clients map[string]*Client   // by instance id
+	touched map[string]bool      // instance ids launched or logged into: on_exit's
+	holds   map[string]io.Closer // by instance id: our in-use locks
 }
+
+// A Manager's methods may be called from one goroutine at a time; its lock
+// only guards what its servers' connections share.
 
 // New opens a manager: it loads (or creates) the region's ssh key, imports
 // it into the cloud, and scans the region for existing staging servers.
@@ -118,6 +126,8 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		kh:      &KnownHosts{Path: filepath.Join(opts.Dir, "known_hosts")},
 		servers: map[string]*Server{},
 		clients: map[string]*Client{},
+		touched: map[string]bool{},
+		holds:   map[string]io.Closer{},
 	}
 	if m.sshPort == 0 {
 		m.sshPort = 22
@@ -148,21 +158,41 @@ func (m *Manager) Region() string { return m.storage.Region() }
 // Storage is the cloud's storage half, for callers that need raw access.
 func (m *Manager) Storage() cloud.Storage { return m.storage }
 
-// Close does the on_exit action to the servers this manager knows and
-// closes its ssh connections.
+// Close does the on_exit action to the servers this manager used (launched
+// or logged into) and closes its ssh connections. A server another
+// `hangar staging` process is using at that moment is left running: every
+// connection holds a shared lock on the server (see holdInUse) and a
+// server is only stopped or terminated when an exclusive one can be had.
 func (m *Manager) Close(ctx context.Context) error {
 	m.mu.Lock()
-	var ids []string
+	var used []*Server
 	for _, s := range m.servers {
-		if s.Instance.State == cloud.StateRunning || s.Instance.State == cloud.StatePending {
-			ids = append(ids, s.Instance.ID)
+		if m.touched[s.Instance.ID] {
+			used = append(used, s)
 		}
 	}
-	for _, c := range m.clients {
+	clients, holds := m.clients, m.holds
+	m.clients, m.holds = map[string]*Client{}, map[string]io.Closer{}
+	m.mu.Unlock()
+	for _, h := range holds {
+		h.Close()
+	}
+
+	var ids []string
+	for _, s := range used {
+		c := clients[s.Instance.ID]
+		if c == nil {
+			continue // never reached: nothing of ours runs there
+		}
+		if m.opts.OnExit != OnExitRun && !inUseByOthers(ctx, c) {
+			ids = append(ids, s.Instance.ID)
+		} else if m.opts.OnExit != OnExitRun {
+			fmt.Fprintf(m.out, "leaving staging server %s running: another process is using it\n", s.Name)
+		}
+	}
+	for _, c := range clients {
 		c.Close()
 	}
-	m.clients = map[string]*Client{}
-	m.mu.Unlock()
 	if len(ids) == 0 {
 		return nil
 	}
@@ -181,34 +211,62 @@ func (m *Manager) Close(ctx context.Context) error {
 	return nil
 }
 
-// Scan synchronizes the manager with the servers the cloud has, by tags.
+// inUseLock is the file every connection holds a shared flock on while it
+// is open; a server whose lock cannot be had exclusively is in use.
+const inUseLock = "${TMPDIR:-/tmp}/hangar-staging-in-use.lock"
+
+// holdInUse takes the shared lock on c's server and holds it until the
+// returned closer is closed (or the connection ends): the remote cat reads
+// a pipe that only closing ends.
+func holdInUse(c *Client) io.Closer {
+	r, w := io.Pipe()
+	go c.Run(context.Background(), "command -v flock >/dev/null || exec cat >/dev/null; exec flock -s "+inUseLock+" cat >/dev/null", r, nil, nil)
+	return w
+}
+
+// inUseByOthers reports whether another connection holds the in-use lock.
+// Its own lock is released first; a server that cannot tell (no flock) is
+// taken as not in use.
+func inUseByOthers(ctx context.Context, c *Client) bool {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	// -w 2: the holder this connection started may take a moment to go.
+	err := c.Run(ctx, "command -v flock >/dev/null || exit 0; flock -x -w 2 "+inUseLock+" true", nil, nil, nil)
+	var xe *ExitError
+	return errors.As(err, &xe)
+}
+
+// Scan synchronizes the manager with the cloud's staging servers that
+// accept its key, by tags. Known servers are updated in place.
 func (m *Manager) Scan(ctx context.Context) error {
-	insts, err := m.cloud.List(ctx, map[string]string{TagRole: "server"})
+	insts, err := m.cloud.List(ctx, map[string]string{TagRole: "server", TagKey: m.keyName})
 	if err != nil {
 		return fmt.Errorf("scanning for staging servers: %w", err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	seen := map[string]bool{}
+	byID := map[string]*Server{}
+	for _, s := range m.servers {
+		byID[s.Instance.ID] = s
+	}
+	next := map[string]*Server{}
 	for _, inst := range insts {
 		if gone(inst.State) {
 			continue
 		}
 		name := inst.Tags[TagName]
-		if s, ok := m.servers[name]; ok && s.Instance.ID != inst.ID && !gone(s.Instance.State) {
-			// Two live servers with one name: keep the older, as get_server would.
-			if s.Instance.LaunchedAt.Before(inst.LaunchedAt) {
-				continue
-			}
+		// Two live servers with one name: keep the older, as get_server would.
+		if o, ok := next[name]; ok && o.Instance.LaunchedAt.Before(inst.LaunchedAt) {
+			continue
 		}
-		m.servers[name] = &Server{Name: name, Instance: inst, m: m}
-		seen[name] = true
-	}
-	for name := range m.servers {
-		if !seen[name] {
-			delete(m.servers, name)
+		s := byID[inst.ID]
+		if s == nil {
+			s = &Server{Name: name, m: m}
 		}
+		s.Instance = inst
+		next[name] = s
 	}
+	m.servers = next
 	return nil
 }
 

@@ -410,6 +410,33 @@ func TestCloseStopsServers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	state := func() cloud.State {
+		t.Helper()
+		insts, err := ls.cloud[""].List(ctx, map[string]string{staging.TagName: "stopme"})
+		if err != nil || len(insts) != 1 {
+			t.Fatalf("listing stopme: %+v, %v", insts, err)
+		}
+		return insts[0].State
+	}
+	// A manager that only looked (`hangar staging servers`) stops nothing.
+	lister := ls.open("", staging.OnExitTerminate)
+	if len(lister.Servers()) != 1 {
+		t.Fatalf("lister sees %d servers", len(lister.Servers()))
+	}
+	if err := lister.Close(ctx); err != nil || state() != cloud.StateRunning {
+		t.Fatalf("after a listing manager closed: %s, %v", state(), err)
+	}
+	// One that used the server while m still does leaves it running.
+	user := ls.open("", staging.OnExitTerminate)
+	if err := user.FindServer("stopme").Run(ctx, "true", nil, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := user.Close(ctx); err != nil || state() != cloud.StateRunning {
+		t.Fatalf("after a second user closed while m holds the server: %s, %v", state(), err)
+	}
+	if !strings.Contains(ls.out.String(), "another process is using it") {
+		t.Errorf("no word of leaving the server running:\n%s", ls.out)
+	}
 	if err := m.Close(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -40,14 +40,26 @@ type ServerSpec struct {
 	Image        string
 }
 
-// serverUserData boots a staging server. Its ssh host keys reach the console
-// through cloud-init (or the local cloud, which prints them the same way);
-// all it adds is rsync, which minimal images lack.
+// serverUserData boots a staging server. Its ssh host keys reach the
+// console through cloud-init on first boot; a per-boot script prints them
+// again on every later boot, so a server stopped before its key was pinned
+// can still be pinned. It also adds rsync and xfsprogs, which minimal
+// images lack. The local cloud (HANGAR_ROOT set) prints its own keys and
+// has the tools; its instances must not touch this machine's /var.
 const serverUserData = `#!/bin/sh
 # Hangar staging server.
-command -v rsync >/dev/null 2>&1 ||
-	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync; } ||
-	echo "hangar staging: could not install rsync" >&2
+[ -n "${HANGAR_ROOT-}" ] && exit 0
+mkdir -p /var/lib/cloud/scripts/per-boot
+printf '%s\n' '#!/bin/sh' \
+	'{ echo "-----BEGIN SSH HOST KEY KEYS-----"; cat /etc/ssh/ssh_host_*_key.pub; echo "-----END SSH HOST KEY KEYS-----"; } >/dev/console 2>&1' \
+	>/var/lib/cloud/scripts/per-boot/hangar-host-keys
+chmod 755 /var/lib/cloud/scripts/per-boot/hangar-host-keys
+missing=
+command -v rsync >/dev/null 2>&1 || missing="$missing rsync"
+command -v mkfs.xfs >/dev/null 2>&1 || missing="$missing xfsprogs"
+[ -z "$missing" ] ||
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } || # word splitting wanted
+	echo "hangar staging: could not install$missing" >&2
 `
 
 // Servers returns the servers the manager knows, by name.
@@ -100,7 +112,7 @@ func (m *Manager) ProvisionServer(ctx context.Context, spec ServerSpec) (*Server
 	launch := cloud.LaunchSpec{
 		Image:          firstNonEmpty(spec.Image, m.opts.Image),
 		UserData:       []byte(serverUserData),
-		Tags:           map[string]string{TagRole: "server", TagName: spec.Name},
+		Tags:           map[string]string{TagRole: "server", TagName: spec.Name, TagKey: m.keyName},
 		ClientToken:    "staging-" + spec.Name + "-" + newName("t"),
 		Subnets:        m.opts.Subnets,
 		SecurityGroups: m.opts.SecurityGroups,
@@ -129,7 +141,16 @@ func (m *Manager) ProvisionServer(ctx context.Context, spec ServerSpec) (*Server
 	m.mu.Unlock()
 	m.log.Info("launched staging server", "name", spec.Name, "id", s.Instance.ID)
 	if _, err := s.Client(ctx); err != nil {
-		return s, err
+		// A server that never became reachable (or whose start was
+		// interrupted before its host key was pinned) is of no use later.
+		m.dropClient(s.Instance.ID)
+		m.mu.Lock()
+		delete(m.servers, spec.Name)
+		m.mu.Unlock()
+		if _, terr := m.cloud.Terminate(context.WithoutCancel(ctx), []string{s.Instance.ID}); terr != nil {
+			err = errors.Join(err, terr)
+		}
+		return nil, fmt.Errorf("provisioning staging server %s: %w", spec.Name, err)
 	}
 	return s, nil
 }
@@ -208,9 +229,13 @@ func (m *Manager) allServers(ctx context.Context, verb string, from cloud.State,
 
 func (m *Manager) dropClient(id string) {
 	m.mu.Lock()
-	c := m.clients[id]
+	c, h := m.clients[id], m.holds[id]
 	delete(m.clients, id)
+	delete(m.holds, id)
 	m.mu.Unlock()
+	if h != nil {
+		h.Close()
+	}
 	if c != nil {
 		c.Close()
 	}
@@ -246,7 +271,10 @@ func (s *Server) Client(ctx context.Context) (*Client, error) {
 	c := m.clients[s.Instance.ID]
 	m.mu.Unlock()
 	if c != nil {
-		return c, nil
+		if c.Alive() {
+			return c, nil
+		}
+		m.dropClient(s.Instance.ID) // dropped meanwhile: dial again
 	}
 	what := fmt.Sprintf("staging server %s (%s)", s.Name, s.Instance.ID)
 	err := m.waitFor(ctx, what+" to run", m.opts.ReadyTimeout, func(ctx context.Context) (bool, error) {
@@ -307,6 +335,8 @@ func (s *Server) Client(ctx context.Context) (*Client, error) {
 		c = old
 	} else {
 		m.clients[s.Instance.ID] = c
+		m.holds[s.Instance.ID] = holdInUse(c)
+		m.touched[s.Instance.ID] = true
 	}
 	m.mu.Unlock()
 	return c, nil

@@ -157,6 +157,22 @@ func (c *Client) killGroup(pgid int) {
 	}
 }
 
+// Alive reports whether the connection still answers (an OpenSSH
+// keepalive request).
+func (c *Client) Alive() bool {
+	answer := make(chan error, 1)
+	go func() {
+		_, _, err := c.conn.SendRequest("keepalive@openssh.com", true, nil)
+		answer <- err
+	}()
+	select {
+	case err := <-answer:
+		return err == nil
+	case <-time.After(10 * time.Second):
+		return false // a peer that does not answer is as good as gone
+	}
+}
+
 // Close closes the connection and every session on it.
 func (c *Client) Close() error {
 	return c.conn.Close()

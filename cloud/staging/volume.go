@@ -144,9 +144,6 @@ func (m *Manager) ProvisionVolume(ctx context.Context, spec VolumeSpec) (*Volume
 		if snap != nil {
 			fmt.Fprintf(m.out, "volume %s starts from its newest snapshot %s (%s)\n", spec.Name, snap.ID, snap.StartedAt.Format(time.RFC3339))
 			spec.SnapshotID = snap.ID
-			if t := snap.Tags[TagFSType]; t != "" {
-				spec.FSType, tags[TagFSType] = t, t
-			}
 		}
 	}
 	if spec.SnapshotID != "" {
@@ -157,16 +154,24 @@ func (m *Manager) ProvisionVolume(ctx context.Context, spec VolumeSpec) (*Volume
 		if len(snaps) == 0 {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.SnapshotID, cloud.ErrNotFound))
 		}
+		// A snapshot of a staging volume knows its filesystem.
+		if t := snaps[0].Tags[TagFSType]; t != "" && spec.FSType == "" {
+			spec.FSType = t
+		}
 		if spec.SizeGB != 0 && spec.SizeGB < snaps[0].SizeGB {
 			return fail(fmt.Errorf("%d GB is less than the %d GB of snapshot %s; volumes cannot shrink", spec.SizeGB, snaps[0].SizeGB, spec.SnapshotID))
 		}
 	} else if spec.SizeGB <= 0 {
 		return fail(errors.New("size must be a positive number of GB"))
 	}
+	if spec.FSType == "" {
+		spec.FSType = "ext4"
+	}
+	tags[TagFSType] = spec.FSType
 
 	// The volume goes where its server is: an existing server's zone, or
 	// the zone a new server lands in.
-	srv, err := m.ServerInZone(ctx, firstNonEmpty(spec.Zone, m.opts.Zone))
+	srv, err := m.ServerInZone(ctx, spec.Zone)
 	if err != nil {
 		return fail(err)
 	}
@@ -183,24 +188,46 @@ func (m *Manager) ProvisionVolume(ctx context.Context, spec VolumeSpec) (*Volume
 	}
 	m.log.Info("created staging volume", "name", spec.Name, "id", vol.ID, "size_gb", vol.SizeGB, "snapshot", spec.SnapshotID)
 	v := volumeFrom(vol)
-	if err := m.attach(ctx, v, srv); err != nil {
-		return fail(err)
+	err = m.attach(ctx, v, srv)
+	if err == nil {
+		err = m.mountOn(ctx, v, srv, spec.SnapshotID == "")
 	}
-	if err := m.mountOn(ctx, v, srv); err != nil {
+	if err != nil {
+		// Half made: it would hold the name and block the next try.
+		m.discard(ctx, v, nil, nil)
 		return fail(err)
 	}
 	return v, srv, nil
 }
 
 // adoptVolume puts an existing volume under the manager by tagging it.
+// Its filesystem must exist already: adopting never formats.
 func (m *Manager) adoptVolume(ctx context.Context, spec VolumeSpec, tags map[string]string) (*Volume, *Server, error) {
-	if err := m.storage.Tag(ctx, spec.VolumeID, tags); err != nil {
+	fail := func(err error) (*Volume, *Server, error) {
 		return nil, nil, fmt.Errorf("adopting volume %s as %s: %w", spec.VolumeID, spec.Name, err)
 	}
-	v, err := m.FindVolume(ctx, spec.VolumeID)
+	vs, err := m.storage.Volumes(ctx, cloud.Filter{IDs: []string{spec.VolumeID}})
 	if err != nil {
-		return nil, nil, err
+		return fail(err)
 	}
+	if len(vs) == 0 {
+		return fail(cloud.ErrNotFound)
+	}
+	if r := vs[0].Tags[TagRole]; r != "" {
+		return fail(fmt.Errorf("it is already a staging %s (%s)", r, vs[0].Tags[TagName]))
+	}
+	if vs[0].InstanceID != "" && m.FindServerByInstance(vs[0].InstanceID) == nil {
+		return fail(fmt.Errorf("it is attached to %s, which is not a staging server; detach it first", vs[0].InstanceID))
+	}
+	if spec.FSType == "" {
+		spec.FSType = "ext4"
+	}
+	tags[TagFSType] = spec.FSType
+	if err := m.storage.Tag(ctx, spec.VolumeID, tags); err != nil {
+		return fail(err)
+	}
+	vs[0].Tags = tags
+	v := volumeFrom(vs[0])
 	srv, err := m.Mount(ctx, v)
 	return v, srv, err
 }
@@ -210,10 +237,7 @@ func checkVolumeSpec(spec *VolumeSpec) error {
 	if err := userdata.ValidName(spec.Name); err != nil {
 		errs = append(errs, err)
 	}
-	if spec.FSType == "" {
-		spec.FSType = "ext4"
-	}
-	if !slices.Contains(FSTypes, spec.FSType) {
+	if spec.FSType != "" && !slices.Contains(FSTypes, spec.FSType) {
 		errs = append(errs, fmt.Errorf("fstype %q is not one of %s", spec.FSType, strings.Join(FSTypes, ", ")))
 	}
 	if spec.Mount == "" {
@@ -256,7 +280,14 @@ func (m *Manager) Mount(ctx context.Context, v *Volume) (*Server, error) {
 	if v.Cloud.InstanceID != "" {
 		srv = m.FindServerByInstance(v.Cloud.InstanceID)
 		if srv == nil {
-			return nil, fmt.Errorf("volume %s is attached to %s, which is not a staging server; detach it first", v.Name, v.Cloud.InstanceID)
+			// Launched by another process since this one's scan?
+			if err := m.Scan(ctx); err != nil {
+				return nil, err
+			}
+			srv = m.FindServerByInstance(v.Cloud.InstanceID)
+		}
+		if srv == nil {
+			return nil, fmt.Errorf("volume %s is attached to %s, which is not a staging server of this key; detach it first", v.Name, v.Cloud.InstanceID)
 		}
 		if _, err := srv.Client(ctx); err != nil {
 			return nil, err
@@ -270,7 +301,7 @@ func (m *Manager) Mount(ctx context.Context, v *Volume) (*Server, error) {
 			return nil, err
 		}
 	}
-	if err := m.mountOn(ctx, v, srv); err != nil {
+	if err := m.mountOn(ctx, v, srv, false); err != nil {
 		return nil, err
 	}
 	return srv, nil
@@ -367,16 +398,34 @@ if [ -d "$d" ]; then
 	exit 0
 fi
 [ "$fstype" = raw ] && exit 0
-if ! blkid "$d" >/dev/null 2>&1; then
+# Only a volume this manager has just created blank is ever formatted; any
+# other without a filesystem (or that blkid cannot read) is refused.
+rc=0
+blkid -p "$d" >/dev/null 2>&1 || rc=$?
+if [ "$fresh" = yes ] && [ $rc -eq 2 ]; then
 	case "$fstype" in
 	xfs) mkfs.xfs -q ${label:+-L "$label"} "$d" ;;
 	*) mkfs -t "$fstype" -q ${label:+-L "$label"} "$d" ;;
 	esac
+elif [ $rc -eq 2 ]; then
+	echo "volume $vol ($d) has no filesystem; not formatting a volume that was not created blank" >&2
+	exit 1
+elif [ $rc -ne 0 ]; then
+	echo "blkid cannot read $d (status $rc)" >&2
+	exit 1
 fi
 mkdir -p "$mnt"
-mountpoint -q "$mnt" || mount "$d" "$mnt"
+if mountpoint -q "$mnt"; then
+	src=$(findmnt -rno SOURCE --mountpoint "$mnt")
+	if [ "$(readlink -f "$src")" != "$d" ]; then
+		echo "$mount has $src mounted, not $d" >&2
+		exit 1
+	fi
+else
+	mount "$d" "$mnt"
+fi
 case "$fstype" in
-ext*) resize2fs "$d" >/dev/null 2>&1 ;;
+ext*) resize2fs "$d" >/dev/null ;;
 xfs) xfs_growfs "$mnt" >/dev/null ;;
 esac
 echo "mount=$mnt"
@@ -403,10 +452,15 @@ func shellVars(kv ...string) string {
 	return b.String()
 }
 
-// mountOn runs mountScript for v on srv and records where it is.
-func (m *Manager) mountOn(ctx context.Context, v *Volume, srv *Server) error {
+// mountOn runs mountScript for v on srv and records where it is. fresh
+// allows making a filesystem: the volume was just created blank.
+func (m *Manager) mountOn(ctx context.Context, v *Volume, srv *Server, fresh bool) error {
+	if v.Cloud.Device == "" {
+		return fmt.Errorf("mounting volume %s on %s: the cloud reports no device for it", v.Name, srv.Name)
+	}
+	yes := map[bool]string{true: "yes", false: "no"}[fresh]
 	script := shellVars("root", srv.root, "dev", v.Cloud.Device, "vol", v.Cloud.ID,
-		"fstype", v.FSType, "mount", v.Mount, "label", v.Label) + mountScript
+		"fstype", v.FSType, "mount", v.Mount, "label", v.Label, "fresh", yes) + mountScript
 	out, err := srvOutput(ctx, srv, srv.privileged(script))
 	if err != nil {
 		return fmt.Errorf("mounting volume %s on %s: %w", v.Name, srv.Name, err)

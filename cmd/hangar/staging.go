@@ -168,7 +168,16 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 				return err
 			}
 			err = fn(ctx, m, s, args)
-			return errors.Join(err, s.close(ctx))
+			// on_exit runs even after a Ctrl-C; a second one stops waiting.
+			stop()
+			cerr := s.close(cmd.Context())
+			if err == nil {
+				return cerr
+			}
+			if cerr != nil {
+				fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
+			}
+			return err
 		}
 	}
 
@@ -250,7 +259,7 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 	}
 	f := create.Flags()
 	f.IntVar(&spec.SizeGB, "size", 0, "size in GB (default: the snapshot's)")
-	f.StringVar(&spec.FSType, "fstype", "ext4", "filesystem: "+strings.Join(staging.FSTypes, ", ")+" (raw: attach only)")
+	f.StringVar(&spec.FSType, "fstype", "", "filesystem: "+strings.Join(staging.FSTypes, ", ")+" (raw: attach only); default the snapshot's, else ext4")
 	f.StringVar(&spec.Zone, "zone", "", "availability zone (default: where a staging server is)")
 	f.StringVar(&spec.Mount, "mount", "", "mount point on the server (default /mnt/Staging/NAME)")
 	f.StringVar(&spec.Label, "label", "", "filesystem label")
