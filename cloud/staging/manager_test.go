@@ -506,3 +506,28 @@ func TestDDCopiesRawVolumes(t *testing.T) {
 		t.Fatalf("dd onto a directory volume: %v", err)
 	}
 }
+
+func TestAdoptExistingVolume(t *testing.T) {
+	ls := newLocalStaging(t)
+	m := ls.manager("")
+	ctx := context.Background()
+	raw, err := m.Storage().CreateVolume(ctx, cloud.VolumeSpec{Zone: "local-1a", SizeGB: 1, ClientToken: "adopt-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, srv, err := m.ProvisionVolume(ctx, staging.VolumeSpec{Name: "adopted", VolumeID: raw.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Cloud.ID != raw.ID || v.MountPath == "" {
+		t.Fatalf("adopted volume: %+v", v)
+	}
+	found, err := m.FindVolume(ctx, "adopted")
+	if err != nil || found.Cloud.ID != raw.ID || found.Cloud.InstanceID != srv.Instance.ID {
+		t.Fatalf("FindVolume(adopted) = %+v, %v", found, err)
+	}
+	// A volume already under a name cannot be adopted again.
+	if _, _, err := m.ProvisionVolume(ctx, staging.VolumeSpec{Name: "again", VolumeID: raw.ID}); err == nil {
+		t.Fatal("adopted the same volume twice")
+	}
+}
