@@ -212,8 +212,9 @@ func (m *Manager) Close(ctx context.Context) error {
 }
 
 // inUseLock is the file every connection holds a shared flock on while it
-// is open; a server whose lock cannot be had exclusively is in use.
-const inUseLock = "${TMPDIR:-/tmp}/hangar-staging-in-use.lock"
+// is open; a server whose lock cannot be had exclusively is in use. Local
+// cloud instances share this machine's /tmp, so theirs is in their root.
+const inUseLock = "\"${HANGAR_ROOT:-/tmp}/.hangar-staging-in-use.lock\""
 
 // holdInUse takes the shared lock on c's server and holds it until the
 // returned closer is closed (or the connection ends): the remote cat reads
@@ -230,8 +231,8 @@ func holdInUse(c *Client) io.Closer {
 func inUseByOthers(ctx context.Context, c *Client) bool {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	// -w 2: the holder this connection started may take a moment to go.
-	err := c.Run(ctx, "command -v flock >/dev/null || exit 0; flock -x -w 2 "+inUseLock+" true", nil, nil, nil)
+	// -w 5: the holder this connection started may take a moment to go.
+	err := c.Run(ctx, "command -v flock >/dev/null || exit 0; flock -x -w 5 "+inUseLock+" true", nil, nil, nil)
 	var xe *ExitError
 	return errors.As(err, &xe)
 }
