@@ -1,6 +1,7 @@
 // Package bootstrap serves the instance-facing endpoints: the pool's
 // bootstrap script (the runurl step of the user-data), the ready report, the
-// assignment long-poll and heartbeats.
+// assignment long-poll, heartbeats, and the output and exit status of
+// commands run on a lease (`hangar run`).
 //
 // Every call carries the instance's bootstrap token as a bearer token. Only a
 // hash of it is kept; it is bound to one instance and dies with it. The
@@ -47,6 +48,13 @@ type Assignment struct {
 	WorkerMaster   string
 	WorkerCommand  string
 	CleanupCommand string
+	// RunID and RunCommand are set when the lease has a command for the
+	// instance to run (IDs count from 1 within a lease). RunCommand is one
+	// shell command line, each argument quoted by userdata.ShellQuote. An
+	// assignment with a run may repeat the instance's current lease: it
+	// then asks for one more run on it.
+	RunID      int
+	RunCommand string
 }
 
 // Heartbeat is an instance's periodic sign of life.
@@ -54,6 +62,11 @@ type Heartbeat struct {
 	LeaseID  string
 	Worker   string // running | exited | none
 	ExitCode int
+	// RunID and RunExitCode, when RunID is not 0, report a run of LeaseID
+	// that has exited: the exit status again, in case its own report was
+	// lost (a server restart).
+	RunID       int
+	RunExitCode int
 }
 
 // Backend is what the endpoints need from the pool manager.
@@ -65,13 +78,33 @@ type Backend interface {
 	Script(ctx context.Context, instance string) ([]byte, error)
 	Ready(ctx context.Context, instance string, r Ready) error
 	// Assignment waits up to wait for something to change relative to
-	// current, the lease the instance's worker runs for ("" for none).
-	Assignment(ctx context.Context, instance, current string, wait time.Duration) (Assignment, error)
+	// current, the lease the instance's worker runs for ("" for none), and
+	// run, the last run of current the instance started (0 for none; -1
+	// when its bootstrap does not take runs, so it is never asked for a
+	// second run on a lease).
+	Assignment(ctx context.Context, instance, current string, run int, wait time.Duration) (Assignment, error)
 	Heartbeat(ctx context.Context, instance string, hb Heartbeat) error
+	// OpenOutput returns where the output of run of lease goes, which must
+	// be a run of the instance's current lease that has not exited; else
+	// ErrNotCurrent. Writes fail with ErrNotCurrent once the lease ends or
+	// the run's exit is recorded.
+	OpenOutput(ctx context.Context, instance, lease string, run int) (io.Writer, error)
+	// Exit records the exit status of run of lease, under the same rule.
+	// Reporting the same status again is not an error.
+	Exit(ctx context.Context, instance, lease string, run, code int) error
 }
 
-// ErrUnauthorized: no such token, or its instance is gone.
-var ErrUnauthorized = errors.New("unknown or revoked bootstrap token")
+var (
+	// ErrUnauthorized: no such token, or its instance is gone.
+	ErrUnauthorized = errors.New("unknown or revoked bootstrap token")
+	// ErrNotCurrent: an instance wrote to a run that is not, or is no
+	// longer, one of its current lease's.
+	ErrNotCurrent = errors.New("not a run under way on this instance's current lease")
+)
+
+// BrokenMarker goes into a run's output where an upload broke off: what
+// the instance had sent but Hangar had not received is missing there.
+const BrokenMarker = "\n[hangar: the upload of this output broke off here; some output may be missing]\n"
 
 // HashToken is how tokens are stored and looked up.
 func HashToken(token string) string {
@@ -90,6 +123,8 @@ func Handler(b Backend, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /bootstrap/v1/ready", h.auth(h.ready))
 	mux.HandleFunc("GET /bootstrap/v1/assignment", h.auth(h.assignment))
 	mux.HandleFunc("POST /bootstrap/v1/heartbeat", h.auth(h.heartbeat))
+	mux.HandleFunc("PUT /bootstrap/v1/output", h.authStream(h.output))
+	mux.HandleFunc("POST /bootstrap/v1/exit", h.auth(h.exit))
 	return mux
 }
 
@@ -102,6 +137,17 @@ type handler struct {
 const maxForm = 16 << 10
 
 func (h *handler) auth(next func(w http.ResponseWriter, r *http.Request, instance string)) http.HandlerFunc {
+	return h.authLimit(maxForm, next)
+}
+
+// authStream is auth for a body of any length: a run's output, streamed
+// for as long as the command runs.
+func (h *handler) authStream(next func(w http.ResponseWriter, r *http.Request, instance string)) http.HandlerFunc {
+	return h.authLimit(0, next)
+}
+
+// authLimit is auth with bodies cut at limit bytes (0: no limit).
+func (h *handler) authLimit(limit int64, next func(w http.ResponseWriter, r *http.Request, instance string)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || token == "" {
@@ -113,18 +159,25 @@ func (h *handler) auth(next func(w http.ResponseWriter, r *http.Request, instanc
 			http.Error(w, ErrUnauthorized.Error(), http.StatusUnauthorized)
 			return
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, maxForm)
+		if limit > 0 {
+			r.Body = http.MaxBytesReader(w, r.Body, limit)
+		}
 		next(w, r, instance)
 	}
 }
 
 func (h *handler) fail(w http.ResponseWriter, instance, what string, err error) {
 	status := http.StatusInternalServerError
-	if errors.Is(err, ErrUnauthorized) {
+	msg := what + " failed"
+	switch {
+	case errors.Is(err, ErrUnauthorized):
 		status = http.StatusUnauthorized
+	case errors.Is(err, ErrNotCurrent):
+		// Not secret, and it tells the instance to stop trying.
+		status, msg = http.StatusConflict, what+" failed: "+err.Error()
 	}
 	h.log.Warn("bootstrap call failed", "instance", instance, "call", what, "err", err)
-	http.Error(w, what+" failed", status)
+	http.Error(w, msg, status)
 }
 
 func (h *handler) script(w http.ResponseWriter, r *http.Request, instance string) {
@@ -177,7 +230,17 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 		}
 		wait = min(d, MaxWait)
 	}
-	a, err := h.b.Assignment(r.Context(), instance, r.URL.Query().Get("current"), wait)
+	// A bootstrap that sends no run= does not know about runs.
+	run := -1
+	if s := r.URL.Query().Get("run"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 0 {
+			http.Error(w, fmt.Sprintf("bad run %q: want the number of the last run started, or 0", s), http.StatusBadRequest)
+			return
+		}
+		run = n
+	}
+	a, err := h.b.Assignment(r.Context(), instance, r.URL.Query().Get("current"), run, wait)
 	if err != nil {
 		h.fail(w, instance, "assignment", err)
 		return
@@ -198,6 +261,11 @@ func (a Assignment) Shell() string {
 		line("HANGAR_WORKER_PASSWORD", a.WorkerPassword)
 		line("HANGAR_WORKER_MASTER", a.WorkerMaster)
 		line("HANGAR_WORKER_COMMAND", a.WorkerCommand)
+		// Only with a run, so that assignments without one read as before.
+		if a.RunID != 0 {
+			line("HANGAR_RUN_ID", strconv.Itoa(a.RunID))
+			line("HANGAR_RUN_COMMAND", a.RunCommand)
+		}
 	}
 	line("HANGAR_CLEANUP_COMMAND", a.CleanupCommand)
 	return b.String()
@@ -223,8 +291,111 @@ func (h *handler) heartbeat(w http.ResponseWriter, r *http.Request, instance str
 		}
 		hb.ExitCode = n
 	}
+	if s := r.PostForm.Get("run"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			http.Error(w, "bad heartbeat: run must be a run number", http.StatusBadRequest)
+			return
+		}
+		code, err := exitCode(r.PostForm.Get("run_exit_code"))
+		if err != nil {
+			http.Error(w, "bad heartbeat: run_exit_code "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		hb.RunID, hb.RunExitCode = n, code
+	}
 	if err := h.b.Heartbeat(r.Context(), instance, hb); err != nil {
 		h.fail(w, instance, "heartbeat", err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// exitCode parses an exit status as a shell reports it: 0-255, where 128+N
+// means killed by signal N.
+func exitCode(s string) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || n > 255 {
+		return 0, fmt.Errorf("must be a number from 0 to 255, not %q", s)
+	}
+	return n, nil
+}
+
+// runParams reads the lease and run a run's output or exit belongs to.
+func runParams(v func(string) string) (lease string, run int, err error) {
+	lease = v("lease")
+	if lease == "" {
+		return "", 0, errors.New("lease is required")
+	}
+	run, err = strconv.Atoi(v("run"))
+	if err != nil || run < 1 {
+		return "", 0, fmt.Errorf("run must be a run number, not %q", v("run"))
+	}
+	return lease, run, nil
+}
+
+// output appends the request body, as it arrives, to a run's output: the
+// instance streams the command's output as one chunked upload. An upload
+// that breaks off leaves a marker; the instance's retry continues after it.
+func (h *handler) output(w http.ResponseWriter, r *http.Request, instance string) {
+	lease, run, err := runParams(r.URL.Query().Get)
+	if err != nil {
+		http.Error(w, "bad output upload: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	out, err := h.b.OpenOutput(r.Context(), instance, lease, run)
+	if err != nil {
+		h.fail(w, instance, "output", err)
+		return
+	}
+	// An upload lasts as long as its command: a server shutting down cuts
+	// it off rather than wait (the instance uploads the rest again).
+	stop := context.AfterFunc(r.Context(), func() { http.NewResponseController(w).SetReadDeadline(time.Now()) })
+	defer stop()
+	buf := make([]byte, 32<<10)
+	for {
+		n, rerr := r.Body.Read(buf)
+		if n > 0 {
+			if _, err := out.Write(buf[:n]); err != nil {
+				h.fail(w, instance, "output", err)
+				return
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			// Whatever the instance sent after the last full read is lost.
+			out.Write([]byte(BrokenMarker))
+			h.log.Warn("run output upload broke off", "instance", instance, "lease", lease, "run", run, "err", rerr)
+			// Not a 2xx, which would tell the instance all had arrived:
+			// it is to send the rest again.
+			http.Error(w, "output upload broke off; send the rest again", http.StatusServiceUnavailable)
+			return
+		}
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// exit records a run's exit status. The instance reports it only once its
+// output upload has finished, so Hangar then has all the output.
+func (h *handler) exit(w http.ResponseWriter, r *http.Request, instance string) {
+	if err := r.ParseForm(); err != nil {
+		http.Error(w, "bad exit report: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	lease, run, err := runParams(r.PostForm.Get)
+	if err != nil {
+		http.Error(w, "bad exit report: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	code, err := exitCode(r.PostForm.Get("exit_code"))
+	if err != nil {
+		http.Error(w, "bad exit report: exit_code "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if err := h.b.Exit(r.Context(), instance, lease, run, code); err != nil {
+		h.fail(w, instance, "exit", err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)

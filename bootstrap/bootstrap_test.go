@@ -1,6 +1,7 @@
 package bootstrap
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -8,16 +9,60 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
 
-// fakeBackend knows one instance, "i1", with token "good-token".
+// fakeBackend knows one instance, "i1", with token "good-token", whose
+// current lease "l-1" has run 1 under way.
 type fakeBackend struct {
 	ready   []Ready
 	current string
+	run     int
 	wait    time.Duration
 	hb      []Heartbeat
+
+	mu       sync.Mutex
+	output   bytes.Buffer
+	exited   bool
+	exitCode int
+}
+
+func (f *fakeBackend) OpenOutput(ctx context.Context, instance, lease string, run int) (io.Writer, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if instance != "i1" || lease != "l-1" || run != 1 || f.exited {
+		return nil, ErrNotCurrent
+	}
+	return fakeOutput{f}, nil
+}
+
+type fakeOutput struct{ f *fakeBackend }
+
+func (o fakeOutput) Write(p []byte) (int, error) {
+	o.f.mu.Lock()
+	defer o.f.mu.Unlock()
+	if o.f.exited {
+		return 0, ErrNotCurrent
+	}
+	return o.f.output.Write(p)
+}
+
+func (f *fakeBackend) Exit(ctx context.Context, instance, lease string, run, code int) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if instance != "i1" || lease != "l-1" || run != 1 || f.exited && f.exitCode != code {
+		return ErrNotCurrent
+	}
+	f.exited, f.exitCode = true, code
+	return nil
+}
+
+func (f *fakeBackend) outputString() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.output.String()
 }
 
 func (f *fakeBackend) Authenticate(hash string) (string, error) {
@@ -36,8 +81,8 @@ func (f *fakeBackend) Ready(ctx context.Context, instance string, r Ready) error
 	return nil
 }
 
-func (f *fakeBackend) Assignment(ctx context.Context, instance, current string, wait time.Duration) (Assignment, error) {
-	f.current, f.wait = current, wait
+func (f *fakeBackend) Assignment(ctx context.Context, instance, current string, run int, wait time.Duration) (Assignment, error) {
+	f.current, f.wait, f.run = current, wait, run
 	return Assignment{State: AssignAssigned, LeaseID: "l-1", WorkerName: "w1", WorkerPassword: "p'w; $(rm -rf /)", WorkerMaster: "m:1", WorkerCommand: "run-worker"}, nil
 }
 

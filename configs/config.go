@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/hangar-ci/hangar/scripts"
 )
 
 // embeddedName stands in for a file name in messages about the embedded
@@ -224,6 +226,10 @@ type Pool struct {
 
 	Env  map[string]string `toml:"env"`
 	Tags map[string]string `toml:"tags"` // extra cloud tags
+
+	// Jenkins makes `hangar jenkins` watch a controller's build queue for
+	// this pool (see jenkins.go); the zero value watches nothing.
+	Jenkins Jenkins `toml:"jenkins"`
 }
 
 // Default returns the server defaults; it has no providers and no pools.
@@ -313,8 +319,13 @@ func (c *Config) derive() {
 	for name, p := range c.Pools {
 		if !strings.HasPrefix(p.Bootstrap, "builtin:") && !strings.Contains(p.Bootstrap, "://") {
 			p.Bootstrap = resolve(dir, p.Bootstrap)
-			c.Pools[name] = p
 		}
+		if script, ok := strings.CutPrefix(p.Bootstrap, "builtin:"); ok && p.WorkerCommand == "" {
+			// A built-in bootstrap made for one CI brings its worker command.
+			p.WorkerCommand = scripts.DefaultWorkerCommand(script)
+		}
+		p.deriveJenkins(dir)
+		c.Pools[name] = p
 	}
 }
 

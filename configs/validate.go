@@ -91,6 +91,7 @@ func (c Config) check() []problem {
 	for _, name := range slices.Sorted(maps.Keys(c.Pools)) {
 		k.pool(name, c.Pools[name])
 	}
+	k.jenkinsPools(c.Pools)
 	return k.problems
 }
 

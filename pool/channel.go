@@ -87,7 +87,7 @@ func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) erro
 // Assignment implements bootstrap.Backend. An instance polling with an empty
 // current has no worker running: that is how a releasing instance says it is
 // clean again.
-func (m *Manager) Assignment(ctx context.Context, key, current string, wait time.Duration) (bootstrap.Assignment, error) {
+func (m *Manager) Assignment(ctx context.Context, key, current string, run int, wait time.Duration) (bootstrap.Assignment, error) {
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
@@ -98,7 +98,7 @@ func (m *Manager) Assignment(ctx context.Context, key, current string, wait time
 			return bootstrap.Assignment{State: bootstrap.AssignTerminate}, nil
 		}
 		in.LastSeen = m.clock.Now()
-		a := m.assignmentLocked(in, current)
+		a := m.assignmentLocked(in, current, run)
 		changed := m.waitChange()
 		m.mu.Unlock()
 		if a.State != bootstrap.AssignNone {
@@ -114,7 +114,7 @@ func (m *Manager) Assignment(ctx context.Context, key, current string, wait time
 	}
 }
 
-func (m *Manager) assignmentLocked(in *Instance, current string) bootstrap.Assignment {
+func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootstrap.Assignment {
 	p := m.pools[in.Pool]
 	a := bootstrap.Assignment{State: bootstrap.AssignNone}
 	if p != nil {
@@ -127,14 +127,22 @@ func (m *Manager) assignmentLocked(in *Instance, current string) bootstrap.Assig
 	}
 	l := m.leases[in.LeaseID]
 	if l != nil && l.State == LeaseActive && (in.State == Leased || in.State == Draining) {
-		if l.ID == current {
+		// The lease held asks for more only with a run the instance has
+		// not started, to a bootstrap that takes runs.
+		if l.ID == current && (run < 0 || l.Run == nil || l.Run.ID <= run || m.runExitedLocked(l)) {
 			return a
 		}
 		a.State = bootstrap.AssignAssigned
 		a.LeaseID = l.ID
 		a.WorkerName, a.WorkerPassword, a.WorkerMaster = l.Worker.Name, l.Worker.Password, l.Worker.Master
-		if p != nil {
+		if p != nil && !l.NoWorker {
 			a.WorkerCommand = p.cfg.WorkerCommand
+		}
+		// A run on a lease made without one waits for the instance to
+		// have taken the lease (and started its worker). An exited run is
+		// never handed out again, not even to a bootstrap that lost track.
+		if l.Run != nil && (l.ID == current || l.NoWorker) && !m.runExitedLocked(l) {
+			a.RunID, a.RunCommand = l.Run.ID, shellCommand(l.Run.Command)
 		}
 		return a
 	}
@@ -147,7 +155,7 @@ func (m *Manager) assignmentLocked(in *Instance, current string) bootstrap.Assig
 		m.dispatchLocked()
 		// The dispatch may have handed it a queued lease: answer with it
 		// now, not when this long-poll times out.
-		return m.assignmentLocked(in, current)
+		return m.assignmentLocked(in, current, run)
 	}
 	return a
 }
@@ -163,6 +171,10 @@ func (m *Manager) Heartbeat(ctx context.Context, key string, hb bootstrap.Heartb
 	in.LastSeen = m.clock.Now()
 	if hb.Worker == "exited" && in.State == Leased {
 		m.log.Info("worker exited", "pool", in.Pool, "instance", in.ID, "lease", in.LeaseID, "exit_code", hb.ExitCode)
+	}
+	if hb.RunID != 0 && hb.LeaseID == in.LeaseID {
+		// Usually known already; this is for an exit report a restart lost.
+		m.exitLocked(in, hb.LeaseID, hb.RunID, hb.RunExitCode)
 	}
 	return nil
 }

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"regexp"
 	"slices"
+	"strings"
 	"time"
 	"unicode"
 )
@@ -50,6 +52,11 @@ type Lease struct {
 	// pending one is given up for want of a client asking after it.
 	ExpiresAt time.Time `json:"expires_at"`
 	EndedAt   time.Time `json:"ended_at,omitempty"`
+	// Run is the latest command run on the lease's instance, if any.
+	Run *Run `json:"run,omitempty"`
+	// NoWorker: the lease was made to run a command, so its instance
+	// starts no worker_command.
+	NoWorker bool `json:"no_worker,omitempty"`
 }
 
 // LogValue keeps the worker password out of logs.
@@ -78,6 +85,9 @@ type LeaseRequest struct {
 	Worker      Worker        // Name "" gets a generated one; Password "" gets the instance's own
 	Labels      map[string]string
 	ClientToken string
+	// Command, when not empty, is run on the instance in place of the
+	// pool's worker_command (argv; run 1 of the lease).
+	Command []string
 }
 
 // LeaseView is a lease as the API shows it to its holder.
@@ -90,6 +100,7 @@ type LeaseView struct {
 	Labels    map[string]string `json:"labels,omitempty"`
 	CreatedAt time.Time         `json:"created_at"`
 	ExpiresAt time.Time         `json:"expires_at"`
+	Run       *RunView          `json:"run,omitempty"`
 }
 
 // LeaseInstance is the part of an instance a lease holder sees.
@@ -120,11 +131,8 @@ func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
 	if p := r.Worker.Password; p != "" && (len(p) > 256 || !printable(p)) {
 		bad("worker.password must be at most 256 printable characters")
 	}
-	if r.Worker.Master != "" {
-		host, port, err := net.SplitHostPort(r.Worker.Master)
-		if err != nil || host == "" || port == "" || len(r.Worker.Master) > 255 || !printable(r.Worker.Master) {
-			bad("worker.master must be host:port")
-		}
+	if r.Worker.Master != "" && !validMaster(r.Worker.Master) {
+		bad("worker.master must be host:port or an http:// or https:// URL")
 	}
 	if len(r.Labels) > 32 {
 		bad("at most 32 labels")
@@ -137,10 +145,27 @@ func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
 	if len(r.ClientToken) > 128 || !printable(r.ClientToken) {
 		bad("client_token must be at most 128 printable characters")
 	}
+	problems = append(problems, commandProblems(r.Command)...)
 	if len(problems) == 0 {
 		return nil
 	}
 	return fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
+}
+
+// validMaster accepts host:port, as a Buildbot master is named, or the
+// http(s) root URL of a Jenkins controller, whose inbound agents connect to
+// a URL and may sit under a path.
+func validMaster(m string) bool {
+	if len(m) > 255 || !printable(m) || strings.ContainsAny(m, " \t") {
+		return false
+	}
+	if strings.HasPrefix(m, "http://") || strings.HasPrefix(m, "https://") {
+		u, err := url.Parse(m)
+		// No user info: it would reach the instance as a credential.
+		return err == nil && u.Host != "" && u.User == nil
+	}
+	host, port, err := net.SplitHostPort(m)
+	return err == nil && host != "" && port != "" && !strings.Contains(m, "/")
 }
 
 func printable(s string) bool {
@@ -183,6 +208,10 @@ func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) 
 		TTL:         r.TTL,
 		CreatedAt:   now,
 		ExpiresAt:   now.Add(r.Wait + pendingGrace),
+	}
+	if len(r.Command) > 0 {
+		l.Run = &Run{ID: 1, Command: slices.Clone(r.Command)}
+		l.NoWorker = true
 	}
 	if l.TTL == 0 {
 		l.TTL = p.cfg.LeaseTTL.Duration
@@ -251,6 +280,9 @@ func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) 
 
 func (m *Manager) viewLocked(l *Lease) LeaseView {
 	v := LeaseView{ID: l.ID, Pool: l.Pool, State: l.State, Worker: l.Worker, Labels: l.Labels, CreatedAt: l.CreatedAt, ExpiresAt: l.ExpiresAt}
+	if l.Run != nil {
+		v.Run = &RunView{ID: l.Run.ID}
+	}
 	if in, ok := m.instances[l.InstanceKey]; ok && l.InstanceKey != "" {
 		v.Instance = &LeaseInstance{ID: in.ID, PrivateIP: in.PrivateIP, State: in.State, SSHHostKey: in.SSHHostKey}
 	}
@@ -317,6 +349,7 @@ func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
 	l.State = to
 	l.EndedAt = now
 	m.saveLease(l)
+	m.endRunLocked(l.ID)
 	m.notify()
 	m.log.Info("lease ended", "pool", l.Pool, "lease", l.ID, "state", to, "discard", discard)
 	if prev == LeasePending {

@@ -138,6 +138,11 @@ type Manager struct {
 	wg          sync.WaitGroup
 	ctx         context.Context
 	cancel      context.CancelFunc
+
+	// runs holds the output of the latest run of each active lease that
+	// has one, in memory only (see run.go).
+	runs      map[string]*runOutput
+	maxOutput int
 }
 
 // New restores the pools' state from the store. Call Run to start work.
@@ -159,6 +164,8 @@ func New(opts Options) (*Manager, error) {
 		orphans:     map[string]time.Time{},
 		terminating: map[cloud.Provider][]*Instance{},
 		changed:     make(chan struct{}),
+		runs:        map[string]*runOutput{},
+		maxOutput:   MaxOutput,
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)
@@ -223,6 +230,10 @@ func (m *Manager) restore() error {
 		}
 		if l.State == LeasePending {
 			pending = append(pending, l)
+		}
+		if l.State == LeaseActive && l.Run != nil {
+			// Its output was only in the memory of the process that died.
+			m.runs[l.ID] = m.newRunOutput(l.Run.ID, restartMarker)
 		}
 	}
 	sort.Slice(pending, func(i, j int) bool { return pending[i].CreatedAt.Before(pending[j].CreatedAt) })

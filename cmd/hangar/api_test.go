@@ -41,7 +41,7 @@ func TestAPIBadInput(t *testing.T) {
 		{"bad master", "POST", "/v1/leases", `{"pool":"demo","worker":{"master":"nohost"}}`, 400, "bad_request", "worker.master must be host:port"},
 		{"control char password", "POST", "/v1/leases", `{"pool":"demo","worker":{"password":"a\nb"}}`, 400, "bad_request", "worker.password"},
 		{"several problems at once", "POST", "/v1/leases", `{"pool":"demo","worker":{"name":"-x","master":"y"}}`, 400, "bad_request", "worker.name must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit\nworker.master must be host:port"},
-		{"huge body", "POST", "/v1/leases", `{"pool":"` + strings.Repeat("x", 70000) + `"}`, 400, "bad_request", "request body too large"},
+		{"huge body", "POST", "/v1/leases", `{"pool":"` + strings.Repeat("x", 3<<20) + `"}`, 400, "bad_request", "request body too large"},
 		{"unknown lease", "GET", "/v1/leases/l-nope", ``, 404, "not_found", `unknown lease "l-nope"`},
 		{"bad get wait", "GET", "/v1/leases/" + active.ID + "?wait=x", ``, 400, "bad_request", "wait"},
 		{"renew unknown", "POST", "/v1/leases/l-nope/renew", ``, 404, "not_found", "unknown lease"},

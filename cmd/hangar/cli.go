@@ -95,6 +95,8 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 
 	root.AddCommand(serveCmd(g), leaseCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
 		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
+	root.AddCommand(runCmd(g))
+	root.AddCommand(jenkinsCmd(g))
 	return root
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,17 +23,31 @@ type Client struct {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) (int, error) {
+	resp, data, err := c.send(ctx, method, path, body)
+	if err != nil {
+		return 0, err
+	}
+	if out != nil && resp.StatusCode != http.StatusNoContent {
+		if err := json.Unmarshal(data, out); err != nil {
+			return resp.StatusCode, fmt.Errorf("decoding hangar's answer: %w", err)
+		}
+	}
+	return resp.StatusCode, nil
+}
+
+// send makes a call and returns the answer's body, or the API's error.
+func (c *Client) send(ctx context.Context, method, path string, body any) (*http.Response, []byte, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
-			return 0, err
+			return nil, nil, err
 		}
 		rd = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.BaseURL, "/")+path, rd)
 	if err != nil {
-		return 0, fmt.Errorf("building request: %w", err)
+		return nil, nil, fmt.Errorf("building request: %w", err)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -46,26 +61,21 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) (in
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("calling hangar at %s: %w", c.BaseURL, err)
+		return nil, nil, fmt.Errorf("calling hangar at %s: %w", c.BaseURL, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return resp.StatusCode, fmt.Errorf("reading hangar's answer: %w", err)
+		return nil, nil, fmt.Errorf("reading hangar's answer: %w", err)
 	}
 	if resp.StatusCode >= 400 {
 		e := &Error{Status: resp.StatusCode}
 		if json.Unmarshal(data, e) != nil || e.Message == "" {
 			e.Message, e.Code = fmt.Sprintf("hangar answered %s", resp.Status), "http"
 		}
-		return resp.StatusCode, e
+		return nil, nil, e
 	}
-	if out != nil && resp.StatusCode != http.StatusNoContent {
-		if err := json.Unmarshal(data, out); err != nil {
-			return resp.StatusCode, fmt.Errorf("decoding hangar's answer: %w", err)
-		}
-	}
-	return resp.StatusCode, nil
+	return resp, data, nil
 }
 
 // Lease asks for a lease; it comes back active or, if wait ran out, pending.
@@ -128,4 +138,60 @@ func (c *Client) Console(ctx context.Context, id string) (string, error) {
 	var v struct{ Output string }
 	_, err := c.do(ctx, http.MethodGet, "/v1/instances/"+url.PathEscape(id)+"/console", nil, &v)
 	return v.Output, err
+}
+
+// StartRun runs a command on the instance of a lease the caller holds, once
+// its previous run has exited.
+func (c *Client) StartRun(ctx context.Context, id string, command []string) (pool.LeaseView, error) {
+	var v pool.LeaseView
+	_, err := c.do(ctx, http.MethodPost, "/v1/leases/"+url.PathEscape(id)+"/runs", RunRequest{Command: command}, &v)
+	return v, err
+}
+
+// Output reads a run's output from offset, waiting up to wait for some. run
+// 0 is the lease's latest run; epoch is the Epoch of the previous answer
+// ("" at first).
+func (c *Client) Output(ctx context.Context, id string, run int, offset int64, epoch string, wait time.Duration) (pool.RunOutput, error) {
+	q := url.Values{"offset": {strconv.FormatInt(offset, 10)}, "wait": {wait.String()}}
+	if run > 0 {
+		q.Set("run", strconv.Itoa(run))
+	}
+	if epoch != "" {
+		q.Set("epoch", epoch)
+	}
+	resp, data, err := c.send(ctx, http.MethodGet, "/v1/leases/"+url.PathEscape(id)+"/output?"+q.Encode(), nil)
+	if err != nil {
+		return pool.RunOutput{}, err
+	}
+	h := resp.Header
+	out := pool.RunOutput{Data: data, Epoch: h.Get(HeaderEpoch), State: pool.RunState(h.Get(HeaderRunState)), Reset: h.Get(HeaderReset) == "true"}
+	var problems []string
+	num := func(name string, dst *int64) {
+		v := h.Get(name)
+		if v == "" {
+			return
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			problems = append(problems, name)
+		}
+		*dst = n
+	}
+	var runID, exit int64 = 0, -1
+	num(HeaderRun, &runID)
+	num(HeaderOffset, &out.Offset)
+	num(HeaderNext, &out.Next)
+	num(HeaderSkipped, &out.Skipped)
+	num(HeaderExitCode, &exit)
+	if h.Get(HeaderNext) == "" || out.Next != out.Offset+int64(len(data)) {
+		problems = append(problems, HeaderNext)
+	}
+	if len(problems) > 0 {
+		return pool.RunOutput{}, fmt.Errorf("reading hangar's output answer: bad %s", strings.Join(problems, ", "))
+	}
+	out.Run = int(runID)
+	if exit >= 0 {
+		out.Done, out.ExitCode = true, int(exit)
+	}
+	return out, nil
 }

@@ -1,7 +1,8 @@
 // Package api serves Hangar's HTTP lease API and is its Go client.
 //
-// Handlers return (value, error); one wrapper encodes the value as JSON and
-// maps errors to {"error": …, "code": …} with the matching status.
+// Handlers return (value, error); one wrapper encodes the value as JSON (a
+// run's output goes as it is) and maps errors to {"error": …, "code": …}
+// with the matching status.
 package api
 
 import (
@@ -69,6 +70,8 @@ func (s *Server) Handler() http.Handler {
 	route("GET /v1/leases/{id}", RoleLease, s.getLease)
 	route("POST /v1/leases/{id}/renew", RoleLease, s.renewLease)
 	route("DELETE /v1/leases/{id}", RoleLease, s.releaseLease)
+	route("POST /v1/leases/{id}/runs", RoleLease, s.startRun)
+	route("GET /v1/leases/{id}/output", RoleLease, s.output)
 	route("GET /v1/pools", RoleLease, s.listPools)
 	route("PATCH /v1/pools/{name}", RoleAdmin, s.scalePool)
 	route("GET /v1/instances", RoleLease, s.listInstances)
@@ -142,6 +145,10 @@ func (s *Server) wrap(a *auth, role string, h func(r *http.Request) (int, any, e
 			w.WriteHeader(status)
 			return
 		}
+		if raw, ok := v.(rawBody); ok {
+			raw.write(w, status)
+			return
+		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
 		enc := json.NewEncoder(w)
@@ -156,7 +163,7 @@ func mapError(err error) *Error {
 		return &Error{Status: http.StatusNotFound, Code: "not_found", Message: err.Error()}
 	case errors.Is(err, pool.ErrInvalid):
 		return &Error{Status: http.StatusBadRequest, Code: "bad_request", Message: err.Error()}
-	case errors.Is(err, pool.ErrLeaseEnded):
+	case errors.Is(err, pool.ErrLeaseEnded), errors.Is(err, pool.ErrLeaseBusy):
 		return &Error{Status: http.StatusConflict, Code: "conflict", Message: err.Error()}
 	default:
 		return &Error{Status: http.StatusInternalServerError, Code: "internal", Message: "internal error: " + err.Error()}
@@ -164,10 +171,17 @@ func mapError(err error) *Error {
 }
 
 // maxBody bounds request bodies: a lease request is a few hundred bytes.
-const maxBody = 64 << 10
+// maxCommandBody bounds those that may carry a command (pool.MaxCommand,
+// with room for JSON's escapes).
+const (
+	maxBody        = 64 << 10
+	maxCommandBody = 2 << 20
+)
 
-func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxBody))
+func decode(r *http.Request, v any) error { return decodeLimit(r, v, maxBody) }
+
+func decodeLimit(r *http.Request, v any, limit int64) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, limit))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return apiError(http.StatusBadRequest, "bad_request", "bad request body: %s", strings.TrimPrefix(err.Error(), "json: "))
@@ -197,11 +211,14 @@ type LeaseRequest struct {
 	Worker      pool.Worker       `json:"worker"`
 	Labels      map[string]string `json:"labels,omitempty"`
 	ClientToken string            `json:"client_token,omitempty"`
+	// Command (argv) is run on the instance in place of the pool's worker;
+	// read its output with GET /v1/leases/{id}/output.
+	Command []string `json:"command,omitempty"`
 }
 
 func (s *Server) createLease(r *http.Request) (int, any, error) {
 	var req LeaseRequest
-	if err := decode(r, &req); err != nil {
+	if err := decodeLimit(r, &req, maxCommandBody); err != nil {
 		return 0, nil, err
 	}
 	if req.Pool == "" {
@@ -215,7 +232,7 @@ func (s *Server) createLease(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	v, err := s.Manager.Lease(r.Context(), pool.LeaseRequest{Pool: req.Pool, Wait: wait, TTL: ttl, Worker: req.Worker, Labels: req.Labels, ClientToken: req.ClientToken})
+	v, err := s.Manager.Lease(r.Context(), pool.LeaseRequest{Pool: req.Pool, Wait: wait, TTL: ttl, Worker: req.Worker, Labels: req.Labels, ClientToken: req.ClientToken, Command: req.Command})
 	if err != nil {
 		return 0, nil, err
 	}
@@ -302,4 +319,87 @@ func (s *Server) drain(r *http.Request) (int, any, error) {
 func (s *Server) console(r *http.Request) (int, any, error) {
 	out, err := s.Manager.Console(r.Context(), r.PathValue("id"))
 	return http.StatusOK, map[string]string{"id": r.PathValue("id"), "output": string(out)}, err
+}
+
+// RunRequest is the body of POST /v1/leases/{id}/runs.
+type RunRequest struct {
+	Command []string `json:"command"`
+}
+
+func (s *Server) startRun(r *http.Request) (int, any, error) {
+	var req RunRequest
+	if err := decodeLimit(r, &req, maxCommandBody); err != nil {
+		return 0, nil, err
+	}
+	v, err := s.Manager.StartRun(r.Context(), r.PathValue("id"), req.Command)
+	return http.StatusCreated, v, err
+}
+
+// Headers of GET /v1/leases/{id}/output, whose body is the output itself.
+const (
+	HeaderRun      = "Hangar-Run"           // the run the output is of
+	HeaderOffset   = "Hangar-Output-Offset" // where the body starts in the output
+	HeaderNext     = "Hangar-Output-Next"   // the offset to ask for next
+	HeaderSkipped  = "Hangar-Output-Skipped"
+	HeaderEpoch    = "Hangar-Output-Epoch"
+	HeaderReset    = "Hangar-Output-Reset"
+	HeaderRunState = "Hangar-Run-State"
+	HeaderExitCode = "Hangar-Exit-Code" // only once the body reaches the end of a run that has exited
+)
+
+// rawBody is a handler's answer that is not JSON.
+type rawBody interface {
+	write(w http.ResponseWriter, status int)
+}
+
+type outputBody pool.RunOutput
+
+func (o outputBody) write(w http.ResponseWriter, status int) {
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Cache-Control", "no-store")
+	h.Set(HeaderRun, strconv.Itoa(o.Run))
+	h.Set(HeaderOffset, strconv.FormatInt(o.Offset, 10))
+	h.Set(HeaderNext, strconv.FormatInt(o.Next, 10))
+	h.Set(HeaderEpoch, o.Epoch)
+	h.Set(HeaderRunState, string(o.State))
+	if o.Skipped > 0 {
+		h.Set(HeaderSkipped, strconv.FormatInt(o.Skipped, 10))
+	}
+	if o.Reset {
+		h.Set(HeaderReset, "true")
+	}
+	if o.Done {
+		h.Set(HeaderExitCode, strconv.Itoa(o.ExitCode))
+	}
+	h.Set("Content-Length", strconv.Itoa(len(o.Data)))
+	w.WriteHeader(status)
+	w.Write(o.Data)
+}
+
+// output answers with the run's output from offset (long-polling up to
+// wait for some) as the body, and where it stands in headers.
+func (s *Server) output(r *http.Request) (int, any, error) {
+	q := r.URL.Query()
+	wait, err := duration("wait", q.Get("wait"))
+	if err != nil {
+		return 0, nil, err
+	}
+	var offset int64
+	if v := q.Get("offset"); v != "" {
+		if offset, err = strconv.ParseInt(v, 10, 64); err != nil || offset < 0 {
+			return 0, nil, apiError(http.StatusBadRequest, "bad_request", "offset: %q is not a byte offset", v)
+		}
+	}
+	run := 0
+	if v := q.Get("run"); v != "" {
+		if run, err = strconv.Atoi(v); err != nil || run < 1 {
+			return 0, nil, apiError(http.StatusBadRequest, "bad_request", "run: %q is not a run number", v)
+		}
+	}
+	out, err := s.Manager.Output(r.Context(), r.PathValue("id"), run, offset, q.Get("epoch"), wait)
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, outputBody(out), nil
 }
