@@ -221,66 +221,37 @@ func wanted(f cloud.Filter, all func() ([]string, error)) ([]string, error) {
 }
 
 func (s *store) volumes(f cloud.Filter) ([]*volumeRecord, error) {
-	ids, err := wanted(f, func() ([]string, error) { return listIDs(s.storagePath("volumes"), "vol", "") })
-	if err != nil {
-		return nil, err
-	}
-	var out []*volumeRecord
-	for _, id := range ids {
-		v, err := s.getVolume(id)
-		if errors.Is(err, cloud.ErrNotFound) {
-			continue // deleted meanwhile, or asked for and unknown
-		}
-		if err != nil {
-			s.log.Error("skipping unreadable volume", "id", id, "err", err)
-			continue
-		}
-		if cloud.MatchesTags(v.Tags, f.Tags) {
-			out = append(out, v)
-		}
-	}
-	return out, nil
+	return listRecords(s, f, "volume", "volumes", "vol", "", s.getVolume, func(v *volumeRecord) map[string]string { return v.Tags })
 }
 
 func (s *store) snapshots(f cloud.Filter) ([]*snapshotRecord, error) {
-	ids, err := wanted(f, func() ([]string, error) { return listIDs(s.storagePath("snapshots"), "snap", "") })
-	if err != nil {
-		return nil, err
-	}
-	var out []*snapshotRecord
-	for _, id := range ids {
-		sn, err := s.getSnapshot(id)
-		if errors.Is(err, cloud.ErrNotFound) {
-			continue
-		}
-		if err != nil {
-			s.log.Error("skipping unreadable snapshot", "id", id, "err", err)
-			continue
-		}
-		if cloud.MatchesTags(sn.Tags, f.Tags) {
-			out = append(out, sn)
-		}
-	}
-	return out, nil
+	return listRecords(s, f, "snapshot", "snapshots", "snap", "", s.getSnapshot, func(v *snapshotRecord) map[string]string { return v.Tags })
 }
 
 func (s *store) images(f cloud.Filter) ([]*imageRecord, error) {
-	ids, err := wanted(f, func() ([]string, error) { return listIDs(s.storagePath("images"), "ami", ".json") })
+	return listRecords(s, f, "image", "images", "ami", ".json", s.getImage, func(v *imageRecord) map[string]string { return v.Tags })
+}
+
+// listRecords reads the records f asks for (by id, else all under dir),
+// keeping those whose tags match. A record deleted meanwhile, or an id asked
+// for and unknown, is left out; an unreadable one is logged and left out.
+func listRecords[T any](s *store, f cloud.Filter, what, dir, kind, suffix string, get func(string) (T, error), tags func(T) map[string]string) ([]T, error) {
+	ids, err := wanted(f, func() ([]string, error) { return listIDs(s.storagePath(dir), kind, suffix) })
 	if err != nil {
 		return nil, err
 	}
-	var out []*imageRecord
+	var out []T
 	for _, id := range ids {
-		img, err := s.getImage(id)
+		r, err := get(id)
 		if errors.Is(err, cloud.ErrNotFound) {
 			continue
 		}
 		if err != nil {
-			s.log.Error("skipping unreadable image", "id", id, "err", err)
+			s.log.Error("skipping unreadable "+what, "id", id, "err", err)
 			continue
 		}
-		if cloud.MatchesTags(img.Tags, f.Tags) {
-			out = append(out, img)
+		if cloud.MatchesTags(tags(r), f.Tags) {
+			out = append(out, r)
 		}
 	}
 	return out, nil
