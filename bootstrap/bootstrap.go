@@ -4,7 +4,8 @@
 // commands run on a lease (`hangar run`).
 //
 // Every call carries the instance's bootstrap token as a bearer token. Only a
-// hash of it is kept; it is bound to one instance and dies with it. The
+// hash of it is kept; it is bound to one instance and dies with it, and a
+// released answer may replace it (Assignment.NewToken). The
 // assignment is written as shell assignments, each value quoted by
 // userdata.ShellQuote, so that a bash-and-curl bootstrap can source it.
 package bootstrap
@@ -55,6 +56,17 @@ type Assignment struct {
 	// then asks for one more run on it.
 	RunID      int
 	RunCommand string
+	// NewToken, when set, replaces the instance's bootstrap token (the
+	// server rotates it at each release, so that a build that read the
+	// token cannot use it once its lease is over). The bootstrap saves it
+	// before it does anything else with the answer, and every later call
+	// carries it; the old token is refused from the moment the answer is
+	// built.
+	NewToken string
+	// WorkerUser, when set (assigned and released answers), is the local
+	// user the worker, the runs and the cleanup command run as; the
+	// bootstrap, running as root, creates it when missing.
+	WorkerUser string
 }
 
 // Heartbeat is an instance's periodic sign of life.
@@ -255,6 +267,14 @@ func (a Assignment) Shell() string {
 	var b strings.Builder
 	line := func(k, v string) { fmt.Fprintf(&b, "%s=%s\n", k, userdata.ShellQuote(v)) }
 	line("HANGAR_ASSIGNMENT", a.State)
+	// Fields added later are written only when set, so that answers
+	// without them read exactly as before.
+	if a.NewToken != "" {
+		line("HANGAR_NEW_TOKEN", a.NewToken)
+	}
+	if a.WorkerUser != "" && (a.State == AssignAssigned || a.State == AssignReleased) {
+		line("HANGAR_WORKER_USER", a.WorkerUser)
+	}
 	if a.State == AssignAssigned {
 		line("HANGAR_LEASE_ID", a.LeaseID)
 		line("HANGAR_WORKER_NAME", a.WorkerName)

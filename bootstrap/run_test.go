@@ -147,3 +147,29 @@ HANGAR_CLEANUP_COMMAND=''
 		t.Errorf("Shell() =\n%s\nwant\n%s", got, want)
 	}
 }
+
+// A rotated token and a worker user are written only when set, and the
+// user only where the bootstrap reads it (assigned and released answers).
+func TestAssignmentShellTokenAndUser(t *testing.T) {
+	tests := []struct {
+		a    Assignment
+		want string
+	}{
+		{Assignment{State: AssignReleased, CleanupCommand: "rm -rf /tmp/x"},
+			"HANGAR_ASSIGNMENT='released'\nHANGAR_CLEANUP_COMMAND='rm -rf /tmp/x'\n"},
+		{Assignment{State: AssignReleased, NewToken: "tok_new-1", WorkerUser: "build", CleanupCommand: "c"},
+			"HANGAR_ASSIGNMENT='released'\nHANGAR_NEW_TOKEN='tok_new-1'\nHANGAR_WORKER_USER='build'\nHANGAR_CLEANUP_COMMAND='c'\n"},
+		{Assignment{State: AssignAssigned, LeaseID: "l-1", WorkerUser: "it's"},
+			"HANGAR_ASSIGNMENT='assigned'\nHANGAR_WORKER_USER='it'\\''s'\nHANGAR_LEASE_ID='l-1'\nHANGAR_WORKER_NAME=''\n" +
+				"HANGAR_WORKER_PASSWORD=''\nHANGAR_WORKER_MASTER=''\nHANGAR_WORKER_COMMAND=''\nHANGAR_CLEANUP_COMMAND=''\n"},
+		{Assignment{State: AssignNone, NewToken: "tok_x", WorkerUser: "build"},
+			"HANGAR_ASSIGNMENT='none'\nHANGAR_NEW_TOKEN='tok_x'\nHANGAR_CLEANUP_COMMAND=''\n"},
+		{Assignment{State: AssignTerminate, WorkerUser: "build"},
+			"HANGAR_ASSIGNMENT='terminate'\nHANGAR_CLEANUP_COMMAND=''\n"},
+	}
+	for _, tt := range tests {
+		if got := tt.a.Shell(); got != tt.want {
+			t.Errorf("%+v: Shell() =\n%s\nwant\n%s", tt.a, got, tt.want)
+		}
+	}
+}
