@@ -37,13 +37,17 @@ func (m *Manager) launchLocked(p *poolState) {
 	in.TokenHash = bootstrap.HashToken(in.token)
 	m.index(in)
 	m.saveInstance(in)
-	intent := m.lastSave
 	m.notify()
 	m.goAsync(func(ctx context.Context) {
+		// The intent is committed with the decision that made it, when
+		// that decision lets go of the lock; only then can we wait for it.
+		m.mu.Lock()
+		intent := m.synced()
+		m.unlock()
 		if err := intent.Wait(); err != nil {
 			m.mu.Lock()
 			m.launchFailedLocked(p, in, fmt.Errorf("writing launch intent: %w", err))
-			m.mu.Unlock()
+			m.unlock()
 			return
 		}
 		m.launch(ctx, p, in)
@@ -65,7 +69,7 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	}
 	in.token = ""
 	cfg := p.cfg
-	m.mu.Unlock()
+	m.unlock()
 
 	ud, err := renderUserData(m.cfg, p.name, cfg, token)
 	var got []cloud.Instance
@@ -90,7 +94,7 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 		cancel()
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in.busy = false
 	if err == nil && len(got) == 0 {
 		err = errors.New("cloud launched nothing")
@@ -165,7 +169,7 @@ func (m *Manager) startLocked(in *Instance) {
 		_, err := p.provider.Start(cctx, []string{in.ID})
 		cancel()
 		m.mu.Lock()
-		defer m.mu.Unlock()
+		defer m.unlock()
 		in.busy = false
 		if in.State != Starting {
 			return
@@ -193,7 +197,7 @@ func (m *Manager) stopLocked(in *Instance, reason string) {
 		_, err := p.provider.Stop(cctx, []string{in.ID})
 		cancel()
 		m.mu.Lock()
-		defer m.mu.Unlock()
+		defer m.unlock()
 		in.busy = false
 		if in.State != Stopping {
 			return
@@ -250,14 +254,14 @@ func (m *Manager) terminateCall(in *Instance) {
 // ending a hundred idle instances makes one call, not a hundred.
 func (m *Manager) terminateBatches(ctx context.Context, prov cloud.Provider) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	for len(m.terminating[prov]) > 0 {
 		batch := m.terminating[prov]
 		ids := make([]string, len(batch))
 		for i, in := range batch {
 			ids[i] = in.ID
 		}
-		m.mu.Unlock()
+		m.unlock()
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
 		done, err := prov.Terminate(cctx, ids)
 		cancel()
@@ -330,7 +334,7 @@ func (m *Manager) timersLocked() {
 			if l.ClientToken != "" && m.byClient[l.Pool+"\x00"+l.ClientToken] == l {
 				delete(m.byClient, l.Pool+"\x00"+l.ClientToken)
 			}
-			m.lastSave = m.store.Commit(store.Op{Kind: store.Leases, ID: l.ID})
+			m.write(store.Op{Kind: store.Leases, ID: l.ID})
 		}
 	}
 	idle := map[string][]*Instance{}
@@ -346,7 +350,7 @@ func (m *Manager) timersLocked() {
 			if now.Sub(in.Since) > endedKept {
 				delete(m.instances, in.Key)
 				delete(m.byID, in.ID)
-				m.lastSave = m.store.Commit(store.Op{Kind: store.Instances, ID: in.Key})
+				m.write(store.Op{Kind: store.Instances, ID: in.Key})
 			}
 		case p == nil:
 			if in.State == Idle || in.State == Stopped || in.State == Booting || in.State == Failed {

@@ -13,7 +13,7 @@ var _ bootstrap.Backend = (*Manager)(nil)
 // Authenticate implements bootstrap.Backend.
 func (m *Manager) Authenticate(tokenHash string) (string, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in, ok := m.byToken[tokenHash]
 	if !ok {
 		return "", bootstrap.ErrUnauthorized
@@ -41,7 +41,7 @@ func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
 			err = fmt.Errorf("%w %q", ErrUnknownPool, in.Pool)
 		}
 	}
-	m.mu.Unlock()
+	m.unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -51,7 +51,7 @@ func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
 // Ready implements bootstrap.Backend: the instance's bootstrap runs.
 func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in, err := m.instanceLocked(key)
 	if err != nil {
 		return err
@@ -94,13 +94,13 @@ func (m *Manager) Assignment(ctx context.Context, key, current string, run int, 
 		m.mu.Lock()
 		in, err := m.instanceLocked(key)
 		if err != nil {
-			m.mu.Unlock()
+			m.unlock()
 			return bootstrap.Assignment{State: bootstrap.AssignTerminate}, nil
 		}
 		in.LastSeen = m.clock.Now()
 		a := m.assignmentLocked(in, current, run)
 		changed := m.waitChange()
-		m.mu.Unlock()
+		m.unlock()
 		if a.State != bootstrap.AssignNone {
 			return a, nil
 		}
@@ -163,7 +163,7 @@ func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootst
 // Heartbeat implements bootstrap.Backend.
 func (m *Manager) Heartbeat(ctx context.Context, key string, hb bootstrap.Heartbeat) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in, err := m.instanceLocked(key)
 	if err != nil {
 		return err

@@ -184,16 +184,16 @@ func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) 
 	m.mu.Lock()
 	p, ok := m.pools[r.Pool]
 	if !ok {
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownPool, r.Pool)
 	}
 	if err := validateRequest(r, p.cfg.MaxLeaseTTL.Duration); err != nil {
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, err
 	}
 	if r.ClientToken != "" {
 		if l, ok := m.byClient[r.Pool+"\x00"+r.ClientToken]; ok {
-			m.mu.Unlock()
+			m.unlock()
 			return m.waitLease(ctx, l.ID, r.Wait)
 		}
 	}
@@ -227,7 +227,7 @@ func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) 
 	m.saveLease(l)
 	m.log.Info("lease requested", "pool", r.Pool, "lease", l.ID, "worker", l.Worker.Name)
 	m.dispatchLocked()
-	m.mu.Unlock()
+	m.unlock()
 	return m.waitLease(ctx, l.ID, r.Wait)
 }
 
@@ -246,7 +246,7 @@ func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) 
 		m.mu.Lock()
 		l, ok := m.leases[id]
 		if !ok {
-			m.mu.Unlock()
+			m.unlock()
 			return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
 		}
 		if l.State == LeasePending {
@@ -258,7 +258,7 @@ func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) 
 		v := m.viewLocked(l)
 		changed := m.waitChange()
 		saved := m.synced()
-		m.mu.Unlock()
+		m.unlock()
 		if v.State != LeasePending {
 			if err := saved.Wait(); err != nil {
 				return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
@@ -294,7 +294,7 @@ func (m *Manager) Renew(ctx context.Context, id string) (LeaseView, error) {
 	m.mu.Lock()
 	l, ok := m.leases[id]
 	if !ok {
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
 	}
 	switch l.State {
@@ -303,13 +303,13 @@ func (m *Manager) Renew(ctx context.Context, id string) (LeaseView, error) {
 	case LeasePending:
 		l.ExpiresAt = m.clock.Now().Add(pendingGrace)
 	default:
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w: %s is %s", ErrLeaseEnded, id, l.State)
 	}
 	m.saveLease(l)
 	v := m.viewLocked(l)
 	saved := m.synced()
-	m.mu.Unlock()
+	m.unlock()
 	if err := saved.Wait(); err != nil {
 		return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
 	}
@@ -323,7 +323,7 @@ func (m *Manager) Release(ctx context.Context, id string, discard bool) error {
 	m.mu.Lock()
 	l, ok := m.leases[id]
 	if !ok {
-		m.mu.Unlock()
+		m.unlock()
 		return fmt.Errorf("%w %q", ErrUnknownLease, id)
 	}
 	if !l.State.ended() {
@@ -335,7 +335,7 @@ func (m *Manager) Release(ctx context.Context, id string, discard bool) error {
 		m.dispatchLocked()
 	}
 	saved := m.synced()
-	m.mu.Unlock()
+	m.unlock()
 	if err := saved.Wait(); err != nil {
 		return fmt.Errorf("saving lease %s: %w", id, err)
 	}

@@ -134,6 +134,7 @@ type Manager struct {
 	// terminating queues instances per provider for terminateBatches.
 	terminating map[cloud.Provider][]*Instance
 	changed     chan struct{} // closed and replaced on every change
+	ops         []store.Op    // writes of the decision under way (see unlock)
 	lastSave    *store.Commit
 	wg          sync.WaitGroup
 	ctx         context.Context
@@ -304,12 +305,9 @@ func (m *Manager) Close() error {
 	m.cancel()
 	m.wg.Wait()
 	m.mu.Lock()
-	last := m.lastSave
+	last := m.synced()
 	m.mu.Unlock()
-	if last != nil {
-		return last.Wait()
-	}
-	return nil
+	return last.Wait()
 }
 
 // notify wakes everyone waiting for a change. Caller holds m.mu.
@@ -322,16 +320,54 @@ func (m *Manager) notify() {
 func (m *Manager) waitChange() <-chan struct{} { return m.changed }
 
 func (m *Manager) saveInstance(in *Instance) {
-	m.lastSave = m.store.Commit(store.Op{Kind: store.Instances, ID: in.Key, Value: in})
+	m.write(store.Op{Kind: store.Instances, ID: in.Key, Value: in})
 }
 
 func (m *Manager) saveLease(l *Lease) {
-	m.lastSave = m.store.Commit(store.Op{Kind: store.Leases, ID: l.ID, Value: l})
+	m.write(store.Op{Kind: store.Leases, ID: l.ID, Value: l})
 }
 
-// synced returns the latest queued write; waiting on it means everything
-// changed so far is on disk. Caller holds m.mu.
+// write adds op to the decision under way. Caller holds m.mu.
+func (m *Manager) write(op store.Op) { m.ops = append(m.ops, op) }
+
+// commitLocked queues the writes of the decision under way as one store
+// transaction: a lease and its instance, or an intent and the lease it is
+// for, land on disk together or not at all. Each record is encoded as it
+// is now, once. Caller holds m.mu.
+func (m *Manager) commitLocked() {
+	if len(m.ops) == 0 {
+		return
+	}
+	type key struct {
+		kind store.Kind
+		id   string
+	}
+	seen := make(map[key]bool, len(m.ops))
+	ops := m.ops[:0:0]
+	for i := len(m.ops) - 1; i >= 0; i-- {
+		k := key{m.ops[i].Kind, m.ops[i].ID}
+		if !seen[k] {
+			seen[k] = true
+			ops = append(ops, m.ops[i])
+		}
+	}
+	m.ops = m.ops[:0]
+	m.lastSave = m.store.Commit(ops...)
+}
+
+// unlock ends a decision: its writes go to the store as one transaction,
+// then m.mu is released. Every critical section ends here, never with a
+// bare m.mu.Unlock, so no decision is ever split across transactions.
+func (m *Manager) unlock() {
+	m.commitLocked()
+	m.mu.Unlock()
+}
+
+// synced commits the decision so far and returns the latest queued write;
+// waiting on it means everything changed so far is on disk. Caller holds
+// m.mu.
 func (m *Manager) synced() *store.Commit {
+	m.commitLocked()
 	if m.lastSave == nil {
 		return m.store.Commit()
 	}

@@ -1221,10 +1221,10 @@ func TestSetState(t *testing.T) {
 		t.Run(fmt.Sprintf("%s to %s", c.from, c.to), func(t *testing.T) {
 			in := &Instance{Key: "h-test-" + string(c.from) + "-" + string(c.to), ID: "i-test", Pool: "demo", State: c.from, Since: before, Reason: "old"}
 			h.m.mu.Lock()
-			saved := h.m.lastSave
+			queuedBefore := len(h.m.ops)
 			err := h.m.setState(in, c.to, "test")
-			queued := h.m.lastSave != saved
-			h.m.mu.Unlock()
+			queued := len(h.m.ops) > queuedBefore
+			h.m.unlock()
 			if c.ok {
 				if !queued {
 					t.Error("an allowed transition was not queued for the store")

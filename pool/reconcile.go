@@ -21,7 +21,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 		byProvider[p.provider] = true
 	}
 	owner := m.store.Owner()
-	m.mu.Unlock()
+	m.unlock()
 	for prov := range byProvider {
 		listedAt := m.clock.Now()
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
@@ -34,7 +34,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 		m.mu.Lock()
 		m.reconcileLocked(prov, list, listedAt)
 		m.dispatchLocked()
-		m.mu.Unlock()
+		m.unlock()
 	}
 }
 

@@ -182,15 +182,15 @@ func (m *Manager) StartRun(ctx context.Context, id string, command []string) (Le
 	m.mu.Lock()
 	l, ok := m.leases[id]
 	if !ok {
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
 	}
 	switch {
 	case l.State == LeasePending:
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w: %s is pending; a run needs an instance", ErrLeaseBusy, id)
 	case l.State.ended():
-		m.mu.Unlock()
+		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w: %s is %s", ErrLeaseEnded, id, l.State)
 	}
 	next := 1
@@ -200,7 +200,7 @@ func (m *Manager) StartRun(ctx context.Context, id string, command []string) (Le
 		running := r.state != RunExited
 		r.mu.Unlock()
 		if running {
-			m.mu.Unlock()
+			m.unlock()
 			return LeaseView{}, fmt.Errorf("%w: run %d of %s has not exited yet", ErrLeaseBusy, l.Run.ID, id)
 		}
 		m.endRunLocked(id)
@@ -213,7 +213,7 @@ func (m *Manager) StartRun(ctx context.Context, id string, command []string) (Le
 	m.log.Info("run started", "pool", l.Pool, "lease", l.ID, "run", next)
 	v := m.viewLocked(l)
 	saved := m.synced()
-	m.mu.Unlock()
+	m.unlock()
 	if err := saved.Wait(); err != nil {
 		return LeaseView{}, fmt.Errorf("saving lease %s: %w", id, err)
 	}
@@ -267,11 +267,11 @@ func (m *Manager) Output(ctx context.Context, id string, run int, offset int64, 
 			err = fmt.Errorf("%w: %s is %s; the output of its command is no longer kept", ErrLeaseEnded, id, l.State)
 		}
 		if err != nil {
-			m.mu.Unlock()
+			m.unlock()
 			return RunOutput{}, err
 		}
 		r := m.runLocked(l)
-		m.mu.Unlock()
+		m.unlock()
 
 		r.mu.Lock()
 		if r.ended {
@@ -332,7 +332,7 @@ func (m *Manager) runForInstanceLocked(in *Instance, lease string, run int) (*ru
 // OpenOutput implements bootstrap.Backend.
 func (m *Manager) OpenOutput(ctx context.Context, key, lease string, run int) (io.Writer, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in, err := m.instanceLocked(key)
 	if err != nil {
 		return nil, err
@@ -380,7 +380,7 @@ func (w runWriter) Write(p []byte) (int, error) {
 // Exit implements bootstrap.Backend.
 func (m *Manager) Exit(ctx context.Context, key, lease string, run, code int) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	in, err := m.instanceLocked(key)
 	if err != nil {
 		return err

@@ -43,7 +43,7 @@ type InstanceView struct {
 // Pools lists every pool, by name.
 func (m *Manager) Pools() []PoolView {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	var out []PoolView
 	for _, p := range m.pools {
 		out = append(out, m.poolViewLocked(p))
@@ -79,7 +79,7 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 	m.mu.Lock()
 	p, ok := m.pools[pool]
 	if !ok {
-		m.mu.Unlock()
+		m.unlock()
 		return PoolView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
 	}
 	newMin, newMax := p.cfg.MinIdle, p.cfg.MaxInstances
@@ -100,26 +100,26 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 		problems = append(problems, fmt.Errorf("max_instances (%d) must be ≥ min_idle (%d)", newMax, newMin))
 	}
 	if len(problems) > 0 {
-		m.mu.Unlock()
+		m.unlock()
 		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
 	}
 	p.cfg.MinIdle, p.cfg.MaxInstances = newMin, newMax
 	// A scaled-up pool may launch again even after a quota error.
 	p.blocked = false
-	m.lastSave = m.store.Commit(store.Op{Kind: store.Pools, ID: pool, Value: scale{newMin, newMax}})
+	m.write(store.Op{Kind: store.Pools, ID: pool, Value: scale{newMin, newMax}})
 	m.log.Info("pool scaled", "pool", pool, "min_idle", newMin, "max_instances", newMax)
 	m.timersLocked()
 	m.dispatchLocked()
 	v := m.poolViewLocked(p)
 	saved := m.synced()
-	m.mu.Unlock()
+	m.unlock()
 	return v, saved.Wait()
 }
 
 // Instances lists the instances of pool ("" for all), gone ones excluded.
 func (m *Manager) Instances(pool string) ([]InstanceView, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	if _, ok := m.pools[pool]; pool != "" && !ok {
 		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
 	}
@@ -146,7 +146,7 @@ func (m *Manager) Drain(ctx context.Context, id string) (InstanceView, error) {
 	m.mu.Lock()
 	in, ok := m.byID[id]
 	if !ok || in.State == Gone {
-		m.mu.Unlock()
+		m.unlock()
 		return InstanceView{}, fmt.Errorf("%w %q", ErrUnknownInstance, id)
 	}
 	switch in.State {
@@ -159,7 +159,7 @@ func (m *Manager) Drain(ctx context.Context, id string) (InstanceView, error) {
 	m.dispatchLocked()
 	v := InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason, PrivateIP: in.PrivateIP, LeaseID: in.LeaseID, Uses: in.Uses}
 	saved := m.synced()
-	m.mu.Unlock()
+	m.unlock()
 	return v, saved.Wait()
 }
 
@@ -171,7 +171,7 @@ func (m *Manager) Console(ctx context.Context, id string) ([]byte, error) {
 	if ok {
 		p = m.pools[in.Pool]
 	}
-	m.mu.Unlock()
+	m.unlock()
 	if !ok || p == nil {
 		return nil, fmt.Errorf("%w %q", ErrUnknownInstance, id)
 	}
@@ -185,7 +185,7 @@ func (m *Manager) Console(ctx context.Context, id string) ([]byte, error) {
 // Snapshot is what the metrics gauges read at each scrape.
 func (m *Manager) Snapshot() metrics.Snapshot {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	defer m.unlock()
 	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}}
 	for name, p := range m.pools {
 		s.LeasesActive[name] = 0
