@@ -533,7 +533,7 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 	if err != nil {
 		return nil, fmt.Errorf("%s local instances: %w", verb, err)
 	}
-	var done []string
+	var done, trash []string
 	var errs []error
 	var todo []*record
 	for _, id := range ids {
@@ -551,15 +551,30 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 			continue
 		}
 		switch {
+		case r.State == final && terminate:
+			// A crash between tombstone and removal leaves the disk
+			// behind (its processes had ended before the tombstone).
+			if t, err := p.store.discardLeftover(id, p.now()); err != nil {
+				errs = append(errs, fmt.Errorf("%s %s: removing its disk: %w", verb, id, err))
+				continue
+			} else if t != "" {
+				trash = append(trash, t)
+			}
+			done = append(done, id)
+			continue
 		case r.State == final:
 			done = append(done, id)
 			continue
 		case r.State == cloud.StateTerminated, r.State == cloud.StateTerminating && !terminate:
 			errs = append(errs, fmt.Errorf("%s %s: instance is %s", verb, id, r.State))
 			continue
-		}
-		if r.State != transient {
-			r.State = transient
+		case r.State == transient:
+			// Left so by a call that crashed, or still under way in
+			// another process: end what is left either way.
+			p.log.Info("finishing interrupted "+strings.TrimSuffix(verb, "ing")+" of local instance",
+				"id", id, "since", r.HaltingSince)
+		default:
+			r.State, r.HaltingSince = transient, p.now()
 			if err := p.store.putRecord(r); err != nil {
 				errs = append(errs, fmt.Errorf("%s %s: %w", verb, id, err))
 				continue
@@ -569,6 +584,7 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 	}
 	unlock()
 	if len(todo) == 0 {
+		removeTrash(p.log, trash)
 		return done, errors.Join(errs...)
 	}
 
@@ -579,7 +595,6 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 	if err != nil {
 		return done, errors.Join(append(errs, fmt.Errorf("%s local instances: %w", verb, err))...)
 	}
-	var trash []string
 	now := p.now()
 	for _, r := range todo {
 		if n := survivors[r.ID]; n > 0 {
@@ -605,7 +620,7 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 			}
 			trash = append(trash, t)
 		default:
-			cur.State = final
+			cur.State, cur.HaltingSince = final, time.Time{}
 			cur.PGID, cur.LeaderStart = 0, 0
 			if err := p.store.putRecord(cur); err != nil {
 				errs = append(errs, fmt.Errorf("%s %s: %w", verb, r.ID, err))
@@ -616,12 +631,18 @@ func (p *Provider) halt(ctx context.Context, ids []string, terminate bool) ([]st
 		p.log.Info("local instance ended", "id", r.ID, "state", final)
 	}
 	unlock()
+	removeTrash(p.log, trash)
+	return done, errors.Join(errs...)
+}
+
+// removeTrash removes the disks of terminated instances, moved to the trash
+// under the lock, without it.
+func removeTrash(log *slog.Logger, trash []string) {
 	for _, t := range trash {
 		if err := os.RemoveAll(t); err != nil {
-			p.log.Warn("removing disk of terminated instance", "path", t, "err", err)
+			log.Warn("removing disk of terminated instance", "path", t, "err", err)
 		}
 	}
-	return done, errors.Join(errs...)
 }
 
 // Start boots stopped instances again: their user-data runs once more, after

@@ -79,7 +79,12 @@ type record struct {
 	// instance without one runs no sshd.
 	KeyName string `json:"key_name,omitempty"`
 	// RootGB is the size of the root disk, for images made of it.
-	RootGB       int       `json:"root_gb,omitempty"`
+	RootGB int `json:"root_gb,omitempty"`
+	// HaltingSince is when a Stop or Terminate moved the instance to
+	// stopping or terminating; zero in other states. A record found in one
+	// of those states long after it was a call that crashed, which the next
+	// Stop or Terminate finishes.
+	HaltingSince time.Time `json:"halting_since,omitzero"`
 	TerminatedAt time.Time `json:"terminated_at,omitzero"`
 }
 
@@ -297,6 +302,7 @@ func (s *store) bury(r *record, now time.Time) (trash string, err error) {
 	t.PrivateIP = "" // free for reuse, as EC2 does
 	t.MetadataKey = ""
 	t.PGID, t.LeaderStart = 0, 0
+	t.HaltingSince = time.Time{}
 	if err := writeJSON(s.tombstonePath(r.ID), &t); err != nil {
 		return "", fmt.Errorf("saving tombstone of %s: %w", r.ID, err)
 	}
@@ -305,6 +311,17 @@ func (s *store) bury(r *record, now time.Time) (trash string, err error) {
 		return "", fmt.Errorf("removing disk of %s: %w", r.ID, err)
 	}
 	return trash, nil
+}
+
+// discardLeftover moves the directory of id, terminated, to the trash if a
+// crash between its tombstone and its removal left it behind. It returns ""
+// when there is none. The caller holds the lock and removes what it returns.
+func (s *store) discardLeftover(id string, now time.Time) (trash string, err error) {
+	trash, err = s.discard(s.instanceDir(id), id, now)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	return trash, err
 }
 
 // discard moves path, a directory named id, into the trash, where gc finds
