@@ -22,6 +22,7 @@ type Metrics struct {
 	LaunchErrors    *prometheus.CounterVec   // pool, class
 	APICalls        *prometheus.CounterVec   // provider, action, code: each HTTP call a provider makes
 	APISeconds      *prometheus.HistogramVec // provider, action
+	StoreRepairs    *prometheus.CounterVec   // kind: what restore found broken and mended
 }
 
 // Snapshot is what the pool reports at each scrape.
@@ -76,8 +77,12 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Help:    "Latency of requests to a cloud's API.",
 			Buckets: prometheus.ExponentialBuckets(.001, 4, 9),
 		}, []string{"provider", "action"}),
+		StoreRepairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_store_repairs_total",
+			Help: "Records restore found inconsistent (a torn write, an older version's state) and mended, by kind.",
+		}, []string{"kind"}),
 	}
-	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds)
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs)
 	reg.MustRegister(&gauges{snapshot: snapshot})
 	return m
 }

@@ -200,6 +200,12 @@ func New(opts Options) (*Manager, error) {
 	if err := m.restore(); err != nil {
 		return nil, err
 	}
+	m.mu.Lock()
+	repairs := m.synced()
+	m.unlock()
+	if err := repairs.Wait(); err != nil {
+		return nil, fmt.Errorf("saving repairs of restored state: %w", err)
+	}
 	return m, nil
 }
 
@@ -223,9 +229,12 @@ func (m *Manager) restore() error {
 		in.LastSeen = now
 		m.index(in)
 	}
-	var pending []*Lease
 	for _, l := range leases {
 		m.leases[l.ID] = l
+	}
+	m.repairLocked()
+	var pending []*Lease
+	for _, l := range leases {
 		if l.ClientToken != "" {
 			m.byClient[l.Pool+"\x00"+l.ClientToken] = l
 		}

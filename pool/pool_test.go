@@ -15,6 +15,7 @@ import (
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
 )
 
@@ -29,6 +30,8 @@ type harness struct {
 	path  string
 	store *store.Store
 	m     *Manager
+	// metrics, when set before open, are the Manager's.
+	metrics *metrics.Metrics
 
 	runCancel context.CancelFunc
 	runDone   chan struct{}
@@ -99,6 +102,7 @@ func (h *harness) open() {
 		Logger:    slog.New(slog.NewTextHandler(h.t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Clock:     h.clock,
 		Tick:      time.Millisecond,
+		Metrics:   h.metrics,
 	})
 	if err != nil {
 		s.Close()
@@ -166,7 +170,7 @@ func (h *harness) tick() {
 	h.m.mu.Lock()
 	h.m.timersLocked()
 	h.m.dispatchLocked()
-	h.m.mu.Unlock()
+	h.m.unlock()
 	h.settle()
 }
 
@@ -222,7 +226,7 @@ func (h *harness) release(id string, discard bool) {
 func (h *harness) instance(id string) Instance {
 	h.t.Helper()
 	h.m.mu.Lock()
-	defer h.m.mu.Unlock()
+	defer h.m.unlock()
 	in, ok := h.m.byID[id]
 	if !ok {
 		h.t.Fatalf("the pool has no instance %s", id)
@@ -235,7 +239,7 @@ func (h *harness) state(id string) State { return h.instance(id).State }
 // ids returns the cloud ids of the pool's instances in state s, sorted.
 func (h *harness) ids(s State) []string {
 	h.m.mu.Lock()
-	defer h.m.mu.Unlock()
+	defer h.m.unlock()
 	var out []string
 	for _, in := range h.m.instances {
 		if in.State == s {
@@ -526,7 +530,7 @@ func TestRestartResumesInterruptedLaunch(t *testing.T) {
 				}
 				key = k
 			}
-			h.m.mu.Unlock()
+			h.m.unlock()
 			h.shutdown()
 			h.cloud.SetBeforeLaunch(nil)
 			h.cloud.SetAfterLaunch(nil)
@@ -550,7 +554,7 @@ func TestRestartResumesInterruptedLaunch(t *testing.T) {
 			}
 			h.m.mu.Lock()
 			restored := h.m.instances[key]
-			h.m.mu.Unlock()
+			h.m.unlock()
 			if restored == nil || restored.State != Launching {
 				t.Fatalf("restored intent %s = %+v, want a launching record", key, restored)
 			}
@@ -938,7 +942,7 @@ func (h *harness) pendingLease(r LeaseRequest) LeaseView {
 // leaseState peeks at a lease without asking after it as a client would.
 func (h *harness) leaseState(id string) LeaseState {
 	h.m.mu.Lock()
-	defer h.m.mu.Unlock()
+	defer h.m.unlock()
 	if l, ok := h.m.leases[id]; ok {
 		return l.State
 	}
@@ -979,7 +983,7 @@ func TestPendingLeaseAbandoned(t *testing.T) {
 	}
 	h.m.mu.Lock()
 	queue := slices.Clone(h.m.pools["demo"].queue)
-	h.m.mu.Unlock()
+	h.m.unlock()
 	if len(queue) != 1 || queue[0].ID != asked.ID {
 		t.Fatalf("queue %v, want only %s", queue, asked.ID)
 	}
@@ -1249,7 +1253,7 @@ func TestSetState(t *testing.T) {
 		in := &Instance{Key: "h-same", Pool: "demo", State: Idle, Since: before}
 		h.m.mu.Lock()
 		err := h.m.setState(in, Idle, "again")
-		h.m.mu.Unlock()
+		h.m.unlock()
 		if err != nil || !in.Since.Equal(before) {
 			t.Fatalf("setState to the same state: %v, since %s; want a no-op", err, in.Since)
 		}
@@ -1318,7 +1322,7 @@ func TestRestartRestoresLeasesAndInstances(t *testing.T) {
 	for _, l := range h.m.pools["demo"].queue {
 		queue = append(queue, l.ID)
 	}
-	h.m.mu.Unlock()
+	h.m.unlock()
 	if want := []string{pending[0].ID, pending[1].ID, pending[2].ID}; !slices.Equal(queue, want) {
 		t.Fatalf("queue after restart %v, want %v", queue, want)
 	}
