@@ -55,6 +55,7 @@ func Run(t *testing.T, newProvider func(t *testing.T) cloud.Provider, opts Optio
 		{"ClientTokenIdempotent", (*suite).clientTokenIdempotent},
 		{"ListFiltersByTags", (*suite).listFiltersByTags},
 		{"TerminateIdempotent", (*suite).terminateIdempotent},
+		{"TerminateConcurrent", (*suite).terminateConcurrent},
 		{"StopStart", (*suite).stopStart},
 		{"ConsoleOutputUnknown", (*suite).consoleOutputUnknown},
 	}
@@ -305,6 +306,45 @@ func (s *suite) terminateIdempotent() {
 		}
 		return true
 	})
+}
+
+// terminateConcurrent: a Terminate while another is under way, as when the
+// pool terminates again an instance that has been terminating for too long
+// (its first Terminate may have crashed, or be slow), succeeds too.
+func (s *suite) terminateConcurrent() {
+	in := s.launch(s.spec("#!/bin/bash\nsleep 600\n", nil), 1)[0]
+	s.waitFor("instance running", s.tags(nil), allIn([]string{in.ID}, cloud.StateRunning))
+	type result struct {
+		done []string
+		err  error
+	}
+	results := make(chan result, 2)
+	for range 2 {
+		go func() {
+			done, err := s.p.Terminate(s.ctx, []string{in.ID})
+			results <- result{done, err}
+		}()
+	}
+	for i := range 2 {
+		r := <-results
+		if r.err != nil {
+			s.t.Errorf("concurrent Terminate #%d: %v", i+1, r.err)
+		} else if !slices.Equal(r.done, []string{in.ID}) {
+			s.t.Errorf("concurrent Terminate #%d returned %v, want [%s]", i+1, r.done, in.ID)
+		}
+	}
+	s.waitFor("instance terminated or gone", s.tags(nil), func(insts []cloud.Instance) bool {
+		for _, x := range insts {
+			if x.ID == in.ID && x.State != cloud.StateTerminated {
+				return false
+			}
+		}
+		return true
+	})
+	done, err := s.p.Terminate(s.ctx, []string{in.ID})
+	if err != nil || !slices.Equal(done, []string{in.ID}) {
+		s.t.Errorf("Terminate of the terminated instance = %v, %v; want [%s], nil", done, err, in.ID)
+	}
 }
 
 func (s *suite) stopStart() {
