@@ -137,6 +137,8 @@ func runGeneric(t *testing.T, dir string, srv *httptest.Server) (string, int) {
 		"PATH=" + os.Getenv("PATH"),
 		"HOME=" + dir,
 		"TMPDIR=" + dir,
+		// The token file goes to dir/var/lib/hangar.
+		"HANGAR_ROOT=" + dir,
 		"HANGAR_URL=" + srv.URL,
 		"HANGAR_POOL=demo",
 		"HANGAR_BOOTSTRAP_TOKEN=" + testToken,

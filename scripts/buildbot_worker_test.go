@@ -72,7 +72,7 @@ func TestBuildbotWorkerBootstrap(t *testing.T) {
 	}
 	// Only these tools, so that the system's buildbot-worker is not found.
 	for _, tool := range []string{"bash", "curl", "mktemp", "rm", "sleep", "setsid", "kill", "cat", "mkdir",
-		"chmod", "mv", "sed", "grep", "head", "env", "touch"} {
+		"chmod", "mv", "sed", "grep", "head", "env", "touch", "sha256sum"} {
 		path, err := exec.LookPath(tool)
 		if err != nil {
 			t.Skipf("%s is not on PATH", tool)
@@ -147,6 +147,8 @@ fi
 		"HANGAR_POOL=bb",
 		"HANGAR_BOOTSTRAP_TOKEN=" + testToken,
 		"HANGAR_SSH_HOST_KEY_FILE=" + file("none"),
+		// Not HANGAR_ROOT, which says this is the local cloud.
+		"HANGAR_STATE_DIR=" + file("state"),
 		"BUILDBOT_WORKER_OPTIONS=--keepalive=60 --umask=0o22",
 		"BUILDBOT_WORKER_VENV=" + file("venv"),
 		"FAKE_LOG=" + file("calls"),

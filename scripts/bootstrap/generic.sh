@@ -5,7 +5,8 @@
 # runs at most one CI worker at a time, and the commands of `hangar run`.
 # Needs bash and curl only.
 #
-# Protocol (every call carries "Authorization: Bearer $HANGAR_BOOTSTRAP_TOKEN"):
+# Protocol (every call carries "Authorization: Bearer TOKEN", the current
+# bootstrap token; see "The token" below):
 #   POST /bootstrap/v1/ready       form: hostname, ssh_host_key (if readable)
 #   POST /bootstrap/v1/heartbeat   form: lease, worker=running|exited|none,
 #                                  exit_code (only with worker=exited),
@@ -16,7 +17,11 @@
 #        released or terminate. run= is the last run of the current lease
 #        started here (0 for none); "assigned" with HANGAR_RUN_ID and
 #        HANGAR_RUN_COMMAND (one shell command line) asks for a run, on the
-#        current lease too.
+#        current lease too. HANGAR_NEW_TOKEN, in any answer (Hangar sends
+#        it on "released"), replaces the token: it is saved before
+#        anything else is done, and every later call carries it.
+#        HANGAR_WORKER_USER (assigned, released): the user that the worker,
+#        the run and the cleanup command run as.
 #   PUT  /bootstrap/v1/output?lease=ID&run=N   the run's output, streamed
 #   POST /bootstrap/v1/exit        form: lease, run, exit_code (after the
 #                                  output upload has finished)
@@ -28,19 +33,108 @@
 # A run's command gets stdin from /dev/null; what it leaves running when it
 # exits is ended.
 #
-# HANGAR_SSH_HOST_KEY_FILE overrides the host key's path, for tests.
+# A run's command line is executed as `exec -- COMMAND`: a first word that
+# starts with "-" is a command name, never an option of exec.
+#
+# The token: builds run strangers' code here, so the token is kept out of
+# every environment they could read. At start the script saves it in
+# STATE/bootstrap-token (STATE is ${HANGAR_ROOT-}/var/lib/hangar; dir 0700,
+# file 0600, replaced atomically) and runs itself again without it in its
+# environment, so that not even /proc/PID/environ of this script shows it;
+# every call reads it from the file. The file holds one line, "ORIGIN
+# TOKEN": TOKEN the current token, ORIGIN the SHA-256 (hex) of the token the
+# user-data carries, which it descends from. After a stop and start the
+# user-data runs again with that original token, which Hangar refuses once
+# it has rotated it; it uses the saved token instead when ORIGIN matches its
+# own (so a file baked into an image from another instance is ignored).
+# A bootstrap script with its own part before generic.sh (buildbot-worker.sh)
+# runs that part again when it runs itself again.
+#
+# Worker user: with HANGAR_WORKER_USER set the worker, each run's command and
+# the cleanup command run as that user (created with useradd --system
+# --create-home when missing), with its groups, HOME, USER and LOGNAME, in
+# its home directory, so that a build cannot read the token file nor this
+# script's memory at all. That needs this script to run as root; when it
+# does not, it refuses: the worker is reported exited with status 126, and
+# a run exits 126 with the reason in its output. Without it, everything
+# runs as this script's user, as root usually, which can read the token.
+#
+# HANGAR_SSH_HOST_KEY_FILE overrides the host key's path, and
+# HANGAR_STATE_DIR the STATE directory, for tests.
 
 set -u
 exec 2>&1
 
 log() { printf 'hangar-bootstrap: %s\n' "$*"; }
 
-for var in HANGAR_URL HANGAR_POOL HANGAR_BOOTSTRAP_TOKEN; do
+for var in HANGAR_URL HANGAR_POOL; do
 	if [ -z "${!var:-}" ]; then
 		log "$var is not set; this script must be run by Hangar's user-data"
 		exit 1
 	fi
 done
+
+state_dir=${HANGAR_STATE_DIR:-${HANGAR_ROOT-}/var/lib/hangar}
+token_file=$state_dir/bootstrap-token
+
+# save_token ORIGIN TOKEN replaces the token file atomically. printf is a
+# builtin: the token is in no command line.
+save_token() {
+	local tmp
+	case $2 in
+	'' | *[!A-Za-z0-9_-]*)
+		log "refusing to save a bootstrap token with characters other than A-Z, a-z, 0-9, '_' and '-'"
+		return 1
+		;;
+	esac
+	tmp=$(umask 077 && mktemp "$state_dir/.bootstrap-token.XXXXXXXXXX") || return 1
+	if ! printf '%s %s\n' "$1" "$2" >"$tmp" || ! mv -f "$tmp" "$token_file"; then
+		rm -f "$tmp"
+		return 1
+	fi
+}
+
+if [ -n "${HANGAR_BOOTSTRAP_TOKEN:-}" ]; then
+	# -m for the last directory only: the others are /var and /var/lib.
+	# shellcheck disable=SC2174
+	if ! mkdir -p -m 0700 "$state_dir" || ! chmod 0700 "$state_dir"; then
+		log "cannot create $state_dir, where the bootstrap token is kept"
+		exit 1
+	fi
+	# The user-data passes the saved token itself when it descends from
+	# its own; any other is an original, which starts a new line.
+	if ! { read -r _ saved <"$token_file" && [ "$saved" = "$HANGAR_BOOTSTRAP_TOKEN" ]; } 2>/dev/null; then
+		if ! origin=$(printf '%s' "$HANGAR_BOOTSTRAP_TOKEN" | sha256sum) ||
+			! save_token "${origin%% *}" "$HANGAR_BOOTSTRAP_TOKEN"; then
+			log "cannot save the bootstrap token in $token_file"
+			exit 1
+		fi
+	fi
+	unset saved
+	if [ ! -f "$0" ]; then
+		log "cannot run $0 again without the bootstrap token in its environment: run this script from a file"
+		exit 1
+	fi
+	# Without the token, the next run cannot come here again. $$ stays the
+	# same across exec: the marker only holds for this very process.
+	exec env -u HANGAR_BOOTSTRAP_TOKEN HANGAR_BOOTSTRAP_REEXEC=$$ "$BASH" "$0" "$@"
+elif [ "${HANGAR_BOOTSTRAP_REEXEC:-}" = "$$" ]; then
+	unset HANGAR_BOOTSTRAP_REEXEC
+else
+	log "HANGAR_BOOTSTRAP_TOKEN is not set; this script must be run by Hangar's user-data"
+	exit 1
+fi
+
+# auth_header prints the Authorization header with the current token, read
+# from the token file at each call: Hangar may have rotated it.
+auth_header() {
+	local origin token
+	if ! read -r origin token <"$token_file" || [ -z "$token" ]; then
+		log "cannot read the bootstrap token from $token_file" >&2
+		return 1
+	fi
+	printf 'Authorization: Bearer %s\n' "$token"
+}
 
 # call OUTPUT CURL-ARGS... prints the HTTP status (000 when there was none).
 # The token goes to curl on stdin, not in its arguments, where ps would show
@@ -48,8 +142,58 @@ done
 call() {
 	local out=$1
 	shift
-	printf 'Authorization: Bearer %s\n' "$HANGAR_BOOTSTRAP_TOKEN" |
-		curl -sS --connect-timeout 10 -H @- -o "$out" -w '%{http_code}' "$@"
+	auth_header | curl -sS --connect-timeout 10 -H @- -o "$out" -w '%{http_code}' "$@"
+}
+
+# rotate FILE saves the token that the answer in FILE brings, if any, in
+# place of the current one; the current one is dead already.
+rotate() {
+	local new origin token
+	new=$(field "$1" HANGAR_NEW_TOKEN)
+	[ -n "$new" ] || return 0
+	if ! read -r origin token <"$token_file" || ! save_token "$origin" "$new"; then
+		return 1
+	fi
+	log "Hangar rotated the bootstrap token; saved the new one"
+}
+
+# ensure_user USER makes sure commands can run as USER, creating it when it
+# is missing; only root can. Says why not, and fails, otherwise.
+ensure_user() {
+	local user=$1
+	if ((EUID != 0)); then
+		log "worker_user is $user, but this bootstrap runs as uid $EUID, not root, and cannot run commands as another user; refusing to run them"
+		return 1
+	fi
+	if ! [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; then
+		log "worker_user $user is not a user name this script accepts; refusing to run commands"
+		return 1
+	fi
+	getent passwd "$user" >/dev/null && return 0
+	log "creating the user $user"
+	if ! useradd --system --create-home --shell /bin/bash "$user" || ! getent passwd "$user" >/dev/null; then
+		log "cannot create the user $user; refusing to run commands"
+		return 1
+	fi
+}
+
+# become USER COMMAND... execs COMMAND as USER (see ensure_user), with its
+# uid, group and groups, HOME, USER and LOGNAME, in its home directory (or
+# /); with USER empty, as this script's user, as it is.
+become() {
+	local user=$1 name uid gid home
+	shift
+	if [ -z "$user" ]; then
+		exec "$@"
+	fi
+	IFS=: read -r name _ uid gid _ home _ < <(getent passwd "$user")
+	if [ "$name" != "$user" ] || [ -z "$uid" ] || [ -z "$gid" ]; then
+		log "cannot look up the user $user"
+		exit 126
+	fi
+	export HOME=$home USER=$user LOGNAME=$user
+	cd -- "$home" 2>/dev/null || cd /
+	exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"
 }
 
 # field FILE NAME prints variable NAME as set by the assignment in FILE. It
@@ -110,8 +254,12 @@ start_worker() {
 		. "$file"
 		rm -f "$file"
 		export HANGAR_LEASE_ID HANGAR_WORKER_NAME HANGAR_WORKER_PASSWORD HANGAR_WORKER_MASTER
-		unset HANGAR_BOOTSTRAP_TOKEN
-		exec setsid bash -c "$HANGAR_WORKER_COMMAND" </dev/null
+		user=${HANGAR_WORKER_USER-}
+		unset HANGAR_WORKER_USER HANGAR_NEW_TOKEN
+		if [ -n "$user" ] && ! ensure_user "$user"; then
+			exit 126
+		fi
+		become "$user" setsid bash -c "$HANGAR_WORKER_COMMAND" </dev/null
 	) &
 	worker_pid=$!
 	worker_state=running
@@ -165,13 +313,16 @@ stop_worker() {
 	exit_code=""
 }
 
+# cleanup COMMAND USER runs the cleanup command, as USER when not empty.
 cleanup() {
-	local command=$1
+	local command=$1 user=$2
 	[ -n "$command" ] || return 0
 	log "running the cleanup command"
 	(
-		unset HANGAR_BOOTSTRAP_TOKEN
-		bash -c "$command" </dev/null
+		if [ -n "$user" ] && ! ensure_user "$user"; then
+			exit 126
+		fi
+		become "$user" bash -c "$command" </dev/null
 	)
 	log "cleanup command exited with status $?"
 }
@@ -185,7 +336,7 @@ upload() {
 	local lease=$1 run=$2 code tries=0
 	while :; do
 		code=$(curl -sS --connect-timeout 10 -H @/dev/fd/4 -H 'Expect:' -o /dev/null -w '%{http_code}' \
-			-T - "$HANGAR_URL/bootstrap/v1/output?lease=$lease&run=$run" 4<<<"Authorization: Bearer $HANGAR_BOOTSTRAP_TOKEN")
+			-T - "$HANGAR_URL/bootstrap/v1/output?lease=$lease&run=$run" 4<<<"$(auth_header)")
 		case $code in
 		2??) return 0 ;;
 		401 | 403 | 404 | 409)
@@ -257,17 +408,23 @@ supervise() {
 	up_pid=$!
 	(
 		trap - TERM INT
-		exec 3>&-
+		# What goes wrong before the command starts is in its output too.
+		exec 3>&- >"$dir/output" 2>&1
 		# shellcheck disable=SC1090
 		. "$file"
 		rm -f "$file"
 		export HANGAR_LEASE_ID HANGAR_WORKER_NAME HANGAR_WORKER_PASSWORD HANGAR_WORKER_MASTER HANGAR_RUN_ID
-		unset HANGAR_BOOTSTRAP_TOKEN
+		user=${HANGAR_WORKER_USER-}
+		unset HANGAR_WORKER_USER HANGAR_NEW_TOKEN
+		if [ -n "$user" ] && ! ensure_user "$user"; then
+			exit 126
+		fi
 		# Read from a file, not bash -c: one argument holds at most 128
 		# KiB. exec: the command leads the session, with no shell around
-		# it to add words of its own to the output.
-		printf 'exec %s </dev/null\n' "$HANGAR_RUN_COMMAND" >"$dir/command"
-		exec setsid bash -s <"$dir/command" >"$dir/output" 2>&1
+		# it to add words of its own to the output; "--": its first word
+		# is a command even when it starts with "-".
+		printf 'exec -- %s </dev/null\n' "$HANGAR_RUN_COMMAND" >"$dir/command"
+		become "$user" setsid bash -s <"$dir/command"
 	) &
 	cmd_pid=$!
 	# A TERM just before wait starts is missed; stop_run sends another.
@@ -375,6 +532,13 @@ while :; do
 	*) rm -f "$answer"; backoff "polling for an assignment failed (HTTP $code)"; continue ;;
 	esac
 	delay=1
+	# A new token first: the old one is refused already.
+	if ! rotate "$answer"; then
+		rm -f "$answer"
+		log "cannot save the bootstrap token Hangar rotated in $token_file; stopping"
+		stop_worker
+		exit 1
+	fi
 	assignment=$(field "$answer" HANGAR_ASSIGNMENT)
 	case $assignment in
 	none)
@@ -395,10 +559,11 @@ while :; do
 		;;
 	released)
 		command=$(field "$answer" HANGAR_CLEANUP_COMMAND)
+		user=$(field "$answer" HANGAR_WORKER_USER)
 		rm -f "$answer"
 		stop_worker
 		log "lease $current released"
-		cleanup "$command"
+		cleanup "$command" "$user"
 		current=""
 		current_run=0
 		run_exit=""
