@@ -331,8 +331,8 @@ func (m *Manager) timersLocked() {
 			m.endLeaseLocked(l, LeaseCanceled, false)
 		case l.State.ended() && now.Sub(l.EndedAt) > endedKept:
 			delete(m.leases, l.ID)
-			if l.ClientToken != "" && m.byClient[l.Pool+"\x00"+l.ClientToken] == l {
-				delete(m.byClient, l.Pool+"\x00"+l.ClientToken)
+			if k := clientKey(l.Pool, l.Owner, l.ClientToken); l.ClientToken != "" && m.byClient[k] == l {
+				delete(m.byClient, k)
 			}
 			m.write(store.Op{Kind: store.Leases, ID: l.ID})
 		}

@@ -35,10 +35,30 @@ type Worker struct {
 	Master   string `json:"master,omitempty"`
 }
 
+// Caller is who asks the manager for something: the API token's name and
+// whether it has the admin role. In open loopback mode (no tokens) every
+// caller is the admin "".
+type Caller struct {
+	Name  string
+	Admin bool
+}
+
+// Admin is the caller with every right: the open dev mode, and Hangar's own
+// integrations that run in the server's process.
+var Admin = Caller{Admin: true}
+
+// sees reports whether c may see and act on l: its owner, or an admin.
+// Anyone else is told the lease does not exist, not that it is someone
+// else's.
+func (c Caller) sees(l *Lease) bool { return c.Admin || l.Owner == c.Name }
+
 // Lease is a claim on one instance.
 type Lease struct {
-	ID          string            `json:"id"`
-	Pool        string            `json:"pool"`
+	ID   string `json:"id"`
+	Pool string `json:"pool"`
+	// Owner is the name of the API token that made the lease ("" in open
+	// mode). Only it, or an admin, sees and acts on the lease.
+	Owner       string            `json:"owner,omitempty"`
 	State       LeaseState        `json:"state"`
 	InstanceKey string            `json:"instance_key,omitempty"`
 	Worker      Worker            `json:"worker"`
@@ -94,6 +114,7 @@ type LeaseRequest struct {
 type LeaseView struct {
 	ID        string            `json:"id"`
 	Pool      string            `json:"pool"`
+	Owner     string            `json:"owner,omitempty"`
 	State     LeaseState        `json:"state"`
 	Instance  *LeaseInstance    `json:"instance,omitempty"`
 	Worker    Worker            `json:"worker"`
@@ -180,7 +201,7 @@ func printable(s string) bool {
 // Lease asks pool for an instance and waits up to r.Wait for one. A lease
 // not fulfilled by then is returned pending; the client asks again with
 // GetLease. Whatever it returns is on disk.
-func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) {
+func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseView, error) {
 	m.mu.Lock()
 	p, ok := m.pools[r.Pool]
 	if !ok {
@@ -192,15 +213,16 @@ func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) 
 		return LeaseView{}, err
 	}
 	if r.ClientToken != "" {
-		if l, ok := m.byClient[r.Pool+"\x00"+r.ClientToken]; ok {
+		if l, ok := m.byClient[clientKey(r.Pool, c.Name, r.ClientToken)]; ok {
 			m.unlock()
-			return m.waitLease(ctx, l.ID, r.Wait)
+			return m.waitLease(ctx, c, l.ID, r.Wait)
 		}
 	}
 	now := m.clock.Now()
 	l := &Lease{
 		ID:          "l-" + randomToken(12),
 		Pool:        r.Pool,
+		Owner:       c.Name,
 		State:       LeasePending,
 		Worker:      r.Worker,
 		Labels:      r.Labels,
@@ -221,33 +243,47 @@ func (m *Manager) Lease(ctx context.Context, r LeaseRequest) (LeaseView, error) 
 	}
 	m.leases[l.ID] = l
 	if l.ClientToken != "" {
-		m.byClient[r.Pool+"\x00"+l.ClientToken] = l
+		m.byClient[clientKey(l.Pool, l.Owner, l.ClientToken)] = l
 	}
 	p.queue = append(p.queue, l)
 	m.saveLease(l)
 	m.log.Info("lease requested", "pool", r.Pool, "lease", l.ID, "worker", l.Worker.Name)
 	m.dispatchLocked()
 	m.unlock()
-	return m.waitLease(ctx, l.ID, r.Wait)
+	return m.waitLease(ctx, c, l.ID, r.Wait)
+}
+
+// clientKey indexes leases by client token. Idempotency is per owner: two
+// callers that pick the same token (a guessable job id) get a lease each,
+// never each other's.
+func clientKey(pool, owner, token string) string { return pool + "\x00" + owner + "\x00" + token }
+
+// leaseLocked returns lease id if c may see it. Caller holds m.mu.
+func (m *Manager) leaseLocked(c Caller, id string) (*Lease, error) {
+	l, ok := m.leases[id]
+	if !ok || !c.sees(l) {
+		return nil, fmt.Errorf("%w %q", ErrUnknownLease, id)
+	}
+	return l, nil
 }
 
 // GetLease returns the lease, waiting up to wait while it is pending.
-func (m *Manager) GetLease(ctx context.Context, id string, wait time.Duration) (LeaseView, error) {
+func (m *Manager) GetLease(ctx context.Context, c Caller, id string, wait time.Duration) (LeaseView, error) {
 	if wait < 0 || wait > MaxWait {
 		return LeaseView{}, fmt.Errorf("%w: wait must be between 0s and %s", ErrInvalid, MaxWait)
 	}
-	return m.waitLease(ctx, id, wait)
+	return m.waitLease(ctx, c, id, wait)
 }
 
-func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) (LeaseView, error) {
+func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.Duration) (LeaseView, error) {
 	deadline := time.NewTimer(wait)
 	defer deadline.Stop()
 	for {
 		m.mu.Lock()
-		l, ok := m.leases[id]
-		if !ok {
+		l, err := m.leaseLocked(c, id)
+		if err != nil {
 			m.unlock()
-			return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
+			return LeaseView{}, err
 		}
 		if l.State == LeasePending {
 			// Someone still wants it: keep it in the queue.
@@ -279,7 +315,7 @@ func (m *Manager) waitLease(ctx context.Context, id string, wait time.Duration) 
 }
 
 func (m *Manager) viewLocked(l *Lease) LeaseView {
-	v := LeaseView{ID: l.ID, Pool: l.Pool, State: l.State, Worker: l.Worker, Labels: l.Labels, CreatedAt: l.CreatedAt, ExpiresAt: l.ExpiresAt}
+	v := LeaseView{ID: l.ID, Pool: l.Pool, Owner: l.Owner, State: l.State, Worker: l.Worker, Labels: l.Labels, CreatedAt: l.CreatedAt, ExpiresAt: l.ExpiresAt}
 	if l.Run != nil {
 		v.Run = &RunView{ID: l.Run.ID}
 	}
@@ -290,12 +326,12 @@ func (m *Manager) viewLocked(l *Lease) LeaseView {
 }
 
 // Renew extends an active lease by its TTL from now.
-func (m *Manager) Renew(ctx context.Context, id string) (LeaseView, error) {
+func (m *Manager) Renew(ctx context.Context, c Caller, id string) (LeaseView, error) {
 	m.mu.Lock()
-	l, ok := m.leases[id]
-	if !ok {
+	l, err := m.leaseLocked(c, id)
+	if err != nil {
 		m.unlock()
-		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
+		return LeaseView{}, err
 	}
 	switch l.State {
 	case LeaseActive:
@@ -319,12 +355,12 @@ func (m *Manager) Renew(ctx context.Context, id string) (LeaseView, error) {
 // Release ends a lease. Its instance goes back to the pool once its worker
 // has stopped, or is terminated when discard is set, when it has served
 // max_uses, or when it is draining. Releasing an ended lease is a no-op.
-func (m *Manager) Release(ctx context.Context, id string, discard bool) error {
+func (m *Manager) Release(ctx context.Context, c Caller, id string, discard bool) error {
 	m.mu.Lock()
-	l, ok := m.leases[id]
-	if !ok {
+	l, err := m.leaseLocked(c, id)
+	if err != nil {
 		m.unlock()
-		return fmt.Errorf("%w %q", ErrUnknownLease, id)
+		return err
 	}
 	if !l.State.ended() {
 		if l.State == LeasePending {

@@ -129,7 +129,7 @@ type Manager struct {
 	byID      map[string]*Instance // by cloud id
 	byToken   map[string]*Instance // by bootstrap token hash
 	leases    map[string]*Lease
-	byClient  map[string]*Lease // by pool + client token
+	byClient  map[string]*Lease // by clientKey
 	orphans   map[string]time.Time
 	// terminating queues instances per provider for terminateBatches.
 	terminating map[cloud.Provider][]*Instance
@@ -236,7 +236,7 @@ func (m *Manager) restore() error {
 	var pending []*Lease
 	for _, l := range leases {
 		if l.ClientToken != "" {
-			m.byClient[l.Pool+"\x00"+l.ClientToken] = l
+			m.byClient[clientKey(l.Pool, l.Owner, l.ClientToken)] = l
 		}
 		if l.State == LeasePending {
 			pending = append(pending, l)

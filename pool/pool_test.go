@@ -58,6 +58,7 @@ func testConfig(t *testing.T, mod func(*configs.Pool)) configs.Config {
 		BootTimeout:     configs.Duration{Duration: 5 * time.Minute},
 		LeaseTTL:        configs.Duration{Duration: time.Hour},
 		MaxLeaseTTL:     configs.Duration{Duration: 24 * time.Hour},
+		ClaimTimeout:    configs.Duration{Duration: 2 * time.Minute},
 		OnIdle:          "terminate",
 		Bootstrap:       "builtin:generic.sh",
 		UserDataFormat:  "script",
@@ -199,7 +200,7 @@ func (h *harness) lease(r LeaseRequest) LeaseView {
 	if r.Pool == "" {
 		r.Pool = "demo"
 	}
-	v, err := h.m.Lease(context.Background(), r)
+	v, err := h.m.Lease(context.Background(), Admin, r)
 	if err != nil {
 		h.t.Fatalf("lease: %v", err)
 	}
@@ -208,7 +209,7 @@ func (h *harness) lease(r LeaseRequest) LeaseView {
 
 func (h *harness) getLease(id string) LeaseView {
 	h.t.Helper()
-	v, err := h.m.GetLease(context.Background(), id, 0)
+	v, err := h.m.GetLease(context.Background(), Admin, id, 0)
 	if err != nil {
 		h.t.Fatalf("get lease %s: %v", id, err)
 	}
@@ -217,7 +218,7 @@ func (h *harness) getLease(id string) LeaseView {
 
 func (h *harness) release(id string, discard bool) {
 	h.t.Helper()
-	if err := h.m.Release(context.Background(), id, discard); err != nil {
+	if err := h.m.Release(context.Background(), Admin, id, discard); err != nil {
 		h.t.Fatalf("release %s: %v", id, err)
 	}
 }
@@ -777,7 +778,7 @@ func TestLostInstanceEndsLeaseAndIsReplaced(t *testing.T) {
 			if a, _ := h.m.Assignment(context.Background(), key, v.ID, 0, 0); a.State != bootstrap.AssignTerminate {
 				t.Fatalf("lost instance's assignment = %q, want %q", a.State, bootstrap.AssignTerminate)
 			}
-			if _, err := h.m.Renew(context.Background(), v.ID); !errors.Is(err, ErrLeaseEnded) {
+			if _, err := h.m.Renew(context.Background(), Admin, v.ID); !errors.Is(err, ErrLeaseEnded) {
 				t.Fatalf("renew of a lost lease: %v, want ErrLeaseEnded", err)
 			}
 			replacement := h.only(Booting)
@@ -865,7 +866,7 @@ func TestLeaseTTL(t *testing.T) {
 
 	h.clock.Advance(9 * time.Minute)
 	h.tick()
-	renewed, err := h.m.Renew(context.Background(), v.ID)
+	renewed, err := h.m.Renew(context.Background(), Admin, v.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -894,20 +895,20 @@ func TestLeaseTTL(t *testing.T) {
 	if got := h.state(id); got != Gone || !h.cloud.Terminated(id) {
 		t.Fatalf("instance of an expired lease: %s, terminated %v; want gone", got, h.cloud.Terminated(id))
 	}
-	if _, err := h.m.Renew(context.Background(), v.ID); !errors.Is(err, ErrLeaseEnded) {
+	if _, err := h.m.Renew(context.Background(), Admin, v.ID); !errors.Is(err, ErrLeaseEnded) {
 		t.Fatalf("renew of an expired lease: %v, want ErrLeaseEnded", err)
 	}
-	if err := h.m.Release(context.Background(), v.ID, false); err != nil {
+	if err := h.m.Release(context.Background(), Admin, v.ID, false); err != nil {
 		t.Fatalf("release of an expired lease: %v, want a no-op", err)
 	}
-	if _, err := h.m.Renew(context.Background(), "l-nope"); !errors.Is(err, ErrUnknownLease) {
+	if _, err := h.m.Renew(context.Background(), Admin, "l-nope"); !errors.Is(err, ErrUnknownLease) {
 		t.Fatalf("renew of an unknown lease: %v, want ErrUnknownLease", err)
 	}
 
 	// Ended leases are readable for a while, then forgotten.
 	h.clock.Advance(endedKept + time.Second)
 	h.tick()
-	if _, err := h.m.GetLease(context.Background(), v.ID, 0); !errors.Is(err, ErrUnknownLease) {
+	if _, err := h.m.GetLease(context.Background(), Admin, v.ID, 0); !errors.Is(err, ErrUnknownLease) {
 		t.Fatalf("lease long after it ended: %v, want ErrUnknownLease", err)
 	}
 }
@@ -917,7 +918,7 @@ func TestRenewOfReleasedLease(t *testing.T) {
 	h.warm(1)
 	v, _ := h.leaseOn(LeaseRequest{})
 	h.release(v.ID, false)
-	if _, err := h.m.Renew(context.Background(), v.ID); !errors.Is(err, ErrLeaseEnded) {
+	if _, err := h.m.Renew(context.Background(), Admin, v.ID); !errors.Is(err, ErrLeaseEnded) {
 		t.Fatalf("renew of a released lease: %v, want ErrLeaseEnded", err)
 	}
 }
@@ -929,7 +930,7 @@ func (h *harness) pendingLease(r LeaseRequest) LeaseView {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	r.Pool = "demo"
-	v, err := h.m.Lease(ctx, r)
+	v, err := h.m.Lease(ctx, Admin, r)
 	if err != nil {
 		h.t.Fatal(err)
 	}

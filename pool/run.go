@@ -172,7 +172,7 @@ func (m *Manager) endRunLocked(id string) {
 
 // StartRun runs command on the instance of active lease id, once its
 // previous run, if any, has exited.
-func (m *Manager) StartRun(ctx context.Context, id string, command []string) (LeaseView, error) {
+func (m *Manager) StartRun(ctx context.Context, c Caller, id string, command []string) (LeaseView, error) {
 	if len(command) == 0 {
 		return LeaseView{}, fmt.Errorf("%w: command is required", ErrInvalid)
 	}
@@ -180,10 +180,10 @@ func (m *Manager) StartRun(ctx context.Context, id string, command []string) (Le
 		return LeaseView{}, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(p...))
 	}
 	m.mu.Lock()
-	l, ok := m.leases[id]
-	if !ok {
+	l, err := m.leaseLocked(c, id)
+	if err != nil {
 		m.unlock()
-		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownLease, id)
+		return LeaseView{}, err
 	}
 	switch {
 	case l.State == LeasePending:
@@ -241,7 +241,7 @@ type RunOutput struct {
 // Output returns lease id's run output from offset, waiting up to wait for
 // some to arrive. run 0 means the latest; only the latest run's output is
 // kept. epoch is the Epoch of an earlier answer, or "".
-func (m *Manager) Output(ctx context.Context, id string, run int, offset int64, epoch string, wait time.Duration) (RunOutput, error) {
+func (m *Manager) Output(ctx context.Context, c Caller, id string, run int, offset int64, epoch string, wait time.Duration) (RunOutput, error) {
 	if offset < 0 || run < 0 {
 		return RunOutput{}, fmt.Errorf("%w: offset and run must not be negative", ErrInvalid)
 	}
@@ -252,11 +252,9 @@ func (m *Manager) Output(ctx context.Context, id string, run int, offset int64, 
 	defer deadline.Stop()
 	for {
 		m.mu.Lock()
-		l, ok := m.leases[id]
-		var err error
+		l, err := m.leaseLocked(c, id)
 		switch {
-		case !ok:
-			err = fmt.Errorf("%w %q", ErrUnknownLease, id)
+		case err != nil:
 		case l.Run == nil:
 			err = fmt.Errorf("%w: lease %s has no command", ErrInvalid, id)
 		case run != 0 && run != l.Run.ID:

@@ -16,7 +16,7 @@ import (
 // output reads a run's output without waiting.
 func (h *harness) output(id string, offset int64, epoch string) RunOutput {
 	h.t.Helper()
-	out, err := h.m.Output(context.Background(), id, 0, offset, epoch, 0)
+	out, err := h.m.Output(context.Background(), Admin, id, 0, offset, epoch, 0)
 	if err != nil {
 		h.t.Fatalf("output of %s from %d: %v", id, offset, err)
 	}
@@ -65,7 +65,7 @@ func TestRunLifecycle(t *testing.T) {
 	}
 	got := make(chan RunOutput, 1)
 	go func() {
-		out, err := h.m.Output(context.Background(), v.ID, 0, 0, "", time.Minute)
+		out, err := h.m.Output(context.Background(), Admin, v.ID, 0, 0, "", time.Minute)
 		if err != nil {
 			t.Errorf("long-poll: %v", err)
 		}
@@ -116,7 +116,7 @@ func TestRunLifecycle(t *testing.T) {
 	if out := h.output(v.ID, 0, epoch); string(out.Data) != "first\nsecond\n" || !out.Done {
 		t.Errorf("output read again from 0 = %+v", out)
 	}
-	if _, err := h.m.Output(context.Background(), v.ID, 0, 100, epoch, 0); !errors.Is(err, ErrInvalid) {
+	if _, err := h.m.Output(context.Background(), Admin, v.ID, 0, 100, epoch, 0); !errors.Is(err, ErrInvalid) {
 		t.Errorf("offset past the end: %v, want ErrInvalid", err)
 	}
 	// An exited run is never handed out again.
@@ -125,7 +125,7 @@ func TestRunLifecycle(t *testing.T) {
 	}
 
 	h.release(v.ID, false)
-	if _, err := h.m.Output(context.Background(), v.ID, 0, 0, "", 0); !errors.Is(err, ErrLeaseEnded) {
+	if _, err := h.m.Output(context.Background(), Admin, v.ID, 0, 0, "", 0); !errors.Is(err, ErrLeaseEnded) {
 		t.Errorf("output after release: %v, want ErrLeaseEnded", err)
 	}
 	if err := h.m.Exit(context.Background(), key, v.ID, 1, 3); !errors.Is(err, bootstrap.ErrNotCurrent) {
@@ -145,7 +145,7 @@ func TestRunEndsWithLease(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := h.m.Output(context.Background(), v.ID, 0, 0, "", time.Minute)
+		_, err := h.m.Output(context.Background(), Admin, v.ID, 0, 0, "", time.Minute)
 		done <- err
 	}()
 	h.release(v.ID, true)
@@ -207,10 +207,10 @@ func TestRunsOnHeldLease(t *testing.T) {
 	h := newHarness(t, func(p *configs.Pool) { p.WorkerCommand = "run-the-worker" })
 	h.warm(1)
 	v, inst := h.leaseOn(LeaseRequest{})
-	if _, err := h.m.Output(context.Background(), v.ID, 0, 0, "", 0); !errors.Is(err, ErrInvalid) {
+	if _, err := h.m.Output(context.Background(), Admin, v.ID, 0, 0, "", 0); !errors.Is(err, ErrInvalid) {
 		t.Errorf("output of a lease without a command: %v, want ErrInvalid", err)
 	}
-	r1, err := h.m.StartRun(context.Background(), v.ID, []string{"make", "test"})
+	r1, err := h.m.StartRun(context.Background(), Admin, v.ID, []string{"make", "test"})
 	if err != nil || r1.Run == nil || r1.Run.ID != 1 {
 		t.Fatalf("first run: %+v, %v", r1.Run, err)
 	}
@@ -226,18 +226,18 @@ func TestRunsOnHeldLease(t *testing.T) {
 	if a.State != bootstrap.AssignAssigned || a.LeaseID != v.ID || a.RunID != 1 || a.RunCommand != "'make' 'test'" || a.WorkerCommand != "run-the-worker" {
 		t.Fatalf("one more run on the lease held: %+v", a)
 	}
-	if _, err := h.m.StartRun(context.Background(), v.ID, []string{"true"}); !errors.Is(err, ErrLeaseBusy) {
+	if _, err := h.m.StartRun(context.Background(), Admin, v.ID, []string{"true"}); !errors.Is(err, ErrLeaseBusy) {
 		t.Errorf("a second run while the first runs: %v, want ErrLeaseBusy", err)
 	}
 	h.write(inst, v.ID, 1, "one\n")
 	if err := h.m.Exit(context.Background(), h.key(inst), v.ID, 1, 0); err != nil {
 		t.Fatal(err)
 	}
-	r2, err := h.m.StartRun(context.Background(), v.ID, []string{"true"})
+	r2, err := h.m.StartRun(context.Background(), Admin, v.ID, []string{"true"})
 	if err != nil || r2.Run.ID != 2 {
 		t.Fatalf("second run: %+v, %v", r2.Run, err)
 	}
-	if _, err := h.m.Output(context.Background(), v.ID, 1, 0, "", 0); !errors.Is(err, ErrInvalid) {
+	if _, err := h.m.Output(context.Background(), Admin, v.ID, 1, 0, "", 0); !errors.Is(err, ErrInvalid) {
 		t.Errorf("output of the replaced run 1: %v, want ErrInvalid", err)
 	}
 	if out := h.output(v.ID, 0, ""); out.Run != 2 || len(out.Data) != 0 || out.State != RunStarting {
@@ -257,12 +257,12 @@ func TestRunsOnHeldLease(t *testing.T) {
 		{"unknown lease", "l-nope", []string{"true"}, ErrUnknownLease},
 		{"no command", v.ID, nil, ErrInvalid},
 	} {
-		if _, err := h.m.StartRun(context.Background(), c.id, c.argv); !errors.Is(err, c.want) {
+		if _, err := h.m.StartRun(context.Background(), Admin, c.id, c.argv); !errors.Is(err, c.want) {
 			t.Errorf("%s: %v, want %v", c.name, err, c.want)
 		}
 	}
 	h.release(pending.ID, false)
-	if _, err := h.m.StartRun(context.Background(), pending.ID, []string{"true"}); !errors.Is(err, ErrLeaseEnded) {
+	if _, err := h.m.StartRun(context.Background(), Admin, pending.ID, []string{"true"}); !errors.Is(err, ErrLeaseEnded) {
 		t.Errorf("ended lease: %v, want ErrLeaseEnded", err)
 	}
 }

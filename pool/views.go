@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/hangar-ci/hangar/metrics"
@@ -117,7 +119,8 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 }
 
 // Instances lists the instances of pool ("" for all), gone ones excluded.
-func (m *Manager) Instances(pool string) ([]InstanceView, error) {
+// A caller sees the lease id of its own leases only.
+func (m *Manager) Instances(c Caller, pool string) ([]InstanceView, error) {
 	m.mu.Lock()
 	defer m.unlock()
 	if _, ok := m.pools[pool]; pool != "" && !ok {
@@ -128,14 +131,50 @@ func (m *Manager) Instances(pool string) ([]InstanceView, error) {
 		if in.State == Gone || pool != "" && in.Pool != pool {
 			continue
 		}
-		out = append(out, InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason,
-			PrivateIP: in.PrivateIP, Type: in.Type, Zone: in.Zone, LeaseID: in.LeaseID, Uses: in.Uses, LaunchedAt: in.LaunchedAt})
+		v := InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason,
+			PrivateIP: in.PrivateIP, Type: in.Type, Zone: in.Zone, Uses: in.Uses, LaunchedAt: in.LaunchedAt}
+		if l, ok := m.leases[in.LeaseID]; ok && c.sees(l) {
+			v.LeaseID = in.LeaseID
+		}
+		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].Pool != out[j].Pool {
 			return out[i].Pool < out[j].Pool
 		}
 		return out[i].LaunchedAt.Before(out[j].LaunchedAt)
+	})
+	return out, nil
+}
+
+// Leases lists the leases c sees, of pool and in state ("" for any),
+// oldest first. Passwords are left out: a list is for looking, and each
+// lease's own GET still gives its holder the password.
+func (m *Manager) Leases(c Caller, pool string, state LeaseState) ([]LeaseView, error) {
+	switch state {
+	case "", LeasePending, LeaseActive, LeaseReleased, LeaseExpired, LeaseCanceled, LeaseLost:
+	default:
+		return nil, fmt.Errorf("%w: state %q is not one of pending, active, released, expired, canceled, lost", ErrInvalid, state)
+	}
+	m.mu.Lock()
+	defer m.unlock()
+	if _, ok := m.pools[pool]; pool != "" && !ok {
+		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	out := []LeaseView{}
+	for _, l := range m.leases {
+		if !c.sees(l) || pool != "" && l.Pool != pool || state != "" && l.State != state {
+			continue
+		}
+		v := m.viewLocked(l)
+		v.Worker.Password = ""
+		out = append(out, v)
+	}
+	slices.SortFunc(out, func(a, b LeaseView) int {
+		if d := a.CreatedAt.Compare(b.CreatedAt); d != 0 {
+			return d
+		}
+		return strings.Compare(a.ID, b.ID)
 	})
 	return out, nil
 }

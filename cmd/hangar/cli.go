@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -93,7 +94,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVar(&g.token, "token", os.Getenv("HANGAR_TOKEN"), "API bearer token (env HANGAR_TOKEN)")
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 
-	root.AddCommand(serveCmd(g), leaseCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
+	root.AddCommand(serveCmd(g), leaseCmd(g), leasesCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
 		drainCmd(g), consoleCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
 	root.AddCommand(runCmd(g))
 	root.AddCommand(jenkinsCmd(g))
@@ -165,7 +166,12 @@ func leaseCmd(g *globals) *cobra.Command {
 			if ttl > 0 {
 				req.TTL = ttl.String()
 			}
-			v, err := g.client().Lease(cmd.Context(), req)
+			if req.ClientToken == "" {
+				// Retries of this invocation get the same lease, never a
+				// second one held by nobody.
+				req.ClientToken = "hangar-cli-" + rand.Text()
+			}
+			v, err := leaseRetrying(cmd.Context(), g.client(), req)
 			if err != nil {
 				return err
 			}
@@ -185,7 +191,59 @@ func leaseCmd(g *globals) *cobra.Command {
 	f.DurationVar(&ttl, "ttl", 0, "lease time before it must be renewed (default: the pool's lease_ttl)")
 	f.StringVar(&req.Worker.Name, "worker-name", "", "worker name (default: generated)")
 	f.StringVar(&req.Worker.Master, "master", "", "CI master address host:port handed to the worker")
-	f.StringVar(&req.ClientToken, "client-token", "", "idempotency key: the same key returns the same lease")
+	f.StringVar(&req.ClientToken, "client-token", "", "idempotency key: the same key (from the same API token) returns the same lease (default: random per invocation)")
+	return cmd
+}
+
+// leaseRetrying asks for a lease, asking again with the same client token
+// when the request never got an answer (a connection cut, a server
+// restarting): the server then returns the lease it may already have made.
+func leaseRetrying(ctx context.Context, c *api.Client, req api.LeaseRequest) (pool.LeaseView, error) {
+	delay := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		v, err := c.Lease(ctx, req)
+		var apiErr *api.Error
+		if err == nil || errors.As(err, &apiErr) || attempt == 4 || ctx.Err() != nil {
+			return v, err
+		}
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+			return v, err
+		}
+		delay *= 2
+	}
+}
+
+func leasesCmd(g *globals) *cobra.Command {
+	var poolName, state string
+	cmd := &cobra.Command{
+		Use:   "leases",
+		Short: "List your leases (an admin token: everyone's)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			list, err := g.client().Leases(cmd.Context(), poolName, pool.LeaseState(state))
+			if err != nil {
+				return err
+			}
+			if g.json() {
+				return g.printJSON(list)
+			}
+			var rows [][]string
+			for _, v := range list {
+				inst := "-"
+				if v.Instance != nil {
+					inst = v.Instance.ID
+				}
+				rows = append(rows, []string{v.ID, v.Pool, string(v.State), inst, orDash(v.Owner), v.Worker.Name,
+					v.CreatedAt.Local().Format(time.DateTime), v.ExpiresAt.Local().Format(time.DateTime)})
+			}
+			g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tOWNER\tWORKER\tCREATED\tEXPIRES", rows)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&poolName, "pool", "", "only this pool")
+	cmd.Flags().StringVar(&state, "state", "", "only this state: pending, active, released, expired, canceled or lost")
 	return cmd
 }
 

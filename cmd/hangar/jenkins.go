@@ -119,7 +119,7 @@ func jenkinsPools(ctx context.Context, cfg configs.Config, log *slog.Logger) ([]
 func startJenkins(s *server, pools []jenkins.Options) (*jenkinsRun, error) {
 	var watchers []*jenkins.Watcher
 	for _, o := range pools {
-		o.Leaser = s.manager
+		o.Leaser = jenkins.ManagerLeaser{M: s.manager}
 		o.Logger = s.log.With("component", "jenkins")
 		w, err := jenkins.New(o)
 		if err != nil {

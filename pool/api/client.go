@@ -119,6 +119,25 @@ func (c *Client) Scale(ctx context.Context, name string, req ScaleRequest) (pool
 	return v, err
 }
 
+// Leases lists the caller's leases (an admin's: all) of a pool and in a
+// state ("" for any), without passwords.
+func (c *Client) Leases(ctx context.Context, poolName string, state pool.LeaseState) ([]pool.LeaseView, error) {
+	var v struct{ Leases []pool.LeaseView }
+	q := url.Values{}
+	if poolName != "" {
+		q.Set("pool", poolName)
+	}
+	if state != "" {
+		q.Set("state", string(state))
+	}
+	path := "/v1/leases"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	_, err := c.do(ctx, http.MethodGet, path, nil, &v)
+	return v.Leases, err
+}
+
 // Instances lists the instances of a pool ("" for all).
 func (c *Client) Instances(ctx context.Context, poolName string) ([]pool.InstanceView, error) {
 	var v struct{ Instances []pool.InstanceView }

@@ -63,10 +63,11 @@ type Server struct {
 func (s *Server) Handler() http.Handler {
 	auth := newAuth(s.Tokens)
 	mux := http.NewServeMux()
-	route := func(pattern, role string, h func(r *http.Request) (int, any, error)) {
+	route := func(pattern, role string, h handlerFunc) {
 		mux.Handle(pattern, s.wrap(auth, role, h))
 	}
 	route("POST /v1/leases", RoleLease, s.createLease)
+	route("GET /v1/leases", RoleLease, s.listLeases)
 	route("GET /v1/leases/{id}", RoleLease, s.getLease)
 	route("POST /v1/leases/{id}/renew", RoleLease, s.renewLease)
 	route("DELETE /v1/leases/{id}", RoleLease, s.releaseLease)
@@ -77,7 +78,7 @@ func (s *Server) Handler() http.Handler {
 	route("GET /v1/instances", RoleLease, s.listInstances)
 	route("POST /v1/instances/{id}/drain", RoleAdmin, s.drain)
 	route("GET /v1/instances/{id}/console", RoleAdmin, s.console)
-	route("/v1/", RoleLease, func(r *http.Request) (int, any, error) {
+	route("/v1/", RoleLease, func(r *http.Request, _ pool.Caller) (int, any, error) {
 		return 0, nil, apiError(http.StatusNotFound, "not_found", "no API endpoint %s %s", r.Method, r.URL.Path)
 	})
 	if s.Gatherer != nil {
@@ -100,35 +101,39 @@ func newAuth(tokens []Token) *auth {
 	return a
 }
 
-// check returns the caller's token name, or an error for 401 or 403.
-func (a *auth) check(r *http.Request, role string) (string, error) {
+// check returns who the caller is, or an error for 401 or 403.
+func (a *auth) check(r *http.Request, role string) (pool.Caller, error) {
 	if a.open {
-		return "open", nil
+		return pool.Admin, nil
 	}
 	secret, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || secret == "" {
-		return "", apiError(http.StatusUnauthorized, "unauthorized", "missing bearer token")
+		return pool.Caller{}, apiError(http.StatusUnauthorized, "unauthorized", "missing bearer token")
 	}
 	// Look up by hash, then compare in constant time, so neither the map
 	// nor the comparison leaks how much of a guess was right.
 	sum := sha256.Sum256([]byte(secret))
 	t, ok := a.tokens[sum]
 	if !ok || subtle.ConstantTimeCompare([]byte(t.Secret), []byte(secret)) != 1 {
-		return "", apiError(http.StatusUnauthorized, "unauthorized", "invalid bearer token")
+		return pool.Caller{}, apiError(http.StatusUnauthorized, "unauthorized", "invalid bearer token")
 	}
-	if role == RoleAdmin && t.Role != RoleAdmin {
-		return t.Name, apiError(http.StatusForbidden, "forbidden", "token %q has role %s; this needs %s", t.Name, t.Role, RoleAdmin)
+	c := pool.Caller{Name: t.Name, Admin: t.Role == RoleAdmin}
+	if role == RoleAdmin && !c.Admin {
+		return c, apiError(http.StatusForbidden, "forbidden", "token %q has role %s; this needs %s", t.Name, t.Role, RoleAdmin)
 	}
-	return t.Name, nil
+	return c, nil
 }
 
-func (s *Server) wrap(a *auth, role string, h func(r *http.Request) (int, any, error)) http.Handler {
+// handlerFunc is an API handler: it gets the request and who made it.
+type handlerFunc func(r *http.Request, c pool.Caller) (int, any, error)
+
+func (s *Server) wrap(a *auth, role string, h handlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		who, err := a.check(r, role)
 		status, v := 0, any(nil)
 		if err == nil {
-			status, v, err = h(r)
+			status, v, err = h(r, who)
 		}
 		if err != nil {
 			var e *Error
@@ -140,7 +145,7 @@ func (s *Server) wrap(a *auth, role string, h func(r *http.Request) (int, any, e
 				s.Log.Error("api request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 			}
 		}
-		s.Log.Debug("api request", "method", r.Method, "path", r.URL.Path, "caller", who, "status", status, "duration", time.Since(start))
+		s.Log.Debug("api request", "method", r.Method, "path", r.URL.Path, "caller", who.Name, "status", status, "duration", time.Since(start))
 		if status == http.StatusNoContent {
 			w.WriteHeader(status)
 			return
@@ -216,7 +221,7 @@ type LeaseRequest struct {
 	Command []string `json:"command,omitempty"`
 }
 
-func (s *Server) createLease(r *http.Request) (int, any, error) {
+func (s *Server) createLease(r *http.Request, c pool.Caller) (int, any, error) {
 	var req LeaseRequest
 	if err := decodeLimit(r, &req, maxCommandBody); err != nil {
 		return 0, nil, err
@@ -232,7 +237,7 @@ func (s *Server) createLease(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	v, err := s.Manager.Lease(r.Context(), pool.LeaseRequest{Pool: req.Pool, Wait: wait, TTL: ttl, Worker: req.Worker, Labels: req.Labels, ClientToken: req.ClientToken, Command: req.Command})
+	v, err := s.Manager.Lease(r.Context(), c, pool.LeaseRequest{Pool: req.Pool, Wait: wait, TTL: ttl, Worker: req.Worker, Labels: req.Labels, ClientToken: req.ClientToken, Command: req.Command})
 	if err != nil {
 		return 0, nil, err
 	}
@@ -252,24 +257,35 @@ func leaseStatus(v pool.LeaseView) int {
 	}
 }
 
-func (s *Server) getLease(r *http.Request) (int, any, error) {
+func (s *Server) getLease(r *http.Request, c pool.Caller) (int, any, error) {
 	wait, err := duration("wait", r.URL.Query().Get("wait"))
 	if err != nil {
 		return 0, nil, err
 	}
-	v, err := s.Manager.GetLease(r.Context(), r.PathValue("id"), wait)
+	v, err := s.Manager.GetLease(r.Context(), c, r.PathValue("id"), wait)
 	if err != nil {
 		return 0, nil, err
 	}
 	return http.StatusOK, v, nil
 }
 
-func (s *Server) renewLease(r *http.Request) (int, any, error) {
-	v, err := s.Manager.Renew(r.Context(), r.PathValue("id"))
+// listLeases answers GET /v1/leases?pool=&state=: the caller's leases (an
+// admin's: all), without passwords.
+func (s *Server) listLeases(r *http.Request, c pool.Caller) (int, any, error) {
+	q := r.URL.Query()
+	v, err := s.Manager.Leases(c, q.Get("pool"), pool.LeaseState(q.Get("state")))
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, map[string]any{"leases": v}, nil
+}
+
+func (s *Server) renewLease(r *http.Request, c pool.Caller) (int, any, error) {
+	v, err := s.Manager.Renew(r.Context(), c, r.PathValue("id"))
 	return http.StatusOK, v, err
 }
 
-func (s *Server) releaseLease(r *http.Request) (int, any, error) {
+func (s *Server) releaseLease(r *http.Request, c pool.Caller) (int, any, error) {
 	discard := false
 	if q := r.URL.Query().Get("discard"); q != "" {
 		b, err := strconv.ParseBool(q)
@@ -278,10 +294,10 @@ func (s *Server) releaseLease(r *http.Request) (int, any, error) {
 		}
 		discard = b
 	}
-	return http.StatusNoContent, nil, s.Manager.Release(r.Context(), r.PathValue("id"), discard)
+	return http.StatusNoContent, nil, s.Manager.Release(r.Context(), c, r.PathValue("id"), discard)
 }
 
-func (s *Server) listPools(r *http.Request) (int, any, error) {
+func (s *Server) listPools(r *http.Request, c pool.Caller) (int, any, error) {
 	return http.StatusOK, map[string]any{"pools": s.Manager.Pools()}, nil
 }
 
@@ -291,7 +307,7 @@ type ScaleRequest struct {
 	MaxInstances *int `json:"max_instances,omitempty"`
 }
 
-func (s *Server) scalePool(r *http.Request) (int, any, error) {
+func (s *Server) scalePool(r *http.Request, c pool.Caller) (int, any, error) {
 	var req ScaleRequest
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
@@ -303,20 +319,20 @@ func (s *Server) scalePool(r *http.Request) (int, any, error) {
 	return http.StatusOK, v, err
 }
 
-func (s *Server) listInstances(r *http.Request) (int, any, error) {
-	v, err := s.Manager.Instances(r.URL.Query().Get("pool"))
+func (s *Server) listInstances(r *http.Request, c pool.Caller) (int, any, error) {
+	v, err := s.Manager.Instances(c, r.URL.Query().Get("pool"))
 	if v == nil {
 		v = []pool.InstanceView{}
 	}
 	return http.StatusOK, map[string]any{"instances": v}, err
 }
 
-func (s *Server) drain(r *http.Request) (int, any, error) {
+func (s *Server) drain(r *http.Request, c pool.Caller) (int, any, error) {
 	v, err := s.Manager.Drain(r.Context(), r.PathValue("id"))
 	return http.StatusOK, v, err
 }
 
-func (s *Server) console(r *http.Request) (int, any, error) {
+func (s *Server) console(r *http.Request, c pool.Caller) (int, any, error) {
 	out, err := s.Manager.Console(r.Context(), r.PathValue("id"))
 	return http.StatusOK, map[string]string{"id": r.PathValue("id"), "output": string(out)}, err
 }
@@ -326,12 +342,12 @@ type RunRequest struct {
 	Command []string `json:"command"`
 }
 
-func (s *Server) startRun(r *http.Request) (int, any, error) {
+func (s *Server) startRun(r *http.Request, c pool.Caller) (int, any, error) {
 	var req RunRequest
 	if err := decodeLimit(r, &req, maxCommandBody); err != nil {
 		return 0, nil, err
 	}
-	v, err := s.Manager.StartRun(r.Context(), r.PathValue("id"), req.Command)
+	v, err := s.Manager.StartRun(r.Context(), c, r.PathValue("id"), req.Command)
 	return http.StatusCreated, v, err
 }
 
@@ -379,7 +395,7 @@ func (o outputBody) write(w http.ResponseWriter, status int) {
 
 // output answers with the run's output from offset (long-polling up to
 // wait for some) as the body, and where it stands in headers.
-func (s *Server) output(r *http.Request) (int, any, error) {
+func (s *Server) output(r *http.Request, c pool.Caller) (int, any, error) {
 	q := r.URL.Query()
 	wait, err := duration("wait", q.Get("wait"))
 	if err != nil {
@@ -397,7 +413,7 @@ func (s *Server) output(r *http.Request) (int, any, error) {
 			return 0, nil, apiError(http.StatusBadRequest, "bad_request", "run: %q is not a run number", v)
 		}
 	}
-	out, err := s.Manager.Output(r.Context(), r.PathValue("id"), run, offset, q.Get("epoch"), wait)
+	out, err := s.Manager.Output(r.Context(), c, r.PathValue("id"), run, offset, q.Get("epoch"), wait)
 	if err != nil {
 		return 0, nil, err
 	}

@@ -54,7 +54,7 @@ import (
 	"github.com/hangar-ci/hangar/pool"
 )
 
-// Leaser is what a Watcher needs of the pool manager; *pool.Manager has it.
+// Leaser is what a Watcher needs of the pool manager: ManagerLeaser has it.
 type Leaser interface {
 	Lease(ctx context.Context, r pool.LeaseRequest) (pool.LeaseView, error)
 	GetLease(ctx context.Context, id string, wait time.Duration) (pool.LeaseView, error)
@@ -63,7 +63,33 @@ type Leaser interface {
 	Pools() []pool.PoolView
 }
 
-var _ Leaser = (*pool.Manager)(nil)
+// Owner owns the leases watchers make. API token names cannot contain ':',
+// so no API caller can act on them as their owner.
+var Owner = pool.Caller{Name: "hangar:jenkins"}
+
+// ManagerLeaser is the pool manager as a watcher uses it: every lease is
+// made and handled as Owner.
+type ManagerLeaser struct{ M *pool.Manager }
+
+var _ Leaser = ManagerLeaser{}
+
+func (l ManagerLeaser) Lease(ctx context.Context, r pool.LeaseRequest) (pool.LeaseView, error) {
+	return l.M.Lease(ctx, Owner, r)
+}
+
+func (l ManagerLeaser) GetLease(ctx context.Context, id string, wait time.Duration) (pool.LeaseView, error) {
+	return l.M.GetLease(ctx, Owner, id, wait)
+}
+
+func (l ManagerLeaser) Renew(ctx context.Context, id string) (pool.LeaseView, error) {
+	return l.M.Renew(ctx, Owner, id)
+}
+
+func (l ManagerLeaser) Release(ctx context.Context, id string, discard bool) error {
+	return l.M.Release(ctx, Owner, id, discard)
+}
+
+func (l ManagerLeaser) Pools() []pool.PoolView { return l.M.Pools() }
 
 // Options configure a Watcher.
 type Options struct {
