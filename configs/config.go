@@ -12,6 +12,7 @@ package configs
 
 import (
 	_ "embed"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -73,7 +74,21 @@ type Server struct {
 	// store lives before it is terminated: long enough for a launch whose
 	// intent is being written to show up in the store.
 	OrphanGrace Duration `toml:"orphan_grace"`
+	// MetricsPublic serves /metrics without a bearer token even when
+	// tokens are configured; otherwise it takes a token of any role.
+	MetricsPublic bool `toml:"metrics_public"`
+	// InsecureHTTP accepts an http:// public_url to a non-loopback host,
+	// over which bootstrap tokens and worker passwords travel in clear.
+	InsecureHTTP bool `toml:"insecure_http"`
+	// TLSCert and TLSKey, both or neither, are PEM files (resolved against
+	// the config file's directory) with which serve listens with TLS; the
+	// derived public_url is then https://.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
 }
+
+// MinTokenSecret is the least length, in bytes, of an API token's secret.
+const MinTokenSecret = 16
 
 // Token is an API bearer token. Exactly one of TokenEnv, TokenFile and Token
 // says where its secret is.
@@ -87,27 +102,49 @@ type Token struct {
 
 // Secret resolves the token's secret. Errors never contain it.
 func (t Token) Secret() (string, error) {
+	s, err := t.resolve()
+	if err != nil {
+		return "", fmt.Errorf("token %q: %w", t.Name, err)
+	}
+	return s, nil
+}
+
+// source names the key that says where the secret is.
+func (t Token) source() string {
+	switch {
+	case t.TokenEnv != "":
+		return "token_env"
+	case t.TokenFile != "":
+		return "token_file"
+	default:
+		return "token"
+	}
+}
+
+// resolve is Secret without the token's name in errors, for messages that
+// already name its key.
+func (t Token) resolve() (string, error) {
 	var s string
 	switch {
 	case t.TokenEnv != "":
 		s = os.Getenv(t.TokenEnv)
 		if s == "" {
-			return "", fmt.Errorf("token %q: environment variable %s is not set or empty", t.Name, t.TokenEnv)
+			return "", fmt.Errorf("environment variable %s is not set or empty", t.TokenEnv)
 		}
 	case t.TokenFile != "":
 		b, err := os.ReadFile(t.TokenFile)
 		if err != nil {
 			// The os error names the path and the cause, never the content.
-			return "", fmt.Errorf("token %q: reading token_file: %w", t.Name, err)
+			return "", fmt.Errorf("reading token_file: %w", err)
 		}
 		s = strings.TrimRight(string(b), "\r\n")
 		if s == "" {
-			return "", fmt.Errorf("token %q: token_file %s is empty", t.Name, t.TokenFile)
+			return "", fmt.Errorf("token_file %s is empty", t.TokenFile)
 		}
 	case t.Token != "":
 		s = t.Token
 	default:
-		return "", fmt.Errorf("token %q: none of token_env, token_file or token is set", t.Name)
+		return "", errors.New("none of token_env, token_file or token is set")
 	}
 	return s, nil
 }
@@ -224,6 +261,13 @@ type Pool struct {
 	UserDataFormat string `toml:"userdata_format"` // "script" | "cloud-config" | "mime"
 	CloudConfig    string `toml:"cloud_config"`    // the user's own #cloud-config, mime only
 
+	// WorkerUser is the user the worker (and a run's command) runs as; ""
+	// is the bootstrap's own user.
+	WorkerUser string `toml:"worker_user"`
+	// ClaimTimeout bounds how long a claim in the pool manager may stay
+	// open before it is given up; it must be positive.
+	ClaimTimeout Duration `toml:"claim_timeout"`
+
 	Env  map[string]string `toml:"env"`
 	Tags map[string]string `toml:"tags"` // extra cloud tags
 
@@ -265,29 +309,44 @@ func (p *Pool) setDefaults() {
 	p.OnIdle = "terminate"
 	p.Bootstrap = "builtin:generic.sh"
 	p.UserDataFormat = "script"
+	p.ClaimTimeout = Duration{2 * time.Minute}
 }
 
-// Load reads and validates the config file at path.
+// Load reads and validates the config file at path. It reads a token's
+// secret only to check it, and skips that check when the secret is not
+// there (an unset variable); ValidateServing and Check do not.
 func Load(path string) (Config, error) {
+	return load(path, false)
+}
+
+// Check is Load with every check that `hangar serve` makes before it
+// serves: every token's secret must resolve, and the TLS files must exist
+// and load as a pair. `hangar config check` uses it, so that it refuses
+// what serve refuses, on the machine that serves.
+func Check(path string) (Config, error) {
+	return load(path, true)
+}
+
+func load(path string, serving bool) (Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("reading config: %w", err)
 	}
-	return parse(path, path, data)
+	return parse(path, path, data, serving)
 }
 
 // Parse validates a config from bytes. name is used in messages and as
 // Path, so relative paths in it resolve against name's directory.
 func Parse(name string, data []byte) (Config, error) {
-	return parse(name, name, data)
+	return parse(name, name, data, false)
 }
 
 // LoadDefault returns the embedded configs/local.toml.
 func LoadDefault() (Config, error) {
-	return parse(embeddedName, "", localTOML)
+	return parse(embeddedName, "", localTOML, false)
 }
 
-func parse(name, path string, data []byte) (Config, error) {
+func parse(name, path string, data []byte, serving bool) (Config, error) {
 	c := Default()
 	c.Server.PublicURL = "" // derived from the file's listen unless it sets its own
 	c.Path = path
@@ -297,7 +356,7 @@ func parse(name, path string, data []byte) (Config, error) {
 		return Config{}, err
 	}
 	c.derive()
-	problems = append(problems, c.check()...)
+	problems = append(problems, c.check(serving)...)
 	if err := joinProblems(problems); err != nil {
 		return Config{}, err
 	}
@@ -307,12 +366,14 @@ func parse(name, path string, data []byte) (Config, error) {
 // derive fills values that depend on others and resolves relative paths.
 func (c *Config) derive() {
 	if c.Server.PublicURL == "" {
-		c.Server.PublicURL = "http://" + c.Server.Listen
+		c.Server.PublicURL = c.Server.Scheme() + "://" + c.Server.Listen
 	}
 	dir := "."
 	if c.Path != "" {
 		dir = filepath.Dir(c.Path)
 	}
+	c.Server.TLSCert = resolve(dir, c.Server.TLSCert)
+	c.Server.TLSKey = resolve(dir, c.Server.TLSKey)
 	for i, t := range c.Server.Tokens {
 		c.Server.Tokens[i].TokenFile = resolve(dir, t.TokenFile)
 	}
@@ -344,5 +405,20 @@ func resolve(dir, p string) string {
 
 // Validate reports every problem of c at once.
 func (c Config) Validate() error {
-	return joinProblems(c.check())
+	return joinProblems(c.check(false))
+}
+
+// ValidateServing is Validate with the checks that Check adds: `hangar
+// serve` calls it, however its config was made.
+func (c Config) ValidateServing() error {
+	return joinProblems(c.check(true))
+}
+
+// Scheme is the scheme serve answers on: "https" with tls_cert and
+// tls_key, else "http".
+func (s Server) Scheme() string {
+	if s.TLSCert != "" || s.TLSKey != "" {
+		return "https"
+	}
+	return "http"
 }

@@ -1,6 +1,15 @@
 package configs
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -9,6 +18,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 func TestShippedConfigsValidate(t *testing.T) {
@@ -75,6 +85,7 @@ provider = "local"
 		OnIdle:          "terminate",
 		Bootstrap:       "builtin:generic.sh",
 		UserDataFormat:  "script",
+		ClaimTimeout:    Duration{2 * time.Minute},
 	}
 	if got := c.Pools["a"]; !reflect.DeepEqual(got, wantPool) {
 		t.Errorf("pool = %+v\nwant   %+v", got, wantPool)
@@ -205,6 +216,8 @@ metadata_options = { http_tokens = "no", hop_limit = 0 }
 "1X" = "a"
 HANGAR_URL = "b"
 OK = "c"
+BASH_ENV = "/tmp/x"
+NUL = "a\u0000b"
 [pools.demo.tags]
 "hangar:pool" = "x"
 team = "ci"
@@ -218,9 +231,11 @@ hangar.toml:9: pools.demo.max_uses: must not be negative
 hangar.toml:10: pools.demo.min_idle: must not be negative
 hangar.toml:11: pools.demo.metadata_options.http_tokens: must be "required" or "optional", not "no"
 hangar.toml:11: pools.demo.metadata_options.hop_limit: must be between 1 and 64
-hangar.toml:13: pools.demo.env.1X: invalid variable name: must match ^[A-Za-z_][A-Za-z0-9_]*$
-hangar.toml:14: pools.demo.env.HANGAR_URL: the HANGAR_ prefix is reserved for Hangar's own variables
-hangar.toml:17: pools.demo.tags."hangar:pool": the "hangar:" prefix is reserved for Hangar's own tags`,
+hangar.toml:13: pools.demo.env.1X: invalid env name "1X": use letters, digits and '_', not starting with a digit
+hangar.toml:14: pools.demo.env.HANGAR_URL: invalid env name "HANGAR_URL": the prefix HANGAR_ is reserved for Hangar's own variables
+hangar.toml:16: pools.demo.env.BASH_ENV: invalid env name "BASH_ENV": it changes how bash runs the bootstrap script
+hangar.toml:17: pools.demo.env.NUL: the value holds a NUL byte, which no environment can hold
+hangar.toml:19: pools.demo.tags."hangar:pool": the "hangar:" prefix is reserved for Hangar's own tags`,
 	}, {
 		name: "bootstrap",
 		toml: `[providers.local]
@@ -269,7 +284,7 @@ hangar.toml:9: server.orphan_grace: must not be negative`,
 		name: "tokens, each at its own lines",
 		toml: base + `[server]
 listen = ":7878"
-public_url = "http://ci.example.com:7878"
+public_url = "https://ci.example.com:7878"
 [[server.tokens]]
 name = "a"
 role = "lease"
@@ -329,7 +344,8 @@ local.toml (embedded): pools.demo.lease_ttl: must be positive
 local.toml (embedded): pools.demo.max_lease_ttl: must be positive
 local.toml (embedded): pools.demo.on_idle: must be "terminate" or "stop", not ""
 local.toml (embedded): pools.demo.bootstrap: must not be empty
-local.toml (embedded): pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not ""`
+local.toml (embedded): pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not ""
+local.toml (embedded): pools.demo.claim_timeout: must be positive`
 	if err := c.Validate(); err == nil || err.Error() != want {
 		t.Errorf("got:\n%v\nwant:\n%s", err, want)
 	}
@@ -508,5 +524,247 @@ func TestIndexLines(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got  %v\nwant %v", got, want)
+	}
+}
+
+// Two tokens with one secret, or a short secret, are refused at their
+// lines, without the secret; Load skips a secret that is not there yet,
+// and Check, which serve's checks share, reports it.
+func TestTokenSecrets(t *testing.T) {
+	const long = "0123456789abcdef-same-secret"
+	t.Setenv("HANGAR_TEST_SAME", long)
+	t.Setenv("HANGAR_TEST_SHORT", "short-secret")
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "same.token"), []byte(long+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "hangar.toml")
+	text := base + `[server]
+[[server.tokens]]
+name = "a"
+role = "lease"
+token = "` + long + `"
+[[server.tokens]]
+name = "b"
+role = "admin"
+token_env = "HANGAR_TEST_SAME"
+[[server.tokens]]
+name = "c"
+role = "lease"
+token_file = "same.token"
+[[server.tokens]]
+name = "d"
+role = "lease"
+token_env = "HANGAR_TEST_SHORT"
+[[server.tokens]]
+name = "e"
+role = "lease"
+token_env = "HANGAR_TEST_UNSET_TOKEN"
+[[server.tokens]]
+name = "f"
+role = "lease"
+token_file = "missing.token"
+`
+	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want := path + `:13: server.tokens[1].token_env: the same secret as server.tokens[0]: every token needs a secret of its own
+` + path + `:17: server.tokens[2].token_file: the same secret as server.tokens[0]: every token needs a secret of its own
+` + path + `:21: server.tokens[3].token_env: the secret is shorter than 16 bytes; use a random one, such as ` + "`openssl rand -hex 32`" + ` makes`
+	_, loadErr := Load(path)
+	if loadErr == nil || loadErr.Error() != want {
+		t.Errorf("Load: got:\n%v\nwant:\n%s", loadErr, want)
+	}
+	wantServing := want + `
+` + path + `:25: server.tokens[4].token_env: environment variable HANGAR_TEST_UNSET_TOKEN is not set or empty
+` + path + `:29: server.tokens[5].token_file: reading token_file: open ` + filepath.Join(dir, "missing.token") + `: no such file or directory`
+	_, checkErr := Check(path)
+	if checkErr == nil || checkErr.Error() != wantServing {
+		t.Errorf("Check: got:\n%v\nwant:\n%s", checkErr, wantServing)
+	}
+	for _, e := range []error{loadErr, checkErr} {
+		if e != nil && (strings.Contains(e.Error(), long) || strings.Contains(e.Error(), "short-secret")) {
+			t.Errorf("an error shows a secret: %v", e)
+		}
+	}
+
+	// Distinct, long secrets pass; an unset variable passes Load only.
+	t.Setenv("HANGAR_TEST_SHORT", "another-secret-that-is-long")
+	ok := strings.NewReplacer(`token_env = "HANGAR_TEST_SAME"`, `token = "a-third-secret-long-enough"`,
+		`token_file = "same.token"`, `token = "a-fourth-secret-long-enough"`,
+		`token_file = "missing.token"`, `token = "a-fifth-secret-long-enough"`).Replace(text)
+	c, err := Parse(path, []byte(ok))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	want = `hangar.toml:25: server.tokens[4].token_env: environment variable HANGAR_TEST_UNSET_TOKEN is not set or empty`
+	if err := c.ValidateServing(); err == nil || strings.ReplaceAll(err.Error(), path, "hangar.toml") != want {
+		t.Errorf("ValidateServing: got %v, want %s", err, want)
+	}
+	t.Setenv("HANGAR_TEST_UNSET_TOKEN", "now-it-is-set-and-long")
+	if err := c.ValidateServing(); err != nil {
+		t.Errorf("ValidateServing: %v", err)
+	}
+}
+
+// An http:// public_url to another host is refused unless insecure_http;
+// TLS makes the derived one https://; the URL rules of user-data rendering
+// apply here too, and a password in the URL is never shown.
+func TestPublicURL(t *testing.T) {
+	dir := t.TempDir()
+	token := "\n[[server.tokens]]\nname = \"a\"\nrole = \"lease\"\ntoken = \"0123456789abcdef0123\"\n"
+	inClear := "http:// to a non-loopback host would send bootstrap tokens and worker passwords across the network in clear: " +
+		"set tls_cert and tls_key, or give an https:// URL of a TLS proxy, or set insecure_http = true to accept that"
+	for _, tc := range []struct {
+		name, server, want, url string
+	}{
+		{"loopback http", `public_url = "http://127.0.0.1:7878"`, "", "http://127.0.0.1:7878"},
+		{"localhost http", `public_url = "http://LocalHost:7878"`, "", "http://LocalHost:7878"},
+		{"remote http", `public_url = "http://10.0.0.10:7878"`, "hangar.toml:6: server.public_url: " + inClear, ""},
+		{"remote http accepted", "public_url = \"http://10.0.0.10:7878\"\ninsecure_http = true", "", "http://10.0.0.10:7878"},
+		{"remote https", `public_url = "https://ci.example:7878"`, "", "https://ci.example:7878"},
+		{"derived from listen", `listen = "10.0.0.10:7878"`, "hangar.toml:6: server.listen: " + inClear, ""},
+		{"derived with TLS", "listen = \"10.0.0.10:7878\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"", "", "https://10.0.0.10:7878"},
+		{"http with TLS", "public_url = \"http://127.0.0.1:7878\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+			"hangar.toml:6: server.public_url: is http:// but the server listens with TLS (tls_cert, tls_key); use https://", ""},
+		{"user and password", `public_url = "https://user:pa55word@ci.example"`, "hangar.toml:6: server.public_url: must not carry a user or password", ""},
+		{"query", `public_url = "https://ci.example/?x=1"`, "hangar.toml:6: server.public_url: must not have a query or fragment", ""},
+		{"white space", `public_url = "https://ci.example/a b"`, "hangar.toml:6: server.public_url: must not contain white space", ""},
+		{"bad scheme with password", `public_url = "ftp://user:pa55word@ci.example"`,
+			`hangar.toml:6: server.public_url: must be an http:// or https:// URL, not "ftp://user:xxxxx@ci.example"`, ""},
+		{"cert without key", `tls_cert = "c.pem"`, "hangar.toml:6: server.tls_cert: is set without tls_key; set both or neither", ""},
+		{"key without cert", `tls_key = "k.pem"`, "hangar.toml:6: server.tls_key: is set without tls_cert; set both or neither", ""},
+		{"insecure_http not a boolean", `insecure_http = "yes"`, "hangar.toml:6: server.insecure_http: must be a boolean, not a string", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse(filepath.Join(dir, "hangar.toml"), []byte(base+"[server]\n"+tc.server+"\n"+token))
+			got := ""
+			if err != nil {
+				got = strings.ReplaceAll(err.Error(), filepath.Join(dir, "hangar.toml"), "hangar.toml")
+			}
+			if got != tc.want {
+				t.Errorf("got:\n%s\nwant:\n%s", got, tc.want)
+			}
+			if strings.Contains(got, "pa55word") {
+				t.Errorf("an error shows the password: %s", got)
+			}
+			if err == nil && c.Server.PublicURL != tc.url {
+				t.Errorf("public_url = %q, want %q", c.Server.PublicURL, tc.url)
+			}
+		})
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key under dir.
+func selfSigned(t *testing.T, dir, name string) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "hangar test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+// Check loads tls_cert and tls_key as serve would: missing files and keys
+// that do not match are reported; Load does not read them.
+func TestTLSFiles(t *testing.T) {
+	dir := t.TempDir()
+	selfSigned(t, dir, "a")
+	selfSigned(t, dir, "b")
+	path := filepath.Join(dir, "hangar.toml")
+	for _, tc := range []struct{ name, cert, key, want string }{
+		{"a pair", "a.crt", "a.key", ""},
+		{"missing", "none.crt", "a.key", path + ":7: server.tls_cert: stat " + filepath.Join(dir, "none.crt") + ": no such file or directory"},
+		{"not a pair", "a.crt", "b.key", path + ":7: server.tls_cert: does not load with tls_key as a key pair: tls: private key does not match public key"},
+		{"key for cert", "a.key", "a.key", path + ":7: server.tls_cert: does not load with tls_key as a key pair: tls: failed to find certificate PEM data in certificate input, but did find a private key; PEM inputs may have been switched"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := base + "[server]\nlisten = \"127.0.0.1:7443\"\ntls_cert = \"" + tc.cert + "\"\ntls_key = \"" + tc.key + "\"\n"
+			if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			c, err := Load(path)
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			if c.Server.PublicURL != "https://127.0.0.1:7443" || c.Server.TLSCert != filepath.Join(dir, tc.cert) {
+				t.Errorf("public_url %q, tls_cert %q", c.Server.PublicURL, c.Server.TLSCert)
+			}
+			_, checkErr := Check(path)
+			if tc.want == "" && checkErr != nil || tc.want != "" && fmt.Sprint(checkErr) != tc.want {
+				t.Errorf("Check: got:\n%v\nwant:\n%s", checkErr, tc.want)
+			}
+			if err := c.ValidateServing(); fmt.Sprint(err) != fmt.Sprint(checkErr) {
+				t.Errorf("ValidateServing: %v; Check: %v", err, checkErr)
+			}
+		})
+	}
+}
+
+func TestPoolWorkerUserAndClaimTimeout(t *testing.T) {
+	c, err := Parse("hangar.toml", []byte(base+"worker_user = \"build_er-1\"\nclaim_timeout = \"30s\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := c.Pools["demo"]; p.WorkerUser != "build_er-1" || p.ClaimTimeout.Duration != 30*time.Second {
+		t.Errorf("pool = %+v", p)
+	}
+	_, err = Parse("hangar.toml", []byte(base+"worker_user = \"Root\"\nclaim_timeout = \"0s\"\n"+
+		"[pools.b]\nprovider = \"local\"\nworker_user = \"a-very-long-user-name-of-33-chars\"\nclaim_timeout = \"-1s\"\n"+
+		"[pools.c]\nprovider = \"local\"\nworker_user = \"9lives\"\n"))
+	want := `hangar.toml:5: pools.demo.worker_user: must be a POSIX user name matching ^[a-z_][a-z0-9_-]{0,31}$, or empty for the bootstrap's own user
+hangar.toml:6: pools.demo.claim_timeout: must be positive
+hangar.toml:9: pools.b.worker_user: must be a POSIX user name matching ^[a-z_][a-z0-9_-]{0,31}$, or empty for the bootstrap's own user
+hangar.toml:10: pools.b.claim_timeout: must be positive
+hangar.toml:13: pools.c.worker_user: must be a POSIX user name matching ^[a-z_][a-z0-9_-]{0,31}$, or empty for the bootstrap's own user`
+	if err == nil || err.Error() != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+// Whatever user-data rendering refuses, the config check refuses first,
+// at the key's line: serve renders every pool's user-data before it starts.
+func TestConfigRefusesWhatUserdataRefuses(t *testing.T) {
+	for _, name := range []string{"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "HANGAR_TOKEN", "1A", "A-B"} {
+		if userdata.ValidEnvName(name) == nil {
+			t.Fatalf("userdata accepts %s; the test's premise is wrong", name)
+		}
+		_, err := Parse("hangar.toml", []byte(base+"[pools.demo.env]\n\""+name+"\" = \"x\"\n"))
+		if err == nil || !strings.HasPrefix(err.Error(), "hangar.toml:6: pools.demo.env.") {
+			t.Errorf("env %s: got %v", name, err)
+		}
+	}
+	// The user-data of a pool the config accepts renders.
+	c, err := Parse("hangar.toml", []byte(base+"[pools.demo.env]\nA = \"it's $HOME\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := userdata.Render(userdata.Params{Pool: "demo", HangarURL: c.Server.PublicURL, BootstrapToken: "t",
+		Env: c.Pools["demo"].Env, Format: userdata.Format(c.Pools["demo"].UserDataFormat)}); err != nil {
+		t.Errorf("render: %v", err)
 	}
 }

@@ -116,6 +116,13 @@ func (d *decoder) value(key string, v any, rv reflect.Value) {
 			return
 		}
 		rv.SetString(s)
+	case reflect.Bool:
+		b, ok := v.(bool)
+		if !ok {
+			d.mismatch(key, "a boolean", v)
+			return
+		}
+		rv.SetBool(b)
 	case reflect.Int:
 		n, ok := v.(int64)
 		if !ok {

@@ -1,6 +1,7 @@
 package configs
 
 import (
+	"crypto/tls"
 	"fmt"
 	"maps"
 	"net"
@@ -13,18 +14,26 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/scripts"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 var (
 	// nameRe keeps pool and provider names safe in tags, paths, metrics
 	// labels and shell scripts without quoting surprises.
-	nameRe   = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-	envKeyRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	nameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+	// userRe is a POSIX user name as useradd takes it by default.
+	userRe = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
 )
 
 type checker struct {
 	c        *Config
 	problems []problem
+	// serving adds the checks that read what serve reads: token secrets
+	// that are not there, and the TLS files.
+	serving bool
+	// urlOK says server.public_url passed its checks, so that a pool's
+	// user-data can be rendered with it.
+	urlOK bool
 }
 
 // add reports a problem with key, at the key's line if the file sets it.
@@ -78,9 +87,10 @@ func (k *checker) notNegative(key string, n int64) {
 	}
 }
 
-// check finds every semantic problem; Validate and Load report them.
-func (c Config) check() []problem {
-	k := &checker{c: &c}
+// check finds every semantic problem; Validate and Load report them, and
+// with serving set, ValidateServing and Check.
+func (c Config) check(serving bool) []problem {
+	k := &checker{c: &c, serving: serving}
 	k.server(c.Server)
 	for _, name := range slices.Sorted(maps.Keys(c.Providers)) {
 		k.provider(name, c.Providers[name])
@@ -102,12 +112,8 @@ func (k *checker) server(s Server) {
 	} else if len(s.Tokens) == 0 && !isLoopback(host) {
 		k.add("server.listen", "refusing to serve without tokens on a non-loopback address")
 	}
-	if u, err := url.Parse(s.PublicURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		k.add("server.public_url", "must be an http:// or https:// URL, not %q", s.PublicURL)
-	} else if ip := net.ParseIP(u.Hostname()); u.Hostname() == "" || ip != nil && ip.IsUnspecified() {
-		// Derived from a listen address such as ":7878" or "0.0.0.0:7878".
-		k.add("server.public_url", "must name a host instances can reach, not %q", s.PublicURL)
-	}
+	k.publicURL(s)
+	k.tls(s)
 	if s.DataDir == "" {
 		k.add("server.data_dir", "must not be empty")
 	}
@@ -115,6 +121,7 @@ func (k *checker) server(s Server) {
 	k.notNegative("server.orphan_grace", int64(s.OrphanGrace.Duration))
 
 	seen := map[string]string{}
+	secrets := map[string]string{} // secret → the first token that has it
 	for i, t := range s.Tokens {
 		key := index("server.tokens", i)
 		switch prev, dup := seen[t.Name]; {
@@ -142,7 +149,112 @@ func (k *checker) server(s Server) {
 			k.add(key, "one of token_env, token_file or token is required")
 		case sources > 1:
 			k.add(key, "set only one of token_env, token_file or token")
+		default:
+			k.tokenSecret(key, t, secrets)
 		}
+	}
+}
+
+// tokenSecret checks a token's secret: long enough, and no other token's,
+// as the API could not tell two such tokens apart (the later one won).
+// Messages never show a secret, nor its length.
+func (k *checker) tokenSecret(key string, t Token, secrets map[string]string) {
+	key = join(key, t.source())
+	if k.bad(key) {
+		return
+	}
+	secret, err := t.resolve()
+	if err != nil {
+		// Load leaves to serve what is not there yet (a variable set only
+		// for the service); Check and serve report it.
+		if k.serving {
+			k.add(key, "%v", err)
+		}
+		return
+	}
+	if len(secret) < MinTokenSecret {
+		k.add(key, "the secret is shorter than %d bytes; use a random one, such as `openssl rand -hex 32` makes", MinTokenSecret)
+	}
+	if prev, dup := secrets[secret]; dup {
+		k.add(key, "the same secret as %s: every token needs a secret of its own", prev)
+	} else {
+		secrets[secret] = strings.TrimSuffix(key, "."+t.source())
+	}
+}
+
+// publicURL checks how instances reach Hangar, with the rules user-data
+// rendering applies, so that a config serve would refuse fails here.
+func (k *checker) publicURL(s Server) {
+	const key = "server.public_url"
+	u, err := url.Parse(s.PublicURL)
+	show := s.PublicURL
+	if err == nil {
+		show = u.Redacted()
+	}
+	switch {
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
+		k.add(key, "must be an http:// or https:// URL, not %q", show)
+		return
+	case u.Hostname() == "" || net.ParseIP(u.Hostname()) != nil && net.ParseIP(u.Hostname()).IsUnspecified():
+		// Derived from a listen address such as ":7878" or "0.0.0.0:7878".
+		k.add(key, "must name a host instances can reach, not %q", show)
+		return
+	case u.User != nil:
+		k.add(key, "must not carry a user or password")
+		return
+	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || strings.Contains(s.PublicURL, "#"):
+		k.add(key, "must not have a query or fragment")
+		return
+	case strings.ContainsAny(s.PublicURL, " \t\r\n"):
+		k.add(key, "must not contain white space")
+		return
+	}
+	k.urlOK = true
+	if u.Scheme != "http" {
+		return
+	}
+	switch {
+	case s.TLSCert != "" || s.TLSKey != "":
+		k.add(key, "is http:// but the server listens with TLS (tls_cert, tls_key); use https://")
+	case !isLoopback(u.Hostname()) && !s.InsecureHTTP:
+		msg := "http:// to a non-loopback host would send bootstrap tokens and worker passwords across the network in clear: " +
+			"set tls_cert and tls_key, or give an https:// URL of a TLS proxy, or set insecure_http = true to accept that"
+		// A public_url derived from listen has no line of its own.
+		k.pair(key, msg, "server.listen", msg)
+	}
+}
+
+// tls checks tls_cert and tls_key: both or neither, and when serving, files
+// that load as a pair. Messages never show the key's content.
+func (k *checker) tls(s Server) {
+	switch {
+	case s.TLSCert == "" && s.TLSKey == "":
+		return
+	case s.TLSKey == "":
+		k.add("server.tls_cert", "is set without tls_key; set both or neither")
+		return
+	case s.TLSCert == "":
+		k.add("server.tls_key", "is set without tls_cert; set both or neither")
+		return
+	}
+	if !k.serving {
+		return
+	}
+	ok := true
+	for key, path := range map[string]string{"server.tls_cert": s.TLSCert, "server.tls_key": s.TLSKey} {
+		if fi, err := os.Stat(path); err != nil {
+			k.add(key, "%v", err)
+			ok = false
+		} else if fi.IsDir() {
+			k.add(key, "%s is a directory", path)
+			ok = false
+		}
+	}
+	if !ok {
+		return
+	}
+	if _, err := tls.LoadX509KeyPair(s.TLSCert, s.TLSKey); err != nil {
+		k.add("server.tls_cert", "does not load with tls_key as a key pair: %v", err)
 	}
 }
 
@@ -180,6 +292,12 @@ func (k *checker) provider(name string, p Provider) {
 
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)
+	before := len(k.problems)
+	defer func() {
+		if len(k.problems) == before {
+			k.renders(key, name, p)
+		}
+	}()
 	f := func(field string) string { return join(key, field) }
 	if !nameRe.MatchString(name) {
 		k.add(key, "invalid name: must match %s", nameRe)
@@ -234,18 +352,45 @@ func (k *checker) pool(name string, p Pool) {
 			k.add(f("cloud_config"), `must start with "#cloud-config"`)
 		}
 	}
+	if p.WorkerUser != "" && !userRe.MatchString(p.WorkerUser) {
+		k.add(f("worker_user"), "must be a POSIX user name matching %s, or empty for the bootstrap's own user", userRe)
+	}
+	k.positive(f("claim_timeout"), p.ClaimTimeout)
 	for _, name := range slices.Sorted(maps.Keys(p.Env)) {
-		switch {
-		case !envKeyRe.MatchString(name):
-			k.add(join(f("env"), name), "invalid variable name: must match %s", envKeyRe)
-		case strings.HasPrefix(name, "HANGAR_"):
-			k.add(join(f("env"), name), "the HANGAR_ prefix is reserved for Hangar's own variables")
+		// The one rule user-data rendering applies too.
+		if err := userdata.ValidEnvName(name); err != nil {
+			k.add(join(f("env"), name), "%v", err)
+		}
+		// Env values may be secrets, so only the name is reported.
+		if strings.ContainsRune(p.Env[name], 0) {
+			k.add(join(f("env"), name), "the value holds a NUL byte, which no environment can hold")
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(p.Tags)) {
 		if strings.HasPrefix(name, "hangar:") {
 			k.add(join(f("tags"), name), `the "hangar:" prefix is reserved for Hangar's own tags`)
 		}
+	}
+}
+
+// renders renders a pool's user-data as serve does before it starts the
+// pool, so that whatever rule user-data rendering has and this file does
+// not check key by key still fails here rather than at serve. It runs only
+// for a pool without other problems, whose messages say more.
+func (k *checker) renders(key, name string, p Pool) {
+	if !k.urlOK {
+		return
+	}
+	_, err := userdata.Render(userdata.Params{
+		Pool:           name,
+		HangarURL:      k.c.Server.PublicURL,
+		BootstrapToken: "probe-token",
+		Env:            p.Env,
+		Format:         userdata.Format(p.UserDataFormat),
+		CloudConfig:    p.CloudConfig,
+	})
+	if err != nil {
+		k.add(key, "its user-data cannot be rendered: %s", strings.ReplaceAll(err.Error(), "\n", "; "))
 	}
 }
 
@@ -281,7 +426,7 @@ func (k *checker) bootstrap(key, b string) {
 }
 
 func isLoopback(host string) bool {
-	if host == "localhost" {
+	if strings.EqualFold(host, "localhost") {
 		return true
 	}
 	ip := net.ParseIP(host)
