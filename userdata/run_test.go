@@ -3,6 +3,8 @@ package userdata
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"maps"
 	"net/http"
@@ -28,6 +30,8 @@ func runUserData(t *testing.T, dir, path string, env ...string) (string, int) {
 		"PATH=" + os.Getenv("PATH"),
 		"HOME=" + dir,
 		"TMPDIR=" + dir,
+		// Never let a test read a token file of the machine running it.
+		"HANGAR_ROOT=" + dir,
 		// Never let a test install a per-boot script on the machine running it.
 		"HANGAR_USERDATA_CLOUD_DIR=" + filepath.Join(dir, "cloud"),
 	}, env...)
@@ -210,5 +214,56 @@ func TestPerBootCopy(t *testing.T) {
 	}
 	if _, err := os.Stat(copyPath); err == nil {
 		t.Errorf("the left-over copy still exists")
+	}
+}
+
+// After a stop and start the user-data runs with the token it was made
+// with: it uses the token the bootstrap saved instead, but only one that
+// descends from its own.
+func TestSavedToken(t *testing.T) {
+	const rotated = "tok_rotated-42"
+	hash := func(s string) string { sum := sha256.Sum256([]byte(s)); return hex.EncodeToString(sum[:]) }
+	tests := []struct {
+		name      string
+		file      string // the token file's content; "" for none
+		wantToken string
+	}{
+		{"no saved token", "", testToken},
+		{"saved token of this user-data", hash(testToken) + " " + rotated + "\n", rotated},
+		{"saved token of another instance's", hash("tok_other-instance") + " " + rotated + "\n", testToken},
+		{"token file without a token", hash(testToken) + "\n", testToken},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tt.file != "" {
+				state := filepath.Join(dir, "var", "lib", "hangar")
+				if err := os.MkdirAll(state, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(state, "bootstrap-token"), []byte(tt.file), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			envFile := filepath.Join(dir, "env.out")
+			srv, fetches := bootstrapServer(t, tt.wantToken, envFile, 0, 0)
+			path := filepath.Join(dir, "user-data")
+			if err := os.WriteFile(path, mustRender(t, Params{Pool: "demo", HangarURL: srv.URL, BootstrapToken: testToken}), 0o700); err != nil {
+				t.Fatal(err)
+			}
+			out, code := runUserData(t, dir, path, "HANGAR_USERDATA_FETCH_ATTEMPTS=1")
+			if code != 0 || fetches.Load() != 1 {
+				t.Fatalf("exit code %d after %d fetches; output:\n%s", code, fetches.Load(), out)
+			}
+			if got := readEnv(t, envFile)["HANGAR_BOOTSTRAP_TOKEN"]; got != tt.wantToken {
+				t.Errorf("the bootstrap got token %q, want %q", got, tt.wantToken)
+			}
+			if said := strings.Contains(out, "using the bootstrap token saved by an earlier boot"); said != (tt.wantToken == rotated) {
+				t.Errorf("output says it uses the saved token: %v; output:\n%s", said, out)
+			}
+			if strings.Contains(out, testToken) || strings.Contains(out, rotated) {
+				t.Errorf("output shows a token:\n%s", out)
+			}
+		})
 	}
 }

@@ -8,7 +8,7 @@
 // call DescribeInstanceAttribute, so it carries only the per-instance
 // bootstrap token, never a worker password.
 //
-// The rendered script honours two variables of the environment it runs in;
+// The rendered script honours three variables of the environment it runs in;
 // cloud-init never sets them, they exist for tests and the local provider:
 //
 //   - HANGAR_USERDATA_FETCH_ATTEMPTS: how many times to try fetching the
@@ -16,6 +16,11 @@
 //   - HANGAR_USERDATA_CLOUD_DIR: cloud-init's state directory (default
 //     /var/lib/cloud); empty disables the per-boot copy, which a provider
 //     that runs user-data on a host it does not own must do.
+//   - HANGAR_ROOT: what "/" is to the instance (the local provider), where
+//     var/lib/hangar/bootstrap-token is: the bootstrap token the bootstrap
+//     saved, which the script uses in place of its own when the file says
+//     it descends from its own (Hangar rotates tokens; see
+//     scripts/bootstrap/generic.sh).
 package userdata
 
 import (
@@ -224,6 +229,19 @@ if [ -n "$cloud_dir" ] && [ -r "$cloud_dir/data/instance-id" ]; then
 		cp "$0" "$copy" && chmod 0700 "$copy" && log "installed $copy to bootstrap again after a stop and start"
 	fi
 fi
+
+# After a stop and start this runs again with the token it was made with,
+# which Hangar refuses once it has rotated it. The bootstrap saves the
+# current one after the hash of the token it descends from: the saved one is
+# used when that is this one (not when the file comes, in an image, from
+# another instance). On the local cloud HANGAR_ROOT is the instance's "/".
+token_file=${HANGAR_ROOT-}/var/lib/hangar/bootstrap-token
+if [ -r "$token_file" ] && read -r origin saved <"$token_file" && [ -n "$saved" ] &&
+	own=$(printf '%s' "$HANGAR_BOOTSTRAP_TOKEN" | sha256sum) && [ "$origin" = "${own%% *}" ]; then
+	HANGAR_BOOTSTRAP_TOKEN=$saved
+	log "using the bootstrap token saved by an earlier boot"
+fi
+unset origin saved own
 
 script_url=$HANGAR_URL/bootstrap/v1/script
 file=$(mktemp "${TMPDIR:-/tmp}/hangar-bootstrap.XXXXXXXXXX") || { log "cannot create a temporary file"; exit 1; }
