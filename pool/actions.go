@@ -293,6 +293,21 @@ func (m *Manager) reaped(in *Instance, reason string) {
 	}
 }
 
+// unclaimedTooLong: nobody has fetched l within its pool's claim_timeout
+// of its assignment, or of this process's start (a client cut off by a
+// crash comes back for its lease when the server is back).
+func (m *Manager) unclaimedTooLong(l *Lease, now time.Time) bool {
+	p := m.pools[l.Pool]
+	if p == nil {
+		return false
+	}
+	since := l.AssignedAt
+	if since.Before(m.restoredAt) {
+		since = m.restoredAt
+	}
+	return now.Sub(since) > p.cfg.ClaimTimeout.Duration
+}
+
 // resumeLocked restarts the cloud calls a crash interrupted. Caller holds m.mu.
 func (m *Manager) resumeLocked() {
 	for _, in := range m.instances {
@@ -327,6 +342,9 @@ func (m *Manager) timersLocked() {
 		switch {
 		case l.State == LeaseActive && now.After(l.ExpiresAt):
 			m.endLeaseLocked(l, LeaseExpired, true)
+		case l.State == LeaseActive && l.Unclaimed && m.unclaimedTooLong(l, now):
+			m.log.Warn("lease never reached its holder; releasing it", "pool", l.Pool, "lease", l.ID)
+			m.endLeaseLocked(l, LeaseReleased, false)
 		case l.State == LeasePending && now.After(l.ExpiresAt):
 			m.endLeaseLocked(l, LeaseCanceled, false)
 		case l.State.ended() && now.Sub(l.EndedAt) > endedKept:

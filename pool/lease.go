@@ -77,6 +77,14 @@ type Lease struct {
 	// NoWorker: the lease was made to run a command, so its instance
 	// starts no worker_command.
 	NoWorker bool `json:"no_worker,omitempty"`
+	// Unclaimed: active, but its holder has not been told so yet (its
+	// request was cut by a crash or a timeout). Such a lease is released
+	// after the pool's claim_timeout instead of holding its instance for
+	// the whole ttl. Stored as "unclaimed" so that older records read as
+	// claimed.
+	Unclaimed bool `json:"unclaimed,omitempty"`
+
+	waiters int // requests waiting for it now; in memory only
 }
 
 // LogValue keeps the worker password out of logs.
@@ -95,6 +103,9 @@ const (
 	releaseTimeout = 2 * time.Minute
 	// MaxWait caps how long one request may wait for a lease.
 	MaxWait = 15 * time.Minute
+	// MinTTL is the shortest lease a client may ask for: a lease must live
+	// long enough to be renewed.
+	MinTTL = time.Second
 )
 
 // LeaseRequest is a client's ask for an instance.
@@ -143,8 +154,9 @@ func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
 	if r.Wait < 0 || r.Wait > MaxWait {
 		bad("wait must be between 0s and %s", MaxWait)
 	}
-	if r.TTL < 0 || r.TTL > maxTTL {
-		bad("ttl must be between 1s and the pool's max_lease_ttl (%s)", maxTTL)
+	// 0 is "the pool's lease_ttl".
+	if r.TTL != 0 && (r.TTL < MinTTL || r.TTL > maxTTL) {
+		bad("ttl must be between %s and the pool's max_lease_ttl (%s)", MinTTL, maxTTL)
 	}
 	if r.Worker.Name != "" && !workerNameRE.MatchString(r.Worker.Name) {
 		bad("worker.name must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -177,7 +189,9 @@ func validateRequest(r LeaseRequest, maxTTL time.Duration) error {
 // http(s) root URL of a Jenkins controller, whose inbound agents connect to
 // a URL and may sit under a path.
 func validMaster(m string) bool {
-	if len(m) > 255 || !printable(m) || strings.ContainsAny(m, " \t") {
+	// A leading '-' would read as an option to whatever worker command
+	// takes the master as an argument.
+	if len(m) > 255 || !printable(m) || strings.ContainsAny(m, " \t") || strings.HasPrefix(m, "-") {
 		return false
 	}
 	if strings.HasPrefix(m, "http://") || strings.HasPrefix(m, "https://") {
@@ -215,7 +229,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 	if r.ClientToken != "" {
 		if l, ok := m.byClient[clientKey(r.Pool, c.Name, r.ClientToken)]; ok {
 			m.unlock()
-			return m.waitLease(ctx, c, l.ID, r.Wait)
+			return m.waitLease(ctx, c, l.ID, r.Wait, false)
 		}
 	}
 	now := m.clock.Now()
@@ -245,12 +259,18 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 	if l.ClientToken != "" {
 		m.byClient[clientKey(l.Pool, l.Owner, l.ClientToken)] = l
 	}
+	// Its creator waits for it below: a lease fulfilled at once is claimed
+	// in the same transaction that assigns it.
+	waiting := ctx.Err() == nil
+	if waiting {
+		l.waiters++
+	}
 	p.queue = append(p.queue, l)
 	m.saveLease(l)
 	m.log.Info("lease requested", "pool", r.Pool, "lease", l.ID, "worker", l.Worker.Name)
 	m.dispatchLocked()
 	m.unlock()
-	return m.waitLease(ctx, c, l.ID, r.Wait)
+	return m.waitLease(ctx, c, l.ID, r.Wait, waiting)
 }
 
 // clientKey indexes leases by client token. Idempotency is per owner: two
@@ -272,12 +292,20 @@ func (m *Manager) GetLease(ctx context.Context, c Caller, id string, wait time.D
 	if wait < 0 || wait > MaxWait {
 		return LeaseView{}, fmt.Errorf("%w: wait must be between 0s and %s", ErrInvalid, MaxWait)
 	}
-	return m.waitLease(ctx, c, id, wait)
+	return m.waitLease(ctx, c, id, wait, false)
 }
 
-func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.Duration) (LeaseView, error) {
+func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.Duration, counted bool) (LeaseView, error) {
 	deadline := time.NewTimer(wait)
 	defer deadline.Stop()
+	var waitingFor *Lease
+	defer func() {
+		if waitingFor != nil {
+			m.mu.Lock()
+			waitingFor.waiters--
+			m.unlock()
+		}
+	}()
 	for {
 		m.mu.Lock()
 		l, err := m.leaseLocked(c, id)
@@ -285,11 +313,22 @@ func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.
 			m.unlock()
 			return LeaseView{}, err
 		}
+		if waitingFor == nil {
+			waitingFor = l
+			if !counted {
+				l.waiters++
+			}
+		}
 		if l.State == LeasePending {
 			// Someone still wants it: keep it in the queue.
 			if exp := m.clock.Now().Add(wait + pendingGrace); exp.After(l.ExpiresAt) {
 				l.ExpiresAt = exp
 			}
+		}
+		if l.State == LeaseActive && l.Unclaimed && ctx.Err() == nil {
+			// Its holder is about to learn it has it.
+			l.Unclaimed = false
+			m.saveLease(l)
 		}
 		v := m.viewLocked(l)
 		changed := m.waitChange()
@@ -336,6 +375,7 @@ func (m *Manager) Renew(ctx context.Context, c Caller, id string) (LeaseView, er
 	switch l.State {
 	case LeaseActive:
 		l.ExpiresAt = m.clock.Now().Add(l.TTL)
+		l.Unclaimed = false
 	case LeasePending:
 		l.ExpiresAt = m.clock.Now().Add(pendingGrace)
 	default:
@@ -508,6 +548,7 @@ func (m *Manager) assignLocked(l *Lease, in *Instance) {
 	l.AssignedAt = now
 	l.ExpiresAt = now.Add(l.TTL)
 	l.Warm = in.ReadyAt.Before(l.CreatedAt)
+	l.Unclaimed = l.waiters == 0
 	if l.Worker.Password == "" {
 		l.Worker.Password = in.Password
 	}

@@ -134,6 +134,7 @@ type Manager struct {
 	// terminating queues instances per provider for terminateBatches.
 	terminating map[cloud.Provider][]*Instance
 	changed     chan struct{} // closed and replaced on every change
+	restoredAt  time.Time     // when this process read the store
 	ops         []store.Op    // writes of the decision under way (see unlock)
 	lastSave    *store.Commit
 	wg          sync.WaitGroup
@@ -224,6 +225,7 @@ func (m *Manager) restore() error {
 		return err
 	}
 	now := m.clock.Now()
+	m.restoredAt = now
 	for _, in := range insts {
 		in.accounted = now
 		in.LastSeen = now

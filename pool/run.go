@@ -207,6 +207,7 @@ func (m *Manager) StartRun(ctx context.Context, c Caller, id string, command []s
 		next = l.Run.ID + 1
 	}
 	l.Run = &Run{ID: next, Command: slices.Clone(command)}
+	l.Unclaimed = false
 	m.runLocked(l)
 	m.saveLease(l)
 	m.notify() // the instance's assignment poll
