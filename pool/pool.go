@@ -130,7 +130,11 @@ type Manager struct {
 	byToken   map[string]*Instance // by bootstrap token hash
 	leases    map[string]*Lease
 	byClient  map[string]*Lease // by clientKey
-	orphans   map[string]time.Time
+	// orphans and halting remember, per cloud id, since when reconcile has
+	// seen an instance unknown to the store, or one the cloud says is
+	// terminating; entries go when a listing no longer shows it so.
+	orphans map[string]seenSince
+	halting map[string]seenSince
 	// terminating queues instances per provider for terminateBatches.
 	terminating map[cloud.Provider][]*Instance
 	changed     chan struct{} // closed and replaced on every change
@@ -163,7 +167,8 @@ func New(opts Options) (*Manager, error) {
 		byToken:     map[string]*Instance{},
 		leases:      map[string]*Lease{},
 		byClient:    map[string]*Lease{},
-		orphans:     map[string]time.Time{},
+		orphans:     map[string]seenSince{},
+		halting:     map[string]seenSince{},
 		terminating: map[cloud.Provider][]*Instance{},
 		changed:     make(chan struct{}),
 		runs:        map[string]*runOutput{},

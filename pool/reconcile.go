@@ -11,6 +11,26 @@ import (
 // listing before it is thought gone: listings are eventually consistent.
 const listGrace = 2 * time.Minute
 
+// haltingGrace is how long the cloud may report an instance as terminating
+// (EC2's shutting-down) before its terminate is issued again: a terminate
+// cut off by a crash, on a cloud that only finishes what it is asked to.
+const haltingGrace = time.Minute
+
+// seenSince is when reconcile first saw something about an instance of prov.
+type seenSince struct {
+	prov cloud.Provider
+	at   time.Time
+}
+
+// forgetUnlisted drops seen's entries of prov that list no longer shows.
+func forgetUnlisted(seen map[string]seenSince, prov cloud.Provider, listed map[string]bool) {
+	for id, s := range seen {
+		if s.prov == prov && !listed[id] {
+			delete(seen, id)
+		}
+	}
+}
+
 // reconcile compares the store with what each cloud says it runs: one
 // listing per provider, filtered by this store's owner tag, whatever the
 // number of pools and instances.
@@ -43,11 +63,19 @@ func (m *Manager) reconcile(ctx context.Context) {
 func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, listedAt time.Time) {
 	now := m.clock.Now()
 	seen := map[string]bool{}
+	orphans, halting := map[string]bool{}, map[string]bool{}
+	defer forgetUnlisted(m.orphans, prov, orphans)
+	defer forgetUnlisted(m.halting, prov, halting)
 	for _, c := range list {
+		if c.State == cloud.StateTerminating {
+			halting[c.ID] = true
+			m.haltingLocked(prov, c, now)
+		}
 		in := m.instances[c.Tags[cloud.TagIntent]]
 		gone := c.State == cloud.StateTerminated || c.State == cloud.StateTerminating
 		if in == nil || m.pools[in.Pool] == nil || m.pools[in.Pool].provider != prov {
 			if !gone {
+				orphans[c.ID] = true
 				m.orphanLocked(prov, c, now)
 			}
 			continue
@@ -69,7 +97,10 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 		if in.ID != c.ID {
 			// A second instance for one intent: the cloud ignored the
 			// idempotency token. Keep the first, end this one.
-			m.orphanLocked(prov, c, now.Add(-m.cfg.Server.OrphanGrace.Duration))
+			if !gone {
+				orphans[c.ID] = true
+				m.orphanLocked(prov, c, now.Add(-m.cfg.Server.OrphanGrace.Duration))
+			}
 			continue
 		}
 		delete(m.orphans, c.ID)
@@ -126,15 +157,33 @@ func (m *Manager) lostLocked(in *Instance, reason string) {
 func (m *Manager) orphanLocked(prov cloud.Provider, c cloud.Instance, now time.Time) {
 	first, ok := m.orphans[c.ID]
 	if !ok {
-		m.orphans[c.ID] = now
+		m.orphans[c.ID] = seenSince{prov, now}
 		m.log.Warn("unknown instance with our owner tag", "instance", c.ID, "pool", c.Tags[cloud.TagPool])
 		return
 	}
-	if m.clock.Now().Sub(first) < m.cfg.Server.OrphanGrace.Duration {
+	if m.clock.Now().Sub(first.at) < m.cfg.Server.OrphanGrace.Duration {
 		return
 	}
 	delete(m.orphans, c.ID)
 	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, "orphan")
+}
+
+// haltingLocked issues the terminate of an instance again when the cloud
+// has said it is terminating for longer than haltingGrace: the call that
+// began it may have been cut off (on the local cloud, by a crash of this
+// process), and only a second one finishes the job.
+func (m *Manager) haltingLocked(prov cloud.Provider, c cloud.Instance, now time.Time) {
+	first, ok := m.halting[c.ID]
+	if !ok {
+		m.halting[c.ID] = seenSince{prov, now}
+		return
+	}
+	if now.Sub(first.at) <= haltingGrace {
+		return
+	}
+	m.halting[c.ID] = seenSince{prov, now} // next try after another grace
+	m.log.Warn("instance stuck terminating; terminating it again", "instance", c.ID, "since", first.at)
+	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, "stuck_terminating")
 }
 
 func (m *Manager) terminateIDs(prov cloud.Provider, pool string, ids []string, reason string) {

@@ -1,0 +1,74 @@
+package pool
+
+import (
+	"testing"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+)
+
+// TestStuckTerminatingIsTerminatedAgain: an instance the cloud has called
+// terminating for longer than haltingGrace gets its terminate re-issued
+// (a crash cut the first one off; the local cloud finishes only when asked
+// again). Before, reconcile took terminating for gone and never asked.
+func TestStuckTerminatingIsTerminatedAgain(t *testing.T) {
+	h := newHarness(t, nil)
+	known := h.warm(1)[0]
+	h.cloud.SetState(known, cloud.StateTerminating)
+	orphan := h.cloud.Add(map[string]string{cloud.TagOwner: h.store.Owner(), cloud.TagPool: "demo", cloud.TagIntent: "h-unknown"}, cloud.StateTerminating)
+	terminates := func(id string) int {
+		n := 0
+		for _, c := range h.cloud.Calls("terminate") {
+			for _, x := range c.IDs {
+				if x == id {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	h.reconcile() // the pool's record ends: it calls terminate, which does not finish
+	h.cloud.SetState(known, cloud.StateTerminating)
+	before := terminates(known)
+	h.clock.Advance(haltingGrace)
+	h.reconcile()
+	if terminates(known) != before || terminates(orphan) != 0 {
+		t.Fatal("terminated again within haltingGrace")
+	}
+	h.clock.Advance(time.Second)
+	h.reconcile()
+	if terminates(known) != before+1 || terminates(orphan) != 1 {
+		t.Fatalf("past haltingGrace: terminates of the pool's instance %d (was %d), of the unknown one %d; want one more each",
+			terminates(known), before, terminates(orphan))
+	}
+	// Once gone, nothing more; and the memory of it is dropped.
+	h.cloud.SetState(known, cloud.StateTerminated)
+	h.cloud.Remove(orphan)
+	h.clock.Advance(time.Hour)
+	h.reconcile()
+	if terminates(known) != before+1 {
+		t.Fatal("a terminated instance was terminated again")
+	}
+	h.m.mu.Lock()
+	left := len(h.m.halting)
+	h.m.unlock()
+	if left != 0 {
+		t.Fatalf("%d terminating instances still remembered after they went", left)
+	}
+}
+
+// TestOrphanForgottenWhenItVanishes: an orphan that goes away by itself
+// within orphan_grace is not remembered forever.
+func TestOrphanForgottenWhenItVanishes(t *testing.T) {
+	h := newHarness(t, nil)
+	id := h.cloud.Add(map[string]string{cloud.TagOwner: h.store.Owner(), cloud.TagPool: "demo", cloud.TagIntent: "h-unknown"}, cloud.StateRunning)
+	h.reconcile()
+	h.cloud.Remove(id)
+	h.reconcile()
+	h.m.mu.Lock()
+	left := len(h.m.orphans)
+	h.m.unlock()
+	if left != 0 {
+		t.Fatalf("%d orphans remembered after the only one vanished", left)
+	}
+}
