@@ -368,10 +368,19 @@ func (h *handler) output(w http.ResponseWriter, r *http.Request, instance string
 		h.fail(w, instance, "output", err)
 		return
 	}
-	// An upload lasts as long as its command: a server shutting down cuts
-	// it off rather than wait (the instance uploads the rest again).
-	stop := context.AfterFunc(r.Context(), func() { http.NewResponseController(w).SetReadDeadline(time.Now()) })
+	// An upload lasts as long as its command, which may also be silent for
+	// as long as it likes (the bootstrap sends nothing then): the server's
+	// read and write timeouts, made for requests and long polls, are lifted
+	// for it, and a dead instance's connection ends by TCP keep-alive. A
+	// server shutting down cuts it off rather than wait (the instance
+	// uploads the rest again).
+	rc := http.NewResponseController(w)
+	rc.SetReadDeadline(time.Time{})
+	rc.SetWriteDeadline(time.Time{})
+	stop := context.AfterFunc(r.Context(), func() { rc.SetReadDeadline(time.Now()) })
 	defer stop()
+	// The answer is small, yet must not wait forever on a stuck reader.
+	defer func() { rc.SetWriteDeadline(time.Now().Add(time.Minute)) }()
 	buf := make([]byte, 32<<10)
 	for {
 		n, rerr := r.Body.Read(buf)

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -33,7 +35,22 @@ type serveOptions struct {
 	// Providers replace the config's providers of the same name, for
 	// benchmarks that need a provider built with other options.
 	Providers map[string]cloud.Provider
+	// ReadHeaderTimeout and ReadTimeout replace the HTTP server's (0: the
+	// defaults below), for tests that would not wait that long.
+	ReadHeaderTimeout, ReadTimeout time.Duration
 }
+
+// The HTTP server's limits. Requests are small and quick to send, but
+// answers to long polls take up to pool.MaxWait (leases, a run's output) or
+// bootstrap.MaxWait (assignments): the write timeout leaves them a minute
+// more. The output upload of a run lasts as long as its command; its
+// handler lifts both deadlines for itself.
+const (
+	readHeaderTimeout = 10 * time.Second
+	readTimeout       = time.Minute
+	writeTimeout      = max(pool.MaxWait, bootstrap.MaxWait) + time.Minute
+	maxHeaderBytes    = 64 << 10
+)
 
 // server is one running `hangar serve`.
 type server struct {
@@ -63,6 +80,11 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		}
 	}()
 
+	// Whatever was not checked when the config was loaded (a token's
+	// secret, the TLS files), with the messages `hangar config check` gives.
+	if err := cfg.ValidateServing(); err != nil {
+		return nil, err
+	}
 	tokens, err := apiTokens(cfg)
 	if err != nil {
 		return nil, err
@@ -73,14 +95,24 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		}
 		log.Warn("no API tokens configured: the API is open to anyone who can reach " + cfg.Server.Listen)
 	}
+	var tlsConfig *tls.Config
+	if cfg.Server.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.Server.TLSCert, cfg.Server.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("loading tls_cert and tls_key: %w", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
 	ln, err := net.Listen("tcp", cfg.Server.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", cfg.Server.Listen, err)
 	}
-	s.url = "http://" + ln.Addr().String()
-	if cfg.Server.PublicURL == "" || cfg.Server.PublicURL == "http://"+cfg.Server.Listen {
+	scheme := cfg.Server.Scheme()
+	s.url = scheme + "://" + ln.Addr().String()
+	if cfg.Server.PublicURL == "" || cfg.Server.PublicURL == scheme+"://"+cfg.Server.Listen {
 		cfg.Server.PublicURL = s.url
 	}
+	s.cfg.Server.PublicURL = cfg.Server.PublicURL
 
 	// Absolute, because instances run with their own working directories.
 	if cfg.Server.DataDir, err = filepath.Abs(cfg.Server.DataDir); err != nil {
@@ -127,15 +159,17 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 
 	mux := http.NewServeMux()
 	mux.Handle("/bootstrap/", bootstrap.Handler(mgr, log))
-	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg}).Handler())
-	// No write timeout: lease and assignment waits are long polls, each
-	// bounded by its own cap.
+	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg, MetricsPublic: cfg.Server.MetricsPublic}).Handler())
 	runCtx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.http = &http.Server{
 		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: cmp.Or(o.ReadHeaderTimeout, readHeaderTimeout),
+		ReadTimeout:       cmp.Or(o.ReadTimeout, readTimeout),
+		WriteTimeout:      writeTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		IdleTimeout:       2 * time.Minute,
+		TLSConfig:         tlsConfig,
 		// Requests end with the server: a long poll answers at once
 		// instead of holding Shutdown up, and nothing runs on after the
 		// store is closed.
@@ -146,7 +180,13 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		mgr.Run(runCtx)
 	}()
 	go func() {
-		if err := s.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if tlsConfig != nil {
+			err = s.http.ServeTLS(ln, "", "") // the certificate is in TLSConfig
+		} else {
+			err = s.http.Serve(ln)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("serving", "err", err)
 		}
 	}()

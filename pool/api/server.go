@@ -57,6 +57,9 @@ type Server struct {
 	// is an admin. The caller decides whether that is allowed (loopback).
 	Tokens   []Token
 	Gatherer prometheus.Gatherer
+	// MetricsPublic serves /metrics to callers without a token; otherwise
+	// it takes a token of any role, as soon as there are tokens.
+	MetricsPublic bool
 }
 
 // Handler returns the API's routes: /v1/…, /metrics and /healthz.
@@ -82,7 +85,25 @@ func (s *Server) Handler() http.Handler {
 		return 0, nil, apiError(http.StatusNotFound, "not_found", "no API endpoint %s %s", r.Method, r.URL.Path)
 	})
 	if s.Gatherer != nil {
-		mux.Handle("GET /metrics", promhttp.HandlerFor(s.Gatherer, promhttp.HandlerOpts{}))
+		metrics := promhttp.HandlerFor(s.Gatherer, promhttp.HandlerOpts{})
+		if !s.MetricsPublic {
+			public := metrics
+			metrics = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if _, err := auth.check(r, RoleLease); err != nil {
+					// Any role will do; a refusal reads as the API's own.
+					var e *Error
+					if !errors.As(err, &e) {
+						e = apiError(http.StatusUnauthorized, "unauthorized", "invalid bearer token")
+					}
+					w.Header().Set("Content-Type", "application/json")
+					w.WriteHeader(e.Status)
+					json.NewEncoder(w).Encode(e)
+					return
+				}
+				public.ServeHTTP(w, r)
+			})
+		}
+		mux.Handle("GET /metrics", metrics)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
 	return mux
