@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -32,17 +33,93 @@ type protocolServer struct {
 	assign func(n int, current string) string
 	// ready and heartbeat answer with these statuses when not 0.
 	readyStatus, assignmentStatus func(n int) int
+	// script is what GET /bootstrap/v1/script serves.
+	script []byte
 
 	mu         sync.Mutex
+	token      string // the token accepted: testToken until rotate
+	calls      []string
+	refused    []string // calls with another token: "METHOD PATH token"
 	readyForm  map[string][]string
 	polls      []string // the current= of each poll
 	heartbeats []string // "lease worker exit_code"
 	readies    int
+	output     map[string]*strings.Builder // by "lease run"
+	exits      []string                    // "lease run exit_code"
+	pid        int                         // of the bash running the script
+}
+
+// rotate makes the server accept token, and only token, from now on, as
+// Hangar does from the moment it builds a released answer with a new one;
+// it returns the answer's line.
+func (s *protocolServer) rotate(token string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.token = token
+	return "HANGAR_NEW_TOKEN=" + userdata.ShellQuote(token) + "\n"
+}
+
+// callsWith returns how many calls carried token.
+func (s *protocolServer) callsWith(token string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.calls {
+		if strings.HasSuffix(c, " "+token) {
+			n++
+		}
+	}
+	return n
+}
+
+func (s *protocolServer) bootstrapPid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pid
+}
+
+func (s *protocolServer) runOutput(lease, run string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b := s.output[lease+" "+run]; b != nil {
+		return b.String()
+	}
+	return ""
 }
 
 func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Authorization") != "Bearer "+testToken {
+	s.mu.Lock()
+	want := s.token
+	if want == "" {
+		want = testToken
+	}
+	got, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	s.calls = append(s.calls, r.Method+" "+r.URL.Path+" "+got)
+	if got != want {
+		s.refused = append(s.refused, r.Method+" "+r.URL.Path+" "+got)
+	}
+	s.mu.Unlock()
+	if got != want {
 		http.Error(w, "unknown token", http.StatusUnauthorized)
+		return
+	}
+	switch {
+	case r.Method == http.MethodGet && r.URL.Path == "/bootstrap/v1/script" && s.script != nil:
+		w.Write(s.script)
+		return
+	case r.Method == http.MethodPut && r.URL.Path == "/bootstrap/v1/output":
+		b, _ := io.ReadAll(r.Body)
+		s.mu.Lock()
+		if s.output == nil {
+			s.output = map[string]*strings.Builder{}
+		}
+		k := r.URL.Query().Get("lease") + " " + r.URL.Query().Get("run")
+		if s.output[k] == nil {
+			s.output[k] = &strings.Builder{}
+		}
+		s.output[k].Write(b)
+		s.mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	if err := r.ParseForm(); err != nil {
@@ -64,6 +141,12 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/heartbeat":
 		s.mu.Lock()
 		s.heartbeats = append(s.heartbeats, strings.TrimSpace(r.PostForm.Get("lease")+" "+r.PostForm.Get("worker")+" "+r.PostForm.Get("exit_code")))
+		s.mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/exit":
+		f := r.PostForm.Get
+		s.mu.Lock()
+		s.exits = append(s.exits, f("lease")+" "+f("run")+" "+f("exit_code"))
 		s.mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
 	case r.Method == http.MethodGet && r.URL.Path == "/bootstrap/v1/assignment":
@@ -118,6 +201,21 @@ func runGeneric(t *testing.T, dir string, srv *httptest.Server) (string, int) {
 	if err := os.WriteFile(script, b, 0o700); err != nil {
 		t.Fatal(err)
 	}
+	return runBootstrap(t, dir, srv, []string{"HANGAR_BOOTSTRAP_TOKEN=" + testToken}, script)
+}
+
+// runBootstrap runs bash with args in dir, with the environment the
+// user-data gives generic.sh (plus env, with the token), as the user-data
+// does, and returns its output and exit code. It tells srv, when it is a
+// protocolServer, the bash's pid.
+func runBootstrap(t *testing.T, dir string, srv *httptest.Server, env []string, args ...string) (string, int) {
+	t.Helper()
+	return runBootstrapAs(t, nil, dir, srv, env, args...)
+}
+
+// runBootstrapAs is runBootstrap as the user of cred (nil: this one).
+func runBootstrapAs(t *testing.T, cred *syscall.Credential, dir string, srv *httptest.Server, env []string, args ...string) (string, int) {
+	t.Helper()
 	key := filepath.Join(dir, "ssh_host_ed25519_key.pub")
 	if err := os.WriteFile(key, []byte("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITest root@test\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -131,9 +229,9 @@ func runGeneric(t *testing.T, dir string, srv *httptest.Server) (string, int) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "bash", script)
+	cmd := exec.CommandContext(ctx, "bash", args...)
 	cmd.Dir = dir
-	cmd.Env = []string{
+	cmd.Env = append([]string{
 		"PATH=" + os.Getenv("PATH"),
 		"HOME=" + dir,
 		"TMPDIR=" + dir,
@@ -141,15 +239,19 @@ func runGeneric(t *testing.T, dir string, srv *httptest.Server) (string, int) {
 		"HANGAR_ROOT=" + dir,
 		"HANGAR_URL=" + srv.URL,
 		"HANGAR_POOL=demo",
-		"HANGAR_BOOTSTRAP_TOKEN=" + testToken,
 		"POOL_ENV=pool value",
 		"HANGAR_SSH_HOST_KEY_FILE=" + key,
-	}
+	}, env...)
 	// The output goes to a file, not a pipe a stray worker could hold open.
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: cred}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
+	}
+	if ps, ok := srv.Config.Handler.(*protocolServer); ok {
+		ps.mu.Lock()
+		ps.pid = cmd.Process.Pid
+		ps.mu.Unlock()
 	}
 	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 	err = cmd.Wait()
@@ -161,7 +263,7 @@ func runGeneric(t *testing.T, dir string, srv *httptest.Server) (string, int) {
 	case errors.As(err, &exit):
 		return string(output), exit.ExitCode()
 	default:
-		t.Fatalf("running generic.sh: %v\n%s", err, output)
+		t.Fatalf("running %q: %v\n%s", args, err, output)
 		return "", 0
 	}
 }
