@@ -261,11 +261,13 @@ type Pool struct {
 	UserDataFormat string `toml:"userdata_format"` // "script" | "cloud-config" | "mime"
 	CloudConfig    string `toml:"cloud_config"`    // the user's own #cloud-config, mime only
 
-	// WorkerUser is the user the worker (and a run's command) runs as; ""
-	// is the bootstrap's own user.
+	// WorkerUser is the user the worker and a run's command run as (the
+	// bootstrap must then run as root); "" is the bootstrap's own user.
 	WorkerUser string `toml:"worker_user"`
-	// ClaimTimeout bounds how long a claim in the pool manager may stay
-	// open before it is given up; it must be positive.
+	// ClaimTimeout is how long a lease may stay active while its holder
+	// has not been told of it (its request was cut off by a timeout or a
+	// crash and not repeated) before it is released, rather than hold its
+	// instance for the whole lease_ttl.
 	ClaimTimeout Duration `toml:"claim_timeout"`
 
 	Env  map[string]string `toml:"env"`
