@@ -153,6 +153,9 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if got := r.URL.Query().Get("wait"); got != "50s" {
 			s.t.Errorf("assignment poll with wait=%q, want 50s", got)
 		}
+		if got := r.URL.Query().Get("rotate"); got != "1" {
+			s.t.Errorf("assignment poll with rotate=%q, want 1: generic.sh takes rotated tokens", got)
+		}
 		current := r.URL.Query().Get("current")
 		s.mu.Lock()
 		s.polls = append(s.polls, current)

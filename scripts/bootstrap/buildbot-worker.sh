@@ -25,6 +25,10 @@
 #                            (default buildbot-worker; e.g. buildbot-worker==4.2.1)
 #   BUILDBOT_WORKER_VENV     that virtualenv (default /opt/buildbot-worker)
 # On the local cloud HANGAR_ROOT is what "/" is to an instance.
+#
+# This part runs twice at boot: generic.sh saves the bootstrap token and runs
+# the whole script again without it in its environment, so it must be
+# idempotent (the second run finds what the first installed and wrote).
 
 # The HANGAR_* variables come from the user-data, not from this script.
 # shellcheck disable=SC2153

@@ -11,7 +11,8 @@
 #   POST /bootstrap/v1/heartbeat   form: lease, worker=running|exited|none,
 #                                  exit_code (only with worker=exited),
 #                                  run, run_exit_code (a run that exited)
-#   GET  /bootstrap/v1/assignment?wait=50s&current=<lease id or empty>&run=N
+#   GET  /bootstrap/v1/assignment?wait=50s&current=<lease id or empty>&run=N&rotate=1
+#        rotate=1 says that this script takes rotated tokens (below).
 #        200: lines NAME='value' or export NAME='value' (quoted like
 #        userdata.ShellQuote) setting HANGAR_ASSIGNMENT to none, assigned,
 #        released or terminate. run= is the last run of the current lease
@@ -525,7 +526,7 @@ while :; do
 	heartbeat
 	answer=$(mktemp "${TMPDIR:-/tmp}/hangar-assignment.XXXXXXXXXX") || { backoff "cannot create a temporary file"; continue; }
 	asked=$SECONDS
-	code=$(call "$answer" --max-time 70 -G --data-urlencode wait=50s --data-urlencode "current=$current" --data-urlencode "run=$current_run" "$HANGAR_URL/bootstrap/v1/assignment")
+	code=$(call "$answer" --max-time 70 -G --data-urlencode wait=50s --data-urlencode "current=$current" --data-urlencode "run=$current_run" --data-urlencode rotate=1 "$HANGAR_URL/bootstrap/v1/assignment")
 	case $code in
 	200) ;;
 	401 | 403 | 404) rm -f "$answer"; gone "$code" assignment ;;

@@ -27,6 +27,10 @@
 #   JENKINS_AGENT_JAVA       the java command (default: java on PATH)
 #   JENKINS_AGENT_JAVA_OPTS  JVM options, split on blanks
 # On the local cloud HANGAR_ROOT is what "/" is to an instance.
+#
+# This part runs twice at boot: generic.sh saves the bootstrap token and runs
+# the whole script again without it in its environment, so it must be
+# idempotent (the second run finds what the first installed and wrote).
 
 # The HANGAR_* variables come from the user-data, not from this script.
 # shellcheck disable=SC2153
