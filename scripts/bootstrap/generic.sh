@@ -3,7 +3,8 @@
 # HANGAR_URL, HANGAR_POOL, HANGAR_BOOTSTRAP_TOKEN and the pool env exported.
 # It reports the instance ready, then long-polls Hangar for assignments and
 # runs at most one CI worker at a time, and the commands of `hangar run`.
-# Needs bash and curl only.
+# Needs bash, curl and coreutils (sha256sum, env, mktemp, mv); worker_user
+# needs getent, useradd (when the user is missing) and util-linux's setpriv.
 #
 # Protocol (every call carries "Authorization: Bearer TOKEN", the current
 # bootstrap token; see "The token" below):
