@@ -119,6 +119,7 @@ func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootst
 	a := bootstrap.Assignment{State: bootstrap.AssignNone}
 	if p != nil {
 		a.CleanupCommand = p.cfg.CleanupCommand
+		a.WorkerUser = p.cfg.WorkerUser
 	}
 	switch in.State {
 	case Terminating, Gone, Failed:

@@ -129,7 +129,8 @@ token_env = "TEST_ADMIN_TOKEN"
 		{"lease token cannot read consoles", "GET", "/v1/instances/i-0000000000000000f/console", "", leaseTok, 403, "forbidden"},
 		{"admin token scales", "PATCH", "/v1/pools/demo", `{"min_idle":0}`, adminTok, 200, ""},
 		{"admin token leases", "GET", "/v1/instances", "", adminTok, 200, ""},
-		{"metrics need no token", "GET", "/metrics", "", "", 200, ""},
+		{"metrics need a token", "GET", "/metrics", "", "", 401, "unauthorized"},
+		{"lease token reads metrics", "GET", "/metrics", "", leaseTok, 200, ""},
 		{"health needs no token", "GET", "/healthz", "", "", 200, ""},
 	}
 	for _, c := range cases {
