@@ -69,6 +69,21 @@ type Assignment struct {
 	WorkerUser string
 }
 
+// Poll is an instance's assignment long-poll.
+type Poll struct {
+	// Current is the lease the instance's worker runs for ("" for none).
+	Current string
+	// Run is the last run of Current the instance started (0 for none; -1
+	// when its bootstrap does not take runs, so it is never asked for a
+	// second run on a lease).
+	Run int
+	// Rotate: the bootstrap takes rotated tokens (rotate=1), so a released
+	// answer may carry a new one. Bootstraps that do not say so keep
+	// their token for the instance's life.
+	Rotate bool
+	Wait   time.Duration
+}
+
 // Heartbeat is an instance's periodic sign of life.
 type Heartbeat struct {
 	LeaseID  string
@@ -89,12 +104,9 @@ type Backend interface {
 	// Script returns the bootstrap script of the instance's pool.
 	Script(ctx context.Context, instance string) ([]byte, error)
 	Ready(ctx context.Context, instance string, r Ready) error
-	// Assignment waits up to wait for something to change relative to
-	// current, the lease the instance's worker runs for ("" for none), and
-	// run, the last run of current the instance started (0 for none; -1
-	// when its bootstrap does not take runs, so it is never asked for a
-	// second run on a lease).
-	Assignment(ctx context.Context, instance, current string, run int, wait time.Duration) (Assignment, error)
+	// Assignment waits up to p.Wait for something to change relative to
+	// what the poll says the instance runs.
+	Assignment(ctx context.Context, instance string, p Poll) (Assignment, error)
 	Heartbeat(ctx context.Context, instance string, hb Heartbeat) error
 	// OpenOutput returns where the output of run of lease goes, which must
 	// be a run of the instance's current lease that has not exited; else
@@ -252,7 +264,16 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 		}
 		run = n
 	}
-	a, err := h.b.Assignment(r.Context(), instance, r.URL.Query().Get("current"), run, wait)
+	rotate := false
+	switch s := r.URL.Query().Get("rotate"); s {
+	case "":
+	case "1":
+		rotate = true
+	default:
+		http.Error(w, fmt.Sprintf("bad rotate %q: want 1 or nothing", s), http.StatusBadRequest)
+		return
+	}
+	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait})
 	if err != nil {
 		h.fail(w, instance, "assignment", err)
 		return

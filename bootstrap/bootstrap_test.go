@@ -20,6 +20,7 @@ type fakeBackend struct {
 	ready   []Ready
 	current string
 	run     int
+	rotate  bool
 	wait    time.Duration
 	hb      []Heartbeat
 
@@ -81,8 +82,8 @@ func (f *fakeBackend) Ready(ctx context.Context, instance string, r Ready) error
 	return nil
 }
 
-func (f *fakeBackend) Assignment(ctx context.Context, instance, current string, run int, wait time.Duration) (Assignment, error) {
-	f.current, f.wait, f.run = current, wait, run
+func (f *fakeBackend) Assignment(ctx context.Context, instance string, p Poll) (Assignment, error) {
+	f.current, f.wait, f.run, f.rotate = p.Current, p.Wait, p.Run, p.Rotate
 	return Assignment{State: AssignAssigned, LeaseID: "l-1", WorkerName: "w1", WorkerPassword: "p'w; $(rm -rf /)", WorkerMaster: "m:1", WorkerCommand: "run-worker"}, nil
 }
 
@@ -144,9 +145,15 @@ func TestEndpoints(t *testing.T) {
 
 	// The assignment is shell assignments; hostile values stay literal, and
 	// the wait is capped.
+	if status, _ := do("GET", "/bootstrap/v1/assignment?rotate=yes", "good-token", ""); status != 400 {
+		t.Errorf("assignment with rotate=yes: %d, want 400", status)
+	}
+	if status, _ := do("GET", "/bootstrap/v1/assignment?rotate=1", "good-token", ""); status != 200 || !f.rotate {
+		t.Errorf("assignment with rotate=1: %d, rotate %v; want 200, true", status, f.rotate)
+	}
 	status, body := do("GET", "/bootstrap/v1/assignment?wait=1h&current=l-0", "good-token", "")
-	if status != 200 || f.current != "l-0" || f.wait != MaxWait {
-		t.Fatalf("assignment: %d, current %q, wait %s", status, f.current, f.wait)
+	if status != 200 || f.current != "l-0" || f.wait != MaxWait || f.rotate {
+		t.Fatalf("assignment: %d, current %q, wait %s, rotate %v", status, f.current, f.wait, f.rotate)
 	}
 	want := `HANGAR_ASSIGNMENT='assigned'
 HANGAR_LEASE_ID='l-1'

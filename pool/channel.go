@@ -87,8 +87,8 @@ func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) erro
 // Assignment implements bootstrap.Backend. An instance polling with an empty
 // current has no worker running: that is how a releasing instance says it is
 // clean again.
-func (m *Manager) Assignment(ctx context.Context, key, current string, run int, wait time.Duration) (bootstrap.Assignment, error) {
-	timer := time.NewTimer(wait)
+func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Poll) (bootstrap.Assignment, error) {
+	timer := time.NewTimer(poll.Wait)
 	defer timer.Stop()
 	for {
 		m.mu.Lock()
@@ -98,9 +98,16 @@ func (m *Manager) Assignment(ctx context.Context, key, current string, run int, 
 			return bootstrap.Assignment{State: bootstrap.AssignTerminate}, nil
 		}
 		in.LastSeen = m.clock.Now()
-		a := m.assignmentLocked(in, current, run)
+		a := m.assignmentLocked(in, poll)
 		changed := m.waitChange()
+		saved := m.synced()
 		m.unlock()
+		if a.NewToken != "" {
+			// The instance must not hold a token the store does not know.
+			if err := saved.Wait(); err != nil {
+				return bootstrap.Assignment{}, fmt.Errorf("saving the rotated token of %s: %w", key, err)
+			}
+		}
 		if a.State != bootstrap.AssignNone {
 			return a, nil
 		}
@@ -114,7 +121,8 @@ func (m *Manager) Assignment(ctx context.Context, key, current string, run int, 
 	}
 }
 
-func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootstrap.Assignment {
+func (m *Manager) assignmentLocked(in *Instance, poll bootstrap.Poll) bootstrap.Assignment {
+	current, run := poll.Current, poll.Run
 	p := m.pools[in.Pool]
 	a := bootstrap.Assignment{State: bootstrap.AssignNone}
 	if p != nil {
@@ -149,6 +157,11 @@ func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootst
 	}
 	if current != "" {
 		a.State = bootstrap.AssignReleased
+		if poll.Rotate {
+			// Whatever ran for the lease could read the token: it dies
+			// with the lease, and only the bootstrap learns the next.
+			a.NewToken = m.rotateTokenLocked(in)
+		}
 		return a
 	}
 	if in.State == Releasing {
@@ -156,9 +169,22 @@ func (m *Manager) assignmentLocked(in *Instance, current string, run int) bootst
 		m.dispatchLocked()
 		// The dispatch may have handed it a queued lease: answer with it
 		// now, not when this long-poll times out.
-		return m.assignmentLocked(in, current, run)
+		return m.assignmentLocked(in, poll)
 	}
 	return a
+}
+
+// rotateTokenLocked gives in a new bootstrap token and returns it; every
+// earlier token of in is refused from now on. Only its hash is kept.
+func (m *Manager) rotateTokenLocked(in *Instance) string {
+	token := randomToken(32)
+	m.revokeTokens(in)
+	in.EarlierTokenHashes = nil
+	in.TokenHash = bootstrap.HashToken(token)
+	m.byToken[in.TokenHash] = in
+	m.saveInstance(in)
+	m.log.Info("bootstrap token rotated", "pool", in.Pool, "instance", in.name())
+	return token
 }
 
 // Heartbeat implements bootstrap.Backend.

@@ -294,7 +294,7 @@ func (h *harness) poll(id, current string, wait time.Duration) bootstrap.Assignm
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), wait+5*time.Second)
 	defer cancel()
-	a, err := h.m.Assignment(ctx, h.key(id), current, 0, wait)
+	a, err := h.m.Assignment(ctx, h.key(id), bootstrap.Poll{Current: current, Wait: wait})
 	if err != nil {
 		h.t.Fatalf("assignment %s: %v", id, err)
 	}
@@ -775,7 +775,7 @@ func TestLostInstanceEndsLeaseAndIsReplaced(t *testing.T) {
 			if got := h.state(id); got != Gone {
 				t.Fatalf("lost instance is %s, want %s", got, Gone)
 			}
-			if a, _ := h.m.Assignment(context.Background(), key, v.ID, 0, 0); a.State != bootstrap.AssignTerminate {
+			if a, _ := h.m.Assignment(context.Background(), key, bootstrap.Poll{Current: v.ID}); a.State != bootstrap.AssignTerminate {
 				t.Fatalf("lost instance's assignment = %q, want %q", a.State, bootstrap.AssignTerminate)
 			}
 			if _, err := h.m.Renew(context.Background(), Admin, v.ID); !errors.Is(err, ErrLeaseEnded) {

@@ -194,7 +194,7 @@ func TestRunOutputBounded(t *testing.T) {
 // runs and has started run of current (-1: one that does not take runs).
 func (h *harness) pollRun(id, current string, run int) bootstrap.Assignment {
 	h.t.Helper()
-	a, err := h.m.Assignment(context.Background(), h.key(id), current, run, 0)
+	a, err := h.m.Assignment(context.Background(), h.key(id), bootstrap.Poll{Current: current, Run: run})
 	if err != nil {
 		h.t.Fatalf("assignment %s: %v", id, err)
 	}
