@@ -108,7 +108,7 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 				return bootstrap.Assignment{}, fmt.Errorf("saving the rotated token of %s: %w", key, err)
 			}
 		}
-		if a.State != bootstrap.AssignNone {
+		if a.State != bootstrap.AssignNone || a.NewToken != "" {
 			return a, nil
 		}
 		select {
@@ -122,6 +122,17 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 }
 
 func (m *Manager) assignmentLocked(in *Instance, poll bootstrap.Poll) bootstrap.Assignment {
+	a := m.nextAssignmentLocked(in, poll)
+	if poll.Rotate && !in.TokenRotated && a.State != bootstrap.AssignTerminate {
+		// The token the instance booted with is in its user-data, which
+		// anything on the instance can read from the metadata service: it
+		// is replaced before any build runs there.
+		a.NewToken = m.rotateTokenLocked(in)
+	}
+	return a
+}
+
+func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootstrap.Assignment {
 	current, run := poll.Current, poll.Run
 	p := m.pools[in.Pool]
 	a := bootstrap.Assignment{State: bootstrap.AssignNone}
@@ -169,7 +180,7 @@ func (m *Manager) assignmentLocked(in *Instance, poll bootstrap.Poll) bootstrap.
 		m.dispatchLocked()
 		// The dispatch may have handed it a queued lease: answer with it
 		// now, not when this long-poll times out.
-		return m.assignmentLocked(in, poll)
+		return m.nextAssignmentLocked(in, poll)
 	}
 	return a
 }
@@ -181,6 +192,7 @@ func (m *Manager) rotateTokenLocked(in *Instance) string {
 	m.revokeTokens(in)
 	in.EarlierTokenHashes = nil
 	in.TokenHash = bootstrap.HashToken(token)
+	in.TokenRotated = true
 	m.byToken[in.TokenHash] = in
 	m.saveInstance(in)
 	m.log.Info("bootstrap token rotated", "pool", in.Pool, "instance", in.name())

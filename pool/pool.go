@@ -82,6 +82,9 @@ type Instance struct {
 	// same client token then returns that instance, booted with the earlier
 	// token, which must still let it in.
 	EarlierTokenHashes []string `json:"earlier_token_hashes,omitempty"`
+	// TokenRotated: the token in the instance's user-data has been
+	// replaced (see rotateTokenLocked).
+	TokenRotated bool `json:"token_rotated,omitempty"`
 
 	accounted time.Time // instance-seconds accounted up to here
 	busy      bool      // a cloud call for it is under way

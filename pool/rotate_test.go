@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
 )
@@ -18,27 +19,40 @@ func TestTokenRotatesAtRelease(t *testing.T) {
 	id := h.warm(1)[0]
 	ctx := context.Background()
 	key := h.key(id)
+
+	// The first poll of a bootstrap that takes rotated tokens replaces the
+	// user-data's token (readable on the instance through the metadata
+	// service) before any build runs there, and answers at once.
+	first, err := h.m.Assignment(ctx, key, bootstrap.Poll{Rotate: true, Wait: time.Hour})
+	if err != nil || first.State != bootstrap.AssignNone || first.NewToken == "" {
+		t.Fatalf("first poll: %s, %v, new token %v; want none with a new token", first.State, err, first.NewToken != "")
+	}
+	if _, err := h.authenticate(id); !errors.Is(err, bootstrap.ErrUnauthorized) {
+		t.Fatalf("the user-data's token still works after the first poll: %v", err)
+	}
+	leaseToken := first.NewToken
+
 	v := h.lease(LeaseRequest{})
 	if a, _ := h.m.Assignment(ctx, key, bootstrap.Poll{Rotate: true}); a.State != bootstrap.AssignAssigned || a.NewToken != "" {
-		t.Fatalf("assigned answer: %s, new token %v", a.State, a.NewToken != "")
+		t.Fatalf("assigned answer: %s, new token %v; want assigned, no new token", a.State, a.NewToken != "")
 	}
 	h.release(v.ID, false)
 	a, err := h.m.Assignment(ctx, key, bootstrap.Poll{Current: v.ID, Rotate: true})
 	if err != nil || a.State != bootstrap.AssignReleased || a.NewToken == "" {
 		t.Fatalf("released answer: %s, %v, new token %v; want released with a new token", a.State, err, a.NewToken != "")
 	}
-	if _, err := h.authenticate(id); !errors.Is(err, bootstrap.ErrUnauthorized) {
+	if _, err := h.m.Authenticate(bootstrap.HashToken(leaseToken)); !errors.Is(err, bootstrap.ErrUnauthorized) {
 		t.Fatalf("the token the lease's build could read still works: %v", err)
 	}
 	newKey, err := h.m.Authenticate(bootstrap.HashToken(a.NewToken))
 	if err != nil || newKey != key {
 		t.Fatalf("the new token: %q, %v", newKey, err)
 	}
-	if a, _ := h.m.Assignment(ctx, newKey, bootstrap.Poll{Rotate: true}); a.State != bootstrap.AssignNone || h.state(id) != Idle {
-		t.Fatalf("clean poll with the new token: %s, instance %s; want none, idle", a.State, h.state(id))
+	if a, _ := h.m.Assignment(ctx, newKey, bootstrap.Poll{Rotate: true}); a.State != bootstrap.AssignNone || a.NewToken != "" || h.state(id) != Idle {
+		t.Fatalf("clean poll with the new token: %s (new token %v), instance %s; want none, idle", a.State, a.NewToken != "", h.state(id))
 	}
 	h.restart()
-	if _, err := h.authenticate(id); !errors.Is(err, bootstrap.ErrUnauthorized) {
+	if _, err := h.m.Authenticate(bootstrap.HashToken(leaseToken)); !errors.Is(err, bootstrap.ErrUnauthorized) {
 		t.Fatalf("old token after a restart: %v", err)
 	}
 	if k, err := h.m.Authenticate(bootstrap.HashToken(a.NewToken)); err != nil || k != key {
@@ -47,7 +61,7 @@ func TestTokenRotatesAtRelease(t *testing.T) {
 	// The next lease goes to the instance through the new token only.
 	next := h.lease(LeaseRequest{})
 	got, _ := h.m.Assignment(ctx, key, bootstrap.Poll{Rotate: true})
-	if got.State != bootstrap.AssignAssigned || got.LeaseID != next.ID {
+	if got.State != bootstrap.AssignAssigned || got.LeaseID != next.ID || got.NewToken != "" {
 		t.Fatalf("next lease's assignment: %s %s", got.State, got.LeaseID)
 	}
 }
