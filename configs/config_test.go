@@ -233,7 +233,7 @@ hangar.toml:11: pools.demo.metadata_options.http_tokens: must be "required" or "
 hangar.toml:11: pools.demo.metadata_options.hop_limit: must be between 1 and 64
 hangar.toml:13: pools.demo.env.1X: invalid env name "1X": use letters, digits and '_', not starting with a digit
 hangar.toml:14: pools.demo.env.HANGAR_URL: invalid env name "HANGAR_URL": the prefix HANGAR_ is reserved for Hangar's own variables
-hangar.toml:16: pools.demo.env.BASH_ENV: invalid env name "BASH_ENV": it changes how bash runs the bootstrap script
+hangar.toml:16: pools.demo.env.BASH_ENV: invalid env name "BASH_ENV": it changes how the bootstrap script runs
 hangar.toml:17: pools.demo.env.NUL: the value holds a NUL byte, which no environment can hold
 hangar.toml:19: pools.demo.tags."hangar:pool": the "hangar:" prefix is reserved for Hangar's own tags`,
 	}, {

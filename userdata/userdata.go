@@ -116,9 +116,9 @@ func ValidName(s string) error {
 }
 
 // shellEnvNames change how bash itself runs the scripts the pool env is
-// exported to (SHELLOPTS=xtrace would echo the token), so a pool may not set
-// them.
-var shellEnvNames = map[string]bool{"BASH_ENV": true, "ENV": true, "SHELLOPTS": true, "BASHOPTS": true}
+// exported to (SHELLOPTS=xtrace would echo the token), or what every
+// program the bootstrap starts loads, so a pool may not set them.
+var shellEnvNames = map[string]bool{"BASH_ENV": true, "ENV": true, "SHELLOPTS": true, "BASHOPTS": true, "LD_PRELOAD": true, "LD_AUDIT": true}
 
 // ValidEnvName checks the name of a pool env variable. The prefix HANGAR_ is
 // reserved for the variables the user-data and bootstrap scripts set.
@@ -129,7 +129,7 @@ func ValidEnvName(s string) error {
 	case strings.HasPrefix(s, "HANGAR_"):
 		return fmt.Errorf("invalid env name %q: the prefix HANGAR_ is reserved for Hangar's own variables", s)
 	case shellEnvNames[s]:
-		return fmt.Errorf("invalid env name %q: it changes how bash runs the bootstrap script", s)
+		return fmt.Errorf("invalid env name %q: it changes how the bootstrap script runs", s)
 	}
 	return nil
 }

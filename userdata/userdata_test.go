@@ -131,7 +131,7 @@ bootstrap token: has characters other than A-Z, a-z, 0-9, '_' and '-'
 env: invalid env name "1BAD": use letters, digits and '_', not starting with a digit
 env: invalid env name "HANGAR_URL": the prefix HANGAR_ is reserved for Hangar's own variables
 env "NUL": value contains a NUL byte, which no environment can hold
-env: invalid env name "SHELLOPTS": it changes how bash runs the bootstrap script
+env: invalid env name "SHELLOPTS": it changes how the bootstrap script runs
 format: unknown format "yaml" (want "script", "cloud-config" or "mime")`,
 		},
 		{
@@ -253,6 +253,9 @@ func TestValidEnvName(t *testing.T) {
 		{"HANGAR_WORKER_PASSWORD", false},
 		{"BASH_ENV", false},
 		{"ENV", false},
+		{"LD_PRELOAD", false},
+		{"LD_AUDIT", false},
+		{"LD_LIBRARY_PATH", true},
 	}
 	for _, tt := range tests {
 		if err := ValidEnvName(tt.name); (err == nil) != tt.ok {

@@ -82,7 +82,7 @@ func TestConfigCheckAgreesWithServe(t *testing.T) {
 		text:    testTOML(t.TempDir(), "demo", "[pools.demo.env]\nBASH_ENV = \"/tmp/x\"\n"),
 		marker:  "BASH_ENV =",
 		key:     "pools.demo.env.BASH_ENV",
-		problem: `invalid env name "BASH_ENV": it changes how bash runs the bootstrap script`,
+		problem: `invalid env name "BASH_ENV": it changes how the bootstrap script runs`,
 	}, {
 		name:    "an env value with a NUL byte",
 		text:    testTOML(t.TempDir(), "demo", "[pools.demo.env]\nSECRETISH = \"a\\u0000b\"\n"),
