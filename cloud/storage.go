@@ -8,7 +8,7 @@ import (
 // Storage is the optional volume, snapshot, image and key-pair half of a
 // provider, used by the staging engine (package cloud/staging). A provider
 // that has it implements this interface as well as Provider; callers find it
-// with a type assertion.
+// with StorageOf, which also sees through wrappers (metrics).
 //
 // Every call works in the provider's own region. Calls that return a single
 // object return it as the cloud answered the call; long operations (a
@@ -167,4 +167,25 @@ type ImageSpec struct {
 	Devices      []BlockDevice
 	Tags         map[string]string
 	ClientToken  string
+}
+
+// Wrapper is a provider that wraps another (to count its calls, say) and
+// gives the one it wraps, so that optional interfaces such as Storage stay
+// reachable.
+type Wrapper interface {
+	Unwrap() Provider
+}
+
+// StorageOf returns p's Storage, looking through wrappers.
+func StorageOf(p Provider) (Storage, bool) {
+	for {
+		if st, ok := p.(Storage); ok {
+			return st, true
+		}
+		w, ok := p.(Wrapper)
+		if !ok {
+			return nil, false
+		}
+		p = w.Unwrap()
+	}
 }

@@ -150,37 +150,55 @@ type instrumented struct {
 	m    *Metrics
 }
 
+// Unwrap gives the provider counted, for its optional interfaces.
+func (i *instrumented) Unwrap() cloud.Provider { return i.Provider }
+
+// observe counts a call that has returned err. It is called after the
+// call, never deferred with its arguments: a deferred observe(…, err)
+// would take err as it was when the defer was set up, nil.
 func (i *instrumented) observe(op string, start time.Time, err error) {
 	i.m.CloudCalls.WithLabelValues(i.name, op, cloud.ErrorClass(err)).Inc()
 	i.m.CloudSeconds.WithLabelValues(i.name, op).Observe(time.Since(start).Seconds())
 }
 
-func (i *instrumented) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) (_ []cloud.Instance, err error) {
-	defer i.observe("launch", time.Now(), err)
-	return i.Provider.Launch(ctx, spec, n)
+func (i *instrumented) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]cloud.Instance, error) {
+	start := time.Now()
+	out, err := i.Provider.Launch(ctx, spec, n)
+	i.observe("launch", start, err)
+	return out, err
 }
 
-func (i *instrumented) List(ctx context.Context, tags map[string]string) (_ []cloud.Instance, err error) {
-	defer i.observe("list", time.Now(), err)
-	return i.Provider.List(ctx, tags)
+func (i *instrumented) List(ctx context.Context, tags map[string]string) ([]cloud.Instance, error) {
+	start := time.Now()
+	out, err := i.Provider.List(ctx, tags)
+	i.observe("list", start, err)
+	return out, err
 }
 
-func (i *instrumented) Terminate(ctx context.Context, ids []string) (_ []string, err error) {
-	defer i.observe("terminate", time.Now(), err)
-	return i.Provider.Terminate(ctx, ids)
+func (i *instrumented) Terminate(ctx context.Context, ids []string) ([]string, error) {
+	start := time.Now()
+	out, err := i.Provider.Terminate(ctx, ids)
+	i.observe("terminate", start, err)
+	return out, err
 }
 
-func (i *instrumented) Stop(ctx context.Context, ids []string) (_ []string, err error) {
-	defer i.observe("stop", time.Now(), err)
-	return i.Provider.Stop(ctx, ids)
+func (i *instrumented) Stop(ctx context.Context, ids []string) ([]string, error) {
+	start := time.Now()
+	out, err := i.Provider.Stop(ctx, ids)
+	i.observe("stop", start, err)
+	return out, err
 }
 
-func (i *instrumented) Start(ctx context.Context, ids []string) (_ []string, err error) {
-	defer i.observe("start", time.Now(), err)
-	return i.Provider.Start(ctx, ids)
+func (i *instrumented) Start(ctx context.Context, ids []string) ([]string, error) {
+	start := time.Now()
+	out, err := i.Provider.Start(ctx, ids)
+	i.observe("start", start, err)
+	return out, err
 }
 
-func (i *instrumented) ConsoleOutput(ctx context.Context, id string) (_ []byte, err error) {
-	defer i.observe("console_output", time.Now(), err)
-	return i.Provider.ConsoleOutput(ctx, id)
+func (i *instrumented) ConsoleOutput(ctx context.Context, id string) ([]byte, error) {
+	start := time.Now()
+	out, err := i.Provider.ConsoleOutput(ctx, id)
+	i.observe("console_output", start, err)
+	return out, err
 }

@@ -91,7 +91,8 @@ func (m *Manager) account(in *Instance, now time.Time) {
 		in.accounted = now
 		return
 	}
-	if d := now.Sub(in.accounted); d > 0 {
+	// A gone instance costs nothing: its record is only kept for the API.
+	if d := now.Sub(in.accounted); d > 0 && in.State != Gone {
 		m.metrics.InstanceSeconds.WithLabelValues(in.Pool, string(in.State)).Add(d.Seconds())
 	}
 	in.accounted = now

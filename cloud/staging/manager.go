@@ -96,7 +96,7 @@ type Manager struct {
 // New opens a manager: it loads (or creates) the region's ssh key, imports
 // it into the cloud, and scans the region for existing staging servers.
 func New(ctx context.Context, opts Options) (*Manager, error) {
-	st, ok := opts.Provider.(cloud.Storage)
+	st, ok := cloud.StorageOf(opts.Provider)
 	if !ok {
 		return nil, fmt.Errorf("staging on %s: the provider has no volumes or snapshots: %w", opts.ProviderName, cloud.ErrNotSupported)
 	}
