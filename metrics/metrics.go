@@ -23,6 +23,9 @@ type Metrics struct {
 	APICalls        *prometheus.CounterVec   // provider, action, code: each HTTP call a provider makes
 	APISeconds      *prometheus.HistogramVec // provider, action
 	StoreRepairs    *prometheus.CounterVec   // kind: what restore found broken and mended
+	// IllegalTransitions counts refused state transitions by machine
+	// (instance, lease): bugs, each also logged at error.
+	IllegalTransitions *prometheus.CounterVec
 }
 
 // Snapshot is what the pool reports at each scrape.
@@ -81,8 +84,12 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Name: "hangar_store_repairs_total",
 			Help: "Records restore found inconsistent (a torn write, an older version's state) and mended, by kind.",
 		}, []string{"kind"}),
+		IllegalTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_illegal_transitions_total",
+			Help: "State transitions refused as illegal, by state machine: each one is a bug, logged at error.",
+		}, []string{"machine"}),
 	}
-	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs)
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs, m.IllegalTransitions)
 	reg.MustRegister(&gauges{snapshot: snapshot})
 	return m
 }

@@ -37,9 +37,7 @@ func (m *Manager) repairLocked() {
 			in.LeaseID = l.ID
 			in.Uses++
 			m.repaired("lease_reattached", "active lease's instance was idle; assignment completed", l, in)
-			if err := m.setState(in, Leased, "lease "+l.ID+" (repaired)"); err != nil {
-				m.log.Error("repairing lease", "lease", l.ID, "err", err)
-			}
+			m.setState(in, Leased, "lease "+l.ID+" (repaired)")
 		case !ok:
 			m.repaired("lease_instance_missing", "active lease's instance is unknown; lease ended as lost", l, nil)
 			m.endLeaseLocked(l, LeaseLost, true)
@@ -67,9 +65,7 @@ func (m *Manager) repairLocked() {
 		switch {
 		case in.State == Leased && ok && l.State == LeaseReleased:
 			// Its release was written, the instance's half was not.
-			if err := m.setState(in, Releasing, "released (repaired)"); err != nil {
-				m.log.Error("repairing instance", "instance", in.name(), "err", err)
-			}
+			m.setState(in, Releasing, "released (repaired)")
 		case in.State == Leased || in.State == Draining:
 			// Its holder's fate is unknown: so is the machine's state.
 			m.terminateOnRestoreLocked(in, "lease_unknown")
@@ -81,9 +77,7 @@ func (m *Manager) repairLocked() {
 // cloud call when the manager runs.
 func (m *Manager) terminateOnRestoreLocked(in *Instance, reason string) {
 	m.revokeTokens(in)
-	if err := m.setState(in, Terminating, reason); err != nil {
-		m.log.Error("repairing instance", "instance", in.name(), "err", err)
-	}
+	m.setState(in, Terminating, reason)
 }
 
 func (m *Manager) repaired(kind, what string, l *Lease, in *Instance) {

@@ -28,6 +28,40 @@ const (
 
 func (s LeaseState) ended() bool { return s != LeasePending && s != LeaseActive }
 
+// leaseTransitions is the lease state machine; setLeaseState owns it.
+//
+//	pending ──assign──→ active ──release──→ released
+//	   │                  ├──ttl──────→ expired
+//	   │                  └──instance lost─→ lost
+//	   └──release, nobody waiting──→ canceled
+//
+// An unclaimed active lease (see Lease.Unclaimed) ends released.
+var leaseTransitions = map[LeaseState][]LeaseState{
+	LeasePending:  {LeaseActive, LeaseCanceled},
+	LeaseActive:   {LeaseReleased, LeaseExpired, LeaseLost},
+	LeaseReleased: {},
+	LeaseExpired:  {},
+	LeaseCanceled: {},
+	LeaseLost:     {},
+}
+
+// setLeaseState is the one place a lease changes state. It queues the
+// record for the store, and refuses (loudly) a transition the table does
+// not allow, reporting whether it made the change. The caller holds m.mu.
+func (m *Manager) setLeaseState(l *Lease, to LeaseState) bool {
+	if !slices.Contains(leaseTransitions[l.State], to) {
+		m.illegal("lease", l.ID, string(l.State), string(to))
+		return false
+	}
+	l.State = to
+	if to.ended() {
+		l.EndedAt = m.clock.Now()
+	}
+	m.saveLease(l)
+	m.notify()
+	return true
+}
+
 // Worker is what the instance's CI worker needs to connect to its master.
 type Worker struct {
 	Name     string `json:"name"`
@@ -420,13 +454,11 @@ func (m *Manager) Release(ctx context.Context, c Caller, id string, discard bool
 
 // endLeaseLocked ends l and decides what becomes of its instance.
 func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
-	now := m.clock.Now()
 	prev := l.State
-	l.State = to
-	l.EndedAt = now
-	m.saveLease(l)
+	if !m.setLeaseState(l, to) {
+		return
+	}
 	m.endRunLocked(l.ID)
-	m.notify()
 	m.log.Info("lease ended", "pool", l.Pool, "lease", l.ID, "state", to, "discard", discard)
 	if prev == LeasePending {
 		if p := m.pools[l.Pool]; p != nil {
@@ -543,7 +575,9 @@ func bySince(s []*Instance, newestFirst bool) {
 
 func (m *Manager) assignLocked(l *Lease, in *Instance) {
 	now := m.clock.Now()
-	l.State = LeaseActive
+	if !m.setLeaseState(l, LeaseActive) {
+		return
+	}
 	l.InstanceKey = in.Key
 	l.AssignedAt = now
 	l.ExpiresAt = now.Add(l.TTL)

@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
@@ -142,11 +143,13 @@ type Manager struct {
 	terminating map[cloud.Provider][]*Instance
 	changed     chan struct{} // closed and replaced on every change
 	restoredAt  time.Time     // when this process read the store
-	ops         []store.Op    // writes of the decision under way (see unlock)
-	lastSave    *store.Commit
-	wg          sync.WaitGroup
-	ctx         context.Context
-	cancel      context.CancelFunc
+	// panicOnIllegal makes an illegal transition panic: under go test.
+	panicOnIllegal bool
+	ops            []store.Op // writes of the decision under way (see unlock)
+	lastSave       *store.Commit
+	wg             sync.WaitGroup
+	ctx            context.Context
+	cancel         context.CancelFunc
 
 	// runs holds the output of the latest run of each active lease that
 	// has one, in memory only (see run.go).
@@ -176,6 +179,8 @@ func New(opts Options) (*Manager, error) {
 		changed:     make(chan struct{}),
 		runs:        map[string]*runOutput{},
 		maxOutput:   MaxOutput,
+
+		panicOnIllegal: testing.Testing(),
 	}
 	if m.log == nil {
 		m.log = slog.New(slog.DiscardHandler)

@@ -2,6 +2,7 @@ package pool
 
 import (
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -54,22 +55,17 @@ var transitions = map[State][]State{
 // live reports whether an instance in s counts against max_instances.
 func (s State) live() bool { return s != Gone }
 
-// setState is the one place an instance changes state. It refuses a
-// transition the diagram does not allow, accounts the time spent in the old
-// state, and queues the record for the store. The caller holds m.mu.
-func (m *Manager) setState(in *Instance, to State, reason string) error {
+// setState is the one place an instance changes state. It accounts the
+// time spent in the old state and queues the record for the store. A
+// transition the diagram does not allow is a bug: it is refused and made
+// loud (see illegal). The caller holds m.mu.
+func (m *Manager) setState(in *Instance, to State, reason string) {
 	if in.State == to {
-		return nil
+		return
 	}
-	ok := false
-	for _, s := range transitions[in.State] {
-		if s == to {
-			ok = true
-			break
-		}
-	}
-	if !ok {
-		return fmt.Errorf("instance %s: no transition from %s to %s", in.name(), in.State, to)
+	if !slices.Contains(transitions[in.State], to) {
+		m.illegal("instance", in.name(), string(in.State), string(to))
+		return
 	}
 	now := m.clock.Now()
 	m.account(in, now)
@@ -81,7 +77,19 @@ func (m *Manager) setState(in *Instance, to State, reason string) error {
 	}
 	m.saveInstance(in)
 	m.notify()
-	return nil
+}
+
+// illegal reports a refused transition of a state machine: at error in the
+// log, in hangar_illegal_transitions_total, and, under go test, as a panic,
+// so that no test passes over one.
+func (m *Manager) illegal(machine, id, from, to string) {
+	m.log.Error("illegal state transition refused", "machine", machine, "id", id, "from", from, "to", to)
+	if m.metrics != nil {
+		m.metrics.IllegalTransitions.WithLabelValues(machine).Inc()
+	}
+	if m.panicOnIllegal {
+		panic(fmt.Sprintf("illegal %s state transition of %s: %s → %s", machine, id, from, to))
+	}
 }
 
 // account adds the time since the last accounting to the instance-seconds
