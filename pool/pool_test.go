@@ -1186,7 +1186,6 @@ func TestPendingLeasesServedInRequestOrder(t *testing.T) {
 	}
 }
 
-
 func TestRestartRestoresLeasesAndInstances(t *testing.T) {
 	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 2 })
 	ids := h.warm(2)
