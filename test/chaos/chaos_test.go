@@ -67,7 +67,8 @@ package chaos
 //   - stranded instance (violation): once the chaos is over, an instance the
 //     server lists as booting although its bootstrap's ready report was
 //     answered 2xx (it never reports twice), or as booting, idle, leased or
-//     releasing although its bootstrap was refused with a 401 and stopped.
+//     releasing although its bootstrap was refused with a 401, or told to
+//     terminate, and stopped.
 //   - left after scale to zero (violation): once every lease is released,
 //     the pool is scaled to min_idle 0 (max_instances 0 is refused by the
 //     API, which wants ≥ 1), its idle instances are left to the reaper
@@ -1173,7 +1174,14 @@ func (h *harness) checkCloud() {
 		sort.Strings(ids)
 		if key := "recs " + strings.Join(ids, " "); !h.tr.doubles[key] {
 			h.tr.doubles[key] = true
-			h.tr.violate("max_instances_cloud_records", "the local cloud had %d instances not terminated at %s: %s", len(recs), ts(time.Now()), strings.Join(ids, ", "))
+			stale := 0
+			for id, st := range recs {
+				if _, ok := procs[id]; !ok && st == "terminating" {
+					stale++
+				}
+			}
+			h.tr.violate("max_instances_cloud_records", "the local cloud had %d instances not terminated at %s (%d of them terminating with no process left): %s",
+				len(recs), ts(time.Now()), stale, strings.Join(ids, ", "))
 		}
 	}
 	if len(procs) > maxInstances {
@@ -1347,7 +1355,8 @@ func drain(c chan string) {
 // longer serve: one it lists as booting although its bootstrap was told its
 // ready report was taken (the bootstrap does not report ready twice), or
 // one it lists as booting, idle, leased or releasing although its bootstrap
-// was refused with a 401 and stopped.
+// was refused with a 401, or told to terminate, and stopped: states never
+// go back from terminating, so the server undid a decision it had acted on.
 func (h *harness) checkStranded(ctx context.Context) {
 	insts, err := h.client.Instances(ctx, poolName)
 	if err != nil {
@@ -1368,6 +1377,8 @@ func (h *harness) checkStranded(ctx context.Context) {
 		switch {
 		case bytes.Contains(console, []byte("no longer knows this instance")):
 			why = "its bootstrap was refused (401) and stopped"
+		case bytes.Contains(console, []byte("Hangar asked this instance to terminate")):
+			why = "its bootstrap was told to terminate, stopped its worker and exited"
 		case in.State == pool.Booting && bytes.Contains(console, []byte("reported ready to")):
 			why = "its bootstrap's ready report was answered 2xx, and it will not report again"
 		default:
@@ -1401,7 +1412,7 @@ func (h *harness) scaleToZero(ctx context.Context) {
 		recs, procs := h.cloudRecords(), h.instanceProcs()
 		return len(recs) == 0 && len(procs) == 0
 	}
-	reaped := waitUntil(15*time.Second, empty)
+	reaped := waitUntil(10*time.Second, empty)
 	if !reaped {
 		insts, _ := h.client.Instances(ctx, poolName)
 		var desc []string
@@ -1488,7 +1499,6 @@ func (h *harness) report(wall time.Duration) {
 	if h.kills < minKills {
 		t.Errorf("only %d kills within %s; want ≥ %d", h.kills, maxChaos, minKills)
 	}
-	var words []string
 	for _, k := range violationKinds {
 		for i, v := range tr.viols[k] {
 			if i < 10 {
@@ -1496,13 +1506,25 @@ func (h *harness) report(wall time.Duration) {
 			} else if i == 10 {
 				t.Errorf("%s: … and %d more", k, len(tr.viols[k])-10)
 			}
-			if i < 3 {
-				words = append(words, idRE.FindAllString(v, -1)...)
-			}
 		}
 	}
-	if len(words) > 0 {
-		t.Logf("server log lines about the leases and instances above:\n%s", h.logGrep(150, dedupe(words)...))
+	// The server's side of the first two violations of each kind.
+	for _, k := range violationKinds {
+		for i, v := range tr.viols[k] {
+			if i >= 2 {
+				break
+			}
+			ids := idRE.FindAllString(v, -1)
+			if strings.HasPrefix(k, "max_instances_cloud") {
+				ids = nil // the ones terminating are the story
+				for _, m := range terminatingRE.FindAllStringSubmatch(v, -1) {
+					ids = append(ids, m[1])
+				}
+			}
+			if len(ids) > 0 {
+				t.Logf("server log about %s #%d (%s):\n%s", k, i+1, strings.Join(dedupe(ids), " "), h.logGrep(40, dedupe(ids)...))
+			}
+		}
 	}
 	if dst := os.Getenv("HANGAR_CHAOS_LOG"); dst != "" {
 		h.logMu.Lock()
@@ -1516,8 +1538,12 @@ func (h *harness) report(wall time.Duration) {
 	}
 }
 
-// idRE matches instance and lease ids.
-var idRE = regexp.MustCompile(`\bi-[0-9a-f]{17}\b|\bl-[A-Za-z0-9_-]{16}`)
+// idRE matches instance and lease ids; terminatingRE an instance listed as
+// terminating in a max_instances_cloud_records violation.
+var (
+	idRE          = regexp.MustCompile(`\bi-[0-9a-f]{17}\b|\bl-[A-Za-z0-9_-]{16}`)
+	terminatingRE = regexp.MustCompile(`(i-[0-9a-f]{17}):terminating`)
+)
 
 func dedupe(s []string) []string {
 	seen := map[string]bool{}
