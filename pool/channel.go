@@ -3,7 +3,6 @@ package pool
 import (
 	"context"
 	"fmt"
-	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
 )
@@ -88,7 +87,7 @@ func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) erro
 // current has no worker running: that is how a releasing instance says it is
 // clean again.
 func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Poll) (bootstrap.Assignment, error) {
-	timer := time.NewTimer(poll.Wait)
+	timer := m.clock.NewTimer(poll.Wait)
 	defer timer.Stop()
 	for {
 		m.mu.Lock()
@@ -113,7 +112,7 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 		}
 		select {
 		case <-changed:
-		case <-timer.C:
+		case <-timer.C():
 			return a, nil
 		case <-ctx.Done():
 			return a, nil

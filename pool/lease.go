@@ -330,7 +330,7 @@ func (m *Manager) GetLease(ctx context.Context, c Caller, id string, wait time.D
 }
 
 func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.Duration, counted bool) (LeaseView, error) {
-	deadline := time.NewTimer(wait)
+	deadline := m.clock.NewTimer(wait)
 	defer deadline.Stop()
 	var waitingFor *Lease
 	defer func() {
@@ -377,7 +377,7 @@ func (m *Manager) waitLease(ctx context.Context, c Caller, id string, wait time.
 		select {
 		case <-changed:
 			continue
-		case <-deadline.C:
+		case <-deadline.C():
 		case <-ctx.Done():
 		}
 		if err := saved.Wait(); err != nil {
@@ -475,11 +475,11 @@ func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
 	switch {
 	case in.State == Draining:
 		m.terminateLocked(in, "drain")
-	case discard:
-		m.terminateLocked(in, "discard")
 	case to == LeaseExpired:
 		// Its holder vanished mid-build: the machine's state is unknown.
 		m.terminateLocked(in, "lease_expired")
+	case discard:
+		m.terminateLocked(in, "discard")
 	case p == nil:
 		m.terminateLocked(in, "pool_removed")
 	case p.cfg.MaxUses > 0 && in.Uses >= p.cfg.MaxUses:

@@ -22,17 +22,16 @@ import (
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/internal/clock"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
 	"github.com/hangar-ci/hangar/userdata"
 )
 
-// Clock is the time source; tests replace it to move time forward.
-type Clock interface{ Now() time.Time }
-
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
+// Clock is the pool's one source of time: its timers, tickers and long
+// polls all follow it, so that a test with a fake clock runs a day of pool
+// life in a moment.
+type Clock = clock.Clock
 
 // Errors the API maps to status codes.
 var (
@@ -50,7 +49,7 @@ type Options struct {
 	Store     *store.Store
 	Logger    *slog.Logger
 	Metrics   *metrics.Metrics // nil: no metrics
-	Clock     Clock            // nil: real time
+	Clock     Clock            // nil: clock.Real
 	// Tick is how often timers (TTD, boot timeout, lease expiry) are checked
 	// against Clock. Default 1s.
 	Tick time.Duration
@@ -186,7 +185,7 @@ func New(opts Options) (*Manager, error) {
 		m.log = slog.New(slog.DiscardHandler)
 	}
 	if m.clock == nil {
-		m.clock = realClock{}
+		m.clock = clock.Real
 	}
 	if m.tick <= 0 {
 		m.tick = time.Second
@@ -304,20 +303,20 @@ func (m *Manager) Run(ctx context.Context) {
 	m.resumeLocked()
 	m.dispatchLocked()
 	m.mu.Unlock()
-	tick := time.NewTicker(m.tick)
+	tick := m.clock.NewTicker(m.tick)
 	defer tick.Stop()
-	rec := time.NewTicker(m.cfg.Server.ReconcileInterval.Duration)
+	rec := m.clock.NewTicker(m.cfg.Server.ReconcileInterval.Duration)
 	defer rec.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-tick.C():
 			m.mu.Lock()
 			m.timersLocked()
 			m.dispatchLocked()
 			m.mu.Unlock()
-		case <-rec.C:
+		case <-rec.C():
 			m.reconcile(ctx)
 		}
 	}

@@ -32,6 +32,8 @@ type harness struct {
 	m     *Manager
 	// metrics, when set before open, are the Manager's.
 	metrics *metrics.Metrics
+	// quiet, when set before open, leaves the Manager's log out.
+	quiet bool
 
 	runCancel context.CancelFunc
 	runDone   chan struct{}
@@ -96,11 +98,15 @@ func (h *harness) open() {
 		h.t.Fatal(err)
 	}
 	h.store = s
+	log := slog.New(slog.NewTextHandler(h.t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if h.quiet {
+		log = slog.New(slog.DiscardHandler)
+	}
 	m, err := New(Options{
 		Config:    h.cfg,
 		Providers: map[string]cloud.Provider{"fake": h.cloud},
 		Store:     s,
-		Logger:    slog.New(slog.NewTextHandler(h.t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Logger:    log,
 		Clock:     h.clock,
 		Tick:      time.Millisecond,
 		Metrics:   h.metrics,

@@ -249,7 +249,7 @@ func (m *Manager) Output(ctx context.Context, c Caller, id string, run int, offs
 	if wait < 0 || wait > MaxWait {
 		return RunOutput{}, fmt.Errorf("%w: wait must be between 0s and %s", ErrInvalid, MaxWait)
 	}
-	deadline := time.NewTimer(wait)
+	deadline := m.clock.NewTimer(wait)
 	defer deadline.Stop()
 	for {
 		m.mu.Lock()
@@ -289,7 +289,7 @@ func (m *Manager) Output(ctx context.Context, c Caller, id string, run int, offs
 		}
 		select {
 		case <-changed:
-		case <-deadline.C:
+		case <-deadline.C():
 			return out, nil
 		case <-ctx.Done():
 			return out, nil
