@@ -115,7 +115,7 @@ const (
 	targetKills  = 32
 	leaseTTL     = 3 * time.Second
 	// maxChaos bounds the kill phase; the whole test stays under 3 minutes.
-	maxChaos = 110 * time.Second
+	maxChaos = 100 * time.Second
 )
 
 func TestKill9Chaos(t *testing.T) {
@@ -1424,7 +1424,7 @@ func (h *harness) scaleToZero(ctx context.Context) {
 			}
 		}
 		h.notReaped = desc
-		waitUntil(30*time.Second, empty)
+		waitUntil(20*time.Second, empty)
 	}
 	recs, procs := h.cloudRecords(), h.instanceProcs()
 	insts, _ := h.client.Instances(ctx, poolName)
