@@ -31,7 +31,7 @@ func (m *Manager) launchLocked(p *poolState) {
 		Password:  randomToken(24), // 192 bits
 		LastSeen:  now,
 		accounted: now,
-		busy:      true,
+		op:        OpLaunch,
 	}
 	in.token = randomToken(32)
 	in.TokenHash = bootstrap.HashToken(in.token)
@@ -56,6 +56,13 @@ func (m *Manager) launchLocked(p *poolState) {
 
 func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	m.mu.Lock()
+	if in.State != Launching {
+		// Drained before its launch began: no cloud call at all.
+		in.op = OpNone
+		m.setState(in, Gone, ReasonNone)
+		m.unlock()
+		return
+	}
 	token := in.token
 	if token == "" {
 		// Restarted with an intent whose launch may not have happened:
@@ -95,7 +102,7 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	}
 	m.mu.Lock()
 	defer m.unlock()
-	in.busy = false
+	in.op = OpNone
 	if err == nil && len(got) == 0 {
 		err = errors.New("cloud launched nothing")
 	}
@@ -110,15 +117,14 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	c := got[0]
 	in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, m.clock.Now()
 	m.byID[in.ID] = in
-	if in.doomed {
-		// Drained while launching: it is to go.
-		m.setState(in, Booting, "launched")
-		m.terminateLocked(in, in.Reason)
+	if in.State == Terminating {
+		// Drained while launching: it is to go, now that it has an id.
+		m.terminateCall(in)
 	} else if !in.ReadyAt.IsZero() {
 		// Its ready report beat the launch call's answer.
-		m.setState(in, Idle, "ready")
+		m.setState(in, Idle, ReasonReady)
 	} else {
-		m.setState(in, Booting, "launched")
+		m.setState(in, Booting, ReasonLaunched)
 	}
 	m.dispatchLocked()
 }
@@ -138,7 +144,7 @@ func (m *Manager) tags(p *poolState, in *Instance) map[string]string {
 // with jitter, or until an operator acts when the cloud says a quota is
 // reached (a retry storm would not raise the quota).
 func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
-	in.busy = false
+	in.op = OpNone
 	class := cloud.ErrorClass(err)
 	m.log.Warn("launch failed", "pool", p.name, "intent", in.Key, "class", class, "err", err)
 	if m.metrics != nil {
@@ -152,59 +158,59 @@ func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
 	backoff := time.Second << min(p.launchFailures, 8) // up to 256s
 	backoff = backoff/2 + rand.N(backoff/2+1)
 	p.retryAt = m.clock.Now().Add(backoff)
-	m.setState(in, Gone, "launch failed: "+class)
+	m.setState(in, Gone, ReasonLaunchFailed)
 	m.revokeTokens(in)
 }
 
 // startLocked boots a stopped instance again.
 func (m *Manager) startLocked(in *Instance) {
 	p := m.pools[in.Pool]
-	if p == nil || in.busy {
+	if p == nil || in.op != OpNone {
 		return
 	}
-	m.setState(in, Starting, "needed")
-	in.busy = true
+	m.setState(in, Starting, ReasonNeeded)
+	in.op = OpStart
 	m.goAsync(func(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
 		_, err := p.provider.Start(cctx, []string{in.ID})
 		cancel()
 		m.mu.Lock()
 		defer m.unlock()
-		in.busy = false
+		in.op = OpNone
 		if in.State != Starting {
 			return
 		}
 		if err != nil {
 			m.log.Warn("start failed", "pool", in.Pool, "instance", in.ID, "err", err)
-			m.terminateLocked(in, "start_failed")
+			m.terminateLocked(in, ReasonStartFailed)
 		} else {
 			in.LaunchedAt = m.clock.Now()
 			in.ReadyAt = time.Time{}
-			m.setState(in, Booting, "started")
+			m.setState(in, Booting, ReasonStarted)
 		}
 		m.dispatchLocked()
 	})
 }
 
 // stopLocked stops an idle instance, keeping its disk.
-func (m *Manager) stopLocked(in *Instance, reason string) {
+func (m *Manager) stopLocked(in *Instance, reason Reason) {
 	p := m.pools[in.Pool]
 	m.setState(in, Stopping, reason)
 	m.reaped(in, reason)
-	in.busy = true
+	in.op = OpStop
 	m.goAsync(func(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
 		_, err := p.provider.Stop(cctx, []string{in.ID})
 		cancel()
 		m.mu.Lock()
 		defer m.unlock()
-		in.busy = false
+		in.op = OpNone
 		if in.State != Stopping {
 			return
 		}
 		if err != nil {
 			m.log.Warn("stop failed; terminating instead", "pool", in.Pool, "instance", in.ID, "err", err)
-			m.terminateLocked(in, "stop_failed")
+			m.terminateLocked(in, ReasonStopFailed)
 			return
 		}
 		m.setState(in, Stopped, reason)
@@ -214,23 +220,17 @@ func (m *Manager) stopLocked(in *Instance, reason string) {
 
 // terminateLocked ends an instance. Its token dies at once; the cloud call
 // runs in the background and is retried by reconcile until it succeeds.
-func (m *Manager) terminateLocked(in *Instance, reason string) {
+func (m *Manager) terminateLocked(in *Instance, reason Reason) {
 	if in.State == Terminating || in.State == Gone {
 		return
 	}
 	m.revokeTokens(in)
-	if in.State == Launching {
-		if in.busy {
-			// No cloud id yet: the launch goroutine terminates it on return.
-			in.doomed, in.Reason = true, reason
-		} else {
-			m.setState(in, Gone, reason)
-		}
+	if in.State == Launching && in.op != OpLaunch {
+		// An intent whose launch never started: nothing to end.
+		m.setState(in, Gone, reason)
 		return
 	}
-	if in.State == Booting && reason == "boot_timeout" {
-		m.setState(in, Failed, reason)
-	}
+	// A launch under way ends it when it returns with a cloud id.
 	m.setState(in, Terminating, reason)
 	m.reaped(in, reason)
 	m.terminateCall(in)
@@ -238,10 +238,12 @@ func (m *Manager) terminateLocked(in *Instance, reason string) {
 
 func (m *Manager) terminateCall(in *Instance) {
 	p := m.pools[in.Pool]
-	if in.busy || p == nil {
+	if in.op != OpNone || in.ID == "" || p == nil {
+		// A call under way, or no id yet: its launch, or reconcile,
+		// finishes the job.
 		return
 	}
-	in.busy = true
+	in.op = OpTerminate
 	q := m.terminating[p.provider]
 	m.terminating[p.provider] = append(q, in)
 	if len(q) == 0 {
@@ -277,9 +279,9 @@ func (m *Manager) terminateBatches(ctx context.Context, prov cloud.Provider) {
 			m.log.Warn("terminate failed; reconcile retries", "instances", len(ids)-len(done), "err", err)
 		}
 		for _, in := range batch {
-			in.busy = false
+			in.op = OpNone
 			if ended[in.ID] {
-				m.setState(in, Gone, "")
+				m.setState(in, Gone, ReasonNone)
 			}
 		}
 		m.dispatchLocked()
@@ -287,9 +289,9 @@ func (m *Manager) terminateBatches(ctx context.Context, prov cloud.Provider) {
 	delete(m.terminating, prov)
 }
 
-func (m *Manager) reaped(in *Instance, reason string) {
+func (m *Manager) reaped(in *Instance, reason Reason) {
 	if m.metrics != nil && reason != "" {
-		m.metrics.Reaped.WithLabelValues(in.Pool, reason).Inc()
+		m.metrics.Reaped.WithLabelValues(in.Pool, string(reason)).Inc()
 	}
 }
 
@@ -320,17 +322,17 @@ func (m *Manager) resumeLocked() {
 		}
 		switch in.State {
 		case Launching:
-			if !in.busy {
-				in.busy = true
+			if in.op == OpNone {
+				in.op = OpLaunch
 				m.goAsync(func(ctx context.Context) { m.launch(ctx, p, in) })
 			}
 		case Terminating:
 			m.terminateCall(in)
 		case Stopping:
-			m.setState(in, Terminating, "interrupted stop")
+			m.setState(in, Terminating, ReasonInterruptedStop)
 			m.terminateCall(in)
 		case Starting:
-			m.setState(in, Stopped, "interrupted start")
+			m.setState(in, Stopped, ReasonInterruptedStart)
 		}
 	}
 }
@@ -371,14 +373,14 @@ func (m *Manager) timersLocked() {
 				m.write(store.Op{Kind: store.Instances, ID: in.Key})
 			}
 		case p == nil:
-			if in.State == Idle || in.State == Stopped || in.State == Booting || in.State == Failed {
-				m.terminateLocked(in, "pool_removed")
+			if in.State == Idle || in.State == Stopped || in.State == Booting {
+				m.terminateLocked(in, ReasonPoolRemoved)
 			}
 		case in.State == Booting && now.Sub(in.Since) > p.cfg.BootTimeout.Duration:
 			m.log.Warn("instance did not report ready in time", "pool", in.Pool, "instance", in.ID, "boot_timeout", p.cfg.BootTimeout.Duration)
-			m.terminateLocked(in, "boot_timeout")
+			m.terminateLocked(in, ReasonBootTimeout)
 		case in.State == Releasing && now.Sub(in.Since) > releaseTimeout:
-			m.terminateLocked(in, "release_timeout")
+			m.terminateLocked(in, ReasonReleaseTimeout)
 		case in.State == Idle:
 			idle[in.Pool] = append(idle[in.Pool], in)
 		}
@@ -392,13 +394,13 @@ func (m *Manager) timersLocked() {
 			switch {
 			case over > 0:
 				// Only idle ones: scale-in never takes a busy worker.
-				m.terminateLocked(in, "scale_in")
+				m.terminateLocked(in, ReasonScaleIn)
 				over--
 			case remaining > p.cfg.MinIdle && now.Sub(in.Since) > p.cfg.IdleTTD.Duration:
 				if p.cfg.OnIdle == "stop" && p.provider.Capabilities().StopStart {
-					m.stopLocked(in, "idle_ttd")
+					m.stopLocked(in, ReasonIdleTTD)
 				} else {
-					m.terminateLocked(in, "idle_ttd")
+					m.terminateLocked(in, ReasonIdleTTD)
 				}
 			default:
 				continue

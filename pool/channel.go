@@ -75,7 +75,7 @@ func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) erro
 		if m.metrics != nil && !in.LaunchedAt.IsZero() {
 			m.metrics.BootSeconds.WithLabelValues(in.Pool).Observe(now.Sub(in.LaunchedAt).Seconds())
 		}
-		m.setState(in, Idle, "ready")
+		m.setState(in, Idle, ReasonReady)
 		m.dispatchLocked()
 	default:
 		m.saveInstance(in)
@@ -140,7 +140,7 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 		a.WorkerUser = p.cfg.WorkerUser
 	}
 	switch in.State {
-	case Terminating, Gone, Failed:
+	case Terminating, Gone:
 		a.State = bootstrap.AssignTerminate
 		return a
 	}
@@ -175,7 +175,7 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 		return a
 	}
 	if in.State == Releasing {
-		m.setState(in, Idle, "worker stopped")
+		m.setState(in, Idle, ReasonWorkerStopped)
 		m.dispatchLocked()
 		// The dispatch may have handed it a queued lease: answer with it
 		// now, not when this long-poll times out.

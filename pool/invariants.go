@@ -37,7 +37,7 @@ func (m *Manager) repairLocked() {
 			in.LeaseID = l.ID
 			in.Uses++
 			m.repaired("lease_reattached", "active lease's instance was idle; assignment completed", l, in)
-			m.setState(in, Leased, "lease "+l.ID+" (repaired)")
+			m.setState(in, Leased, ReasonRepaired)
 		case !ok:
 			m.repaired("lease_instance_missing", "active lease's instance is unknown; lease ended as lost", l, nil)
 			m.endLeaseLocked(l, LeaseLost, true)
@@ -51,7 +51,7 @@ func (m *Manager) repairLocked() {
 		if in.LeaseID == "" {
 			if in.State == Leased || in.State == Draining {
 				m.repaired("instance_without_lease", "instance is leased but names no lease; terminating it", nil, in)
-				m.terminateOnRestoreLocked(in, "lease_unknown")
+				m.terminateOnRestoreLocked(in, ReasonLeaseUnknown)
 			}
 			continue
 		}
@@ -65,17 +65,17 @@ func (m *Manager) repairLocked() {
 		switch {
 		case in.State == Leased && ok && l.State == LeaseReleased:
 			// Its release was written, the instance's half was not.
-			m.setState(in, Releasing, "released (repaired)")
+			m.setState(in, Releasing, ReasonRepaired)
 		case in.State == Leased || in.State == Draining:
 			// Its holder's fate is unknown: so is the machine's state.
-			m.terminateOnRestoreLocked(in, "lease_unknown")
+			m.terminateOnRestoreLocked(in, ReasonLeaseUnknown)
 		}
 	}
 }
 
 // terminateOnRestoreLocked marks in for termination; resumeLocked makes the
 // cloud call when the manager runs.
-func (m *Manager) terminateOnRestoreLocked(in *Instance, reason string) {
+func (m *Manager) terminateOnRestoreLocked(in *Instance, reason Reason) {
 	m.revokeTokens(in)
 	m.setState(in, Terminating, reason)
 }

@@ -474,18 +474,18 @@ func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
 	p := m.pools[in.Pool]
 	switch {
 	case in.State == Draining:
-		m.terminateLocked(in, "drain")
+		m.terminateLocked(in, ReasonDrain)
 	case to == LeaseExpired:
 		// Its holder vanished mid-build: the machine's state is unknown.
-		m.terminateLocked(in, "lease_expired")
+		m.terminateLocked(in, ReasonLeaseExpired)
 	case discard:
-		m.terminateLocked(in, "discard")
+		m.terminateLocked(in, ReasonDiscard)
 	case p == nil:
-		m.terminateLocked(in, "pool_removed")
+		m.terminateLocked(in, ReasonPoolRemoved)
 	case p.cfg.MaxUses > 0 && in.Uses >= p.cfg.MaxUses:
-		m.terminateLocked(in, "max_uses")
+		m.terminateLocked(in, ReasonMaxUses)
 	case in.State == Leased:
-		m.setState(in, Releasing, "released")
+		m.setState(in, Releasing, ReasonReleased)
 	}
 }
 
@@ -525,7 +525,7 @@ func (m *Manager) dispatchPool(p *poolState) {
 			// Releasing ones are idle as soon as their worker stops.
 			coming = append(coming, in)
 		case Stopped:
-			if !in.busy {
+			if in.op == OpNone {
 				stopped = append(stopped, in)
 			}
 		}
@@ -589,7 +589,7 @@ func (m *Manager) assignLocked(l *Lease, in *Instance) {
 	in.LeaseID = l.ID
 	in.Uses++
 	m.saveLease(l)
-	m.setState(in, Leased, "lease "+l.ID)
+	m.setState(in, Leased, ReasonLeased)
 	if m.metrics != nil {
 		kind := "cold"
 		if l.Warm {

@@ -1,10 +1,3 @@
-// Package pool keeps pools of cloud instances and hands them out as leases.
-//
-// One Manager owns every pool. All state changes happen under its mutex
-// (m.mu) through setState; cloud calls run outside the lock in goroutines
-// that take it again to record their results. Every change is queued to the
-// store in lock order, and anything told to a client waits until its record
-// is on disk.
 package pool
 
 import (
@@ -63,7 +56,7 @@ type Instance struct {
 	Pool       string    `json:"pool"`
 	State      State     `json:"state"`
 	Since      time.Time `json:"since"`
-	Reason     string    `json:"reason,omitempty"`
+	Reason     Reason    `json:"reason,omitempty"`
 	PrivateIP  string    `json:"private_ip,omitempty"`
 	Type       string    `json:"type,omitempty"`
 	Zone       string    `json:"zone,omitempty"`
@@ -87,8 +80,7 @@ type Instance struct {
 	TokenRotated bool `json:"token_rotated,omitempty"`
 
 	accounted time.Time // instance-seconds accounted up to here
-	busy      bool      // a cloud call for it is under way
-	doomed    bool      // to be terminated as soon as its launch returns
+	op        Op        // the cloud call under way for it, if any
 	token     string    // the bootstrap token, kept only until launch
 }
 
@@ -239,6 +231,11 @@ func (m *Manager) restore() error {
 	now := m.clock.Now()
 	m.restoredAt = now
 	for _, in := range insts {
+		if in.State == "failed" {
+			// A state older versions passed through on the way to
+			// terminating; a crash could leave it on disk.
+			in.State = Terminating
+		}
 		in.accounted = now
 		in.LastSeen = now
 		m.index(in)
@@ -279,7 +276,7 @@ func (m *Manager) index(in *Instance) {
 		m.byID[in.ID] = in
 	}
 	// Tokens of instances on their way out stay revoked across restarts.
-	if in.TokenHash != "" && in.State != Gone && in.State != Terminating && in.State != Failed {
+	if in.TokenHash != "" && in.State != Gone && in.State != Terminating {
 		m.byToken[in.TokenHash] = in
 		for _, h := range in.EarlierTokenHashes {
 			m.byToken[h] = in

@@ -81,12 +81,12 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 			continue
 		}
 		seen[in.Key] = true
-		if in.ID == "" && !in.busy {
+		if in.ID == "" && in.op == OpNone {
 			// Launched before a crash cut the launch call's answer off.
 			in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, c.LaunchedAt
 			m.byID[in.ID] = in
 			if in.State == Launching {
-				m.setState(in, Booting, "adopted")
+				m.setState(in, Booting, ReasonAdopted)
 			}
 			m.saveInstance(in)
 		}
@@ -109,39 +109,39 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 		}
 		switch {
 		case in.State == Gone && !gone:
-			m.terminateIDs(prov, in.Pool, []string{c.ID}, "retry")
+			m.terminateIDs(prov, in.Pool, []string{c.ID}, ReasonRetry)
 		case in.State == Terminating:
 			if gone {
-				m.setState(in, Gone, "")
+				m.setState(in, Gone, ReasonNone)
 			} else {
 				m.terminateCall(in)
 			}
 		case gone && in.State != Gone:
-			m.lostLocked(in, "vanished")
-		case c.State == cloud.StateStopped && !in.busy && in.State != Stopped:
-			m.lostLocked(in, "stopped_outside_hangar")
+			m.lostLocked(in, ReasonVanished)
+		case c.State == cloud.StateStopped && in.op == OpNone && in.State != Stopped:
+			m.lostLocked(in, ReasonStoppedOutside)
 		}
 	}
 	for _, in := range m.instances {
 		p := m.pools[in.Pool]
-		if seen[in.Key] || p == nil || p.provider != prov || in.busy || in.Since.After(listedAt) {
+		if seen[in.Key] || p == nil || p.provider != prov || in.op != OpNone || in.Since.After(listedAt) {
 			continue
 		}
 		switch in.State {
 		case Gone, Launching:
 			// Launching ones are resumed with their idempotency token.
 		case Terminating:
-			m.setState(in, Gone, "")
+			m.setState(in, Gone, ReasonNone)
 		default:
 			if now.Sub(in.LaunchedAt) > listGrace {
-				m.lostLocked(in, "vanished")
+				m.lostLocked(in, ReasonVanished)
 			}
 		}
 	}
 }
 
 // lostLocked handles an instance that died outside Hangar's hands.
-func (m *Manager) lostLocked(in *Instance, reason string) {
+func (m *Manager) lostLocked(in *Instance, reason Reason) {
 	m.log.Warn("instance lost", "pool", in.Pool, "instance", in.ID, "reason", reason)
 	l, ok := m.leases[in.LeaseID]
 	// Terminate first, so the reason recorded is why it was lost.
@@ -165,7 +165,7 @@ func (m *Manager) orphanLocked(prov cloud.Provider, c cloud.Instance, now time.T
 		return
 	}
 	delete(m.orphans, c.ID)
-	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, "orphan")
+	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, ReasonOrphan)
 }
 
 // haltingLocked issues the terminate of an instance again when the cloud
@@ -183,12 +183,12 @@ func (m *Manager) haltingLocked(prov cloud.Provider, c cloud.Instance, now time.
 	}
 	m.halting[c.ID] = seenSince{prov, now} // next try after another grace
 	m.log.Warn("instance stuck terminating; terminating it again", "instance", c.ID, "since", first.at)
-	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, "stuck_terminating")
+	m.terminateIDs(prov, c.Tags[cloud.TagPool], []string{c.ID}, ReasonStuckTerminating)
 }
 
-func (m *Manager) terminateIDs(prov cloud.Provider, pool string, ids []string, reason string) {
+func (m *Manager) terminateIDs(prov cloud.Provider, pool string, ids []string, reason Reason) {
 	if m.metrics != nil {
-		m.metrics.Reaped.WithLabelValues(pool, reason).Add(float64(len(ids)))
+		m.metrics.Reaped.WithLabelValues(pool, string(reason)).Add(float64(len(ids)))
 	}
 	m.log.Info("terminating instances", "pool", pool, "instances", ids, "reason", reason)
 	m.goAsync(func(ctx context.Context) {

@@ -6,20 +6,9 @@ import (
 	"time"
 )
 
-// State is an instance's place in its pool's life cycle. The pool owns every
-// transition; providers only report cloud status (cloud.State).
-//
-//	launching → booting → idle ⇄ leased → releasing → idle
-//	    │          │        │       │          │
-//	    └──────────┴────────┴───────┴──────────┴──→ terminating → gone
-//	                        │       └→ draining ──┘
-//	                        idle → stopping → stopped → starting → booting
-//	booting --boot_timeout--> failed → terminating
-//
-// releasing is not in DESIGN.md: after a release with reuse, the instance is
-// not idle until its worker has stopped and it has said so (its next
-// assignment poll with no current lease). Handing it out before then could
-// give a new lease a machine still running the last build.
+// State is an instance's place in its pool's life cycle; the diagram is in
+// the package doc. The pool owns every transition; providers only report
+// cloud status (cloud.State).
 type State string
 
 const (
@@ -32,14 +21,13 @@ const (
 	Stopping    State = "stopping"    // stop call under way
 	Stopped     State = "stopped"     // stopped with its disk kept
 	Starting    State = "starting"    // start call under way
-	Failed      State = "failed"      // did not boot in time, or broke
 	Terminating State = "terminating" // terminate call under way (retried until done)
 	Gone        State = "gone"        // terminated; the record is kept a while for the API
 )
 
 var transitions = map[State][]State{
 	Launching:   {Booting, Idle, Gone, Terminating},
-	Booting:     {Idle, Failed, Terminating},
+	Booting:     {Idle, Terminating},
 	Idle:        {Leased, Stopping, Terminating},
 	Leased:      {Releasing, Draining, Terminating},
 	Releasing:   {Idle, Terminating},
@@ -47,7 +35,6 @@ var transitions = map[State][]State{
 	Stopping:    {Stopped, Terminating},
 	Stopped:     {Starting, Terminating},
 	Starting:    {Booting, Stopped, Terminating},
-	Failed:      {Terminating},
 	Terminating: {Gone},
 	Gone:        {},
 }
@@ -59,7 +46,7 @@ func (s State) live() bool { return s != Gone }
 // time spent in the old state and queues the record for the store. A
 // transition the diagram does not allow is a bug: it is refused and made
 // loud (see illegal). The caller holds m.mu.
-func (m *Manager) setState(in *Instance, to State, reason string) {
+func (m *Manager) setState(in *Instance, to State, reason Reason) {
 	if in.State == to {
 		return
 	}
@@ -105,3 +92,53 @@ func (m *Manager) account(in *Instance, now time.Time) {
 	}
 	in.accounted = now
 }
+
+// Op is the cloud call under way for an instance. At most one runs at a
+// time; the call's goroutine sets it back to OpNone when it has recorded
+// the result. In memory only: a restart resumes what the states say.
+type Op string
+
+const (
+	OpNone      Op = ""
+	OpLaunch    Op = "launch"
+	OpStart     Op = "start"
+	OpStop      Op = "stop"
+	OpTerminate Op = "terminate"
+)
+
+// Reason says why an instance entered its state; `hangar instances` shows
+// it and hangar_reaped_instances_total counts ends by it.
+type Reason string
+
+const (
+	ReasonNone             Reason = ""
+	ReasonLaunched         Reason = "launched"
+	ReasonLaunchFailed     Reason = "launch_failed"
+	ReasonAdopted          Reason = "adopted"
+	ReasonReady            Reason = "ready"
+	ReasonLeased           Reason = "leased"
+	ReasonReleased         Reason = "released"
+	ReasonWorkerStopped    Reason = "worker_stopped"
+	ReasonNeeded           Reason = "needed" // a stopped instance started for a lease or min_idle
+	ReasonStarted          Reason = "started"
+	ReasonDrain            Reason = "drain"
+	ReasonDiscard          Reason = "discard"
+	ReasonLeaseExpired     Reason = "lease_expired"
+	ReasonMaxUses          Reason = "max_uses"
+	ReasonPoolRemoved      Reason = "pool_removed"
+	ReasonBootTimeout      Reason = "boot_timeout"
+	ReasonReleaseTimeout   Reason = "release_timeout"
+	ReasonScaleIn          Reason = "scale_in"
+	ReasonIdleTTD          Reason = "idle_ttd"
+	ReasonStartFailed      Reason = "start_failed"
+	ReasonStopFailed       Reason = "stop_failed"
+	ReasonInterruptedStop  Reason = "interrupted_stop"
+	ReasonInterruptedStart Reason = "interrupted_start"
+	ReasonVanished         Reason = "vanished"
+	ReasonStoppedOutside   Reason = "stopped_outside_hangar"
+	ReasonOrphan           Reason = "orphan"
+	ReasonRetry            Reason = "retry" // a gone instance the cloud still runs
+	ReasonStuckTerminating Reason = "stuck_terminating"
+	ReasonRepaired         Reason = "repaired" // restore mended its record
+	ReasonLeaseUnknown     Reason = "lease_unknown"
+)

@@ -41,8 +41,6 @@ func TestInstanceTransitionTable(t *testing.T) {
 		{Stopping, Stopped, true},
 		{Stopped, Starting, true},
 		{Starting, Booting, true},
-		{Booting, Failed, true},
-		{Failed, Terminating, true},
 		{Terminating, Gone, true},
 
 		{Idle, Booting, false},
@@ -55,7 +53,7 @@ func TestInstanceTransitionTable(t *testing.T) {
 		{Terminating, Idle, false},
 		{Gone, Idle, false},
 		{Gone, Terminating, false},
-		{Failed, Idle, false},
+		{Booting, Terminating, true}, // boot_timeout
 	}
 	for _, c := range cases {
 		if got := slices.Contains(transitions[c.from], c.to); got != c.ok {

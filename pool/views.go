@@ -33,7 +33,7 @@ type InstanceView struct {
 	Pool       string    `json:"pool"`
 	State      State     `json:"state"`
 	Since      time.Time `json:"since"`
-	Reason     string    `json:"reason,omitempty"`
+	Reason     Reason    `json:"reason,omitempty"`
 	PrivateIP  string    `json:"private_ip,omitempty"`
 	Type       string    `json:"type,omitempty"`
 	Zone       string    `json:"zone,omitempty"`
@@ -190,10 +190,10 @@ func (m *Manager) Drain(ctx context.Context, id string) (InstanceView, error) {
 	}
 	switch in.State {
 	case Leased:
-		m.setState(in, Draining, "drain")
+		m.setState(in, Draining, ReasonDrain)
 	case Draining, Terminating:
 	default:
-		m.terminateLocked(in, "drain")
+		m.terminateLocked(in, ReasonDrain)
 	}
 	m.dispatchLocked()
 	v := InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason, PrivateIP: in.PrivateIP, LeaseID: in.LeaseID, Uses: in.Uses}

@@ -333,7 +333,7 @@ func instancesCmd(g *globals) *cobra.Command {
 			var rows [][]string
 			for _, in := range list {
 				rows = append(rows, []string{orDash(in.ID), in.Pool, string(in.State), orDash(in.PrivateIP), orDash(in.LeaseID),
-					fmt.Sprint(in.Uses), time.Since(in.Since).Round(time.Second).String(), in.Reason})
+					fmt.Sprint(in.Uses), time.Since(in.Since).Round(time.Second).String(), string(in.Reason)})
 			}
 			g.table("INSTANCE\tPOOL\tSTATE\tIP\tLEASE\tUSES\tFOR\tREASON", rows)
 			return nil
