@@ -15,7 +15,7 @@
 //	launching ──→ booting ──→ idle ──→ leased ──→ releasing ──→ idle
 //	                           │         └──→ draining
 //	                           └──→ stopping ──→ stopped ──→ starting ──→ booting
-//	                                                 ↑__________________│ (start failed)
+//	                                                 ↑__________________│ (a restart cut its start)
 //
 //	every state above ──→ terminating ──→ gone
 //	launching ──→ gone (its launch failed, or never began)
