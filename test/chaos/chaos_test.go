@@ -1515,7 +1515,7 @@ func (h *harness) report(wall time.Duration) {
 				break
 			}
 			ids := idRE.FindAllString(v, -1)
-			if strings.HasPrefix(k, "max_instances_cloud") {
+			if k == "max_instances_cloud_records" {
 				ids = nil // the ones terminating are the story
 				for _, m := range terminatingRE.FindAllStringSubmatch(v, -1) {
 					ids = append(ids, m[1])
