@@ -337,9 +337,21 @@ func (m *Manager) resumeLocked() {
 	}
 }
 
-// timersLocked acts on what the clock says is due. Caller holds m.mu.
+// timersLocked acts on what the clock says is due, in named steps. Caller
+// holds m.mu.
 func (m *Manager) timersLocked() {
 	now := m.clock.Now()
+	m.leaseTimersLocked(now)
+	idle, live := m.instanceTimersLocked(now)
+	for name, p := range m.pools {
+		m.reapIdleLocked(p, idle[name], live[name], now)
+		m.unblockLocked(p, now)
+	}
+}
+
+// leaseTimersLocked ends leases whose time is up and forgets ended ones
+// kept long enough for their holders to read.
+func (m *Manager) leaseTimersLocked(now time.Time) {
 	for _, l := range m.leases {
 		switch {
 		case l.State == LeaseActive && now.After(l.ExpiresAt):
@@ -350,15 +362,25 @@ func (m *Manager) timersLocked() {
 		case l.State == LeasePending && now.After(l.ExpiresAt):
 			m.endLeaseLocked(l, LeaseCanceled, false)
 		case l.State.ended() && now.Sub(l.EndedAt) > endedKept:
-			delete(m.leases, l.ID)
-			if k := clientKey(l.Pool, l.Owner, l.ClientToken); l.ClientToken != "" && m.byClient[k] == l {
-				delete(m.byClient, k)
-			}
-			m.write(store.Op{Kind: store.Leases, ID: l.ID})
+			m.forgetLeaseLocked(l)
 		}
 	}
-	idle := map[string][]*Instance{}
-	live := map[string]int{}
+}
+
+func (m *Manager) forgetLeaseLocked(l *Lease) {
+	delete(m.leases, l.ID)
+	if k := clientKey(l.Pool, l.Owner, l.ClientToken); l.ClientToken != "" && m.byClient[k] == l {
+		delete(m.byClient, k)
+	}
+	m.write(store.Op{Kind: store.Leases, ID: l.ID})
+}
+
+// instanceTimersLocked accounts every instance's time, forgets gone ones
+// kept long enough, ends those that overstayed booting or releasing or
+// whose pool is gone, and returns each pool's idle instances and its count
+// of live ones.
+func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instance, live map[string]int) {
+	idle, live = map[string][]*Instance{}, map[string]int{}
 	for _, in := range m.instances {
 		m.account(in, now)
 		p := m.pools[in.Pool]
@@ -385,31 +407,38 @@ func (m *Manager) timersLocked() {
 			idle[in.Pool] = append(idle[in.Pool], in)
 		}
 	}
-	for name, p := range m.pools {
-		list := idle[name]
-		bySince(list, false) // oldest first
-		remaining := len(list)
-		over := live[name] - p.cfg.MaxInstances // after a scale-in
-		for _, in := range list {
-			switch {
-			case over > 0:
-				// Only idle ones: scale-in never takes a busy worker.
-				m.terminateLocked(in, ReasonScaleIn)
-				over--
-			case remaining > p.cfg.MinIdle && now.Sub(in.Since) > p.cfg.IdleTTD.Duration:
-				if p.cfg.OnIdle == "stop" && p.provider.Capabilities().StopStart {
-					m.stopLocked(in, ReasonIdleTTD)
-				} else {
-					m.terminateLocked(in, ReasonIdleTTD)
-				}
-			default:
-				continue
+	return idle, live
+}
+
+// reapIdleLocked ends p's idle instances above max_instances (after a
+// scale-in) and, oldest first, those idle past idle_ttd above min_idle.
+// Only idle ones: scale-in never takes a busy worker.
+func (m *Manager) reapIdleLocked(p *poolState, idle []*Instance, live int, now time.Time) {
+	bySince(idle, false) // oldest first
+	remaining := len(idle)
+	over := live - p.cfg.MaxInstances
+	for _, in := range idle {
+		switch {
+		case over > 0:
+			m.terminateLocked(in, ReasonScaleIn)
+			over--
+		case remaining > p.cfg.MinIdle && now.Sub(in.Since) > p.cfg.IdleTTD.Duration:
+			if p.cfg.OnIdle == "stop" && p.provider.Capabilities().StopStart {
+				m.stopLocked(in, ReasonIdleTTD)
+			} else {
+				m.terminateLocked(in, ReasonIdleTTD)
 			}
-			remaining--
+		default:
+			continue
 		}
-		if p.blocked && now.After(p.retryAt.Add(5*time.Minute)) {
-			// Quotas do get raised; try again now and then, not in a storm.
-			p.blocked = false
-		}
+		remaining--
+	}
+}
+
+// unblockLocked lets a pool stopped by a quota error try again now and
+// then: quotas do get raised, and a storm of retries would not help.
+func (m *Manager) unblockLocked(p *poolState, now time.Time) {
+	if p.blocked && now.After(p.retryAt.Add(5*time.Minute)) {
+		p.blocked = false
 	}
 }
