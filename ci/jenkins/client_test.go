@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/hangar-ci/hangar/pool/jenkins/jenkinstest"
+	"github.com/hangar-ci/hangar/ci/jenkins/jenkinstest"
 )
 
 func TestQueueItemLabel(t *testing.T) {

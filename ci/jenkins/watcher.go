@@ -4,9 +4,11 @@
 // leases an instance for each from the pool manager (worker name = node
 // name, password = the node's secret, master = the controller's URL, which
 // the agent that the pool's bootstrap, scripts/bootstrap/jenkins-agent.sh,
-// runs connects to). A
-// node idle for the pool's idle_ttd is deleted and its instance released; a
-// node running a build never is.
+// runs connects to). A node idle for the pool's idle_ttd is deleted and its
+// instance released; a node running a build never is. The package knows
+// nothing of Hangar's TOML: cmd/hangar builds a Config from the pool's
+// [pools.NAME.jenkins] table, and a Watcher uses the pool manager only
+// through Leaser (ManagerLeaser).
 //
 // What it relies on of Jenkins's REST API (core 2.x; jenkinstest mirrors it):
 //
@@ -50,7 +52,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -91,10 +92,62 @@ func (l ManagerLeaser) Release(ctx context.Context, id string, discard bool) err
 
 func (l ManagerLeaser) Pools() []pool.PoolView { return l.M.Pools() }
 
+// Config is what a Watcher needs of one pool's [pools.NAME.jenkins] table;
+// cmd/hangar builds it from the TOML. Zero optional values take the
+// defaults below, which are those of the TOML table.
+type Config struct {
+	// URL is the controller's root URL, as its agents reach it too.
+	URL  string
+	User string
+	// Label is the one Jenkins label the pool serves.
+	Label string
+	// NodePrefix starts the name of every node of the pool; "" is
+	// "hangar-POOL-".
+	NodePrefix string
+	// RemoteFS is the nodes' root directory on the instance; "" is
+	// DefaultRemoteFS.
+	RemoteFS string
+	// PollInterval is how often the queue and the nodes are read; 0 is
+	// DefaultPollInterval.
+	PollInterval time.Duration
+	// ConnectTimeout is how long a node whose instance is leased may stay
+	// disconnected before the instance is thought broken and discarded; 0
+	// is DefaultConnectTimeout.
+	ConnectTimeout time.Duration
+}
+
+// Defaults of Config, the same as the TOML table's.
+const (
+	DefaultRemoteFS       = "/var/lib/jenkins-agent"
+	DefaultPollInterval   = 10 * time.Second
+	DefaultConnectTimeout = 5 * time.Minute
+)
+
+// WithDefaults fills what c leaves empty for the pool named pool, and ends
+// URL with a slash so that endpoints resolve below it.
+func (c Config) WithDefaults(pool string) Config {
+	if c.URL != "" && !strings.HasSuffix(c.URL, "/") {
+		c.URL += "/"
+	}
+	if c.NodePrefix == "" {
+		c.NodePrefix = "hangar-" + pool + "-"
+	}
+	if c.RemoteFS == "" {
+		c.RemoteFS = DefaultRemoteFS
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = DefaultPollInterval
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	return c
+}
+
 // Options configure a Watcher.
 type Options struct {
 	Pool    string
-	Jenkins configs.Jenkins // New fills in its defaults
+	Jenkins Config // New fills in its defaults
 	// IdleTTD is how long a node may be idle before it is deleted: the
 	// pool's idle_ttd.
 	IdleTTD time.Duration
@@ -111,7 +164,7 @@ type Options struct {
 // Watcher runs one pool's Jenkins nodes.
 type Watcher struct {
 	pool     string
-	cfg      configs.Jenkins
+	cfg      Config
 	idleTTD  time.Duration
 	leaseTTL time.Duration
 	client   *Client
@@ -143,8 +196,10 @@ func New(o Options) (*Watcher, error) {
 		return nil, errors.New("jenkins watcher: no pool")
 	case o.Leaser == nil:
 		return nil, errors.New("jenkins watcher: no pool manager")
-	case !o.Jenkins.Enabled():
-		return nil, fmt.Errorf("jenkins watcher: pool %s has no jenkins table", o.Pool)
+	case o.Jenkins.URL == "" || o.Jenkins.User == "" || o.Jenkins.Label == "":
+		return nil, fmt.Errorf("jenkins watcher: pool %s: the controller's URL, a user and a label are required", o.Pool)
+	case o.Jenkins.PollInterval < 0 || o.Jenkins.ConnectTimeout < 0:
+		return nil, fmt.Errorf("jenkins watcher: pool %s: poll_interval and connect_timeout must not be negative", o.Pool)
 	case o.IdleTTD <= 0 || o.LeaseTTL <= 0:
 		return nil, fmt.Errorf("jenkins watcher: pool %s: idle_ttd and lease_ttl must be positive", o.Pool)
 	case o.Token == "":
@@ -186,7 +241,7 @@ func (w *Watcher) Check(ctx context.Context) error {
 // Run reconciles at once and every poll interval until ctx ends. Errors are
 // logged, each new one at error level, and retried at the next poll.
 func (w *Watcher) Run(ctx context.Context) {
-	tick := time.NewTicker(w.cfg.PollInterval.Duration)
+	tick := time.NewTicker(w.cfg.PollInterval)
 	defer tick.Stop()
 	for {
 		err := w.Reconcile(ctx)
@@ -281,8 +336,8 @@ func (w *Watcher) Reconcile(ctx context.Context) error {
 		switch {
 		case n.state != "" && n.state != pool.LeasePending && n.state != pool.LeaseActive:
 			reason = "its lease ended (" + string(n.state) + ")"
-		case !n.downSince.IsZero() && now.Sub(n.downSince) >= w.cfg.ConnectTimeout.Duration:
-			reason = fmt.Sprintf("its agent has not been connected for %s", w.cfg.ConnectTimeout.Duration)
+		case !n.downSince.IsZero() && now.Sub(n.downSince) >= w.cfg.ConnectTimeout:
+			reason = fmt.Sprintf("its agent has not been connected for %s", w.cfg.ConnectTimeout)
 			discard = true // the instance did not run the agent: broken
 		case !n.idleSince.IsZero() && now.Sub(n.idleSince) >= w.idleTTD:
 			reason = fmt.Sprintf("idle for %s", w.idleTTD)

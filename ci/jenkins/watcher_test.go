@@ -8,9 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/ci/jenkins/jenkinstest"
 	"github.com/hangar-ci/hangar/pool"
-	"github.com/hangar-ci/hangar/pool/jenkins/jenkinstest"
 )
 
 const (
@@ -45,7 +44,7 @@ func (f *fixture) newWatcher(token string) *Watcher {
 	f.t.Helper()
 	w, err := New(Options{
 		Pool:     "ci",
-		Jenkins:  configs.Jenkins{URL: f.srv.URL, User: testUser, TokenEnv: "UNUSED", Label: testLabel},
+		Jenkins:  Config{URL: f.srv.URL, User: testUser, Label: testLabel},
 		IdleTTD:  idleTTD,
 		LeaseTTL: time.Hour,
 		Token:    token,
@@ -115,7 +114,7 @@ func TestNodesForWaitingBuilds(t *testing.T) {
 			t.Errorf("node name %q", n.Name)
 		}
 		if n.Launcher != "hudson.slaves.JNLPLauncher" || !n.WebSocket || n.Executors != 1 || n.Mode != "EXCLUSIVE" ||
-			n.RemoteFS != configs.DefaultJenkinsRemoteFS || strings.Join(n.Labels, " ") != testLabel ||
+			n.RemoteFS != DefaultRemoteFS || strings.Join(n.Labels, " ") != testLabel ||
 			n.Retention != "hudson.slaves.RetentionStrategy$Always" || !strings.HasPrefix(n.Description, "Hangar pool ci:") {
 			t.Errorf("node %+v", n)
 		}
@@ -270,7 +269,7 @@ func TestAgentNeverConnects(t *testing.T) {
 	name := f.nodeNames()[0]
 	f.leaser.activate(name)
 	f.reconcile()
-	f.clock.Advance(configs.DefaultJenkinsConnectTimeout)
+	f.clock.Advance(DefaultConnectTimeout)
 	f.reconcile()
 	if _, ok := f.srv.Node(name); ok {
 		t.Fatal("node kept though its agent never connected")
@@ -380,7 +379,7 @@ func TestAuthFailureReported(t *testing.T) {
 }
 
 func TestNewRefusesBadOptions(t *testing.T) {
-	j := configs.Jenkins{URL: "http://127.0.0.1:1/", User: "u", TokenEnv: "T", Label: "l"}
+	j := Config{URL: "http://127.0.0.1:1/", User: "u", Label: "l"}
 	l := newFakeLeaser("ci", 1, time.Now)
 	tests := []struct {
 		name string
@@ -389,7 +388,9 @@ func TestNewRefusesBadOptions(t *testing.T) {
 	}{
 		{"no pool", Options{Jenkins: j, IdleTTD: 1, LeaseTTL: 1, Token: "t", Leaser: l}, "no pool"},
 		{"no leaser", Options{Pool: "ci", Jenkins: j, IdleTTD: 1, LeaseTTL: 1, Token: "t"}, "no pool manager"},
-		{"no jenkins", Options{Pool: "ci", IdleTTD: 1, LeaseTTL: 1, Token: "t", Leaser: l}, "no jenkins table"},
+		{"no jenkins", Options{Pool: "ci", IdleTTD: 1, LeaseTTL: 1, Token: "t", Leaser: l}, "URL, a user and a label are required"},
+		{"no label", Options{Pool: "ci", Jenkins: Config{URL: j.URL, User: "u"}, IdleTTD: 1, LeaseTTL: 1, Token: "t", Leaser: l}, "a label are required"},
+		{"negative poll", Options{Pool: "ci", Jenkins: Config{URL: j.URL, User: "u", Label: "l", PollInterval: -1}, IdleTTD: 1, LeaseTTL: 1, Token: "t", Leaser: l}, "must not be negative"},
 		{"no token", Options{Pool: "ci", Jenkins: j, IdleTTD: 1, LeaseTTL: 1, Leaser: l}, "no API token"},
 		{"no idle_ttd", Options{Pool: "ci", Jenkins: j, LeaseTTL: 1, Token: "t", Leaser: l}, "must be positive"},
 	}

@@ -12,8 +12,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/hangar-ci/hangar/ci/jenkins"
 	"github.com/hangar-ci/hangar/configs"
-	"github.com/hangar-ci/hangar/pool/jenkins"
 	"github.com/spf13/cobra"
 )
 
@@ -100,7 +100,7 @@ func jenkinsPools(ctx context.Context, cfg configs.Config, log *slog.Logger) ([]
 		}
 		out = append(out, jenkins.Options{
 			Pool:     name,
-			Jenkins:  pc.Jenkins,
+			Jenkins:  jenkinsConfig(name, pc.Jenkins),
 			IdleTTD:  pc.IdleTTD.Duration,
 			LeaseTTL: pc.LeaseTTL.Duration,
 			Token:    token,
@@ -113,6 +113,21 @@ func jenkinsPools(ctx context.Context, cfg configs.Config, log *slog.Logger) ([]
 		return nil, errors.New("no pool has a [pools.NAME.jenkins] table: `hangar jenkins` has nothing to watch (`hangar serve` runs pools without one)")
 	}
 	return out, nil
+}
+
+// jenkinsConfig maps a pool's [pools.NAME.jenkins] table to the watcher's
+// Config, the table's defaults filled in; the token is resolved apart.
+func jenkinsConfig(pool string, t configs.Jenkins) jenkins.Config {
+	t = t.WithDefaults(pool)
+	return jenkins.Config{
+		URL:            t.URL,
+		User:           t.User,
+		Label:          t.Label,
+		NodePrefix:     t.NodePrefix,
+		RemoteFS:       t.RemoteFS,
+		PollInterval:   t.PollInterval.Duration,
+		ConnectTimeout: t.ConnectTimeout.Duration,
+	}
 }
 
 // startJenkins runs a watcher per pool on the pool manager of s.

@@ -11,8 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/ci/jenkins"
+	"github.com/hangar-ci/hangar/ci/jenkins/jenkinstest"
+	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/pool"
-	"github.com/hangar-ci/hangar/pool/jenkins/jenkinstest"
 )
 
 const (
@@ -226,5 +228,20 @@ func TestJenkinsWithoutJenkinsPools(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "data")); !os.IsNotExist(err) {
 		t.Errorf("the server started: %v", err)
+	}
+}
+
+// A [pools.NAME.jenkins] table maps to the watcher's Config field for
+// field, and the table's defaults are the watcher's own.
+func TestJenkinsConfigMapping(t *testing.T) {
+	bare := configs.Jenkins{URL: "https://ci.example.com", User: "u", TokenEnv: "T", Label: "l"}
+	if got, want := jenkinsConfig("ci", bare), (jenkins.Config{URL: bare.URL, User: "u", Label: "l"}).WithDefaults("ci"); got != want {
+		t.Errorf("defaults: jenkinsConfig = %+v, want %+v", got, want)
+	}
+	full := configs.Jenkins{URL: "https://ci.example.com/", User: "u", TokenFile: "/t", Label: "l", NodePrefix: "n-", RemoteFS: "/fs",
+		PollInterval: configs.Duration{Duration: time.Second}, ConnectTimeout: configs.Duration{Duration: time.Minute}}
+	want := jenkins.Config{URL: full.URL, User: "u", Label: "l", NodePrefix: "n-", RemoteFS: "/fs", PollInterval: time.Second, ConnectTimeout: time.Minute}
+	if got := jenkinsConfig("ci", full); got != want {
+		t.Errorf("jenkinsConfig = %+v, want %+v", got, want)
 	}
 }
