@@ -75,29 +75,18 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 		m.saveInstance(in)
 	}
 	in.token = ""
-	cfg := p.cfg
+	spec := p.spec
+	launch := spec.Launch
+	launch.Tags = m.tags(p, in)
+	launch.ClientToken = in.Key
 	m.unlock()
 
-	ud, err := renderUserData(m.cfg, p.name, cfg, token)
+	ud, err := spec.userData(p.name, m.opts.PublicURL, token)
 	var got []cloud.Instance
 	if err == nil {
+		launch.UserData = ud
 		cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
-		got, err = p.provider.Launch(cctx, cloud.LaunchSpec{
-			Image:              cfg.Image,
-			InstanceTypes:      cfg.InstanceTypes,
-			Zones:              cfg.Zones,
-			UserData:           ud,
-			Tags:               m.tags(p, in),
-			ClientToken:        in.Key,
-			Subnets:            cfg.Subnets,
-			SecurityGroups:     cfg.SecurityGroups,
-			KeyName:            cfg.KeyName,
-			InstanceProfile:    cfg.IAMInstanceProfile,
-			RootVolumeGB:       cfg.RootVolumeGB,
-			Spot:               cfg.Spot,
-			MetadataHTTPTokens: cfg.MetadataOptions.HTTPTokens,
-			MetadataHopLimit:   cfg.MetadataOptions.HopLimit,
-		}, 1)
+		got, err = p.provider.Launch(cctx, launch, 1)
 		cancel()
 	}
 	m.mu.Lock()
@@ -131,7 +120,7 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 
 func (m *Manager) tags(p *poolState, in *Instance) map[string]string {
 	t := map[string]string{}
-	for k, v := range p.cfg.Tags {
+	for k, v := range p.spec.Launch.Tags {
 		t[k] = v
 	}
 	t[cloud.TagPool] = p.name
@@ -307,7 +296,7 @@ func (m *Manager) unclaimedTooLong(l *Lease, now time.Time) bool {
 	if since.Before(m.restoredAt) {
 		since = m.restoredAt
 	}
-	return now.Sub(since) > p.cfg.ClaimTimeout.Duration
+	return now.Sub(since) > p.spec.ClaimTimeout
 }
 
 // resumeLocked restarts the cloud calls a crash interrupted. Caller holds m.mu.
@@ -398,8 +387,8 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 			if in.State == Idle || in.State == Stopped || in.State == Booting {
 				m.terminateLocked(in, ReasonPoolRemoved)
 			}
-		case in.State == Booting && now.Sub(in.Since) > p.cfg.BootTimeout.Duration:
-			m.log.Warn("instance did not report ready in time", "pool", in.Pool, "instance", in.ID, "boot_timeout", p.cfg.BootTimeout.Duration)
+		case in.State == Booting && now.Sub(in.Since) > p.spec.BootTimeout:
+			m.log.Warn("instance did not report ready in time", "pool", in.Pool, "instance", in.ID, "boot_timeout", p.spec.BootTimeout)
 			m.terminateLocked(in, ReasonBootTimeout)
 		case in.State == Releasing && now.Sub(in.Since) > releaseTimeout:
 			m.terminateLocked(in, ReasonReleaseTimeout)
@@ -416,14 +405,14 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 func (m *Manager) reapIdleLocked(p *poolState, idle []*Instance, live int, now time.Time) {
 	bySince(idle, false) // oldest first
 	remaining := len(idle)
-	over := live - p.cfg.MaxInstances
+	over := live - p.spec.MaxInstances
 	for _, in := range idle {
 		switch {
 		case over > 0:
 			m.terminateLocked(in, ReasonScaleIn)
 			over--
-		case remaining > p.cfg.MinIdle && now.Sub(in.Since) > p.cfg.IdleTTD.Duration:
-			if p.cfg.OnIdle == "stop" && p.provider.Capabilities().StopStart {
+		case remaining > p.spec.MinIdle && now.Sub(in.Since) > p.spec.IdleTTD:
+			if p.spec.StopWhenIdle && p.provider.Capabilities().StopStart {
 				m.stopLocked(in, ReasonIdleTTD)
 			} else {
 				m.terminateLocked(in, ReasonIdleTTD)

@@ -35,7 +35,7 @@ func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
 	var src string
 	if err == nil {
 		if p := m.pools[in.Pool]; p != nil {
-			src = p.cfg.Bootstrap
+			src = p.spec.Bootstrap
 		} else {
 			err = fmt.Errorf("%w %q", ErrUnknownPool, in.Pool)
 		}
@@ -136,8 +136,8 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 	p := m.pools[in.Pool]
 	a := bootstrap.Assignment{State: bootstrap.AssignNone}
 	if p != nil {
-		a.CleanupCommand = p.cfg.CleanupCommand
-		a.WorkerUser = p.cfg.WorkerUser
+		a.CleanupCommand = p.spec.CleanupCommand
+		a.WorkerUser = p.spec.WorkerUser
 	}
 	switch in.State {
 	case Terminating, Gone:
@@ -155,7 +155,7 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 		a.LeaseID = l.ID
 		a.WorkerName, a.WorkerPassword, a.WorkerMaster = l.Worker.Name, l.Worker.Password, l.Worker.Master
 		if p != nil && !l.NoWorker {
-			a.WorkerCommand = p.cfg.WorkerCommand
+			a.WorkerCommand = p.spec.WorkerCommand
 		}
 		// A run on a lease made without one waits for the instance to
 		// have taken the lease (and started its worker). An exited run is

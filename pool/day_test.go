@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
-	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -19,11 +18,11 @@ import (
 // Every fact of it follows from the clock, so the day ends the same way on
 // every run, in a fraction of a second of wall time.
 func TestADayOfPoolLife(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) {
+	h := newHarness(t, func(p *Spec) {
 		p.MinIdle = 1
 		p.MaxInstances = 3
-		p.IdleTTD = configs.Duration{Duration: 15 * time.Minute}
-		p.LeaseTTL = configs.Duration{Duration: time.Hour}
+		p.IdleTTD = 15 * time.Minute
+		p.LeaseTTL = time.Hour
 	})
 	h.shutdown()
 	h.quiet = true // a day's log is long

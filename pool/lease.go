@@ -256,7 +256,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 		m.unlock()
 		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownPool, r.Pool)
 	}
-	if err := validateRequest(r, p.cfg.MaxLeaseTTL.Duration); err != nil {
+	if err := validateRequest(r, p.spec.MaxLeaseTTL); err != nil {
 		m.unlock()
 		return LeaseView{}, err
 	}
@@ -284,7 +284,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 		l.NoWorker = true
 	}
 	if l.TTL == 0 {
-		l.TTL = p.cfg.LeaseTTL.Duration
+		l.TTL = p.spec.LeaseTTL
 	}
 	if l.Worker.Name == "" {
 		l.Worker.Name = r.Pool + "-" + l.ID[2:10]
@@ -482,7 +482,7 @@ func (m *Manager) endLeaseLocked(l *Lease, to LeaseState, discard bool) {
 		m.terminateLocked(in, ReasonDiscard)
 	case p == nil:
 		m.terminateLocked(in, ReasonPoolRemoved)
-	case p.cfg.MaxUses > 0 && in.Uses >= p.cfg.MaxUses:
+	case p.spec.MaxUses > 0 && in.Uses >= p.spec.MaxUses:
 		m.terminateLocked(in, ReasonMaxUses)
 	case in.State == Leased:
 		m.setState(in, Releasing, ReasonReleased)
@@ -538,7 +538,7 @@ func (m *Manager) dispatchPool(p *poolState) {
 		p.queue, idle = p.queue[1:], idle[1:]
 		m.assignLocked(l, in)
 	}
-	need := len(p.queue) + p.cfg.MinIdle - len(idle) - len(coming)
+	need := len(p.queue) + p.spec.MinIdle - len(idle) - len(coming)
 	bySince(stopped, true)
 	for need > 0 && len(stopped) > 0 {
 		m.startLocked(stopped[0])
@@ -549,7 +549,7 @@ func (m *Manager) dispatchPool(p *poolState) {
 	if need <= 0 || p.blocked || now.Before(p.retryAt) {
 		return
 	}
-	for ; need > 0 && live < p.cfg.MaxInstances && launching < maxLaunching; need-- {
+	for ; need > 0 && live < p.spec.MaxInstances && launching < maxLaunching; need-- {
 		m.launchLocked(p)
 		live++
 		launching++

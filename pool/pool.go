@@ -14,11 +14,9 @@ import (
 
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
-	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/internal/clock"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
-	"github.com/hangar-ci/hangar/userdata"
 )
 
 // Clock is the pool's one source of time: its timers, tickers and long
@@ -37,12 +35,20 @@ var (
 
 // Options configure a Manager.
 type Options struct {
-	Config    configs.Config
-	Providers map[string]cloud.Provider // by config provider name
-	Store     *store.Store
-	Logger    *slog.Logger
-	Metrics   *metrics.Metrics // nil: no metrics
-	Clock     Clock            // nil: clock.Real
+	// Pools are the pools to run, by name.
+	Pools map[string]Spec
+	// PublicURL is how instances reach the bootstrap endpoints.
+	PublicURL string
+	// ReconcileInterval is how often the clouds are listed.
+	ReconcileInterval time.Duration
+	// OrphanGrace is how long an instance tagged as ours but unknown to
+	// the store lives before it is terminated.
+	OrphanGrace time.Duration
+	Providers   map[string]cloud.Provider // by Spec.Provider
+	Store       *store.Store
+	Logger      *slog.Logger
+	Metrics     *metrics.Metrics // nil: no metrics
+	Clock       Clock            // nil: clock.Real
 	// Tick is how often timers (TTD, boot timeout, lease expiry) are checked
 	// against Clock. Default 1s.
 	Tick time.Duration
@@ -98,7 +104,7 @@ func (in *Instance) LogValue() slog.Value {
 
 type poolState struct {
 	name     string
-	cfg      configs.Pool
+	spec     Spec
 	provider cloud.Provider
 	queue    []*Lease // pending leases, FIFO
 
@@ -110,7 +116,7 @@ type poolState struct {
 
 // Manager runs every pool.
 type Manager struct {
-	cfg     configs.Config
+	opts    Options
 	store   *store.Store
 	log     *slog.Logger
 	metrics *metrics.Metrics
@@ -151,7 +157,7 @@ type Manager struct {
 // New restores the pools' state from the store. Call Run to start work.
 func New(opts Options) (*Manager, error) {
 	m := &Manager{
-		cfg:         opts.Config,
+		opts:        opts,
 		store:       opts.Store,
 		log:         opts.Logger,
 		metrics:     opts.Metrics,
@@ -187,20 +193,20 @@ func New(opts Options) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	for name, pc := range opts.Config.Pools {
-		p, ok := opts.Providers[pc.Provider]
+	for name, spec := range opts.Pools {
+		p, ok := opts.Providers[spec.Provider]
 		if !ok {
-			return nil, fmt.Errorf("pool %s: provider %q is not running", name, pc.Provider)
+			return nil, fmt.Errorf("pool %s: provider %q is not running", name, spec.Provider)
 		}
 		if o, ok := overrides[name]; ok {
-			pc.MinIdle, pc.MaxInstances = o.MinIdle, o.MaxInstances
+			spec.MinIdle, spec.MaxInstances = o.MinIdle, o.MaxInstances
 		}
 		// Render once now so that a pool whose user-data can never be
 		// rendered fails at start, not at its first launch.
-		if _, err := renderUserData(opts.Config, name, pc, "probe-token"); err != nil {
+		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {
 			return nil, fmt.Errorf("pool %s: %w", name, err)
 		}
-		m.pools[name] = &poolState{name: name, cfg: pc, provider: p}
+		m.pools[name] = &poolState{name: name, spec: spec, provider: p}
 	}
 	if err := m.restore(); err != nil {
 		return nil, err
@@ -302,7 +308,7 @@ func (m *Manager) Run(ctx context.Context) {
 	m.mu.Unlock()
 	tick := m.clock.NewTicker(m.tick)
 	defer tick.Stop()
-	rec := m.clock.NewTicker(m.cfg.Server.ReconcileInterval.Duration)
+	rec := m.clock.NewTicker(m.opts.ReconcileInterval)
 	defer rec.Stop()
 	for {
 		select {
@@ -409,25 +415,4 @@ func randomToken(n int) string {
 		panic("crypto/rand failed: " + err.Error())
 	}
 	return base64.RawURLEncoding.EncodeToString(b)
-}
-
-func renderUserData(cfg configs.Config, pool string, pc configs.Pool, token string) ([]byte, error) {
-	return userdata.Render(userdata.Params{
-		Pool:           pool,
-		HangarURL:      cfg.Server.PublicURL,
-		BootstrapToken: token,
-		Env:            pc.Env,
-		Format:         userdata.Format(pc.UserDataFormat),
-		CloudConfig:    pc.CloudConfig,
-	})
-}
-
-// RenderUserData renders what an instance of pool would boot with, with a
-// placeholder token, for `hangar userdata render`.
-func RenderUserData(cfg configs.Config, pool string) ([]byte, error) {
-	pc, ok := cfg.Pools[pool]
-	if !ok {
-		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
-	}
-	return renderUserData(cfg, pool, pc, "TOKEN-PLACEHOLDER")
 }

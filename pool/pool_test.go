@@ -14,9 +14,9 @@ import (
 
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
-	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 // harness runs one Manager over a fake cloud, a fake clock and a real store
@@ -26,7 +26,7 @@ type harness struct {
 	t     *testing.T
 	clock *fakeClock
 	cloud *fakeCloud
-	cfg   configs.Config
+	opts  Options
 	path  string
 	store *store.Store
 	m     *Manager
@@ -39,50 +39,47 @@ type harness struct {
 	runDone   chan struct{}
 }
 
-// testConfig is one pool, "demo", on the fake cloud; mod adjusts the pool.
-func testConfig(t *testing.T, mod func(*configs.Pool)) configs.Config {
-	t.Helper()
-	cfg := configs.Default()
-	cfg.Server.PublicURL = "http://127.0.0.1:7878"
-	// Only Run uses it; tests that drive the manager by hand call reconcile.
-	cfg.Server.ReconcileInterval = configs.Duration{Duration: 5 * time.Millisecond}
-	cfg.Server.OrphanGrace = configs.Duration{Duration: 5 * time.Minute}
-	cfg.Providers = map[string]configs.Provider{"fake": {Type: "local"}}
-	pc := configs.Pool{
-		Provider:        "fake",
-		Image:           "img-1",
-		InstanceTypes:   []string{"fake.small"},
-		Spot:            "off",
-		MetadataOptions: configs.MetadataOptions{HTTPTokens: "required", HopLimit: 1},
-		MinIdle:         0,
-		MaxInstances:    4,
-		IdleTTD:         configs.Duration{Duration: 10 * time.Minute},
-		BootTimeout:     configs.Duration{Duration: 5 * time.Minute},
-		LeaseTTL:        configs.Duration{Duration: time.Hour},
-		MaxLeaseTTL:     configs.Duration{Duration: 24 * time.Hour},
-		ClaimTimeout:    configs.Duration{Duration: 2 * time.Minute},
-		OnIdle:          "terminate",
-		Bootstrap:       "builtin:generic.sh",
-		UserDataFormat:  "script",
+// testOptions is one pool, "demo", on the fake cloud; mod adjusts the pool.
+func testOptions(mod func(*Spec)) Options {
+	spec := Spec{
+		Provider:     "fake",
+		MinIdle:      0,
+		MaxInstances: 4,
+		IdleTTD:      10 * time.Minute,
+		BootTimeout:  5 * time.Minute,
+		LeaseTTL:     time.Hour,
+		MaxLeaseTTL:  24 * time.Hour,
+		ClaimTimeout: 2 * time.Minute,
+		Bootstrap:    "builtin:generic.sh",
+		Launch: cloud.LaunchSpec{
+			Image:              "img-1",
+			InstanceTypes:      []string{"fake.small"},
+			Spot:               "off",
+			MetadataHTTPTokens: "required",
+			MetadataHopLimit:   1,
+		},
+		UserData: userdata.Params{Format: userdata.FormatScript},
 	}
 	if mod != nil {
-		mod(&pc)
+		mod(&spec)
 	}
-	cfg.Pools = map[string]configs.Pool{"demo": pc}
-	if err := cfg.Validate(); err != nil {
-		t.Fatalf("test config: %v", err)
+	return Options{
+		Pools:     map[string]Spec{"demo": spec},
+		PublicURL: "http://127.0.0.1:7878",
+		// Only Run uses it; tests that drive the manager by hand call reconcile.
+		ReconcileInterval: 5 * time.Millisecond,
+		OrphanGrace:       5 * time.Minute,
 	}
-	return cfg
 }
 
-func newHarness(t *testing.T, mod func(*configs.Pool)) *harness {
+func newHarness(t *testing.T, mod func(*Spec)) *harness {
 	t.Helper()
 	clock := newFakeClock()
 	h := &harness{
 		t:     t,
 		clock: clock,
 		cloud: newFakeCloud(clock),
-		cfg:   testConfig(t, mod),
+		opts:  testOptions(mod),
 		path:  filepath.Join(t.TempDir(), "state.db"),
 	}
 	h.open()
@@ -102,15 +99,10 @@ func (h *harness) open() {
 	if h.quiet {
 		log = slog.New(slog.DiscardHandler)
 	}
-	m, err := New(Options{
-		Config:    h.cfg,
-		Providers: map[string]cloud.Provider{"fake": h.cloud},
-		Store:     s,
-		Logger:    log,
-		Clock:     h.clock,
-		Tick:      time.Millisecond,
-		Metrics:   h.metrics,
-	})
+	o := h.opts
+	o.Providers = map[string]cloud.Provider{"fake": h.cloud}
+	o.Store, o.Logger, o.Clock, o.Tick, o.Metrics = s, log, h.clock, time.Millisecond, h.metrics
+	m, err := New(o)
 	if err != nil {
 		s.Close()
 		h.t.Fatal(err)
@@ -399,7 +391,7 @@ func TestOrphansTerminatedOnlyAfterGrace(t *testing.T) {
 		}
 	}
 
-	grace := h.cfg.Server.OrphanGrace.Duration
+	grace := h.opts.OrphanGrace
 	h.reconcile()
 	check("first seen", false)
 	for _, step := range []time.Duration{time.Minute, time.Minute, grace - 2*time.Minute - time.Second} {
@@ -449,7 +441,7 @@ func TestReconcileSparesInstanceWhoseLaunchIsUnderWay(t *testing.T) {
 	for range 3 {
 		// Not settle: the launch call is held.
 		h.m.reconcile(context.Background())
-		h.clock.Advance(h.cfg.Server.OrphanGrace.Duration + time.Second)
+		h.clock.Advance(h.opts.OrphanGrace + time.Second)
 	}
 	h.cloud.SetAfterLaunch(nil)
 	close(proceed)
@@ -481,7 +473,7 @@ func TestReconcileEndsSecondInstanceOfOneIntent(t *testing.T) {
 		t.Fatalf("second instance %s of intent %s was not terminated", second, key)
 	}
 	for range 3 {
-		h.clock.Advance(h.cfg.Server.OrphanGrace.Duration)
+		h.clock.Advance(h.opts.OrphanGrace)
 		h.reconcile()
 	}
 	if h.cloud.Terminated(first) || h.state(first) != Idle {
@@ -621,7 +613,7 @@ func TestRestartResumesInterruptedLaunch(t *testing.T) {
 }
 
 func TestQuotaErrorBlocksLaunchesUntilScale(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MinIdle = 1 })
+	h := newHarness(t, func(p *Spec) { p.MinIdle = 1 })
 	h.cloud.FailAll("launch", cloud.ErrQuota)
 	h.tick()
 	if n := h.cloud.Count("launch"); n != 1 {
@@ -661,7 +653,7 @@ func TestQuotaErrorBlocksLaunchesUntilScale(t *testing.T) {
 }
 
 func TestQuotaBlockIsRetriedRarely(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MinIdle = 1 })
+	h := newHarness(t, func(p *Spec) { p.MinIdle = 1 })
 	h.cloud.FailAll("launch", cloud.ErrQuota)
 	h.tick()
 	for range 4 * 60 {
@@ -683,7 +675,7 @@ func TestQuotaBlockIsRetriedRarely(t *testing.T) {
 }
 
 func TestCapacityErrorBacksOff(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MinIdle = 1 })
+	h := newHarness(t, func(p *Spec) { p.MinIdle = 1 })
 	h.cloud.FailNext("launch", fmt.Errorf("no t3.small in us-east-1a: %w", cloud.ErrCapacity))
 	h.tick()
 	p := h.pool()
@@ -712,7 +704,7 @@ func TestCapacityErrorBacksOff(t *testing.T) {
 }
 
 func TestCapacityBackoffGrows(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MinIdle = 1 })
+	h := newHarness(t, func(p *Spec) { p.MinIdle = 1 })
 	h.cloud.FailAll("launch", cloud.ErrCapacity)
 	h.tick()
 	for i := 1; i <= 9; i++ {
@@ -754,7 +746,7 @@ func TestLostInstanceEndsLeaseAndIsReplaced(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			h := newHarness(t, func(p *configs.Pool) { p.MinIdle, p.MaxInstances = 1, 1 })
+			h := newHarness(t, func(p *Spec) { p.MinIdle, p.MaxInstances = 1, 1 })
 			h.tick()
 			id := h.only(Booting)
 			h.ready(id)
@@ -957,7 +949,7 @@ func (h *harness) leaseState(id string) LeaseState {
 }
 
 func TestPendingLeaseAbandoned(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 1 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 1 })
 	id := h.warm(1)[0]
 	holder, _ := h.leaseOn(LeaseRequest{})
 
@@ -1007,7 +999,7 @@ func TestPendingLeaseAbandoned(t *testing.T) {
 }
 
 func TestReleaseOfPendingLeaseCancelsIt(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 1 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 1 })
 	h.warm(1)
 	h.leaseOn(LeaseRequest{})
 	v := h.pendingLease(LeaseRequest{})
@@ -1109,7 +1101,7 @@ func TestScaleInTakesOnlyIdleInstances(t *testing.T) {
 }
 
 func TestScaleValidation(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MinIdle, p.MaxInstances = 1, 4 })
+	h := newHarness(t, func(p *Spec) { p.MinIdle, p.MaxInstances = 1, 4 })
 	n := func(i int) *int { return &i }
 	cases := []struct {
 		name     string
@@ -1138,7 +1130,7 @@ func TestScaleValidation(t *testing.T) {
 }
 
 func TestPendingLeasesServedInRequestOrder(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 1 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 1 })
 	var leases []LeaseView
 	for range 3 {
 		leases = append(leases, h.lease(LeaseRequest{}))
@@ -1193,7 +1185,7 @@ func TestPendingLeasesServedInRequestOrder(t *testing.T) {
 }
 
 func TestRestartRestoresLeasesAndInstances(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 2 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 2 })
 	ids := h.warm(2)
 	a, onA := h.leaseOn(LeaseRequest{ClientToken: "a", Labels: map[string]string{"job": "a"}})
 	b, onB := h.leaseOn(LeaseRequest{Worker: Worker{Name: "worker-b", Master: "ci.example:9989"}})
@@ -1278,13 +1270,13 @@ func TestRestartRestoresLeasesAndInstances(t *testing.T) {
 func TestIdleReaping(t *testing.T) {
 	for _, onIdle := range []string{"terminate", "stop"} {
 		t.Run(onIdle, func(t *testing.T) {
-			h := newHarness(t, func(p *configs.Pool) { p.OnIdle = onIdle })
+			h := newHarness(t, func(p *Spec) { p.StopWhenIdle = onIdle == "stop" })
 			ids := h.warm(3)
 			one := 1
 			if _, err := h.m.Scale(context.Background(), "demo", &one, nil); err != nil {
 				t.Fatal(err)
 			}
-			ttd := h.cfg.Pools["demo"].IdleTTD.Duration
+			ttd := h.opts.Pools["demo"].IdleTTD
 			h.clock.Advance(ttd)
 			h.tick()
 			if got := h.ids(Idle); len(got) != 3 {
@@ -1348,12 +1340,12 @@ func TestIdleReaping(t *testing.T) {
 }
 
 func TestBootTimeout(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 1 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 1 })
 	v := h.pendingLease(LeaseRequest{Wait: 10 * time.Minute})
 	h.settle()
 	id := h.only(Booting)
 	key := h.key(id)
-	timeout := h.cfg.Pools["demo"].BootTimeout.Duration
+	timeout := h.opts.Pools["demo"].BootTimeout
 	h.clock.Advance(timeout)
 	h.tick()
 	if h.state(id) != Booting {
@@ -1408,9 +1400,9 @@ func TestReadyBeforeLaunchAnswer(t *testing.T) {
 // Reaping many idle instances at once makes one terminate call for all of
 // them, not one each.
 func TestReapedInstancesTerminatedInOneCall(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 8 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 8 })
 	ids := h.warm(6)
-	h.clock.Advance(h.cfg.Pools["demo"].IdleTTD.Duration + time.Second)
+	h.clock.Advance(h.opts.Pools["demo"].IdleTTD + time.Second)
 	h.tick()
 	h.settle()
 	for _, id := range ids {
@@ -1427,7 +1419,7 @@ func TestReapedInstancesTerminatedInOneCall(t *testing.T) {
 // A large scale-out keeps at most maxLaunching launch calls under way; each
 // one that returns lets the next go.
 func TestScaleOutBoundsLaunchesUnderWay(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.MaxInstances = 25 })
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 25 })
 	var mu sync.Mutex
 	inFlight, peak := 0, 0
 	release := make(chan struct{})

@@ -99,7 +99,7 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 			// idempotency token. Keep the first, end this one.
 			if !gone {
 				orphans[c.ID] = true
-				m.orphanLocked(prov, c, now.Add(-m.cfg.Server.OrphanGrace.Duration))
+				m.orphanLocked(prov, c, now.Add(-m.opts.OrphanGrace))
 			}
 			continue
 		}
@@ -161,7 +161,7 @@ func (m *Manager) orphanLocked(prov cloud.Provider, c cloud.Instance, now time.T
 		m.log.Warn("unknown instance with our owner tag", "instance", c.ID, "pool", c.Tags[cloud.TagPool])
 		return
 	}
-	if m.clock.Now().Sub(first.at) < m.cfg.Server.OrphanGrace.Duration {
+	if m.clock.Now().Sub(first.at) < m.opts.OrphanGrace {
 		return
 	}
 	delete(m.orphans, c.ID)

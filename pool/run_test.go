@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
-	"github.com/hangar-ci/hangar/configs"
 )
 
 // output reads a run's output without waiting.
@@ -38,7 +37,7 @@ func (h *harness) write(id, lease string, run int, data string) {
 // place of the worker; the output arrives in order, long-polls wake for it,
 // and the exit status comes only with the last byte.
 func TestRunLifecycle(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.WorkerCommand = "run-the-worker" })
+	h := newHarness(t, func(p *Spec) { p.WorkerCommand = "run-the-worker" })
 	ids := h.warm(2)
 	argv := []string{"printf", "%s\n", "'; rm -rf / #", "$(id)", ""}
 	v, inst := h.leaseOn(LeaseRequest{Command: argv})
@@ -204,7 +203,7 @@ func (h *harness) pollRun(id, current string, run int) bootstrap.Assignment {
 // More runs on one lease, one at a time; a bootstrap that does not know
 // runs (run = -1) is never asked for a second one.
 func TestRunsOnHeldLease(t *testing.T) {
-	h := newHarness(t, func(p *configs.Pool) { p.WorkerCommand = "run-the-worker" })
+	h := newHarness(t, func(p *Spec) { p.WorkerCommand = "run-the-worker" })
 	h.warm(1)
 	v, inst := h.leaseOn(LeaseRequest{})
 	if _, err := h.m.Output(context.Background(), Admin, v.ID, 0, 0, "", 0); !errors.Is(err, ErrInvalid) {

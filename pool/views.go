@@ -55,7 +55,7 @@ func (m *Manager) Pools() []PoolView {
 }
 
 func (m *Manager) poolViewLocked(p *poolState) PoolView {
-	v := PoolView{Name: p.name, Provider: p.cfg.Provider, MinIdle: p.cfg.MinIdle, MaxInstances: p.cfg.MaxInstances,
+	v := PoolView{Name: p.name, Provider: p.spec.Provider, MinIdle: p.spec.MinIdle, MaxInstances: p.spec.MaxInstances,
 		Instances: map[State]int{}, LeasesPending: len(p.queue), LaunchError: p.launchErr, LaunchBlocked: p.blocked}
 	for _, in := range m.instances {
 		if in.Pool == p.name && in.State != Gone {
@@ -84,7 +84,7 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 		m.unlock()
 		return PoolView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
 	}
-	newMin, newMax := p.cfg.MinIdle, p.cfg.MaxInstances
+	newMin, newMax := p.spec.MinIdle, p.spec.MaxInstances
 	if minIdle != nil {
 		newMin = *minIdle
 	}
@@ -105,7 +105,7 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 		m.unlock()
 		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
 	}
-	p.cfg.MinIdle, p.cfg.MaxInstances = newMin, newMax
+	p.spec.MinIdle, p.spec.MaxInstances = newMin, newMax
 	// A scaled-up pool may launch again even after a quota error.
 	p.blocked = false
 	m.write(store.Op{Kind: store.Pools, ID: pool, Value: scale{newMin, newMax}})

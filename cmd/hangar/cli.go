@@ -433,7 +433,7 @@ func userdataCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			b, err := pool.RenderUserData(cfg, args[0])
+			b, err := renderUserData(cfg, args[0])
 			if err != nil {
 				return err
 			}

@@ -150,7 +150,9 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		}
 		s.providers[name] = met.Instrument(name, p)
 	}
-	mgr, err = pool.New(pool.Options{Config: cfg, Providers: s.providers, Store: s.store, Logger: log, Metrics: met, Clock: o.Clock, Tick: o.Tick})
+	po := poolOptions(cfg)
+	po.Providers, po.Store, po.Logger, po.Metrics, po.Clock, po.Tick = s.providers, s.store, log, met, o.Clock, o.Tick
+	mgr, err = pool.New(po)
 	if err != nil {
 		ln.Close()
 		return nil, err

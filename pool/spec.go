@@ -1,0 +1,54 @@
+package pool
+
+import (
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/userdata"
+)
+
+// Spec is one pool as the manager runs it: plain values, mapped once from
+// the configuration by cmd/hangar, so that the pool never reads TOML types
+// (as fleeting's plugins map their config once in Init).
+type Spec struct {
+	// Provider names the provider the pool launches on (Options.Providers).
+	Provider     string
+	MinIdle      int
+	MaxInstances int
+	MaxUses      int // 0: no limit
+	IdleTTD      time.Duration
+	BootTimeout  time.Duration
+	LeaseTTL     time.Duration
+	MaxLeaseTTL  time.Duration
+	ClaimTimeout time.Duration
+	// StopWhenIdle stops instances idle past IdleTTD instead of ending
+	// them, where the provider can.
+	StopWhenIdle bool
+
+	// Bootstrap is where the bootstrap script comes from (bootstrap.Scripts).
+	Bootstrap      string
+	WorkerCommand  string
+	CleanupCommand string
+	WorkerUser     string
+
+	// Launch is every launch's template: image, types, zones, network,
+	// market, metadata options and the pool's tags. The pool fills in
+	// UserData and ClientToken, and adds its own tags.
+	Launch cloud.LaunchSpec
+	// UserData is the user-data's template: format, env, cloud-config. The
+	// pool fills in Pool, HangarURL and BootstrapToken.
+	UserData userdata.Params
+}
+
+// userData renders what an instance of pool boots with, carrying token.
+func (s Spec) userData(pool, publicURL, token string) ([]byte, error) {
+	p := s.UserData
+	p.Pool, p.HangarURL, p.BootstrapToken = pool, publicURL, token
+	return userdata.Render(p)
+}
+
+// RenderUserData renders what an instance of the pool would boot with, with
+// a placeholder token, for `hangar userdata render`.
+func RenderUserData(s Spec, pool, publicURL string) ([]byte, error) {
+	return s.userData(pool, publicURL, "TOKEN-PLACEHOLDER")
+}
