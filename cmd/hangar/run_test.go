@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	cirun "github.com/hangar-ci/hangar/ci/run"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -162,7 +163,7 @@ func TestRunInterrupted(t *testing.T) {
 	ts := startTest(t, testTOML(t.TempDir(), "demo", ""), nil)
 	bin := hangarBinary(t)
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
-		t.Run(signalNames[sig], func(t *testing.T) {
+		t.Run(cirun.SignalNames[sig], func(t *testing.T) {
 			pidFile := filepath.Join(t.TempDir(), "remote.pid")
 			cmd := exec.Command(bin, "--server="+ts.url, "run", "demo", "--", "sh", "-c", `echo $$ > "$0"; echo started; exec sleep 600`, pidFile)
 			var stderr bytes.Buffer
@@ -190,7 +191,7 @@ func TestRunInterrupted(t *testing.T) {
 				t.Errorf("hangar run ended with %v, want exit status %d", err, 128+int(sig))
 			}
 			note := stderr.String()
-			if !strings.Contains(note, "interrupted by "+signalNames[sig]) || !strings.Contains(note, "released, its instance discarded") {
+			if !strings.Contains(note, "interrupted by "+cirun.SignalNames[sig]) || !strings.Contains(note, "released, its instance discarded") {
 				t.Errorf("stderr: %s", note)
 			}
 			leaseID, id := find(t, leaseInNote, note), find(t, instanceInNote, note)
