@@ -82,6 +82,9 @@ type Poll struct {
 	// their token for the instance's life.
 	Rotate bool
 	Wait   time.Duration
+	// TokenHash is the hash of the token the poll came with: a rotated
+	// token is only settled once the instance uses it.
+	TokenHash string
 }
 
 // Heartbeat is an instance's periodic sign of life.
@@ -129,6 +132,9 @@ var (
 // BrokenMarker goes into a run's output where an upload broke off: what
 // the instance had sent but Hangar had not received is missing there.
 const BrokenMarker = "\n[hangar: the upload of this output broke off here; some output may be missing]\n"
+
+// tokenHashKey carries the hash of the request's token in its context.
+type tokenHashKey struct{}
 
 // HashToken is how tokens are stored and looked up.
 func HashToken(token string) string {
@@ -178,11 +184,13 @@ func (h *handler) authLimit(limit int64, next func(w http.ResponseWriter, r *htt
 			http.Error(w, "missing bootstrap token", http.StatusUnauthorized)
 			return
 		}
-		instance, err := h.b.Authenticate(HashToken(token))
+		hash := HashToken(token)
+		instance, err := h.b.Authenticate(hash)
 		if err != nil {
 			http.Error(w, ErrUnauthorized.Error(), http.StatusUnauthorized)
 			return
 		}
+		r = r.WithContext(context.WithValue(r.Context(), tokenHashKey{}, hash))
 		if limit > 0 {
 			r.Body = http.MaxBytesReader(w, r.Body, limit)
 		}
@@ -273,7 +281,8 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 		http.Error(w, fmt.Sprintf("bad rotate %q: want 1 or nothing", s), http.StatusBadRequest)
 		return
 	}
-	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait})
+	hash, _ := r.Context().Value(tokenHashKey{}).(string)
+	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait, TokenHash: hash})
 	if err != nil {
 		h.fail(w, instance, "assignment", err)
 		return

@@ -12,11 +12,24 @@ var _ bootstrap.Backend = (*Manager)(nil)
 // Authenticate implements bootstrap.Backend.
 func (m *Manager) Authenticate(tokenHash string) (string, error) {
 	m.mu.Lock()
-	defer m.unlock()
 	in, ok := m.byToken[tokenHash]
 	if !ok {
+		// A bootstrap refused stops for good: the revocation it learns of
+		// must be on disk, not undone by a crash.
+		saved := m.synced()
+		m.unlock()
+		saved.Wait() //nolint:errcheck // refused either way; a failed write is reported to whoever made it
 		return "", bootstrap.ErrUnauthorized
 	}
+	if tokenHash == in.NextTokenHash {
+		// The instance has the token it was sent: the old one dies.
+		m.revokeTokens(in)
+		in.TokenHash, in.NextTokenHash, in.EarlierTokenHashes = tokenHash, "", nil
+		m.byToken[in.TokenHash] = in
+		m.saveInstance(in)
+		m.log.Info("bootstrap token rotated", "pool", in.Pool, "instance", in.name())
+	}
+	m.unlock()
 	return in.Key, nil
 }
 
@@ -50,7 +63,22 @@ func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
 // Ready implements bootstrap.Backend: the instance's bootstrap runs.
 func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) error {
 	m.mu.Lock()
-	defer m.unlock()
+	err := m.readyLocked(key, r)
+	saved := m.synced()
+	m.unlock()
+	if err != nil {
+		return err
+	}
+	// Answered once on disk: a bootstrap told "ready" never says it again,
+	// so a ready lost to a crash would leave its instance booting until
+	// boot_timeout.
+	if err := saved.Wait(); err != nil {
+		return fmt.Errorf("saving the ready report of %s: %w", key, err)
+	}
+	return nil
+}
+
+func (m *Manager) readyLocked(key string, r bootstrap.Ready) error {
 	in, err := m.instanceLocked(key)
 	if err != nil {
 		return err
@@ -91,23 +119,21 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 	defer timer.Stop()
 	for {
 		m.mu.Lock()
-		in, err := m.instanceLocked(key)
-		if err != nil {
-			m.unlock()
-			return bootstrap.Assignment{State: bootstrap.AssignTerminate}, nil
+		a := bootstrap.Assignment{State: bootstrap.AssignTerminate}
+		if in, err := m.instanceLocked(key); err == nil {
+			in.LastSeen = m.clock.Now()
+			a = m.assignmentLocked(in, poll)
 		}
-		in.LastSeen = m.clock.Now()
-		a := m.assignmentLocked(in, poll)
 		changed := m.waitChange()
 		saved := m.synced()
 		m.unlock()
-		if a.NewToken != "" {
-			// The instance must not hold a token the store does not know.
-			if err := saved.Wait(); err != nil {
-				return bootstrap.Assignment{}, fmt.Errorf("saving the rotated token of %s: %w", key, err)
-			}
-		}
 		if a.State != bootstrap.AssignNone || a.NewToken != "" {
+			// On disk before the instance acts on it: a bootstrap told to
+			// stop, to take a lease or to use a new token does so, and a
+			// crash must not undo the decision behind it.
+			if err := saved.Wait(); err != nil {
+				return bootstrap.Assignment{}, fmt.Errorf("saving the assignment of %s: %w", key, err)
+			}
 			return a, nil
 		}
 		select {
@@ -122,10 +148,13 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 
 func (m *Manager) assignmentLocked(in *Instance, poll bootstrap.Poll) bootstrap.Assignment {
 	a := m.nextAssignmentLocked(in, poll)
-	if poll.Rotate && !in.TokenRotated && a.State != bootstrap.AssignTerminate {
-		// The token the instance booted with is in its user-data, which
-		// anything on the instance can read from the metadata service: it
-		// is replaced before any build runs there.
+	// The token the instance booted with is in its user-data, which
+	// anything on the instance can read from the metadata service: it is
+	// replaced before any build runs there. A poll with the old token after
+	// a new one was sent means the answer that carried it was lost (a
+	// crash, a cut connection): send another.
+	lost := in.NextTokenHash != "" && poll.TokenHash != "" && poll.TokenHash != in.NextTokenHash
+	if poll.Rotate && a.NewToken == "" && (!in.TokenRotated || lost) && a.State != bootstrap.AssignTerminate {
 		a.NewToken = m.rotateTokenLocked(in)
 	}
 	return a
@@ -184,17 +213,20 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 	return a
 }
 
-// rotateTokenLocked gives in a new bootstrap token and returns it; every
-// earlier token of in is refused from now on. Only its hash is kept.
+// rotateTokenLocked makes a new bootstrap token for in and returns it, to
+// be sent in an assignment answer. Only its hash is kept. The old token
+// works until the instance first uses the new one (Authenticate), so an
+// answer lost on the way does not lock the instance out; a token sent
+// earlier and never used dies now.
 func (m *Manager) rotateTokenLocked(in *Instance) string {
 	token := randomToken(32)
-	m.revokeTokens(in)
-	in.EarlierTokenHashes = nil
-	in.TokenHash = bootstrap.HashToken(token)
+	if in.NextTokenHash != "" {
+		delete(m.byToken, in.NextTokenHash)
+	}
+	in.NextTokenHash = bootstrap.HashToken(token)
 	in.TokenRotated = true
-	m.byToken[in.TokenHash] = in
+	m.byToken[in.NextTokenHash] = in
 	m.saveInstance(in)
-	m.log.Info("bootstrap token rotated", "pool", in.Pool, "instance", in.name())
 	return token
 }
 

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"errors"
 	"testing"
 	"time"
 
@@ -70,5 +71,41 @@ func TestOrphanForgottenWhenItVanishes(t *testing.T) {
 	h.m.unlock()
 	if left != 0 {
 		t.Fatalf("%d orphans remembered after the only one vanished", left)
+	}
+}
+
+// TestTerminatingUntilTheCloudSaysTerminated: an instance whose terminate a
+// crash cut short, which the cloud still calls terminating, stays
+// terminating (and counts against max_instances) until the cloud says
+// terminated; reconcile terminates it again meanwhile. It used to be taken
+// for gone at once, and replaced while it still ran.
+func TestTerminatingUntilTheCloudSaysTerminated(t *testing.T) {
+	h := newHarness(t, func(p *Spec) { p.MaxInstances = 1 })
+	id := h.warm(1)[0]
+	h.cloud.FailNext("terminate", errors.New("cut off"))
+	h.m.mu.Lock()
+	h.m.terminateLocked(h.m.byID[id], ReasonDrain)
+	h.m.unlock()
+	h.settle()
+	h.cloud.SetState(id, cloud.StateTerminating)
+	h.restart()
+	calls := h.cloud.Count("terminate")
+	h.cloud.FailNext("terminate", errors.New("still shutting down"))
+	h.reconcile()
+	if st := h.state(id); st != Terminating {
+		t.Fatalf("instance the cloud calls terminating is %s, want terminating", st)
+	}
+	if h.cloud.Count("terminate") != calls+1 {
+		t.Fatal("reconcile did not terminate it again")
+	}
+	launches := h.cloud.Count("launch")
+	v := h.lease(LeaseRequest{})
+	h.settle()
+	if v.State != LeasePending || h.cloud.Count("launch") != launches {
+		t.Fatalf("lease %s, %d launches, with the only slot still terminating: max_instances overshot", v.State, h.cloud.Count("launch")-launches)
+	}
+	h.reconcile() // this time the terminate goes through
+	if st := h.state(id); st != Gone {
+		t.Fatalf("instance the cloud calls terminated is %s, want gone", st)
 	}
 }

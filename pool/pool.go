@@ -84,6 +84,10 @@ type Instance struct {
 	// TokenRotated: the token in the instance's user-data has been
 	// replaced (see rotateTokenLocked).
 	TokenRotated bool `json:"token_rotated,omitempty"`
+	// NextTokenHash is the hash of a token sent to the instance that it has
+	// not used yet. Both work until it does; from its first call with the
+	// new one, the old one is refused.
+	NextTokenHash string `json:"next_token_hash,omitempty"`
 
 	accounted time.Time // instance-seconds accounted up to here
 	op        Op        // the cloud call under way for it, if any
@@ -287,6 +291,9 @@ func (m *Manager) index(in *Instance) {
 		for _, h := range in.EarlierTokenHashes {
 			m.byToken[h] = in
 		}
+		if in.NextTokenHash != "" {
+			m.byToken[in.NextTokenHash] = in
+		}
 	}
 }
 
@@ -296,6 +303,7 @@ func (m *Manager) revokeTokens(in *Instance) {
 	for _, h := range in.EarlierTokenHashes {
 		delete(m.byToken, h)
 	}
+	delete(m.byToken, in.NextTokenHash)
 }
 
 // Run works the pools until ctx ends: it reconciles with the clouds at once

@@ -1109,7 +1109,7 @@ func TestScaleValidation(t *testing.T) {
 		want     string
 	}{
 		{"negative min", n(-1), nil, "min_idle must be ≥ 0"},
-		{"zero max", nil, n(0), "max_instances must be ≥ 1"},
+		{"negative max", n(0), n(-1), "max_instances must be ≥ 0"},
 		{"max below min", n(3), n(2), "max_instances (2) must be ≥ min_idle (3)"},
 		{"max below current min", nil, n(0), "max_instances (0) must be ≥ min_idle (1)"},
 	}
@@ -1126,6 +1126,33 @@ func TestScaleValidation(t *testing.T) {
 	}
 	if _, err := h.m.Scale(context.Background(), "nope", nil, nil); !errors.Is(err, ErrUnknownPool) {
 		t.Fatalf("Scale of an unknown pool: %v", err)
+	}
+}
+
+// A pool scaled to 0 ends its idle instances at once and launches nothing,
+// not even for a lease; a leased one goes when it is released.
+func TestScaleToZero(t *testing.T) {
+	h := newHarness(t, nil)
+	ids := h.warm(2)
+	v := h.lease(LeaseRequest{})
+	zero := 0
+	if _, err := h.m.Scale(context.Background(), "demo", &zero, &zero); err != nil {
+		t.Fatal(err)
+	}
+	h.settle()
+	if got := h.cloud.Running(); len(got) != 1 || got[0] != v.Instance.ID {
+		t.Fatalf("running after scaling to 0: %v, want only the leased %s (of %v)", got, v.Instance.ID, ids)
+	}
+	p := h.lease(LeaseRequest{})
+	if p.State != LeasePending {
+		t.Fatalf("a lease from a pool scaled to 0 is %s, want pending", p.State)
+	}
+	h.release(p.ID, false)
+	h.release(v.ID, false)
+	h.cleanRelease(v.Instance.ID, v.ID)
+	h.tick()
+	if got := h.cloud.Running(); len(got) != 0 {
+		t.Fatalf("running after the last lease ended: %v, want none", got)
 	}
 }
 

@@ -111,7 +111,11 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 		case in.State == Gone && !gone:
 			m.terminateIDs(prov, in.Pool, []string{c.ID}, ReasonRetry)
 		case in.State == Terminating:
-			if gone {
+			// Gone only once the cloud says terminated: while it says
+			// terminating, the machine may still run (a crash cut its
+			// terminate short), counts against max_instances, and gets
+			// its terminate again.
+			if c.State == cloud.StateTerminated {
 				m.setState(in, Gone, ReasonNone)
 			} else {
 				m.terminateCall(in)

@@ -95,8 +95,9 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 	if newMin < 0 {
 		problems = append(problems, errors.New("min_idle must be ≥ 0"))
 	}
-	if newMax < 1 {
-		problems = append(problems, errors.New("max_instances must be ≥ 1"))
+	// 0 pauses a pool: idle instances go, leased ones when released.
+	if newMax < 0 {
+		problems = append(problems, errors.New("max_instances must be ≥ 0"))
 	}
 	if newMax < newMin {
 		problems = append(problems, fmt.Errorf("max_instances (%d) must be ≥ min_idle (%d)", newMax, newMin))
