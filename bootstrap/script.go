@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/clock"
 	"github.com/hangar-ci/hangar/scripts"
 )
 
@@ -23,6 +24,7 @@ const MaxScript = 1 << 20
 type Scripts struct {
 	HTTP     *http.Client
 	CacheFor time.Duration
+	Clock    clock.Clock // nil: clock.Real
 
 	mu    sync.Mutex
 	cache map[string]cached
@@ -58,7 +60,7 @@ func (s *Scripts) fetch(ctx context.Context, url string) ([]byte, error) {
 	s.mu.Lock()
 	c, ok := s.cache[url]
 	s.mu.Unlock()
-	if ok && time.Since(c.at) < s.CacheFor {
+	if ok && s.now().Sub(c.at) < s.CacheFor {
 		return c.body, nil
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
@@ -85,9 +87,16 @@ func (s *Scripts) fetch(ctx context.Context, url string) ([]byte, error) {
 	if s.cache == nil {
 		s.cache = map[string]cached{}
 	}
-	s.cache[url] = cached{body: body, at: time.Now()}
+	s.cache[url] = cached{body: body, at: s.now()}
 	s.mu.Unlock()
 	return body, nil
+}
+
+func (s *Scripts) now() time.Time {
+	if s.Clock == nil {
+		return clock.Real.Now()
+	}
+	return s.Clock.Now()
 }
 
 func readLimited(r io.Reader, name string) ([]byte, error) {

@@ -1,6 +1,8 @@
 package bootstrap
 
 import (
+	"github.com/hangar-ci/hangar/internal/testutil"
+
 	"context"
 	"net/http"
 	"net/http/httptest"
@@ -28,7 +30,8 @@ func TestScriptSources(t *testing.T) {
 	defer srv.Close()
 	file := filepath.Join(t.TempDir(), "boot.sh")
 	os.WriteFile(file, []byte("#!/bin/bash\necho file\n"), 0o600)
-	s := &Scripts{HTTP: srv.Client(), CacheFor: time.Hour}
+	clock := testutil.NewFakeClock()
+	s := &Scripts{HTTP: srv.Client(), CacheFor: time.Hour, Clock: clock}
 	ctx := context.Background()
 
 	cases := []struct{ src, want, err string }{
@@ -58,5 +61,11 @@ func TestScriptSources(t *testing.T) {
 	}
 	if fetches.Load() != before {
 		t.Errorf("cached script fetched %d more times", fetches.Load()-before)
+	}
+	// The cache follows the clock it is given.
+	clock.Advance(time.Hour)
+	s.Load(ctx, srv.URL+"/ok.sh")
+	if fetches.Load() != before+1 {
+		t.Errorf("after CacheFor, fetched %d more times, want 1", fetches.Load()-before)
 	}
 }

@@ -167,7 +167,7 @@ func New(opts Options) (*Manager, error) {
 		metrics:     opts.Metrics,
 		clock:       opts.Clock,
 		tick:        opts.Tick,
-		scripts:     bootstrap.Scripts{CacheFor: time.Minute},
+		scripts:     bootstrap.Scripts{CacheFor: time.Minute, Clock: opts.Clock},
 		pools:       map[string]*poolState{},
 		instances:   map[string]*Instance{},
 		byID:        map[string]*Instance{},
