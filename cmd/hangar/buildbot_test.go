@@ -81,7 +81,7 @@ for args, kwargs, want in [
     assert want in got, (args, kwargs, got)
 print("ok")
 `
-	cmd := exec.Command(systemPython, "-c", check, filepath.Join("..", "..", "scripts", "buildbot"))
+	cmd := exec.Command(systemPython, "-c", check, filepath.Join("..", "..", "ci", "buildbot"))
 	cmd.Env = noBytecode()
 	out, err := cmd.CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != "ok" {
@@ -268,7 +268,7 @@ func waitReleased(t *testing.T, ts *testServer, id, when string) {
 }
 
 // noBytecode is the environment for Pythons that import
-// scripts/buildbot/hangar_buildbot.py: a test writes nothing into the tree.
+// ci/buildbot/hangar_buildbot.py: a test writes nothing into the tree.
 func noBytecode() []string {
 	return append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1")
 }
@@ -291,7 +291,7 @@ func startBuildbotMaster(t *testing.T, dir, hangarURL, token string) *buildbotMa
 	// sendchange must know the port before the master starts.
 	m := &buildbotMaster{dir: dir, addr: freePort(t), done: make(chan error, 1)}
 	_, port, _ := net.SplitHostPort(m.addr)
-	scriptsDir, err := filepath.Abs(filepath.Join("..", "..", "scripts", "buildbot"))
+	scriptsDir, err := filepath.Abs(filepath.Join("..", "..", "ci", "buildbot"))
 	if err != nil {
 		t.Fatal(err)
 	}
