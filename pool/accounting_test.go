@@ -6,7 +6,7 @@ import (
 
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestGoneInstancesCostNothing: hangar_instance_seconds_total, which
@@ -20,7 +20,7 @@ func TestGoneInstancesCostNothing(t *testing.T) {
 	id := h.warm(1)[0]
 	h.clock.Advance(time.Minute)
 	h.tick()
-	idle := testutil.ToFloat64(h.metrics.InstanceSeconds.WithLabelValues("demo", string(Idle)))
+	idle := promtest.ToFloat64(h.metrics.InstanceSeconds.WithLabelValues("demo", string(Idle)))
 	if idle < 60 {
 		t.Fatalf("idle seconds after a minute idle: %v", idle)
 	}
@@ -38,7 +38,7 @@ func TestGoneInstancesCostNothing(t *testing.T) {
 	h.restart()
 	h.clock.Advance(10 * time.Minute)
 	h.tick()
-	if n := testutil.ToFloat64(h.metrics.InstanceSeconds.WithLabelValues("demo", string(Gone))); n != 0 {
+	if n := promtest.ToFloat64(h.metrics.InstanceSeconds.WithLabelValues("demo", string(Gone))); n != 0 {
 		t.Fatalf("hangar_instance_seconds_total{state=gone} = %v, want 0", n)
 	}
 }

@@ -6,9 +6,10 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestADayOfPoolLife runs 24 hours of a pool on the fake clock, minute by
@@ -114,7 +115,7 @@ func TestADayOfPoolLife(t *testing.T) {
 		t.Errorf("the abandoned lease ended %q, want expired", abandonedEnded)
 	}
 	reaped := func(reason string) float64 {
-		return testutil.ToFloat64(h.metrics.Reaped.WithLabelValues("demo", reason))
+		return promtest.ToFloat64(h.metrics.Reaped.WithLabelValues("demo", reason))
 	}
 	if n := reaped("lease_expired"); n != 1 {
 		t.Errorf("reaped for lease_expired: %v, want 1 (its machine's state is unknown)", n)
@@ -129,7 +130,7 @@ func TestADayOfPoolLife(t *testing.T) {
 	if idle, all := len(h.ids(Idle)), len(h.cloud.Running()); idle != 1 || all != 1 {
 		t.Errorf("at the end of the day: %d idle, %d running; want the one min_idle spare", idle, all)
 	}
-	if n := testutil.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("instance")); n != 0 {
+	if n := promtest.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("instance")); n != 0 {
 		t.Errorf("%v illegal transitions", n)
 	}
 	t.Logf("a day of pool life: %d leases asked, %d launches, %v reaped for idle_ttd, in %s of wall time",
@@ -144,14 +145,14 @@ func TestRunFollowsTheClock(t *testing.T) {
 	id := h.warm(1)[0]
 	h.m.tick = time.Hour
 	h.run()
-	eventually(t, "Run's tickers", func() bool { return h.clock.Waiters() >= 2 })
+	testutil.Eventually(t, "Run's tickers", 10*time.Second, func() bool { return h.clock.Waiters() >= 2 })
 	h.clock.Advance(59 * time.Minute)
 	time.Sleep(20 * time.Millisecond) // room for a wrong tick to do harm
 	if st := h.state(id); st != Idle {
 		t.Fatalf("instance is %s before the hour's tick, want idle", st)
 	}
 	h.clock.Advance(time.Minute)
-	eventually(t, "the idle instance reaped at the hour's tick", func() bool {
+	testutil.Eventually(t, "the idle instance reaped at the hour's tick", 10*time.Second, func() bool {
 		st := h.state(id)
 		return st == Terminating || st == Gone
 	})

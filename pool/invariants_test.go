@@ -6,7 +6,7 @@ import (
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestAssignIsOneTransaction: the lease and its instance's half of an
@@ -85,12 +85,12 @@ func TestRestoreRepairs(t *testing.T) {
 		if v := h.lease(LeaseRequest{}); v.State != LeasePending {
 			t.Fatalf("second lease is %s on %v: two builds on one machine", v.State, v.Instance)
 		}
-		if n := testutil.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_reattached")); n != 1 {
+		if n := promtest.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_reattached")); n != 1 {
 			t.Fatalf("hangar_store_repairs_total{kind=lease_reattached} = %v, want 1", n)
 		}
 		// Durable: a second restart finds nothing left to mend.
 		tornRestart(t, h)
-		if n := testutil.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_reattached")); n != 0 {
+		if n := promtest.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_reattached")); n != 0 {
 			t.Fatalf("repair was not saved: repaired again after restart")
 		}
 	})
@@ -101,7 +101,7 @@ func TestRestoreRepairs(t *testing.T) {
 		if v := h.getLease(l.ID); v.State != LeaseLost {
 			t.Fatalf("lease is %s, want lost", v.State)
 		}
-		if n := testutil.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_instance_missing")); n != 1 {
+		if n := promtest.ToFloat64(h.metrics.StoreRepairs.WithLabelValues("lease_instance_missing")); n != 1 {
 			t.Fatalf("repairs counted %v, want 1", n)
 		}
 	})

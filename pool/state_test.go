@@ -9,7 +9,7 @@ import (
 
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // quietHarness is a harness whose illegal transitions are counted, not
@@ -101,7 +101,7 @@ func TestSetStateWalk(t *testing.T) {
 			}
 		}
 	}
-	if n := testutil.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("instance")); n != float64(illegal) {
+	if n := promtest.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("instance")); n != float64(illegal) {
 		t.Errorf("hangar_illegal_transitions_total{machine=instance} = %v, want %d", n, illegal)
 	}
 	in := &Instance{Key: "h-same", Pool: "demo", State: Idle, Since: before}
@@ -139,7 +139,7 @@ func TestLeaseStateWalk(t *testing.T) {
 			}
 		}
 	}
-	if n := testutil.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("lease")); n != float64(illegal) {
+	if n := promtest.ToFloat64(h.metrics.IllegalTransitions.WithLabelValues("lease")); n != float64(illegal) {
 		t.Errorf("hangar_illegal_transitions_total{machine=lease} = %v, want %d", n, illegal)
 	}
 	for _, s := range states {
