@@ -145,8 +145,15 @@ func (s *stagingSession) close(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// stagingCLI builds `hangar staging`: one constructor per subcommand, all
+// working on a provider of the config through with.
+type stagingCLI struct {
+	g              *globals
+	path, provider string
+}
+
 func stagingCmd(g *globals) *cobra.Command {
-	var path, provider string
+	sc := &stagingCLI{g: g}
 	c := &cobra.Command{
 		Use:   "staging",
 		Short: "Staging servers and volumes: provision, fill with rsync, snapshot, copy between regions",
@@ -154,33 +161,44 @@ func stagingCmd(g *globals) *cobra.Command {
 Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 (a trailing slash copies a directory's contents, as with rsync).`,
 	}
-	c.PersistentFlags().StringVar(&path, "config", "", "config file (default as for serve)")
-	c.PersistentFlags().StringVar(&provider, "provider", "", "provider of the config to use (default: its only one)")
+	c.PersistentFlags().StringVar(&sc.path, "config", "", "config file (default as for serve)")
+	c.PersistentFlags().StringVar(&sc.provider, "provider", "", "provider of the config to use (default: its only one)")
+	put, get, rsync := sc.copyCmds()
+	c.AddCommand(sc.serversCmd(), sc.volumesCmd(), sc.snapshotsCmd(), sc.volumeCmd(), put, get, rsync, sc.ddCmd(),
+		sc.snapshotCmd(), sc.copySnapshotCmd(), sc.copyImageCmd(), sc.sshCmd(), sc.terminateAllCmd())
+	return c
+}
 
-	// with runs fn with a manager, interrupting it on SIGINT/SIGTERM and
-	// always doing on_exit afterwards.
-	with := func(fn func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error) func(*cobra.Command, []string) error {
-		return func(cmd *cobra.Command, args []string) error {
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			m, s, err := openStaging(ctx, g, path, provider)
-			if err != nil {
-				return err
-			}
-			err = fn(ctx, m, s, args)
-			// on_exit runs even after a Ctrl-C; a second one stops waiting.
-			stop()
-			cerr := s.close(cmd.Context())
-			if err == nil {
-				return cerr
-			}
-			if cerr != nil {
-				fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
-			}
+// stagingFunc is a subcommand's work, given a manager and its session.
+type stagingFunc func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error
+
+// with runs fn with a manager, interrupting it on SIGINT/SIGTERM and
+// always doing on_exit afterwards.
+func (sc *stagingCLI) with(fn stagingFunc) func(*cobra.Command, []string) error {
+	g := sc.g
+	return func(cmd *cobra.Command, args []string) error {
+		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		m, s, err := openStaging(ctx, g, sc.path, sc.provider)
+		if err != nil {
 			return err
 		}
+		err = fn(ctx, m, s, args)
+		// on_exit runs even after a Ctrl-C; a second one stops waiting.
+		stop()
+		cerr := s.close(cmd.Context())
+		if err == nil {
+			return cerr
+		}
+		if cerr != nil {
+			fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
+		}
+		return err
 	}
+}
 
+func (sc *stagingCLI) serversCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	servers := &cobra.Command{
 		Use: "servers", Short: "List staging servers", Args: cobra.NoArgs,
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -197,7 +215,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
+	return servers
+}
 
+func (sc *stagingCLI) volumesCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	volumes := &cobra.Command{
 		Use: "volumes", Short: "List staging volumes", Args: cobra.NoArgs,
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -220,7 +242,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
+	return volumes
+}
 
+func (sc *stagingCLI) snapshotsCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	snapshots := &cobra.Command{
 		Use: "snapshots", Short: "List snapshots of staging volumes, newest first", Args: cobra.NoArgs,
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -240,7 +266,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
+	return snapshots
+}
 
+func (sc *stagingCLI) volumeCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	volume := &cobra.Command{Use: "volume", Short: "Create or delete a staging volume"}
 	var spec staging.VolumeSpec
 	create := &cobra.Command{
@@ -273,7 +303,12 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 		}),
 	}
 	volume.AddCommand(create, del)
+	return volume
+}
 
+// copyCmds are put, get and rsync: rsync with checks on where from and to.
+func (sc *stagingCLI) copyCmds() (put, get, rsync *cobra.Command) {
+	with := sc.with
 	var rsyncOpts []string
 	copyCmd := func(use, short string, check func(locs []staging.Location) error) *cobra.Command {
 		cmd := &cobra.Command{
@@ -292,7 +327,7 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 		cmd.Flags().StringArrayVar(&rsyncOpts, "rsync-opt", nil, "extra rsync option, repeatable (e.g. --rsync-opt=--exclude='*.o')")
 		return cmd
 	}
-	put := copyCmd("put LOCAL… vol:NAME:/path", "Copy local files to a volume or server with rsync", func(locs []staging.Location) error {
+	put = copyCmd("put LOCAL… vol:NAME:/path", "Copy local files to a volume or server with rsync", func(locs []staging.Location) error {
 		for _, l := range locs[:len(locs)-1] {
 			if l.Kind != "local" {
 				return fmt.Errorf("put copies local paths; %s is not one (use rsync)", l)
@@ -303,7 +338,7 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 		}
 		return nil
 	})
-	get := copyCmd("get vol:NAME:/path… LOCAL", "Copy from a volume or server to a local path with rsync", func(locs []staging.Location) error {
+	get = copyCmd("get vol:NAME:/path… LOCAL", "Copy from a volume or server to a local path with rsync", func(locs []staging.Location) error {
 		if locs[len(locs)-1].Kind != "local" {
 			return fmt.Errorf("get copies to a local path; %s is not one (use rsync)", locs[len(locs)-1])
 		}
@@ -312,8 +347,12 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 		}
 		return nil
 	})
-	rsync := copyCmd("rsync SRC… DEST", "rsync between local paths, volumes, servers and user@host:/path", func([]staging.Location) error { return nil })
+	rsync = copyCmd("rsync SRC… DEST", "rsync between local paths, volumes, servers and user@host:/path", func([]staging.Location) error { return nil })
+	return put, get, rsync
+}
 
+func (sc *stagingCLI) snapshotCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	var description string
 	snapshot := &cobra.Command{
 		Use: "snapshot NAME", Short: "Snapshot a volume; a later `volume create NAME` starts from it", Args: cobra.ExactArgs(1),
@@ -327,7 +366,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 		}),
 	}
 	snapshot.Flags().StringVar(&description, "description", "", "snapshot description")
+	return snapshot
+}
 
+func (sc *stagingCLI) copySnapshotCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	var to string
 	copySnapshot := &cobra.Command{
 		Use: "copy-snapshot ID --to REGION", Short: "Copy a snapshot to another region", Args: cobra.ExactArgs(1),
@@ -344,6 +387,13 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
+	toFlag(copySnapshot, &to)
+	return copySnapshot
+}
+
+func (sc *stagingCLI) copyImageCmd() *cobra.Command {
+	g, with := sc.g, sc.with
+	var to string
 	copyImage := &cobra.Command{
 		Use: "copy-image ID --to REGION", Short: "Copy an image (and its snapshots) to another region", Args: cobra.ExactArgs(1),
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -359,11 +409,18 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
-	for _, cmd := range []*cobra.Command{copySnapshot, copyImage} {
-		cmd.Flags().StringVar(&to, "to", "", "destination region")
-		cmd.MarkFlagRequired("to")
-	}
+	toFlag(copyImage, &to)
+	return copyImage
+}
 
+// toFlag adds the required --to REGION of the copy commands.
+func toFlag(cmd *cobra.Command, to *string) {
+	cmd.Flags().StringVar(to, "to", "", "destination region")
+	cmd.MarkFlagRequired("to")
+}
+
+func (sc *stagingCLI) sshCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	sshCmd := &cobra.Command{
 		Use: "ssh SERVER [COMMAND…]", Short: "Run a command on a staging server, or open a shell on it", Args: cobra.MinimumNArgs(1),
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -388,7 +445,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return err
 		}),
 	}
+	return sshCmd
+}
 
+func (sc *stagingCLI) ddCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	dd := &cobra.Command{
 		Use: "dd SRC-VOLUME DEST-VOLUME", Short: "Copy a whole volume onto another, block for block (both unmounted first)", Args: cobra.ExactArgs(2),
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -400,7 +461,11 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
+	return dd
+}
 
+func (sc *stagingCLI) terminateAllCmd() *cobra.Command {
+	g, with := sc.g, sc.with
 	terminateAll := &cobra.Command{
 		Use: "terminate-all", Short: "Terminate every staging server of the provider (volumes and snapshots stay)", Args: cobra.NoArgs,
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
@@ -412,9 +477,7 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 			return nil
 		}),
 	}
-
-	c.AddCommand(servers, volumes, snapshots, volume, put, get, rsync, dd, snapshot, copySnapshot, copyImage, sshCmd, terminateAll)
-	return c
+	return terminateAll
 }
 
 // interactive runs command (or a login shell) with a PTY, the terminal in
