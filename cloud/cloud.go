@@ -71,7 +71,7 @@ func (s *State) UnmarshalText(b []byte) error {
 }
 
 // Tags every Hangar instance carries, so that a restarted server can find and
-// adopt what it launched (see DESIGN.md, crash safety).
+// adopt what it launched (see docs/design.md).
 const (
 	TagPool   = "hangar:pool"
 	TagOwner  = "hangar:owner"

@@ -20,7 +20,7 @@
 //	every state above ──→ terminating ──→ gone
 //	launching ──→ gone (its launch failed, or never began)
 //
-// releasing is not in DESIGN.md: after a release with reuse, the instance
+// releasing is not in the first design notes (docs/design.md): after a release with reuse, the instance
 // is not idle until its worker has stopped and it has said so (its next
 // assignment poll with no current lease). Handing it out before then could
 // give a new lease a machine still running the last build. An instance that
