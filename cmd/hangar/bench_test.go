@@ -2,18 +2,25 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
+	"github.com/hangar-ci/hangar/pool/store"
 )
 
-// Run with: go test -run '^$' -bench . -benchtime 200x ./cmd/hangar
+// Run with: go test -run '^$' -bench 'APIRoundTrip|Commit|WarmLeaseRelease$' -benchtime 300x -count 5 ./cmd/hangar
 //
-// BenchmarkAPIRoundTrip is the baseline: one authenticated-path JSON GET
-// through the same server, so the lease figures can be read as a ratio
-// against it on a noisy machine.
+// BenchmarkAPIRoundTrip and BenchmarkCommit are the baselines: one
+// authenticated-path JSON GET through the same server, and one fsync'd
+// store commit in the same file system, so that the lease figures can be
+// read as a ratio against them on a noisy machine. BenchmarkWarmLeaseRelease
+// also measures both baselines itself, interleaved with its own iterations,
+// and reports its time against their floor (two round trips plus two
+// commits) as x-floor.
 func BenchmarkAPIRoundTrip(b *testing.B) {
 	ts := benchServer(b)
 	ctx := context.Background()
@@ -25,31 +32,97 @@ func BenchmarkAPIRoundTrip(b *testing.B) {
 	}
 }
 
+// BenchmarkCommit is one writer waiting for each commit of a lease-sized
+// record: the durability a lease answer (and a release answer) waits for.
+func BenchmarkCommit(b *testing.B) {
+	s := benchStore(b)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := benchCommit(s, i); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchStore(b *testing.B) *store.Store {
+	s, err := store.Open(filepath.Join(b.TempDir(), "commit.db"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
+// benchCommit writes a record the size of a lease's, as a lease answer
+// waits for one.
+func benchCommit(s *store.Store, i int) error {
+	now := time.Now()
+	l := pool.Lease{ID: fmt.Sprintf("l-bench%08d", i), Pool: "demo", State: pool.LeaseActive, InstanceKey: "h-0123456789abcdef",
+		Worker: pool.Worker{Name: "demo-bench", Password: "0123456789abcdef0123456789abcdef"}, TTL: time.Hour,
+		CreatedAt: now, AssignedAt: now, ExpiresAt: now.Add(time.Hour)}
+	return s.CommitWait(store.Op{Kind: store.Leases, ID: l.ID, Value: l})
+}
+
 // BenchmarkWarmLeaseRelease: lease an idle instance and release it, through
 // the HTTP API, each answer sent only once the change is fsynced. The clock
 // stops while the released instance recycles (its bootstrap stops the worker
 // and reports clean, a bash-and-curl round of tens of milliseconds), so
 // every lease is warm; the recycle time is reported on its own.
+//
+// Besides ns/op it reports, per iteration: lease-ms and release-ms (the two
+// calls); rt-ms and commit-ms, an API round trip and a commit measured
+// between iterations on the same server and file system; x-floor, the
+// lease and release against two of each; and commits/op and rounds/op, the
+// store commits and fsync'd write rounds of the whole server, whose
+// minimum is 2 (the lease and the release) plus the recycle's.
 func BenchmarkWarmLeaseRelease(b *testing.B) {
 	ts := benchServer(b)
+	cs := benchStore(b)
 	ctx := context.Background()
-	var recycle time.Duration
+	var recycle, leaseT, releaseT, rtT, commitT time.Duration
+	before := ts.store.Stats()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
+		t0 := time.Now()
 		v, err := ts.client.Lease(ctx, api.LeaseRequest{Pool: "demo", Wait: "60s"})
 		if err != nil || v.State != pool.LeaseActive {
 			b.Fatalf("lease: %+v, %v", v, err)
 		}
+		t1 := time.Now()
 		if err := ts.client.Release(ctx, v.ID, false); err != nil {
 			b.Fatal(err)
 		}
+		t2 := time.Now()
 		b.StopTimer()
-		t0 := time.Now()
+		leaseT += t1.Sub(t0)
+		releaseT += t2.Sub(t1)
 		waitIdle(b, ts)
-		recycle += time.Since(t0)
+		recycle += time.Since(t2)
+		// The baselines, interleaved: the same machine load as the lease.
+		t3 := time.Now()
+		if _, err := ts.client.Pools(ctx); err != nil {
+			b.Fatal(err)
+		}
+		t4 := time.Now()
+		if err := benchCommit(cs, i); err != nil {
+			b.Fatal(err)
+		}
+		rtT += t4.Sub(t3)
+		commitT += time.Since(t4)
 		b.StartTimer()
 	}
-	b.ReportMetric(float64(recycle.Milliseconds())/float64(b.N), "recycle-ms/op")
+	b.StopTimer()
+	after := ts.store.Stats()
+	n := float64(b.N)
+	ms := func(d time.Duration) float64 { return d.Seconds() * 1e3 / n }
+	b.ReportMetric(ms(recycle), "recycle-ms/op")
+	b.ReportMetric(ms(leaseT), "lease-ms/op")
+	b.ReportMetric(ms(releaseT), "release-ms/op")
+	b.ReportMetric(ms(rtT), "rt-ms/op")
+	b.ReportMetric(ms(commitT), "commit-ms/op")
+	b.ReportMetric(float64(leaseT+releaseT)/float64(2*rtT+2*commitT), "x-floor")
+	b.ReportMetric(float64(after.Commits-before.Commits)/n, "commits/op")
+	b.ReportMetric(float64(after.Rounds-before.Rounds)/n, "rounds/op")
 }
 
 // BenchmarkWarmLeaseReleaseParallel: leases and releases from 8 clients at
@@ -88,6 +161,11 @@ func waitIdle(b *testing.B, ts *testServer) {
 	for {
 		pools, err := ts.client.Pools(context.Background())
 		if err == nil && pools[0].Instances[pool.Idle] == 8 {
+			// And on disk: the next lease must not queue behind the
+			// recycle's last write (a barrier costs no fsync of its own).
+			if err := ts.store.CommitWait(); err != nil {
+				b.Fatal(err)
+			}
 			return
 		}
 		if time.Now().After(deadline) {

@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -54,6 +55,22 @@ type Store struct {
 	wake    chan struct{}
 	closed  bool
 	stopped chan struct{}
+
+	commits, rounds atomic.Int64
+}
+
+// Stats count the store's writes since it was opened.
+type Stats struct {
+	// Commits are the Commit calls that carried writes.
+	Commits int64
+	// Rounds are the transactions written, each with its fsyncs: several
+	// commits queued together share one round.
+	Rounds int64
+}
+
+// Stats returns how many commits and write rounds the store has made.
+func (s *Store) Stats() Stats {
+	return Stats{Commits: s.commits.Load(), Rounds: s.rounds.Load()}
 }
 
 type pending struct {
@@ -129,7 +146,9 @@ func (s *Store) Owner() string { return s.owner }
 // Commit queues ops to be written in one transaction, after everything queued
 // before. Wait on the result to know they are on disk; since writes land in
 // queue order, that also means everything queued earlier is. Commit itself
-// never blocks on I/O, so callers may hold a lock.
+// never blocks on I/O, so callers may hold a lock. A Commit of no ops is a
+// barrier: it costs no transaction and no fsync, and is done once
+// everything queued before it is.
 func (s *Store) Commit(ops ...Op) *Commit {
 	p := pending{c: &Commit{done: make(chan struct{})}}
 	for _, op := range ops {
@@ -150,6 +169,9 @@ func (s *Store) Commit(ops ...Op) *Commit {
 	}
 	s.queue = append(s.queue, p)
 	s.mu.Unlock()
+	if len(p.ops) > 0 {
+		s.commits.Add(1)
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:
@@ -168,8 +190,14 @@ func (s *Store) writer() {
 		s.queue = nil
 		closed := s.closed
 		s.mu.Unlock()
-		if len(batch) > 0 {
-			err := s.db.Update(func(tx *bolt.Tx) error {
+		writes := 0
+		for _, p := range batch {
+			writes += len(p.ops)
+		}
+		var err error
+		if writes > 0 {
+			s.rounds.Add(1)
+			err = s.db.Update(func(tx *bolt.Tx) error {
 				for _, p := range batch {
 					for _, op := range p.ops {
 						b := tx.Bucket([]byte(op.kind))
@@ -186,10 +214,12 @@ func (s *Store) writer() {
 				}
 				return nil
 			})
-			for _, p := range batch {
-				p.c.err = err
-				close(p.c.done)
-			}
+		}
+		// A round of commits without writes (barriers: see Commit) is
+		// done as soon as it is reached, for every round before it is.
+		for _, p := range batch {
+			p.c.err = err
+			close(p.c.done)
 		}
 		if closed {
 			return
