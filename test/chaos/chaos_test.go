@@ -204,7 +204,11 @@ func newHarness(t *testing.T) *harness {
 		t.Logf("testing the hangar binary %s (HANGAR_CHAOS_BIN), not this tree", bin)
 	} else {
 		built := time.Now()
-		build := exec.Command("go", "build", "-o", h.bin, "./cmd/hangar")
+		args := []string{"build", "-o", h.bin}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		build := exec.Command("go", append(args, "./cmd/hangar")...)
 		build.Dir = root
 		if out, err := build.CombinedOutput(); err != nil {
 			t.Fatalf("building hangar: %v\n%s", err, out)
