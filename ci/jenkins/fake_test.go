@@ -9,24 +9,6 @@ import (
 	"github.com/hangar-ci/hangar/pool"
 )
 
-// clock is a time tests move by hand.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // fakeLeaser keeps leases the way the pool manager does as far as a watcher
 // can tell: pending until the test activates them, idempotent by client
 // token, renewed by TTL, ended by Release. The cmd/hangar tests run the

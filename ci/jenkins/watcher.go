@@ -52,6 +52,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/clock"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -157,8 +158,8 @@ type Options struct {
 	Token    string // the user's API token
 	Leaser   Leaser
 	Logger   *slog.Logger
-	HTTP     *http.Client     // nil: a default client
-	Now      func() time.Time // nil: time.Now
+	HTTP     *http.Client // nil: a default client
+	Clock    clock.Clock  // nil: clock.Real
 }
 
 // Watcher runs one pool's Jenkins nodes.
@@ -170,7 +171,7 @@ type Watcher struct {
 	client   *Client
 	leaser   Leaser
 	log      *slog.Logger
-	now      func() time.Time
+	clock    clock.Clock
 	marker   string // how the description of every node of this pool starts
 
 	nodes   map[string]*node
@@ -214,7 +215,7 @@ func New(o Options) (*Watcher, error) {
 		client:   &Client{URL: cfg.URL, User: cfg.User, Token: o.Token, HTTP: o.HTTP},
 		leaser:   o.Leaser,
 		log:      o.Logger,
-		now:      o.Now,
+		clock:    o.Clock,
 		marker:   "Hangar pool " + o.Pool + ":",
 		nodes:    map[string]*node{},
 	}
@@ -222,8 +223,8 @@ func New(o Options) (*Watcher, error) {
 		w.log = slog.New(slog.DiscardHandler)
 	}
 	w.log = w.log.With("pool", o.Pool, "jenkins", cfg.URL)
-	if w.now == nil {
-		w.now = time.Now
+	if w.clock == nil {
+		w.clock = clock.Real
 	}
 	return w, nil
 }
@@ -241,7 +242,7 @@ func (w *Watcher) Check(ctx context.Context) error {
 // Run reconciles at once and every poll interval until ctx ends. Errors are
 // logged, each new one at error level, and retried at the next poll.
 func (w *Watcher) Run(ctx context.Context) {
-	tick := time.NewTicker(w.cfg.PollInterval)
+	tick := w.clock.NewTicker(w.cfg.PollInterval)
 	defer tick.Stop()
 	for {
 		err := w.Reconcile(ctx)
@@ -252,7 +253,7 @@ func (w *Watcher) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-tick.C():
 		}
 	}
 }
@@ -283,7 +284,7 @@ func (w *Watcher) Reconcile(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("jenkins %s: %w", w.cfg.URL, err)
 	}
-	now := w.now()
+	now := w.clock.Now()
 	ours := map[string]Computer{}
 	for _, c := range all {
 		if strings.HasPrefix(c.DisplayName, w.cfg.NodePrefix) && strings.HasPrefix(c.Description, w.marker) {
@@ -457,7 +458,7 @@ func (w *Watcher) keepLease(ctx context.Context, n *node) error {
 		w.log.Info("lease of node changed", "node", n.name, "lease", n.lease, "state", v.State)
 	}
 	n.state = v.State
-	if v.State == pool.LeaseActive && v.ExpiresAt.Sub(w.now()) < w.leaseTTL*2/3 {
+	if v.State == pool.LeaseActive && v.ExpiresAt.Sub(w.clock.Now()) < w.leaseTTL*2/3 {
 		v, err := w.leaser.Renew(ctx, n.lease)
 		switch {
 		case errors.Is(err, pool.ErrLeaseEnded):

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/ci/jenkins/jenkinstest"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -23,7 +24,7 @@ type fixture struct {
 	t       *testing.T
 	srv     *jenkinstest.Server
 	leaser  *fakeLeaser
-	clock   *clock
+	clock   *testutil.FakeClock
 	watcher *Watcher
 }
 
@@ -34,7 +35,7 @@ func newFixture(t *testing.T, max int) *fixture {
 	t.Helper()
 	srv := jenkinstest.New(jenkinstest.Options{User: testUser, Token: testToken})
 	t.Cleanup(srv.Close)
-	c := &clock{t: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)}
+	c := testutil.NewFakeClockAt(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))
 	f := &fixture{t: t, srv: srv, clock: c, leaser: newFakeLeaser("ci", max, c.Now)}
 	f.watcher = f.newWatcher(testToken)
 	return f
@@ -50,7 +51,7 @@ func (f *fixture) newWatcher(token string) *Watcher {
 		Token:    token,
 		Leaser:   f.leaser,
 		Logger:   slog.New(slog.NewTextHandler(testWriter{f.t}, nil)),
-		Now:      f.clock.Now,
+		Clock:    f.clock,
 	})
 	if err != nil {
 		f.t.Fatal(err)
