@@ -219,7 +219,7 @@ func (h *handler) script(w http.ResponseWriter, r *http.Request, instance string
 		return
 	}
 	w.Header().Set("Content-Type", "text/x-shellscript")
-	w.Write(body)
+	_, _ = w.Write(body)
 }
 
 func (h *handler) ready(w http.ResponseWriter, r *http.Request, instance string) {
@@ -289,7 +289,7 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
-	io.WriteString(w, a.Shell())
+	_, _ = io.WriteString(w, a.Shell())
 }
 
 // Shell renders the assignment as lines a bootstrap script sources.
@@ -405,12 +405,12 @@ func (h *handler) output(w http.ResponseWriter, r *http.Request, instance string
 	// server shutting down cuts it off rather than wait (the instance
 	// uploads the rest again).
 	rc := http.NewResponseController(w)
-	rc.SetReadDeadline(time.Time{})
-	rc.SetWriteDeadline(time.Time{})
-	stop := context.AfterFunc(r.Context(), func() { rc.SetReadDeadline(time.Now()) })
+	_ = rc.SetReadDeadline(time.Time{})
+	_ = rc.SetWriteDeadline(time.Time{})
+	stop := context.AfterFunc(r.Context(), func() { _ = rc.SetReadDeadline(time.Now()) })
 	defer stop()
 	// The answer is small, yet must not wait forever on a stuck reader.
-	defer func() { rc.SetWriteDeadline(time.Now().Add(time.Minute)) }()
+	defer func() { _ = rc.SetWriteDeadline(time.Now().Add(time.Minute)) }()
 	buf := make([]byte, 32<<10)
 	for {
 		n, rerr := r.Body.Read(buf)
@@ -425,7 +425,7 @@ func (h *handler) output(w http.ResponseWriter, r *http.Request, instance string
 		}
 		if rerr != nil {
 			// Whatever the instance sent after the last full read is lost.
-			out.Write([]byte(BrokenMarker))
+			_, _ = out.Write([]byte(BrokenMarker))
 			h.log.Warn("run output upload broke off", "instance", instance, "lease", lease, "run", run, "err", rerr)
 			// Not a 2xx, which would tell the instance all had arrived:
 			// it is to send the rest again.

@@ -32,7 +32,7 @@ func TestRunEndpoints(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer resp.Body.Close()
+		defer func() { _ = resp.Body.Close() }()
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
@@ -41,9 +41,9 @@ func TestRunEndpoints(t *testing.T) {
 	pr, pw := io.Pipe()
 	go func() {
 		for i := 0; i < len(big); i += 1000 {
-			pw.Write([]byte(big[i:min(i+1000, len(big))]))
+			_, _ = pw.Write([]byte(big[i:min(i+1000, len(big))]))
 		}
-		pw.Close()
+		_ = pw.Close()
 	}()
 	if status, body := do("PUT", "/bootstrap/v1/output?lease=l-1&run=1", "good-token", pr); status != 204 {
 		t.Fatalf("streamed upload: %d %s", status, body)
@@ -111,16 +111,16 @@ func TestRunOutputBrokenUpload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Fprintf(conn, "PUT /bootstrap/v1/output?lease=l-1&run=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good-token\r\nTransfer-Encoding: chunked\r\n\r\n")
-	fmt.Fprintf(conn, "6\r\nhello\n\r\n")
+	_, _ = fmt.Fprintf(conn, "PUT /bootstrap/v1/output?lease=l-1&run=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good-token\r\nTransfer-Encoding: chunked\r\n\r\n")
+	_, _ = fmt.Fprintf(conn, "6\r\nhello\n\r\n")
 	// The handler has the first chunk once it is in the output.
 	for deadline := time.Now().Add(10 * time.Second); f.outputString() != "hello\n"; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("first chunk never arrived: %q", f.outputString())
 		}
 	}
-	fmt.Fprintf(conn, "10\r\nwor") // a chunk cut short: what came is kept
-	conn.Close()
+	_, _ = fmt.Fprintf(conn, "10\r\nwor") // a chunk cut short: what came is kept
+	_ = conn.Close()
 	want := "hello\nwor" + BrokenMarker
 	for deadline := time.Now().Add(10 * time.Second); f.outputString() != want; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {

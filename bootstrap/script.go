@@ -51,7 +51,7 @@ func (s *Scripts) Load(ctx context.Context, src string) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("reading bootstrap script: %w", err)
 		}
-		defer f.Close()
+		defer func() { _ = f.Close() }()
 		return readLimited(f, src)
 	}
 }
@@ -75,7 +75,7 @@ func (s *Scripts) fetch(ctx context.Context, url string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fetching bootstrap script: %w", err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("fetching bootstrap script %s: %s", url, resp.Status)
 	}

@@ -20,16 +20,18 @@ func TestScriptSources(t *testing.T) {
 		fetches.Add(1)
 		switch r.URL.Path {
 		case "/ok.sh":
-			w.Write([]byte("#!/bin/bash\necho remote\n"))
+			_, _ = w.Write([]byte("#!/bin/bash\necho remote\n"))
 		case "/big.sh":
-			w.Write([]byte(strings.Repeat("#", MaxScript+1)))
+			_, _ = w.Write([]byte(strings.Repeat("#", MaxScript+1)))
 		default:
 			http.NotFound(w, r)
 		}
 	}))
 	defer srv.Close()
 	file := filepath.Join(t.TempDir(), "boot.sh")
-	os.WriteFile(file, []byte("#!/bin/bash\necho file\n"), 0o600)
+	if err := os.WriteFile(file, []byte("#!/bin/bash\necho file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	clock := testutil.NewFakeClock()
 	s := &Scripts{HTTP: srv.Client(), CacheFor: time.Hour, Clock: clock}
 	ctx := context.Background()
@@ -57,14 +59,18 @@ func TestScriptSources(t *testing.T) {
 	}
 	before := fetches.Load()
 	for i := 0; i < 5; i++ {
-		s.Load(ctx, srv.URL+"/ok.sh")
+		if _, err := s.Load(ctx, srv.URL+"/ok.sh"); err != nil {
+			t.Fatalf("Load(ok.sh) again: %v", err)
+		}
 	}
 	if fetches.Load() != before {
 		t.Errorf("cached script fetched %d more times", fetches.Load()-before)
 	}
 	// The cache follows the clock it is given.
 	clock.Advance(time.Hour)
-	s.Load(ctx, srv.URL+"/ok.sh")
+	if _, err := s.Load(ctx, srv.URL+"/ok.sh"); err != nil {
+		t.Fatalf("Load(ok.sh) after CacheFor: %v", err)
+	}
 	if fetches.Load() != before+1 {
 		t.Errorf("after CacheFor, fetched %d more times, want 1", fetches.Load()-before)
 	}

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/userdata"
 )
 
@@ -105,7 +106,7 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case r.Method == http.MethodGet && r.URL.Path == "/bootstrap/v1/script" && s.script != nil:
-		w.Write(s.script)
+		_, _ = w.Write(s.script)
 		return
 	case r.Method == http.MethodPut && r.URL.Path == "/bootstrap/v1/output":
 		b, _ := io.ReadAll(r.Body)
@@ -165,7 +166,7 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, "no", s.assignmentStatus(n))
 			return
 		}
-		fmt.Fprint(w, s.assign(n, current))
+		_, _ = fmt.Fprint(w, s.assign(n, current))
 	default:
 		http.NotFound(w, r)
 	}
@@ -228,7 +229,7 @@ func runBootstrapAs(t *testing.T, cred *syscall.Credential, dir string, srv *htt
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer out.Close()
+	defer func() { _ = out.Close() }()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -256,7 +257,7 @@ func runBootstrapAs(t *testing.T, cred *syscall.Credential, dir string, srv *htt
 		ps.pid = cmd.Process.Pid
 		ps.mu.Unlock()
 	}
-	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 	err = cmd.Wait()
 	output, _ := os.ReadFile(outPath)
 	var exit *exec.ExitError
@@ -314,7 +315,7 @@ func TestGenericLeaseCycle(t *testing.T) {
 	t.Cleanup(func() {
 		if b, err := os.ReadFile(file("worker.pid")); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
-				syscall.Kill(-pid, syscall.SIGKILL)
+				_ = syscall.Kill(-pid, syscall.SIGKILL)
 			}
 		}
 	})
@@ -424,10 +425,7 @@ func TestGenericExits(t *testing.T) {
 }
 
 func TestGenericShellcheck(t *testing.T) {
-	shellcheck, err := exec.LookPath("shellcheck")
-	if err != nil {
-		t.Skip("shellcheck is not on PATH")
-	}
+	shellcheck := testutil.NeedTool(t, "shellcheck", "apt-get install shellcheck")
 	if out, err := exec.Command(shellcheck, filepath.Join("bootstrap", "generic.sh")).CombinedOutput(); err != nil {
 		t.Errorf("shellcheck: %v\n%s", err, out)
 	}

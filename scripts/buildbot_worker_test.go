@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // The served buildbot-worker.sh is its own part followed by generic.sh, so
@@ -38,10 +40,7 @@ func TestBuildbotWorkerScriptIncludesGeneric(t *testing.T) {
 		t.Errorf("DefaultWorkerCommand(generic.sh) = %q, want none", got)
 	}
 
-	shellcheck, err := exec.LookPath("shellcheck")
-	if err != nil {
-		t.Skip("shellcheck is not on PATH")
-	}
+	shellcheck := testutil.NeedTool(t, "shellcheck", "apt-get install shellcheck")
 	// The start script is a here-document, which shellcheck does not read
 	// as code: check it on its own too.
 	_, start, _ := bytes.Cut(served, []byte("<<'START'\n"))
@@ -73,10 +72,7 @@ func TestBuildbotWorkerBootstrap(t *testing.T) {
 	// Only these tools, so that the system's buildbot-worker is not found.
 	for _, tool := range []string{"bash", "curl", "mktemp", "rm", "sleep", "setsid", "kill", "cat", "mkdir",
 		"chmod", "mv", "sed", "grep", "head", "env", "touch", "sha256sum"} {
-		path, err := exec.LookPath(tool)
-		if err != nil {
-			t.Skipf("%s is not on PATH", tool)
-		}
+		path := testutil.NeedTool(t, tool, "the worker script's tools; bash, curl and coreutils")
 		if err := os.Symlink(path, filepath.Join(bin, tool)); err != nil {
 			t.Fatal(err)
 		}
@@ -134,7 +130,7 @@ fi
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer out.Close()
+	defer func() { _ = out.Close() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(bin, "bash"), file("bootstrap.sh"))
@@ -159,7 +155,7 @@ fi
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 	runErr := cmd.Wait()
 	output, _ := os.ReadFile(file("output"))
 	if runErr != nil {
@@ -211,10 +207,7 @@ func TestBuildbotWorkerBootstrapLocalCloud(t *testing.T) {
 	if err := os.Mkdir(bin, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	bash, err := exec.LookPath("bash")
-	if err != nil {
-		t.Skip("bash is not on PATH")
-	}
+	bash := testutil.NeedTool(t, "bash", "runs the worker script")
 	calls := filepath.Join(dir, "calls")
 	if err := os.WriteFile(filepath.Join(bin, "apt-get"), []byte("#!"+bash+"\necho \"$*\" >> "+calls+"\n"), 0o755); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 const jenkinsSecret = "8a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e9f"
@@ -87,10 +89,7 @@ func TestJenkinsAgentScriptIncludesGeneric(t *testing.T) {
 	if got, want := DefaultWorkerCommand("jenkins-agent.sh"), `exec bash "$HANGAR_JENKINS_AGENT"`; got != want {
 		t.Errorf("DefaultWorkerCommand(jenkins-agent.sh) = %q, want %q", got, want)
 	}
-	shellcheck, err := exec.LookPath("shellcheck")
-	if err != nil {
-		t.Skip("shellcheck is not on PATH")
-	}
+	shellcheck := testutil.NeedTool(t, "shellcheck", "apt-get install shellcheck")
 	path := filepath.Join(t.TempDir(), "jenkins-agent.sh")
 	if err := os.WriteFile(path, served, 0o600); err != nil {
 		t.Fatal(err)
@@ -119,13 +118,13 @@ func runScript(t *testing.T, dir string, script []byte, env ...string) (string, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer out.Close()
+	defer func() { _ = out.Close() }()
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 	err = cmd.Wait()
 	output, _ := os.ReadFile(outPath)
 	var exit *exec.ExitError

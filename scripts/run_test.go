@@ -86,7 +86,7 @@ func (s *runServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.polls = append(s.polls, f("current")+" "+f("run"))
 		n := len(s.polls)
 		s.mu.Unlock()
-		io.WriteString(w, s.assign(n, f("current"), f("run")))
+		_, _ = io.WriteString(w, s.assign(n, f("current"), f("run")))
 	default:
 		http.NotFound(w, r)
 	}
@@ -106,7 +106,7 @@ func (s *runServer) saw(list *[]string, want string) bool {
 // killPid ends a process a test left behind, if the pid file held one.
 func killPid(s string) {
 	if pid, err := strconv.Atoi(s); err == nil && pid > 1 {
-		syscall.Kill(pid, syscall.SIGKILL)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 }
 

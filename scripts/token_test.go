@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strconv"
@@ -16,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/userdata"
 )
 
@@ -342,16 +342,14 @@ func TestGenericWorkerUser(t *testing.T) {
 	if err != nil {
 		t.Skip("no user nobody")
 	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skip("setpriv (util-linux) is not on PATH")
-	}
+	testutil.NeedTool(t, "setpriv", "runs the worker as worker_user: apt-get install util-linux")
 	// Not t.TempDir(), whose parent only root may enter: here only the
 	// token's own directory and file keep nobody out.
 	dir, err := os.MkdirTemp("", "hangar-worker-user-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -440,7 +438,7 @@ func TestGenericWorkerUserNeedsRoot(t *testing.T) {
 		if dir, err = os.MkdirTemp("", "hangar-not-root-"); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
+		t.Cleanup(func() { _ = os.RemoveAll(dir) })
 		if err := os.Chown(dir, uid, gid); err != nil {
 			t.Fatal(err)
 		}

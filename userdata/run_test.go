@@ -63,7 +63,7 @@ func bootstrapServer(t *testing.T, token, envFile string, failures int, failStat
 		case int(n) <= failures:
 			http.Error(w, "try again", failStatus)
 		default:
-			w.Write([]byte(script))
+			_, _ = w.Write([]byte(script))
 		}
 	}))
 	t.Cleanup(srv.Close)

@@ -5,18 +5,17 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // These tests hand the rendered user-data to the tools that will read it on
-// the instance; each is skipped when its tool is not installed.
+// the instance; each is skipped when its tool is not installed, and fails
+// then under HANGAR_REQUIRE_TOOLS=1 (as in CI).
 
 func needTool(t *testing.T, name string) string {
 	t.Helper()
-	path, err := exec.LookPath(name)
-	if err != nil {
-		t.Skipf("%s is not on PATH", name)
-	}
-	return path
+	return testutil.NeedTool(t, name, "the user-data check's tool; .ci/run installs it")
 }
 
 func writeTemp(t *testing.T, name string, data []byte) string {
@@ -55,9 +54,7 @@ func TestCloudInitSchema(t *testing.T) {
 // the script written by write_files is the script form byte for byte.
 func TestCloudConfigYAML(t *testing.T) {
 	python := needTool(t, "python3")
-	if err := exec.Command(python, "-c", "import yaml").Run(); err != nil {
-		t.Skip("python3 has no yaml module")
-	}
+	testutil.NeedPythonModule(t, python, "yaml", "PyYAML, the parser cloud-init uses: apt-get install python3-yaml")
 	const extract = `
 import base64, sys, yaml
 config = yaml.safe_load(open(sys.argv[1], "rb"))

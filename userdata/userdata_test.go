@@ -3,6 +3,7 @@ package userdata
 import (
 	"bytes"
 	"encoding/base64"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -14,6 +15,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
@@ -280,10 +283,7 @@ func TestShellQuote(t *testing.T) {
 }
 
 func FuzzShellQuote(f *testing.F) {
-	bash, err := exec.LookPath("bash")
-	if err != nil {
-		f.Skip("bash is not on PATH")
-	}
+	bash := testutil.NeedTool(f, "bash", "runs the quoted strings")
 	for _, v := range plainHostileEnv {
 		f.Add(v)
 	}
@@ -348,7 +348,7 @@ func mimeParts(t *testing.T, msg []byte) []mimePart {
 	r := multipart.NewReader(m.Body, params["boundary"])
 	for {
 		part, err := r.NextPart()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return parts
 		}
 		if err != nil {

@@ -198,7 +198,7 @@ func (s *storageSuite) cleanupVolume(id string) {
 			return
 		}
 		// Still attached (the test failed half-way): detach, wait, retry.
-		s.st.DetachVolume(ctx, id, true)
+		_, _ = s.st.DetachVolume(ctx, id, true)
 		for ctx.Err() == nil {
 			vs, err := s.st.Volumes(ctx, cloud.Filter{IDs: []string{id}})
 			if err == nil && (len(vs) == 0 || vs[0].State == cloud.VolumeAvailable) {
@@ -517,7 +517,7 @@ func (s *storageSuite) images() {
 	dup := spec
 	dup.Tags = s.tags(nil)
 	if again, err := s.st.RegisterImage(s.ctx, dup); err == nil {
-		s.st.DeregisterImage(s.ctx, again.ID)
+		_ = s.st.DeregisterImage(s.ctx, again.ID)
 		s.t.Errorf("RegisterImage with the taken name %q succeeded: %s", spec.Name, again.ID)
 	}
 	bad := cloud.ImageSpec{
@@ -525,7 +525,7 @@ func (s *storageSuite) images() {
 		Devices: []cloud.BlockDevice{{Device: "/dev/xvda", SnapshotID: "snap-0000000000000000f"}},
 	}
 	if again, err := s.st.RegisterImage(s.ctx, bad); err == nil {
-		s.st.DeregisterImage(s.ctx, again.ID)
+		_ = s.st.DeregisterImage(s.ctx, again.ID)
 		s.t.Errorf("RegisterImage of an unknown snapshot succeeded: %s", again.ID)
 	}
 

@@ -23,7 +23,7 @@ func TestConformanceLocalBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { backend.Close() })
+	t.Cleanup(func() { _ = backend.Close() })
 	srv := newServer(t, ec2test.Options{Backend: backend})
 	cloudtest.Run(t, func(t *testing.T) cloud.Provider {
 		return newProvider(t, srv, nil)
@@ -99,7 +99,7 @@ func TestLiveConformance(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { p.Close() })
+		t.Cleanup(func() { _ = p.Close() })
 		if len(subnets) == 0 {
 			return p
 		}
@@ -139,7 +139,7 @@ func TestStorageConformanceLocalBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { backend.Close() })
+	t.Cleanup(func() { _ = backend.Close() })
 	srv := newServer(t, ec2test.Options{Backend: backend, Regions: []string{"us-east-1", "eu-west-1"}})
 	cloudtest.RunStorage(t, func(t *testing.T) cloud.Provider {
 		return newProvider(t, srv, nil)

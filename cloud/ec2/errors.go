@@ -144,10 +144,10 @@ func uncertain(err error) bool {
 		return false
 	}
 	code := errorCode(err)
-	switch classOf(code) {
-	case cloud.ErrThrottled:
+	switch class := classOf(code); {
+	case errors.Is(class, cloud.ErrThrottled):
 		return true // rejected, but the same request is the right next step
-	case cloud.ErrCapacity, cloud.ErrQuota, cloud.ErrNotFound:
+	case errors.Is(class, cloud.ErrCapacity), errors.Is(class, cloud.ErrQuota), errors.Is(class, cloud.ErrNotFound):
 		return false // EC2 said no, whatever the HTTP status
 	}
 	if code == "" {
@@ -168,11 +168,10 @@ func uncertain(err error) bool {
 // the SDK would retry on the same offering, when the remedy is the next
 // offering; and compatible clouds throttle with codes of their own.
 func retryable(err error) aws.Ternary {
-	code := errorCode(err)
-	switch classOf(code) {
-	case cloud.ErrCapacity, cloud.ErrQuota, cloud.ErrNotFound:
+	switch class := classOf(errorCode(err)); {
+	case errors.Is(class, cloud.ErrCapacity), errors.Is(class, cloud.ErrQuota), errors.Is(class, cloud.ErrNotFound):
 		return aws.FalseTernary
-	case cloud.ErrThrottled:
+	case errors.Is(class, cloud.ErrThrottled):
 		return aws.TrueTernary
 	}
 	return aws.UnknownTernary

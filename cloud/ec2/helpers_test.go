@@ -102,7 +102,7 @@ func newProvider(t *testing.T, srv *ec2test.Server, edit func(*Options)) *Provid
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { p.Close() })
+	t.Cleanup(func() { _ = p.Close() })
 	return p
 }
 
@@ -133,7 +133,7 @@ func newFaultyTransport() *faultyTransport {
 
 func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	body, err := io.ReadAll(r.Body)
-	r.Body.Close()
+	_ = r.Body.Close()
 	if err != nil {
 		return nil, err
 	}
@@ -169,8 +169,9 @@ func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if err != nil || !lose {
 		return resp, err
 	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
+	// Read the answer the server sent, then lose it: the error is the loss.
+	_, _ = io.Copy(io.Discard, resp.Body)
+	_ = resp.Body.Close()
 	return nil, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
 }
 

@@ -2,6 +2,7 @@ package ec2
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -267,7 +268,7 @@ func (m requestLimitObserve) HandleFinalize(ctx context.Context, in middleware.F
 	start := time.Now()
 	out, md, err := next.HandleFinalize(ctx, in)
 	code := requestCode(err)
-	if classOf(code) == cloud.ErrThrottled {
+	if errors.Is(classOf(code), cloud.ErrThrottled) {
 		b.drain()
 	}
 	if m.observe != nil {

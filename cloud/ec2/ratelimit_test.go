@@ -142,7 +142,7 @@ func TestRequestLimitCategories(t *testing.T) {
 	if l.requestBucket("DescribeInstances") == l.requestBucket("DescribeImages") {
 		t.Error("DescribeInstances and DescribeImages share a bucket; EC2 keeps one per action")
 	}
-	if l.requestBucket("DescribeInstances") != l.requestBucket("DescribeInstances") {
+	if first := l.requestBucket("DescribeInstances"); l.requestBucket("DescribeInstances") != first {
 		t.Error("one action got two buckets")
 	}
 	if l.resourceBucket("DescribeInstances") != nil {

@@ -548,7 +548,7 @@ type bodyRecorder struct {
 
 func (b *bodyRecorder) RoundTrip(r *http.Request) (*http.Response, error) {
 	body, err := io.ReadAll(r.Body)
-	r.Body.Close()
+	_ = r.Body.Close()
 	if err != nil {
 		return nil, err
 	}

@@ -277,7 +277,7 @@ func TestStorageErrorClasses(t *testing.T) {
 	} {
 		err := wrapErr("deleting ec2 volume vol-1", apiErr(400, code, "m"))
 		for _, c := range []error{cloud.ErrCapacity, cloud.ErrQuota, cloud.ErrThrottled, cloud.ErrNotFound} {
-			if got := errors.Is(err, c); got != (c == class) {
+			if got := errors.Is(err, c); got != errors.Is(c, class) {
 				t.Errorf("%s: errors.Is(%v) = %v", code, c, got)
 			}
 		}

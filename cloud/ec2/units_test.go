@@ -253,7 +253,7 @@ func TestErrorClasses(t *testing.T) {
 		t.Run(cmpOrName(code), func(t *testing.T) {
 			err := wrapErr("launching 1 t3.small", tc.err)
 			for _, class := range []error{cloud.ErrCapacity, cloud.ErrQuota, cloud.ErrThrottled, cloud.ErrNotFound} {
-				if got := errors.Is(err, class); got != (class == tc.class) {
+				if got := errors.Is(err, class); got != errors.Is(class, tc.class) {
 					t.Errorf("errors.Is(%v, %v) = %v", err, class, got)
 				}
 			}

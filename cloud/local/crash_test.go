@@ -226,7 +226,7 @@ func TestTerminateFinishesKilledTerminate(t *testing.T) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
 
 	// Kill it once it has recorded terminating and sent SIGTERM (the
 	// sleep, which does not ignore it, is gone), within its grace period.
@@ -254,7 +254,9 @@ func TestTerminateFinishesKilledTerminate(t *testing.T) {
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	<-exited
+	if err := <-exited; err == nil {
+		t.Fatal("the killed process exited 0")
+	}
 	cur, err := p1.store.getRecord(in.ID)
 	if err != nil {
 		t.Fatal(err)

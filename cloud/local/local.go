@@ -452,8 +452,9 @@ func (p *Provider) create(ctx context.Context, r *record, userData []byte, steps
 		return p.store.putRecord(r)
 	}()
 	if err != nil {
-		endProcesses(context.Background(), []*record{r}, 0)
-		os.RemoveAll(dir)
+		// Clean up even when the caller gave up: that may be why create failed.
+		endProcesses(context.WithoutCancel(ctx), []*record{r}, 0)
+		_ = os.RemoveAll(dir)
 		return fmt.Errorf("creating instance %s: %w", r.ID, err)
 	}
 	return nil
@@ -716,7 +717,7 @@ func (p *Provider) ConsoleOutput(ctx context.Context, id string) ([]byte, error)
 	if err != nil {
 		return nil, fmt.Errorf("reading console of %s: %w", id, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	if fi, err := f.Stat(); err == nil && fi.Size() > consoleTail {
 		if _, err := f.Seek(fi.Size()-consoleTail, io.SeekStart); err != nil {
 			return nil, fmt.Errorf("reading console of %s: %w", id, err)

@@ -63,7 +63,7 @@ func (p *Provider) listenMetadata(addr string) (net.Listener, error) {
 		}
 	}
 	if err := writeFile(saved, []byte(ln.Addr().String()+"\n"), 0o600); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, fmt.Errorf("saving metadata address: %w", err)
 	}
 	return ln, nil
@@ -96,7 +96,7 @@ func (p *Provider) serveMetadata(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Write(b)
+		_, _ = w.Write(b)
 		return
 	}
 	meta := map[string]string{
@@ -109,7 +109,7 @@ func (p *Provider) serveMetadata(w http.ResponseWriter, req *http.Request) {
 	name, ok := strings.CutPrefix(path, "latest/meta-data/")
 	if path == "latest/meta-data" || ok && name == "" {
 		w.Header().Set("Content-Type", "text/plain")
-		fmt.Fprint(w, "ami-id\ninstance-id\ninstance-type\nlocal-ipv4\nplacement/\n")
+		_, _ = fmt.Fprint(w, "ami-id\ninstance-id\ninstance-type\nlocal-ipv4\nplacement/\n")
 		return
 	}
 	v, found := meta[name]
@@ -118,7 +118,7 @@ func (p *Provider) serveMetadata(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain")
-	fmt.Fprint(w, v)
+	_, _ = fmt.Fprint(w, v)
 }
 
 func (p *Provider) issueToken(w http.ResponseWriter, req *http.Request, r *record) {
@@ -140,14 +140,14 @@ func (p *Provider) issueToken(w http.ResponseWriter, req *http.Request, r *recor
 	exp := p.now().Add(time.Duration(ttl) * time.Second).Unix()
 	w.Header().Set("Content-Type", "text/plain")
 	w.Header().Set(tokenTTLHeader, strconv.Itoa(ttl))
-	fmt.Fprint(w, metadataToken(r, exp))
+	_, _ = fmt.Fprint(w, metadataToken(r, exp))
 }
 
 // metadataToken is stateless, so tokens outlive a restart of the server:
 // its expiry and a MAC of it under the instance's metadata key.
 func metadataToken(r *record, exp int64) string {
 	mac := hmac.New(sha256.New, []byte(r.MetadataKey))
-	fmt.Fprintf(mac, "imds-token\x00%s\x00%d", r.ID, exp)
+	_, _ = fmt.Fprintf(mac, "imds-token\x00%s\x00%d", r.ID, exp)
 	return strconv.FormatInt(exp, 10) + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 

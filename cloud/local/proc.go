@@ -83,8 +83,8 @@ func (p *Provider) boot(r *record, delay time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("booting %s: %w", r.ID, err)
 	}
-	defer console.Close() // the child holds its own copy
-	fmt.Fprintf(console, "hangar-local: booting %s at %s, user-data starts after %s\n",
+	defer func() { _ = console.Close() }() // the child holds its own copy
+	_, _ = fmt.Fprintf(console, "hangar-local: booting %s at %s, user-data starts after %s\n",
 		r.ID, p.now().UTC().Format(time.RFC3339), delay)
 
 	cmd := exec.Command(p.bash, args...)
@@ -112,7 +112,7 @@ func (p *Provider) boot(r *record, delay time.Duration) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("booting %s: %w", r.ID, err)
 	}
-	go cmd.Wait() // reap; the instance's fate is read from /proc, not from here
+	go func() { _ = cmd.Wait() }() // reap; the instance's fate is read from /proc, not from here
 	r.PGID = cmd.Process.Pid
 	if st, err := readStat(r.PGID); err == nil {
 		r.LeaderStart = st.start
@@ -314,11 +314,11 @@ func endProcesses(ctx context.Context, recs []*record, grace time.Duration) map[
 			for _, pid := range pids {
 				switch {
 				case !killUntil.IsZero():
-					syscall.Kill(pid, syscall.SIGKILL)
+					_ = syscall.Kill(pid, syscall.SIGKILL)
 				case !termed[pid]:
 					termed[pid] = true
-					syscall.Kill(pid, syscall.SIGTERM)
-					syscall.Kill(pid, syscall.SIGCONT) // a stopped process would not see the TERM
+					_ = syscall.Kill(pid, syscall.SIGTERM)
+					_ = syscall.Kill(pid, syscall.SIGCONT) // a stopped process would not see the TERM
 				}
 			}
 		}

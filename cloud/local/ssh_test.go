@@ -18,6 +18,7 @@ import (
 
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/staging"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 const (
@@ -28,7 +29,7 @@ const (
 func needSSHD(t *testing.T) {
 	t.Helper()
 	if err := checkSSHD(); err != nil {
-		t.Skip(err)
+		testutil.ToolMissing(t, "%v", err)
 	}
 }
 
@@ -103,7 +104,7 @@ func dialInstance(t *testing.T, p *Provider, in cloud.Instance, signer ssh.Signe
 	if err != nil {
 		t.Fatalf("ssh to %s: %v", addr, err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c, key
 }
 
@@ -260,7 +261,7 @@ func TestSSHDFailureShowsOnConsole(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	if _, err := p.Start(ctx, []string{in.ID}); err != nil {
 		t.Fatal(err)
 	}

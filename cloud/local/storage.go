@@ -422,7 +422,7 @@ func (p *Provider) CreateVolume(ctx context.Context, spec cloud.VolumeSpec) (clo
 	if err != nil {
 		return fail(err)
 	}
-	defer os.RemoveAll(tmp) // fails harmlessly after the rename
+	defer func() { _ = os.RemoveAll(tmp) }() // fails harmlessly after the rename
 	data := filepath.Join(tmp, dataName(v.Raw))
 
 	var snap *snapshotRecord
@@ -577,14 +577,14 @@ func (p *Provider) AttachVolume(ctx context.Context, volumeID, instanceID, devic
 	// A link left by a crash between linking and saving the volume goes;
 	// anything else the instance put there stays, and the attach fails.
 	if target, err := os.Readlink(link); err == nil && strings.HasPrefix(target, p.store.storagePath("volumes")+"/") {
-		os.Remove(link)
+		_ = os.Remove(link)
 	}
 	if err := os.Symlink(p.store.volumeData(v), link); err != nil {
 		return fail(fmt.Errorf("linking the volume into the instance: %w", err))
 	}
 	v.InstanceID, v.Device = instanceID, device
 	if err := writeJSON(filepath.Join(p.store.volumeDir(v.ID), "volume.json"), v); err != nil {
-		os.Remove(link)
+		_ = os.Remove(link)
 		return fail(err)
 	}
 	p.log.Info("attached local volume", "id", v.ID, "instance", instanceID, "device", device)
@@ -706,7 +706,7 @@ func (p *Provider) makeSnapshot(ctx context.Context, sn *snapshotRecord, src str
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 	data := filepath.Join(tmp, dataName(sn.Raw))
 	if err := copyData(ctx, src, data, sn.Raw); err != nil {
 		return err

@@ -495,7 +495,7 @@ func writeAt(t *testing.T, path string, off int64, data string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	if _, err := f.WriteAt([]byte(data), off); err != nil {
 		t.Fatal(err)
 	}
@@ -507,7 +507,7 @@ func readAt(t *testing.T, path string, off int64, n int) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	b := make([]byte, n)
 	if _, err := f.ReadAt(b, off); err != nil {
 		t.Fatal(err)

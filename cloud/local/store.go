@@ -157,20 +157,20 @@ func (s *store) lock(ctx context.Context) (func(), error) {
 			break
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
+			_ = f.Close()
 			<-s.sem
 			return nil, fmt.Errorf("locking the local cloud: %w", err)
 		}
 		select {
 		case <-time.After(5 * time.Millisecond):
 		case <-ctx.Done():
-			f.Close()
+			_ = f.Close()
 			<-s.sem
 			return nil, fmt.Errorf("waiting for the local cloud lock: %w", ctx.Err())
 		}
 	}
 	return func() {
-		f.Close() // closing the only descriptor releases the flock
+		_ = f.Close() // closing the only descriptor releases the flock
 		<-s.sem
 	}, nil
 }
@@ -181,17 +181,17 @@ func writeFile(path string, data []byte, perm os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name()) // fails harmlessly after the rename
+	defer func() { _ = os.Remove(tmp.Name()) }() // fails harmlessly after the rename
 	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
+		_ = tmp.Close()
 		return err
 	}
 	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
+		_ = tmp.Close()
 		return err
 	}
 	if err := tmp.Sync(); err != nil {
-		tmp.Close()
+		_ = tmp.Close()
 		return err
 	}
 	if err := tmp.Close(); err != nil {

@@ -69,7 +69,7 @@ func mimeSteps(userData []byte) ([]bootStep, error) {
 	var steps []bootStep
 	for n := 1; ; n++ {
 		p, err := mr.NextPart()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			return steps, nil
 		}
 		if err != nil {

@@ -133,7 +133,7 @@ func writeBenchTree(b *testing.B, root string) int64 {
 			}
 			for left := group.size; left > 0; left -= len(buf) {
 				chunk := buf[:min(left, len(buf))]
-				rng.Read(chunk)
+				_, _ = rng.Read(chunk)
 				if _, err := f.Write(chunk); err != nil {
 					b.Fatal(err)
 				}
@@ -161,9 +161,9 @@ func changeBenchTree(b *testing.B, root string, round int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	patch := make([]byte, 1<<20)
-	rand.NewChaCha8([32]byte{byte(round + 2)}).Read(patch)
+	_, _ = rand.NewChaCha8([32]byte{byte(round + 2)}).Read(patch)
 	if _, err := f.WriteAt(patch, 100<<20); err != nil {
 		b.Fatal(err)
 	}

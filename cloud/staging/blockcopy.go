@@ -82,7 +82,7 @@ func BlockCopy(ctx context.Context, src *Client, srcDevice string, srcSudo bool,
 			pw.CloseWithError(err)
 			return
 		}
-		pw.Close() // the writing dd sees the end of its input
+		_ = pw.Close() // the writing dd sees the end of its input
 	}()
 	go func() {
 		defer wg.Done()
@@ -104,7 +104,7 @@ func BlockCopy(ctx context.Context, src *Client, srcDevice string, srcSudo bool,
 
 	n := counter.total()
 	if progress != nil {
-		fmt.Fprintf(progress, "\r%s copied\n", humanBytes(n))
+		_, _ = fmt.Fprintf(progress, "\r%s copied\n", humanBytes(n))
 	}
 	if err := parent.Err(); err != nil {
 		return n, fmt.Errorf("%s: %w", what, err)
@@ -132,7 +132,7 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	after := c.n
 	c.mu.Unlock()
 	if c.progress != nil && before/progressStep != after/progressStep {
-		fmt.Fprintf(c.progress, "\r%s copied", humanBytes(after))
+		_, _ = fmt.Fprintf(c.progress, "\r%s copied", humanBytes(after))
 	}
 	return n, err
 }

@@ -52,7 +52,7 @@ func (m *Manager) CopySnapshot(ctx context.Context, id string, dst *Manager) (cl
 	}
 	desc := firstNonEmpty(src.Description, "Copy of "+id)
 	tags := copyTags(src.Tags, m.Region()+"/"+id)
-	fmt.Fprintf(m.out, "copying snapshot %s from %s to %s\n", id, m.Region(), dst.Region())
+	_, _ = fmt.Fprintf(m.out, "copying snapshot %s from %s to %s\n", id, m.Region(), dst.Region())
 	snap, err := dst.storage.CopySnapshot(ctx, m.Region(), id, desc, tags)
 	if errors.Is(err, cloud.ErrNotSupported) {
 		return m.copySnapshotViaServers(ctx, src, dst)
@@ -195,7 +195,7 @@ func (m *Manager) CopyImage(ctx context.Context, id string, dst *Manager) (cloud
 		Tags:         copyTags(img.Tags, m.Region()+"/"+id),
 		ClientToken:  "copy-" + id + "-" + newName("t"),
 	}
-	fmt.Fprintf(m.out, "copying image %s (%s) from %s to %s\n", id, img.Name, m.Region(), dst.Region())
+	_, _ = fmt.Fprintf(m.out, "copying image %s (%s) from %s to %s\n", id, img.Name, m.Region(), dst.Region())
 	out, err := dst.storage.CopyImage(ctx, m.Region(), id, spec)
 	var made []string
 	if errors.Is(err, cloud.ErrNotSupported) {

@@ -44,8 +44,8 @@ func TestStagingOnEC2API(t *testing.T) {
 		for _, in := range insts {
 			ids = append(ids, in.ID)
 		}
-		backend.Terminate(ctx, ids)
-		backend.Close()
+		_, _ = backend.Terminate(ctx, ids)
+		_ = backend.Close()
 	})
 	u, err := user.Current()
 	if err != nil {
@@ -76,7 +76,12 @@ func TestStagingOnEC2API(t *testing.T) {
 		if err != nil {
 			return nil, err
 		}
-		t.Cleanup(func() { m.Close(context.Background()); p.Close() })
+		t.Cleanup(func() {
+			if err := m.Close(context.WithoutCancel(ctx)); err != nil {
+				t.Errorf("closing the staging manager of %s: %v", region, err)
+			}
+			_ = p.Close() // only idle connections to the test server
+		})
 		managers[region] = m
 		return m, nil
 	}

@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 func TestHostKeyAlgorithms(t *testing.T) {
@@ -64,10 +66,7 @@ func TestPIDFilter(t *testing.T) {
 // The staging servers' user-data is a POSIX sh script that must pass
 // shellcheck, like every script Hangar hands an instance.
 func TestServerUserDataShellcheck(t *testing.T) {
-	sc, err := exec.LookPath("shellcheck")
-	if err != nil {
-		t.Skip("shellcheck not installed")
-	}
+	sc := testutil.NeedTool(t, "shellcheck", "apt-get install shellcheck")
 	path := filepath.Join(t.TempDir(), "user-data")
 	if err := os.WriteFile(path, []byte(serverUserData), 0o600); err != nil {
 		t.Fatal(err)

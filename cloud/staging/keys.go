@@ -95,7 +95,7 @@ func createKey(path, name string) (ssh.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("writing ssh key: %w", err)
 	}
-	defer os.Remove(tmp)
+	defer func() { _ = os.Remove(tmp) }()
 	if err := os.Link(tmp, path); errors.Is(err, fs.ErrExist) {
 		return loadKey(path)
 	} else if err != nil {
@@ -108,7 +108,7 @@ func createKey(path, name string) (ssh.Signer, error) {
 		return nil, fmt.Errorf("writing ssh public key: %w", err)
 	}
 	if err := os.Rename(pubTmp, path+".pub"); err != nil {
-		os.Remove(pubTmp)
+		_ = os.Remove(pubTmp)
 		return nil, fmt.Errorf("writing ssh public key: %w", err)
 	}
 	return signer, nil
@@ -128,7 +128,7 @@ func writeTemp(dir string, data []byte) (string, error) {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(f.Name())
+		_ = os.Remove(f.Name())
 		return "", err
 	}
 	return f.Name(), nil
@@ -148,7 +148,7 @@ var pinMu sync.Mutex
 // the pinned key again does nothing. Pinning another key for a pinned host
 // is an error: a host key that changes is a possible attack, and only a
 // person who knows why may remove the old line.
-func (kh *KnownHosts) Pin(host string, key ssh.PublicKey) error {
+func (kh *KnownHosts) Pin(host string, key ssh.PublicKey) (err error) {
 	address := withPort(host)
 	pinMu.Lock()
 	defer pinMu.Unlock()
@@ -159,7 +159,13 @@ func (kh *KnownHosts) Pin(host string, key ssh.PublicKey) error {
 	if err != nil {
 		return fmt.Errorf("pinning host key of %s: %w", host, err)
 	}
-	defer f.Close()
+	defer func() {
+		// Closing also drops the flock; a failed close of the appended
+		// line is a failed pin.
+		if cerr := f.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("pinning host key of %s: %w", host, cerr)
+		}
+	}()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
 		return fmt.Errorf("locking %s: %w", kh.Path, err)
 	}

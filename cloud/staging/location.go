@@ -189,7 +189,7 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 	opts := RsyncOptions{KeyPath: m.keyPath, KnownHostsPath: m.kh.Path, Extra: extra, Progress: m.opts.Progress}
 	if m.opts.Progress != nil {
 		// rsync's progress line ends in a carriage return, not a newline.
-		defer fmt.Fprintln(m.opts.Progress)
+		defer func() { _, _ = fmt.Fprintln(m.opts.Progress) }()
 	}
 
 	switch {

@@ -175,7 +175,7 @@ func (m *Manager) Close(ctx context.Context) error {
 	m.clients, m.holds = map[string]*Client{}, map[string]io.Closer{}
 	m.mu.Unlock()
 	for _, h := range holds {
-		h.Close()
+		_ = h.Close()
 	}
 
 	var ids []string
@@ -187,11 +187,11 @@ func (m *Manager) Close(ctx context.Context) error {
 		if m.opts.OnExit != OnExitRun && !inUseByOthers(ctx, c) {
 			ids = append(ids, s.Instance.ID)
 		} else if m.opts.OnExit != OnExitRun {
-			fmt.Fprintf(m.out, "leaving staging server %s running: another process is using it\n", s.Name)
+			_, _ = fmt.Fprintf(m.out, "leaving staging server %s running: another process is using it\n", s.Name)
 		}
 	}
 	for _, c := range clients {
-		c.Close()
+		_ = c.Close()
 	}
 	if len(ids) == 0 {
 		return nil
@@ -221,7 +221,9 @@ const inUseLock = "\"${HANGAR_ROOT:-/tmp}/.hangar-staging-in-use.lock\""
 // a pipe that only closing ends.
 func holdInUse(c *Client) io.Closer {
 	r, w := io.Pipe()
-	go c.Run(context.Background(), "command -v flock >/dev/null || exec cat >/dev/null; exec flock -s "+inUseLock+" cat >/dev/null", r, nil, nil)
+	go func() {
+		_ = c.Run(context.Background(), "command -v flock >/dev/null || exec cat >/dev/null; exec flock -s "+inUseLock+" cat >/dev/null", r, nil, nil)
+	}()
 	return w
 }
 
@@ -298,7 +300,7 @@ func (m *Manager) waitFor(ctx context.Context, what string, timeout time.Duratio
 			return nil
 		}
 		if !announced.IsZero() && time.Now().After(announced) {
-			fmt.Fprintf(m.out, "waiting for %s …\n", what)
+			_, _ = fmt.Fprintf(m.out, "waiting for %s …\n", what)
 			announced = time.Time{}
 		}
 		select {

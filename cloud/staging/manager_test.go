@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"os/user"
 	"path/filepath"
 	"strings"
@@ -23,6 +22,7 @@ import (
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/local"
 	"github.com/hangar-ci/hangar/cloud/staging"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // localStaging is a staging manager on a fresh local cloud whose instances
@@ -37,14 +37,10 @@ type localStaging struct {
 
 func needStagingTools(t *testing.T) {
 	t.Helper()
-	for _, p := range []string{"/usr/sbin/sshd", "rsync", "ssh"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed: %v", p, err)
-		}
-	}
+	testutil.NeedTools(t, "apt-get install openssh-server openssh-client rsync", "/usr/sbin/sshd", "rsync", "ssh")
 	if os.Geteuid() == 0 {
 		if _, err := os.Stat("/run/sshd"); err != nil {
-			t.Skip("/run/sshd missing (sshd's privilege separation directory)")
+			testutil.ToolMissing(t, "/run/sshd missing (sshd's privilege separation directory: mkdir -p /run/sshd && chmod 0755 /run/sshd)")
 		}
 	}
 }
@@ -60,8 +56,8 @@ func newLocalStaging(t *testing.T) *localStaging {
 			for _, in := range insts {
 				ids = append(ids, in.ID)
 			}
-			p.Terminate(ctx, ids)
-			p.Close()
+			_, _ = p.Terminate(ctx, ids)
+			_ = p.Close()
 		}
 		if t.Failed() {
 			t.Logf("manager output:\n%s", ls.out)
@@ -105,14 +101,18 @@ func (ls *localStaging) open(region, onExit string) *staging.Manager {
 		OnExit:       onExit,
 		ReadyTimeout: time.Minute,
 		OtherRegion: func(ctx context.Context, r string) (*staging.Manager, error) {
-			return ls.manager(r), nil
+			return ls.manager(r), nil //nolint:contextcheck // the other region's manager is cached for the whole test, so it must outlive this call's ctx
 		},
 		Progress: ls.out,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close(context.Background()) })
+	t.Cleanup(func() {
+		if err := m.Close(ctx); err != nil {
+			t.Errorf("closing the staging manager of %s: %v", region, err)
+		}
+	})
 	return m
 }
 

@@ -681,10 +681,11 @@ func (c *Client) runRsync(ctx context.Context, opts RsyncOptions, what string, s
 	err := c.runSession(ctx, line, progress, progress, setup)
 	var exitErr *ExitError
 	if errors.As(err, &exitErr) {
-		err = &RsyncError{Command: line, Host: c.addr, Status: exitErr.Status, Stderr: exitErr.Stderr, Err: hostKeyError(exitErr.Stderr)}
+		re := &RsyncError{Command: line, Host: c.addr, Status: exitErr.Status, Stderr: exitErr.Stderr, Err: hostKeyError(exitErr.Stderr)}
 		if exitErr.Signal != "" {
-			err.(*RsyncError).Status = -1
+			re.Status = -1
 		}
+		err = re
 	}
 	if err != nil {
 		return fmt.Errorf("rsync %s: %w", what, err)
@@ -744,7 +745,7 @@ func (c *Client) runSession(ctx context.Context, cmd string, stdout, stderr io.W
 	if err != nil {
 		return fmt.Errorf("opening ssh session on %s: %w", c.addr, err)
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	if err := setup(sess); err != nil {
 		return fmt.Errorf("preparing ssh session on %s: %w", c.addr, err)
 	}
@@ -765,7 +766,7 @@ func (c *Client) runSession(ctx context.Context, cmd string, stdout, stderr io.W
 	case <-ctx.Done():
 		// As in Run: the signal works for ordinary users, the process
 		// group kill from a second session for root.
-		sess.Signal(ssh.SIGKILL)
+		_ = sess.Signal(ssh.SIGKILL)
 		select {
 		case <-pid.known:
 		case <-time.After(killWait):
@@ -835,7 +836,7 @@ func (c *Client) forwardAgent(signer ssh.Signer) (fwd *agentForwarding, release 
 		}
 		forwardedAgents[c] = fwd
 		go func() {
-			c.conn.Wait()
+			_ = c.conn.Wait()
 			forwardedAgentsMu.Lock()
 			delete(forwardedAgents, c)
 			forwardedAgentsMu.Unlock()

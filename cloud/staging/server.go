@@ -124,14 +124,16 @@ func (m *Manager) ProvisionServer(ctx context.Context, spec ServerSpec) (*Server
 	if z := firstNonEmpty(spec.Zone, m.opts.Zone); z != "" {
 		launch.Zones = []string{z}
 	}
-	fmt.Fprintf(m.out, "launching staging server %s\n", spec.Name)
+	_, _ = fmt.Fprintf(m.out, "launching staging server %s\n", spec.Name)
 	insts, err := m.cloud.Launch(ctx, launch, 1)
 	if len(insts) == 0 && err == nil {
 		err = errors.New("the cloud started no instance")
 	}
 	if err != nil {
 		if len(insts) > 0 {
-			m.cloud.Terminate(context.WithoutCancel(ctx), []string{insts[0].ID})
+			if _, terr := m.cloud.Terminate(context.WithoutCancel(ctx), []string{insts[0].ID}); terr != nil {
+				err = errors.Join(err, fmt.Errorf("terminating %s, which is left running: %w", insts[0].ID, terr))
+			}
 		}
 		return nil, fmt.Errorf("provisioning staging server %s: %w", spec.Name, err)
 	}
@@ -220,7 +222,7 @@ func (m *Manager) allServers(ctx context.Context, verb string, from cloud.State,
 	if len(ids) == 0 {
 		return nil
 	}
-	fmt.Fprintf(m.out, "%s %d staging servers\n", verb, len(ids))
+	_, _ = fmt.Fprintf(m.out, "%s %d staging servers\n", verb, len(ids))
 	if _, err := call(ctx, ids); err != nil {
 		return fmt.Errorf("%s staging servers: %w", verb, err)
 	}
@@ -234,10 +236,10 @@ func (m *Manager) dropClient(id string) {
 	delete(m.holds, id)
 	m.mu.Unlock()
 	if h != nil {
-		h.Close()
+		_ = h.Close()
 	}
 	if c != nil {
-		c.Close()
+		_ = c.Close()
 	}
 }
 
@@ -285,7 +287,7 @@ func (s *Server) Client(ctx context.Context) (*Client, error) {
 		case cloud.StateRunning:
 			return true, nil
 		case cloud.StateStopped:
-			fmt.Fprintf(m.out, "starting %s\n", what)
+			_, _ = fmt.Fprintf(m.out, "starting %s\n", what)
 			if _, err := m.cloud.Start(ctx, []string{s.Instance.ID}); err != nil {
 				return false, err
 			}
@@ -317,25 +319,25 @@ func (s *Server) Client(ctx context.Context) (*Client, error) {
 	})
 	if err != nil {
 		if lastErr != nil {
-			err = fmt.Errorf("%w (last attempt: %v)", err, lastErr)
+			err = fmt.Errorf("%w (last attempt: %w)", err, lastErr)
 		}
 		return nil, err
 	}
 	if !s.rootKnown {
 		out, err := c.Output(ctx, `printf '%s' "${HANGAR_ROOT-}"`)
 		if err != nil {
-			c.Close()
+			_ = c.Close()
 			return nil, fmt.Errorf("reading the root of %s: %w", what, err)
 		}
 		s.root, s.rootKnown = string(out), true
 	}
 	m.mu.Lock()
 	if old := m.clients[s.Instance.ID]; old != nil {
-		c.Close()
+		_ = c.Close()
 		c = old
 	} else {
 		m.clients[s.Instance.ID] = c
-		m.holds[s.Instance.ID] = holdInUse(c)
+		m.holds[s.Instance.ID] = holdInUse(c) //nolint:contextcheck // the in-use lock is held for the connection's life, past this call's ctx; closing the hold ends it
 		m.touched[s.Instance.ID] = true
 	}
 	m.mu.Unlock()

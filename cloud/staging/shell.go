@@ -54,7 +54,7 @@ func (c *Client) Shell(ctx context.Context, cmd string, term Terminal, stdin io.
 	if err != nil {
 		return fmt.Errorf("opening ssh session on %s: %w", c.addr, err)
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	modes := ssh.TerminalModes{ssh.ECHO: 1, ssh.TTY_OP_ISPEED: 38400, ssh.TTY_OP_OSPEED: 38400}
 	if err := sess.RequestPty(term.Term, term.Height, term.Width, modes); err != nil {
 		return fmt.Errorf("opening a terminal on %s: %w", c.addr, err)
@@ -82,7 +82,7 @@ func (c *Client) Shell(ctx context.Context, cmd string, term Terminal, stdin io.
 	if stdin != nil {
 		go func() {
 			if _, err := io.Copy(stdinPipe, stdin); err == nil {
-				stdinPipe.Close()
+				_ = stdinPipe.Close()
 			}
 		}()
 	}
@@ -98,7 +98,7 @@ func (c *Client) Shell(ctx context.Context, cmd string, term Terminal, stdin io.
 					}
 					t = t.withDefaults()
 					if t.Width > 0 && t.Height > 0 {
-						sess.WindowChange(t.Height, t.Width)
+						_ = sess.WindowChange(t.Height, t.Width)
 					}
 				case <-done:
 					return
@@ -115,8 +115,8 @@ func (c *Client) Shell(ctx context.Context, cmd string, term Terminal, stdin io.
 		// Closing the channel makes sshd close the terminal, and the
 		// kernel hangs up its session: unlike a signal sent through ssh,
 		// that works for root logins too.
-		sess.Signal(ssh.SIGHUP)
-		sess.Close()
+		_ = sess.Signal(ssh.SIGHUP)
+		_ = sess.Close()
 		return fmt.Errorf("running %s on %s: %w", name, c.addr, ctx.Err())
 	}
 	if ctxErr := ctx.Err(); ctxErr != nil {

@@ -42,7 +42,7 @@ func TestShellCommand(t *testing.T) {
 func TestShellInteractive(t *testing.T) {
 	c := newTestEnv(t).dial(t)
 	stdin, typing := io.Pipe()
-	defer typing.Close()
+	defer func() { _ = typing.Close() }()
 	resize := make(chan staging.Terminal)
 	var out syncBuffer
 	errc := make(chan error, 1)
@@ -54,7 +54,7 @@ func TestShellInteractive(t *testing.T) {
 	// The window change and the typing travel separately; the shell
 	// waits until it sees the new size. The arithmetic makes the marker
 	// appear only when the shell runs the line, not when it echoes it.
-	io.WriteString(typing, `while [ "$(stty size)" != "40 100" ]; do sleep 0.01; done; echo "size-$((6*7))"; echo "term-$TERM"; exit 5`+"\n")
+	_, _ = io.WriteString(typing, `while [ "$(stty size)" != "40 100" ]; do sleep 0.01; done; echo "size-$((6*7))"; echo "term-$TERM"; exit 5`+"\n")
 	err := <-errc
 	var exitErr *staging.ExitError
 	if !errors.As(err, &exitErr) || exitErr.Status != 5 || exitErr.Command != "login shell" {

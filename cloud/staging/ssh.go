@@ -101,17 +101,17 @@ func DialAlias(ctx context.Context, addr, hostKeyAlias, user string, signer ssh.
 	// The handshake knows nothing of ctx: a deadline bounds it, and closing
 	// the connection ends it early on cancellation.
 	deadline, _ := ctx.Deadline()
-	conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	_ = conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
 	sshConn, chans, reqs, err := ssh.NewClientConn(conn, addr, config)
 	if !stop() || err != nil {
-		conn.Close()
+		_ = conn.Close()
 		if ctx.Err() != nil {
 			err = ctx.Err()
 		}
 		return nil, fmt.Errorf("ssh handshake with %s as %s: %w", addr, user, err)
 	}
-	conn.SetDeadline(time.Time{})
+	_ = conn.SetDeadline(time.Time{})
 	return &Client{addr: addr, conn: ssh.NewClient(sshConn, chans, reqs)}, nil
 }
 
@@ -145,11 +145,11 @@ func (c *Client) killGroup(pgid int) {
 	if err != nil {
 		return // the connection is gone, and the command's session with it
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		sess.Run(fmt.Sprintf("kill -KILL -- -%d 2>/dev/null; kill -KILL %d 2>/dev/null; true", pgid, pgid))
+		_ = sess.Run(fmt.Sprintf("kill -KILL -- -%d 2>/dev/null; kill -KILL %d 2>/dev/null; true", pgid, pgid))
 	}()
 	select {
 	case <-done:
@@ -188,7 +188,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 	if err != nil {
 		return fmt.Errorf("opening ssh session on %s: %w", c.addr, err)
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	// The caller's writers are guarded so that nothing reaches them after
 	// Run returns, even from a command still running after cancellation.
 	tail := &tailBuffer{max: stderrTail}
@@ -204,7 +204,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 		// login it cannot (no privilege separation), and closing the
 		// session only closes the command's stdin and output. Killing
 		// the process group from a second session works for both.
-		sess.Signal(ssh.SIGKILL)
+		_ = sess.Signal(ssh.SIGKILL)
 		select {
 		case <-pid.known:
 		case <-time.After(killWait):
@@ -212,7 +212,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 		if p := pid.get(); p > 1 {
 			c.killGroup(p)
 		}
-		sess.Close()
+		_ = sess.Close()
 	})
 
 	// Stdin is copied here rather than by the ssh package, whose Wait would
@@ -248,7 +248,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 				return
 			}
 			if err == nil {
-				stdinPipe.Close()
+				_ = stdinPipe.Close()
 			}
 		}()
 	}
@@ -300,7 +300,7 @@ func (c *Client) Upload(ctx context.Context, localPath, remotePath string, mode 
 	if err != nil {
 		return fmt.Errorf("uploading %s: %w", localPath, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only: closing cannot lose data
 	info, err := f.Stat()
 	if err != nil {
 		return fmt.Errorf("uploading %s: %w", localPath, err)
@@ -328,7 +328,7 @@ func (c *Client) Download(ctx context.Context, remotePath, localPath string) err
 	if err != nil {
 		return fmt.Errorf("downloading %s:%s: %w", c.addr, remotePath, err)
 	}
-	defer os.Remove(f.Name())
+	defer func() { _ = os.Remove(f.Name()) }()
 	err = c.Run(ctx, "cat "+userdata.ShellQuote(remotePath), nil, f, nil)
 	if err == nil {
 		err = f.Sync()
@@ -426,7 +426,7 @@ func (f *pidFilter) finish(complete bool) {
 			return
 		}
 	}
-	f.w.Write(f.line)
+	_, _ = f.w.Write(f.line)
 }
 
 // flush passes on a first line that never ended.

@@ -20,6 +20,7 @@ import (
 
 	"github.com/hangar-ci/hangar/cloud/staging"
 	"github.com/hangar-ci/hangar/cloud/staging/sshtest"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // testEnv is a running sshd that trusts a fresh key, whose host key is
@@ -54,7 +55,7 @@ func (e *testEnv) dial(t *testing.T) *staging.Client {
 	if err != nil {
 		t.Fatalf("dialing: %v", err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
@@ -243,7 +244,7 @@ func TestDialUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := l.Addr().String()
-	l.Close()
+	_ = l.Close()
 	_, err = staging.Dial(testContext(t), addr, e.srv.User(), e.signer, e.kh)
 	if !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), "connecting to "+addr) {
 		t.Errorf("got %v, want connection refused while connecting to %s", err, addr)
@@ -296,11 +297,7 @@ func TestRunCancel(t *testing.T) {
 }
 
 func TestKnownHostsWorksForOpenSSH(t *testing.T) {
-	for _, bin := range []string{"ssh", "ssh-keygen"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s not found (install openssh-client): %v", bin, err)
-		}
-	}
+	testutil.NeedTools(t, "apt-get install openssh-client", "ssh", "ssh-keygen")
 	e := newTestEnv(t)
 	host := "[127.0.0.1]:" + strconv.Itoa(e.srv.Port())
 	out, err := exec.Command("ssh-keygen", "-F", host, "-f", e.kh.Path).CombinedOutput()

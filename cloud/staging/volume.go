@@ -142,7 +142,7 @@ func (m *Manager) ProvisionVolume(ctx context.Context, spec VolumeSpec) (*Volume
 			return fail(err)
 		}
 		if snap != nil {
-			fmt.Fprintf(m.out, "volume %s starts from its newest snapshot %s (%s)\n", spec.Name, snap.ID, snap.StartedAt.Format(time.RFC3339))
+			_, _ = fmt.Fprintf(m.out, "volume %s starts from its newest snapshot %s (%s)\n", spec.Name, snap.ID, snap.StartedAt.Format(time.RFC3339))
 			spec.SnapshotID = snap.ID
 		}
 	}
@@ -535,7 +535,7 @@ func (m *Manager) DeleteVolume(ctx context.Context, name string) error {
 	if err := m.storage.DeleteVolume(ctx, v.Cloud.ID); err != nil {
 		return fmt.Errorf("deleting volume %s: %w", name, err)
 	}
-	fmt.Fprintf(m.out, "deleted volume %s (%s)\n", name, v.Cloud.ID)
+	_, _ = fmt.Fprintf(m.out, "deleted volume %s (%s)\n", name, v.Cloud.ID)
 	return nil
 }
 
@@ -581,7 +581,7 @@ func (m *Manager) waitSnapshot(ctx context.Context, id string) (cloud.Snapshot, 
 		}
 		snap = ss[0]
 		if snap.Progress != last && snap.State == cloud.SnapshotPending {
-			fmt.Fprintf(m.out, "snapshot %s: %s\n", id, snap.Progress)
+			_, _ = fmt.Fprintf(m.out, "snapshot %s: %s\n", id, snap.Progress)
 			last = snap.Progress
 		}
 		switch snap.State {

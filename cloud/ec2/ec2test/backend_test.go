@@ -17,6 +17,7 @@ import (
 
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/local"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // newLocalBackend opens a local cloud in a temp dir and, at cleanup,
@@ -40,7 +41,7 @@ func newLocalBackend(t *testing.T) *local.Provider {
 		if _, err := p.Terminate(ctx, ids); err != nil {
 			t.Errorf("cleanup: terminating local instances: %v", err)
 		}
-		p.Close()
+		_ = p.Close()
 	})
 	return p
 }
@@ -247,7 +248,7 @@ func TestStorageBackend(t *testing.T) {
 func TestLocalBackendStorage(t *testing.T) {
 	t.Parallel()
 	if _, err := os.Stat("/usr/sbin/sshd"); err != nil {
-		t.Skip("local instances with a key pair need OpenSSH's sshd (apt-get install openssh-server)")
+		testutil.ToolMissing(t, "local instances with a key pair need OpenSSH's sshd (apt-get install openssh-server)")
 	}
 	p := newLocalBackend(t)
 	s := newServer(t, Options{Regions: []string{"us-east-1", "eu-west-1"}, Backend: p})
@@ -347,7 +348,7 @@ func dialLocal(t *testing.T, addr string, signer ssh.Signer, host ssh.PublicKey)
 	if err != nil {
 		t.Fatalf("ssh to %s: %v", addr, err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
@@ -357,7 +358,7 @@ func sshOutput(t *testing.T, c *ssh.Client, cmd string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	out, err := sess.CombinedOutput(cmd)
 	if err != nil {
 		t.Fatalf("ssh %q: %v: %s", cmd, err, out)

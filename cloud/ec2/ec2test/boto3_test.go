@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // Debian's Python, with Debian's python3-boto3; not whatever python3 comes
@@ -37,12 +39,7 @@ func botoEnv(t *testing.T) []string {
 
 func TestBoto3(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat(python); err != nil {
-		t.Skip("no " + python)
-	}
-	if err := exec.Command(python, "-c", "import boto3").Run(); err != nil {
-		t.Skip("boto3 is not importable by " + python + " (apt-get install python3-boto3)")
-	}
+	testutil.NeedPythonModule(t, python, "boto3", "a second EC2 client: apt-get install python3-boto3")
 	s := newServer(t, Options{})
 	if err := s.Region("").AddKeyPair("ops", publicKey(t, "")); err != nil {
 		t.Fatal(err)
@@ -176,12 +173,7 @@ func TestBoto3(t *testing.T) {
 // boto3 across two regions, its waiters and paginator included.
 func TestBoto3Storage(t *testing.T) {
 	t.Parallel()
-	if _, err := os.Stat(python); err != nil {
-		t.Skip("no " + python)
-	}
-	if err := exec.Command(python, "-c", "import boto3").Run(); err != nil {
-		t.Skip("boto3 is not importable by " + python + " (apt-get install python3-boto3)")
-	}
+	testutil.NeedPythonModule(t, python, "boto3", "a second EC2 client: apt-get install python3-boto3")
 	// Short delays, so that every waiter sees a pending state first.
 	s := newServer(t, Options{
 		Regions:     []string{"us-east-1", "eu-west-1"},

@@ -4,6 +4,7 @@ import (
 	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/xml"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -43,7 +44,7 @@ func parseXML(t *testing.T, body []byte) *node {
 	var root *node
 	for {
 		tok, err := d.Token()
-		if err == io.EOF {
+		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
@@ -203,7 +204,7 @@ func callAuth(t *testing.T, s *Server, auth, action string, kv ...string) reply 
 	if err != nil {
 		t.Fatalf("%s: %v", action, err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // These tests hold the server to EC2's service model as botocore ships it
@@ -60,13 +62,13 @@ func loadModel(t *testing.T) *serviceModel {
 		paths = append(paths, m...)
 	}
 	if len(paths) == 0 {
-		t.Skip("botocore's EC2 service model is not installed (apt-get install python3-botocore)")
+		testutil.ToolMissing(t, "botocore's EC2 service model is not installed (apt-get install python3-botocore)")
 	}
 	f, err := os.Open(paths[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }()
 	var r io.Reader = f
 	if strings.HasSuffix(paths[0], ".gz") {
 		if r, err = gzip.NewReader(f); err != nil {
@@ -240,11 +242,11 @@ func TestNewerParametersAreInGoSDK(t *testing.T) {
 	t.Parallel()
 	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/aws/aws-sdk-go-v2/service/ec2").Output()
 	if err != nil {
-		t.Skipf("cannot find the aws-sdk-go-v2 EC2 module: %v", err)
+		testutil.ToolMissing(t, "cannot find the aws-sdk-go-v2 EC2 module (go mod download): %v", err)
 	}
 	src, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "serializers.go"))
 	if err != nil {
-		t.Skipf("the aws-sdk-go-v2 EC2 module is not downloaded: %v", err)
+		testutil.ToolMissing(t, "the aws-sdk-go-v2 EC2 module is not downloaded (go mod download): %v", err)
 	}
 	for action, params := range newerThanModel {
 		if !slices.ContainsFunc(params, func(p string) bool { return slices.Contains(actions[action].params, p) }) {

@@ -296,6 +296,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	requestID := newRequestID()
 	name := ""
+	//nolint:contextcheck // actions run under context.WithoutCancel(r.Context()) below: like EC2's, an action runs to its end when the client hangs up
 	resp, err := func() (response, error) {
 		if r.Method != http.MethodPost && r.Method != http.MethodGet {
 			return nil, errorf("InvalidAction", "EC2 answers GET and POST, not %s", r.Method)
@@ -370,7 +371,7 @@ func (s *Server) writeXML(w http.ResponseWriter, status int, v any, root xml.Nam
 	w.Header().Set("Content-Type", "text/xml;charset=UTF-8")
 	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
 	w.WriteHeader(status)
-	w.Write(buf.Bytes())
+	_, _ = w.Write(buf.Bytes())
 }
 
 // checkAuth wants a SigV4 Authorization header scoped to ec2 and to a

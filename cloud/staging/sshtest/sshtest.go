@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // SSHD is the server binary; sshd refuses to run unless started by its
@@ -45,14 +47,15 @@ type Server struct {
 
 // Start runs sshd on 127.0.0.1 with a fresh ed25519 host key, trusting the
 // keys given to AuthorizeKey, and stops it when the test ends. It skips the
-// test when sshd or its privilege-separation directory is missing.
+// test when sshd or its privilege-separation directory is missing (fails it
+// under HANGAR_REQUIRE_TOOLS=1: see testutil.ToolMissing).
 func Start(t testing.TB) *Server {
 	t.Helper()
 	if _, err := os.Stat(SSHD); err != nil {
-		t.Skipf("sshtest: %s not found (install openssh-server): %v", SSHD, err)
+		testutil.ToolMissing(t, "sshtest: %s not found (install openssh-server): %v", SSHD, err)
 	}
 	if _, err := os.Stat(PrivsepDir); err != nil {
-		t.Skipf("sshtest: sshd needs its privilege-separation directory (mkdir -p %s && chmod 0755 %s): %v", PrivsepDir, PrivsepDir, err)
+		testutil.ToolMissing(t, "sshtest: sshd needs its privilege-separation directory (mkdir -p %s && chmod 0755 %s): %v", PrivsepDir, PrivsepDir, err)
 	}
 	u, err := user.Current()
 	if err != nil {
@@ -133,27 +136,28 @@ func (s *Server) run(t testing.TB, hostKeyPath string, port int) error {
 	for {
 		select {
 		case err := <-exited:
-			return fmt.Errorf("sshd exited (%v): %s", err, log.String())
+			return fmt.Errorf("sshd exited (%w): %s", err, log.String())
 		default:
 		}
 		if strings.Contains(log.String(), "Server listening on") {
 			break
 		}
 		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			<-exited
-			return fmt.Errorf("sshd did not listen on %s within 10s: %s", addr, log.String())
+			_ = cmd.Process.Kill()
+			werr := <-exited
+			return fmt.Errorf("sshd did not listen on %s within 10s (then killed: %w): %s", addr, werr, log.String())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	s.addr = addr
 	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-exited:
+		case err := <-exited:
+			_ = err // stopped by SIGTERM: Wait's error only says so
 		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-exited
+			_ = cmd.Process.Kill()
+			t.Logf("sshtest: sshd ignored SIGTERM for 5s, killed: %v", <-exited)
 		}
 		if t.Failed() {
 			t.Logf("sshd log:\n%s", log.String())
@@ -196,9 +200,12 @@ func (s *Server) AuthorizeKey(pub []byte) {
 	if err != nil {
 		s.t.Fatalf("sshtest: authorizing key: %v", err)
 	}
-	defer f.Close()
 	line := append(bytes.TrimSpace(pub), '\n')
-	if _, err := f.Write(line); err != nil {
+	_, err = f.Write(line)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		s.t.Fatalf("sshtest: authorizing key: %v", err)
 	}
 }
@@ -227,7 +234,7 @@ func freePort() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
