@@ -7,7 +7,7 @@
 // hash of it is kept; it is bound to one instance and dies with it, and a
 // released answer may replace it (Assignment.NewToken). The
 // assignment is written as shell assignments, each value quoted by
-// userdata.ShellQuote, so that a bash-and-curl bootstrap can source it.
+// shell.Quote, so that a bash-and-curl bootstrap can source it.
 package bootstrap
 
 import (
@@ -23,7 +23,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // Ready is an instance's report that its bootstrap runs.
@@ -51,7 +51,7 @@ type Assignment struct {
 	CleanupCommand string
 	// RunID and RunCommand are set when the lease has a command for the
 	// instance to run (IDs count from 1 within a lease). RunCommand is one
-	// shell command line, each argument quoted by userdata.ShellQuote. An
+	// shell command line, each argument quoted by shell.Quote. An
 	// assignment with a run may repeat the instance's current lease: it
 	// then asks for one more run on it.
 	RunID      int
@@ -295,7 +295,7 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 // Shell renders the assignment as lines a bootstrap script sources.
 func (a Assignment) Shell() string {
 	var b strings.Builder
-	line := func(k, v string) { fmt.Fprintf(&b, "%s=%s\n", k, userdata.ShellQuote(v)) }
+	line := func(k, v string) { fmt.Fprintf(&b, "%s=%s\n", k, shell.Quote(v)) }
 	line("HANGAR_ASSIGNMENT", a.State)
 	// Fields added later are written only when set, so that answers
 	// without them read exactly as before.

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/hangar-ci/hangar/internal/shell"
 	"github.com/hangar-ci/hangar/userdata"
 )
 
@@ -750,7 +751,7 @@ hangar.toml:13: pools.c.worker_user: must be a POSIX user name matching ^[a-z_][
 // at the key's line: serve renders every pool's user-data before it starts.
 func TestConfigRefusesWhatUserdataRefuses(t *testing.T) {
 	for _, name := range []string{"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "HANGAR_TOKEN", "1A", "A-B"} {
-		if userdata.ValidEnvName(name) == nil {
+		if shell.ValidEnvName(name) == nil {
 			t.Fatalf("userdata accepts %s; the test's premise is wrong", name)
 		}
 		_, err := Parse("hangar.toml", []byte(base+"[pools.demo.env]\n\""+name+"\" = \"x\"\n"))

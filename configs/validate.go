@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"github.com/hangar-ci/hangar/scripts"
 	"github.com/hangar-ci/hangar/userdata"
 )
@@ -358,7 +359,7 @@ func (k *checker) pool(name string, p Pool) {
 	k.positive(f("claim_timeout"), p.ClaimTimeout)
 	for _, name := range slices.Sorted(maps.Keys(p.Env)) {
 		// The one rule user-data rendering applies too.
-		if err := userdata.ValidEnvName(name); err != nil {
+		if err := shell.ValidEnvName(name); err != nil {
 			k.add(join(f("env"), name), "%v", err)
 		}
 		// Env values may be secrets, so only the name is reported.

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // A run is a command run on a lease's instance through its bootstrap
@@ -104,7 +104,7 @@ func commandProblems(argv []string) []error {
 func shellCommand(argv []string) string {
 	q := make([]string, len(argv))
 	for i, a := range argv {
-		q[i] = userdata.ShellQuote(a)
+		q[i] = shell.Quote(a)
 	}
 	return strings.Join(q, " ")
 }

@@ -18,8 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"github.com/hangar-ci/hangar/internal/testutil"
-	"github.com/hangar-ci/hangar/userdata"
 )
 
 const (
@@ -57,7 +57,7 @@ func (s *protocolServer) rotate(token string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.token = token
-	return "HANGAR_NEW_TOKEN=" + userdata.ShellQuote(token) + "\n"
+	return "HANGAR_NEW_TOKEN=" + shell.Quote(token) + "\n"
 }
 
 // callsWith returns how many calls carried token.
@@ -184,11 +184,11 @@ func (s *protocolServer) sawHeartbeat(want string) bool {
 }
 
 // answer renders an assignment answer the way the server must: NAME='value'
-// lines quoted with userdata.ShellQuote, "export " before lease env.
+// lines quoted with shell.Quote, "export " before lease env.
 func answer(vars ...string) string {
 	var b strings.Builder
 	for i := 0; i+1 < len(vars); i += 2 {
-		fmt.Fprintf(&b, "%s=%s\n", vars[i], userdata.ShellQuote(vars[i+1]))
+		fmt.Fprintf(&b, "%s=%s\n", vars[i], shell.Quote(vars[i+1]))
 	}
 	return b.String()
 }
@@ -278,7 +278,7 @@ func runBootstrapAs(t *testing.T, cred *syscall.Credential, dir string, srv *htt
 func TestGenericLeaseCycle(t *testing.T) {
 	dir := t.TempDir()
 	file := func(name string) string { return filepath.Join(dir, name) }
-	q := userdata.ShellQuote
+	q := shell.Quote
 	// The trap reaps the sleep, which otherwise could linger as a zombie
 	// where PID 1 does not reap orphans (containers).
 	worker1 := "echo $$ > " + q(file("worker.pid")) + "; sleep 600 & child=$!; trap 'wait $child; exit 143' TERM; " +

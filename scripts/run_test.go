@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // runServer is a bootstrap endpoint for runs. assign answers the n-th
@@ -114,7 +114,7 @@ func killPid(s string) {
 func shellCommand(argv ...string) string {
 	q := make([]string, len(argv))
 	for i, a := range argv {
-		q[i] = userdata.ShellQuote(a)
+		q[i] = shell.Quote(a)
 	}
 	return strings.Join(q, " ")
 }

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/userdata"
 )
@@ -100,7 +101,7 @@ func TestGenericTokenRotation(t *testing.T) {
 	tokens := []string{testToken, tok2, tok3}
 	dir := t.TempDir()
 	file := func(name string) string { return filepath.Join(dir, name) }
-	q := userdata.ShellQuote
+	q := shell.Quote
 	stateDir := file("var/lib/hangar")
 	tokenFile := filepath.Join(stateDir, "bootstrap-token")
 

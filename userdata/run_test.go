@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // runUserData runs user-data with bash the way cloud-init would, in dir and
@@ -52,7 +54,7 @@ func runUserData(t *testing.T, dir, path string, env ...string) (string, int) {
 // answering failStatus to the first failures fetches.
 func bootstrapServer(t *testing.T, token, envFile string, failures int, failStatus int) (*httptest.Server, *atomic.Int32) {
 	var fetches atomic.Int32
-	script := "#!/bin/bash\nenv -0 > " + ShellQuote(envFile) + "\nstat -c %a \"$0\" > " + ShellQuote(envFile+".mode") + "\n"
+	script := "#!/bin/bash\nenv -0 > " + shell.Quote(envFile) + "\nstat -c %a \"$0\" > " + shell.Quote(envFile+".mode") + "\n"
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := fetches.Add(1)
 		switch {

@@ -31,6 +31,8 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // Format selects the shape of the rendered user-data.
@@ -54,10 +56,10 @@ const MaxSize = 16 * 1024
 
 // Params is everything that goes into one instance's user-data.
 type Params struct {
-	Pool           string            // pool name (validated with ValidName)
+	Pool           string            // pool name (validated with shell.ValidName)
 	HangarURL      string            // base URL instances use to reach Hangar (http or https, no userinfo/query/fragment)
 	BootstrapToken string            // per-instance bearer token; it IS allowed in user-data (the password never is)
-	Env            map[string]string // pool env, exported to the bootstrap script; keys validated with ValidEnvName
+	Env            map[string]string // pool env, exported to the bootstrap script; keys validated with shell.ValidEnvName
 	Format         Format            // "" means script
 	CloudConfig    string            // the user's own #cloud-config, only with FormatMIME (merged as a second MIME part)
 }
@@ -91,52 +93,11 @@ func Render(p Params) ([]byte, error) {
 	return []byte(out), nil
 }
 
-// ShellQuote quotes s as one POSIX shell word that stands for exactly s.
-// It is the one quoting function of Hangar: every value put in shell text
-// goes through it. Inside single quotes nothing is special but the quote
-// itself, so each one is written by closing the quotes, adding \' and
-// reopening them.
-func ShellQuote(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
-
-var (
-	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-	envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
-	tokenRE   = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
-)
-
-// ValidName checks the name of a pool, worker or instance. The pattern keeps
-// names safe in tags, file names, URLs and DNS labels.
-func ValidName(s string) error {
-	if !nameRE.MatchString(s) {
-		return fmt.Errorf("invalid name %q: use 1 to 63 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit", s)
-	}
-	return nil
-}
-
-// shellEnvNames change how bash itself runs the scripts the pool env is
-// exported to (SHELLOPTS=xtrace would echo the token), or what every
-// program the bootstrap starts loads, so a pool may not set them.
-var shellEnvNames = map[string]bool{"BASH_ENV": true, "ENV": true, "SHELLOPTS": true, "BASHOPTS": true, "LD_PRELOAD": true, "LD_AUDIT": true}
-
-// ValidEnvName checks the name of a pool env variable. The prefix HANGAR_ is
-// reserved for the variables the user-data and bootstrap scripts set.
-func ValidEnvName(s string) error {
-	switch {
-	case !envNameRE.MatchString(s):
-		return fmt.Errorf("invalid env name %q: use letters, digits and '_', not starting with a digit", s)
-	case strings.HasPrefix(s, "HANGAR_"):
-		return fmt.Errorf("invalid env name %q: the prefix HANGAR_ is reserved for Hangar's own variables", s)
-	case shellEnvNames[s]:
-		return fmt.Errorf("invalid env name %q: it changes how the bootstrap script runs", s)
-	}
-	return nil
-}
+var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
 
 func (p Params) validate() error {
 	var errs []error
-	if err := ValidName(p.Pool); err != nil {
+	if err := shell.ValidName(p.Pool); err != nil {
 		errs = append(errs, fmt.Errorf("pool: %w", err))
 	}
 	if err := validURL(p.HangarURL); err != nil {
@@ -150,7 +111,7 @@ func (p Params) validate() error {
 		errs = append(errs, errors.New("bootstrap token: has characters other than A-Z, a-z, 0-9, '_' and '-'"))
 	}
 	for _, k := range sortedKeys(p.Env) {
-		if err := ValidEnvName(k); err != nil {
+		if err := shell.ValidEnvName(k); err != nil {
 			errs = append(errs, fmt.Errorf("env: %w", err))
 		}
 		// Env values may be secrets, so only the name is reported.
@@ -272,11 +233,11 @@ func renderScript(p Params) string {
 	b.WriteString("#!/bin/bash\n")
 	fmt.Fprintf(&b, "# Hangar user-data for pool %s: fetches and runs the pool's bootstrap script.\n", p.Pool)
 	b.WriteString("exec 2>&1\nset -u\n")
-	fmt.Fprintf(&b, "export HANGAR_URL=%s\n", ShellQuote(strings.TrimRight(p.HangarURL, "/")))
-	fmt.Fprintf(&b, "export HANGAR_POOL=%s\n", ShellQuote(p.Pool))
-	fmt.Fprintf(&b, "export HANGAR_BOOTSTRAP_TOKEN=%s\n", ShellQuote(p.BootstrapToken))
+	fmt.Fprintf(&b, "export HANGAR_URL=%s\n", shell.Quote(strings.TrimRight(p.HangarURL, "/")))
+	fmt.Fprintf(&b, "export HANGAR_POOL=%s\n", shell.Quote(p.Pool))
+	fmt.Fprintf(&b, "export HANGAR_BOOTSTRAP_TOKEN=%s\n", shell.Quote(p.BootstrapToken))
 	for _, k := range sortedKeys(p.Env) {
-		fmt.Fprintf(&b, "export %s=%s\n", k, ShellQuote(p.Env[k]))
+		fmt.Fprintf(&b, "export %s=%s\n", k, shell.Quote(p.Env[k]))
 	}
 	b.WriteString(scriptBody)
 	return b.String()

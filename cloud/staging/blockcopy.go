@@ -8,7 +8,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // blockSize is dd's block size: large enough that ssh, not dd's system
@@ -40,11 +40,11 @@ func BlockCopy(ctx context.Context, src *Client, srcDevice string, srcSudo bool,
 	}
 	// status=none keeps dd's transfer statistics out of stderr, which
 	// should hold only a reason for failing.
-	read := "dd if=" + userdata.ShellQuote(srcDevice) + " bs=" + blockSize + " status=none"
+	read := "dd if=" + shell.Quote(srcDevice) + " bs=" + blockSize + " status=none"
 	// iflag=fullblock keeps blocks whole although ssh delivers pieces;
 	// conv=fsync makes dd's exit status cover getting the data onto the
 	// device, not only into the page cache.
-	write := "dd of=" + userdata.ShellQuote(dstDevice) + " bs=" + blockSize + " iflag=fullblock conv=fsync status=none"
+	write := "dd of=" + shell.Quote(dstDevice) + " bs=" + blockSize + " iflag=fullblock conv=fsync status=none"
 	if srcSudo {
 		read = "sudo -n " + read
 	}

@@ -17,10 +17,9 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/knownhosts"
-
-	"github.com/hangar-ci/hangar/userdata"
 )
 
 // Sentinel errors for errors.Is; the returned errors also say which host
@@ -37,7 +36,7 @@ var (
 // and is returned in authorized_keys form for importing into the cloud.
 func LoadOrCreateKey(dir, name string) (signer ssh.Signer, pubAuthorizedKey []byte, path string, err error) {
 	// The name becomes a file name, so it must not be able to leave dir.
-	if err := userdata.ValidName(name); err != nil {
+	if err := shell.ValidName(name); err != nil {
 		return nil, nil, "", fmt.Errorf("loading ssh key: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {

@@ -8,7 +8,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // Location is one side of a copy, as the user wrote it:
@@ -75,7 +75,7 @@ func parseLocation(s string) (Location, error) {
 			continue
 		}
 		name, p, _ := strings.Cut(rest, ":")
-		if err := userdata.ValidName(name); err != nil {
+		if err := shell.ValidName(name); err != nil {
 			return Location{}, fmt.Errorf("location %q: %s %w", s, kind, err)
 		}
 		// A volume path starts at the volume's root and stays inside it.
@@ -199,7 +199,7 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 		if err != nil {
 			return err
 		}
-		cmd := "rsync -a " + quoteAll(extra) + " -- " + quoteAll(srcPaths) + " " + userdata.ShellQuote(dstPath)
+		cmd := "rsync -a " + quoteAll(extra) + " -- " + quoteAll(srcPaths) + " " + shell.Quote(dstPath)
 		if err := c.Run(ctx, srcSrv.privileged(cmd), nil, m.out, nil); err != nil {
 			return fmt.Errorf("rsync on %s: %w", srcSrv.Name, err)
 		}
@@ -239,7 +239,7 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 func quoteAll(ss []string) string {
 	q := make([]string, len(ss))
 	for i, s := range ss {
-		q[i] = userdata.ShellQuote(s)
+		q[i] = shell.Quote(s)
 	}
 	return strings.Join(q, " ")
 }

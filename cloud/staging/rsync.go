@@ -22,11 +22,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
 	"golang.org/x/crypto/ssh/knownhosts"
-
-	"github.com/hangar-ci/hangar/userdata"
 )
 
 // Endpoint is a host that rsync reaches over ssh.
@@ -481,7 +480,7 @@ func sshConfigPath(path string) (string, error) {
 // rshJoin joins words into an rsync -e value. rsync splits that itself, not
 // with a shell: a quote starts a quoted word, a doubled quote inside one is
 // a literal quote, and there are no backslash escapes. So this is not
-// userdata.ShellQuote, whose output rsync would read differently.
+// shell.Quote, whose output rsync would read differently.
 func rshJoin(words []string) string {
 	quoted := make([]string, len(words))
 	for i, w := range words {
@@ -538,7 +537,7 @@ func quoteCommand(program string, args []string) string {
 	b.WriteString(program)
 	for _, a := range args {
 		b.WriteString(" ")
-		b.WriteString(userdata.ShellQuote(a))
+		b.WriteString(shell.Quote(a))
 	}
 	return b.String()
 }
@@ -698,7 +697,7 @@ func (c *Client) runRsync(ctx context.Context, opts RsyncOptions, what string, s
 // over: the name goes into rsync's -e, which has quoting rules of its own.
 func tempDirScript(prefix string) string {
 	return `t=${TMPDIR:-/tmp}; case $t in ''|*[!A-Za-z0-9/._-]*) t=/tmp;; esac; ` +
-		"d=${t%/}/" + userdata.ShellQuote(prefix+"."+randomHex(8)) + "\n"
+		"d=${t%/}/" + shell.Quote(prefix+"."+randomHex(8)) + "\n"
 }
 
 // makeTempDir makes a private directory on the server holding file with
@@ -707,7 +706,7 @@ func (c *Client) makeTempDir(ctx context.Context, prefix, file, content string) 
 	// mkdir, unlike a fixed name reused, fails on anything already there,
 	// so no one else's file or link can stand in for ours.
 	script := tempDirScript(prefix) +
-		`umask 077 && mkdir "$d" && cat > "$d"/` + userdata.ShellQuote(file) + ` && printf '%s\n' "$d"`
+		`umask 077 && mkdir "$d" && cat > "$d"/` + shell.Quote(file) + ` && printf '%s\n' "$d"`
 	var out bytes.Buffer
 	if err := c.Run(ctx, script, strings.NewReader(content), &out, nil); err != nil {
 		return "", err
@@ -723,7 +722,7 @@ func (c *Client) makeTempDir(ctx context.Context, prefix, file, content string) 
 func (c *Client) removeTempDir(ctx context.Context, dir string, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), killWait*5)
 	defer cancel()
-	if err := c.Run(ctx, "rm -rf -- "+userdata.ShellQuote(dir), nil, nil, nil); err != nil && log != nil {
+	if err := c.Run(ctx, "rm -rf -- "+shell.Quote(dir), nil, nil, nil); err != nil && log != nil {
 		log.Warn("removing a temporary directory on a server", "server", c.addr, "dir", dir, "err", err)
 	}
 }

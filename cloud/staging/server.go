@@ -15,7 +15,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/hangar-ci/hangar/cloud"
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // Server is a staging server: an instance the manager launched to run
@@ -103,7 +103,7 @@ func (m *Manager) ProvisionServer(ctx context.Context, spec ServerSpec) (*Server
 	if spec.Name == "" {
 		spec.Name = newName("server")
 	}
-	if err := userdata.ValidName(spec.Name); err != nil {
+	if err := shell.ValidName(spec.Name); err != nil {
 		return nil, fmt.Errorf("provisioning staging server: %w", err)
 	}
 	if m.FindServer(spec.Name) != nil {
@@ -380,7 +380,7 @@ func (s *Server) privileged(cmd string) string {
 	if !s.m.opts.Sudo {
 		return cmd
 	}
-	return "sudo -n sh -c " + userdata.ShellQuote(cmd)
+	return "sudo -n sh -c " + shell.Quote(cmd)
 }
 
 // pinHostKey pins the server's host keys from its console output unless

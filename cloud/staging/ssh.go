@@ -14,9 +14,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/shell"
 	"golang.org/x/crypto/ssh"
-
-	"github.com/hangar-ci/hangar/userdata"
 )
 
 // connectTimeout bounds connecting and the ssh handshake when ctx has no
@@ -310,11 +309,11 @@ func (c *Client) Upload(ctx context.Context, localPath, remotePath string, mode 
 	}
 	// The remote side checks the size it received because a command that
 	// cannot be killed sees a failed local read as the end of its input.
-	tmp := userdata.ShellQuote(remotePath + ".hangar-upload")
+	tmp := shell.Quote(remotePath + ".hangar-upload")
 	cmd := fmt.Sprintf("umask 077 && cat > %[1]s && n=$(wc -c < %[1]s) && "+
 		"if [ $n -ne %[2]d ]; then echo \"received $n of %[2]d bytes\" >&2; false; fi && "+
 		"chmod %04[3]o %[1]s && mv -f %[1]s %[4]s || { s=$?; rm -f %[1]s; exit $s; }",
-		tmp, info.Size(), mode.Perm(), userdata.ShellQuote(remotePath))
+		tmp, info.Size(), mode.Perm(), shell.Quote(remotePath))
 	if err := c.Run(ctx, cmd, f, nil, nil); err != nil {
 		return fmt.Errorf("uploading %s to %s:%s: %w", localPath, c.addr, remotePath, err)
 	}
@@ -329,7 +328,7 @@ func (c *Client) Download(ctx context.Context, remotePath, localPath string) err
 		return fmt.Errorf("downloading %s:%s: %w", c.addr, remotePath, err)
 	}
 	defer func() { _ = os.Remove(f.Name()) }()
-	err = c.Run(ctx, "cat "+userdata.ShellQuote(remotePath), nil, f, nil)
+	err = c.Run(ctx, "cat "+shell.Quote(remotePath), nil, f, nil)
 	if err == nil {
 		err = f.Sync()
 	}

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
-	"github.com/hangar-ci/hangar/userdata"
+	"github.com/hangar-ci/hangar/internal/shell"
 )
 
 // FSTypes are the filesystems a staging volume can be made with; "raw" is
@@ -234,7 +234,7 @@ func (m *Manager) adoptVolume(ctx context.Context, spec VolumeSpec, tags map[str
 
 func checkVolumeSpec(spec *VolumeSpec) error {
 	var errs []error
-	if err := userdata.ValidName(spec.Name); err != nil {
+	if err := shell.ValidName(spec.Name); err != nil {
 		errs = append(errs, err)
 	}
 	if spec.FSType != "" && !slices.Contains(FSTypes, spec.FSType) {
@@ -366,7 +366,7 @@ func (m *Manager) waitVolume(ctx context.Context, v *Volume, what string, ok fun
 // volume) and prints "device=…" and "mount=…". The kernel names EC2's
 // /dev/sdf /dev/xvdf, or an NVMe device whose serial is the volume id; the
 // local cloud links its volumes under $root/dev, and a directory volume is
-// "mounted" by a link. Values arrive as variables set by ShellQuote.
+// "mounted" by a link. Values arrive as variables set by shell.Quote.
 const mountScript = `
 set -eu
 find_dev() {
@@ -443,11 +443,11 @@ elif mountpoint -q "$mnt" 2>/dev/null; then
 fi
 `
 
-// shellVars renders name=value lines, every value through ShellQuote.
+// shellVars renders name=value lines, every value through shell.Quote.
 func shellVars(kv ...string) string {
 	var b strings.Builder
 	for i := 0; i+1 < len(kv); i += 2 {
-		fmt.Fprintf(&b, "%s=%s\n", kv[i], userdata.ShellQuote(kv[i+1]))
+		fmt.Fprintf(&b, "%s=%s\n", kv[i], shell.Quote(kv[i+1]))
 	}
 	return b.String()
 }

@@ -15,7 +15,7 @@
 #   GET  /bootstrap/v1/assignment?wait=50s&current=<lease id or empty>&run=N&rotate=1
 #        rotate=1 says that this script takes rotated tokens (below).
 #        200: lines NAME='value' or export NAME='value' (quoted like
-#        userdata.ShellQuote) setting HANGAR_ASSIGNMENT to none, assigned,
+#        internal/shell.Quote) setting HANGAR_ASSIGNMENT to none, assigned,
 #        released or terminate. run= is the last run of the current lease
 #        started here (0 for none); "assigned" with HANGAR_RUN_ID and
 #        HANGAR_RUN_COMMAND (one shell command line) asks for a run, on the
