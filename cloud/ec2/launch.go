@@ -247,9 +247,11 @@ func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img i
 			return nil, wrapErr(doing, err)
 		}
 		p.log.Warn("launch outcome unknown; asking again with the same client token", "offering", o.String(), "round", round, "err", err)
+		wait := p.clock.NewTimer(p.backoff(round))
 		select {
-		case <-time.After(p.backoff(round)):
+		case <-wait.C():
 		case <-ctx.Done():
+			wait.Stop()
 			return nil, wrapErr(doing, fmt.Errorf("%w; gave up: %w", err, ctx.Err()))
 		}
 	}

@@ -37,6 +37,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/internal/clock"
 )
 
 // Options configures an EC2 provider.
@@ -68,6 +69,9 @@ type Options struct {
 	// config and profile, web identity, instance role) and HTTP client.
 	Credentials aws.CredentialsProvider
 	HTTPClient  *http.Client
+	// Clock is what backoff waits, rate limits and caches follow; nil:
+	// clock.Real.
+	Clock clock.Clock
 	// RateLimits nil means DefaultRateLimits.
 	RateLimits *RateLimits
 	// SSHPort is the port the images' sshd listens on, reported in
@@ -114,6 +118,7 @@ type Provider struct {
 	sshPort   int
 	log       *slog.Logger
 	backoff   func(attempt int) time.Duration
+	clock     clock.Clock
 	images    *imageCache
 	offerings *offeringMemory
 	recent    *recentLaunches
@@ -194,8 +199,12 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		return nil, errors.New("configuring ec2: no region given, and none in the environment or profile")
 	}
 
-	now := time.Now
-	lim := newLimiter(limits, now)
+	clk := opts.Clock
+	if clk == nil {
+		clk = clock.Real
+	}
+	now := clk.Now
+	lim := newLimiter(limits, clk)
 	client := ec2.NewFromConfig(cfg, func(o *ec2.Options) {
 		if opts.Endpoint != "" {
 			o.BaseEndpoint = aws.String(opts.Endpoint)
@@ -209,6 +218,7 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		testPageSize: opts.pageSize,
 		log:          log,
 		backoff:      backoff,
+		clock:        clk,
 		images:       newImageCache(client, opts.ImageCacheTTL, now),
 		offerings:    newOfferingMemory(opts.CapacityRetry, now),
 		recent:       &recentLaunches{now: now, at: map[string]time.Time{}},

@@ -14,6 +14,7 @@ import (
 	"github.com/aws/smithy-go/middleware"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/internal/clock"
 )
 
 // Bucket is a token bucket: it holds at most Size tokens and gains
@@ -64,20 +65,20 @@ func DefaultRateLimits() RateLimits {
 // until the debt would have been refilled.
 type tokenBucket struct {
 	size, rate float64
-	now        func() time.Time
+	clock      clock.Clock
 
 	mu     sync.Mutex
 	tokens float64
 	last   time.Time
 }
 
-func newTokenBucket(b Bucket, now func() time.Time) *tokenBucket {
-	return &tokenBucket{size: float64(b.Size), rate: b.PerSecond, now: now, tokens: float64(b.Size), last: now()}
+func newTokenBucket(b Bucket, clk clock.Clock) *tokenBucket {
+	return &tokenBucket{size: float64(b.Size), rate: b.PerSecond, clock: clk, tokens: float64(b.Size), last: clk.Now()}
 }
 
 // refill adds what has dripped in since the last call. Caller holds mu.
 func (b *tokenBucket) refill() time.Time {
-	now := b.now()
+	now := b.clock.Now()
 	if d := now.Sub(b.last); d > 0 {
 		b.tokens = min(b.size, b.tokens+d.Seconds()*b.rate)
 	}
@@ -130,10 +131,10 @@ func (b *tokenBucket) wait(ctx context.Context, n float64) error {
 	if d <= 0 {
 		return nil
 	}
-	t := time.NewTimer(d)
+	t := b.clock.NewTimer(d)
 	defer t.Stop()
 	select {
-	case <-t.C:
+	case <-t.C():
 		return nil
 	case <-ctx.Done():
 		b.giveBack(n)
@@ -144,15 +145,15 @@ func (b *tokenBucket) wait(ctx context.Context, n float64) error {
 // limiter holds the buckets, one per action, made on first use.
 type limiter struct {
 	limits RateLimits
-	now    func() time.Time
+	clock  clock.Clock
 
 	mu        sync.Mutex
 	requests  map[string]*tokenBucket
 	resources map[string]*tokenBucket
 }
 
-func newLimiter(limits RateLimits, now func() time.Time) *limiter {
-	return &limiter{limits: limits, now: now, requests: map[string]*tokenBucket{}, resources: map[string]*tokenBucket{}}
+func newLimiter(limits RateLimits, clk clock.Clock) *limiter {
+	return &limiter{limits: limits, clock: clk, requests: map[string]*tokenBucket{}, resources: map[string]*tokenBucket{}}
 }
 
 // requestBucket returns the request bucket of an action.
@@ -161,7 +162,7 @@ func (l *limiter) requestBucket(action string) *tokenBucket {
 	defer l.mu.Unlock()
 	b, ok := l.requests[action]
 	if !ok {
-		b = newTokenBucket(requestLimit(l.limits, action), l.now)
+		b = newTokenBucket(requestLimit(l.limits, action), l.clock)
 		l.requests[action] = b
 	}
 	return b
@@ -186,7 +187,7 @@ func (l *limiter) resourceBucket(action string) *tokenBucket {
 	defer l.mu.Unlock()
 	b, ok := l.resources[action]
 	if !ok {
-		b = newTokenBucket(lim, l.now)
+		b = newTokenBucket(lim, l.clock)
 		l.resources[action] = b
 	}
 	return b
@@ -265,6 +266,7 @@ func (m requestLimitObserve) HandleFinalize(ctx context.Context, in middleware.F
 	if err := b.wait(ctx, 1); err != nil {
 		return middleware.FinalizeOutput{}, middleware.Metadata{}, waitCanceled("request", action, err)
 	}
+	// Latency is the cloud's, on the wall clock; it decides nothing.
 	start := time.Now()
 	out, md, err := next.HandleFinalize(ctx, in)
 	code := requestCode(err)

@@ -3,34 +3,16 @@ package ec2
 import (
 	"context"
 	"errors"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/internal/clock"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
-// fakeClock is a clock tests move by hand.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 func TestTokenBucketReserve(t *testing.T) {
-	clock := newFakeClock()
-	b := newTokenBucket(Bucket{Size: 5, PerSecond: 2}, clock.Now)
+	fake := testutil.NewFakeClock()
+	b := newTokenBucket(Bucket{Size: 5, PerSecond: 2}, fake)
 	// The full bucket lets a burst of five through at once.
 	for i := range 5 {
 		if d := b.reserve(1); d != 0 {
@@ -44,7 +26,7 @@ func TestTokenBucketReserve(t *testing.T) {
 		}
 	}
 	// Time pays the debt back, and refills no further than the size.
-	clock.Add(time.Hour)
+	fake.Advance(time.Hour)
 	for i := range 5 {
 		if d := b.reserve(1); d != 0 {
 			t.Fatalf("after an hour, request %d waits %s, want 0", i+1, d)
@@ -56,8 +38,8 @@ func TestTokenBucketReserve(t *testing.T) {
 }
 
 func TestTokenBucketLargeCostAndDrain(t *testing.T) {
-	clock := newFakeClock()
-	b := newTokenBucket(Bucket{Size: 1000, PerSecond: 20}, clock.Now)
+	fake := testutil.NewFakeClock()
+	b := newTokenBucket(Bucket{Size: 1000, PerSecond: 20}, fake)
 	// 2500 instances cost at most a full bucket, so a big batch can go
 	// once the bucket is full instead of never.
 	if d := b.reserve(2500); d != 0 {
@@ -67,7 +49,7 @@ func TestTokenBucketLargeCostAndDrain(t *testing.T) {
 		t.Errorf("reserve(20) on an empty bucket refilling 20/s waits %s, want 1s", d)
 	}
 
-	clock.Add(time.Hour)
+	fake.Advance(time.Hour)
 	b.drain()
 	if d := b.reserve(1); d != 50*time.Millisecond {
 		t.Errorf("after drain, reserve(1) waits %s, want 50ms", d)
@@ -75,7 +57,7 @@ func TestTokenBucketLargeCostAndDrain(t *testing.T) {
 }
 
 func TestTokenBucketUnlimited(t *testing.T) {
-	b := newTokenBucket(Bucket{}, time.Now)
+	b := newTokenBucket(Bucket{}, clock.Real)
 	for range 10000 {
 		if d := b.reserve(1); d != 0 {
 			t.Fatalf("a bucket without rate waits %s", d)
@@ -88,7 +70,7 @@ func TestTokenBucketUnlimited(t *testing.T) {
 }
 
 func TestTokenBucketWaitCanceled(t *testing.T) {
-	b := newTokenBucket(Bucket{Size: 1, PerSecond: 1}, time.Now)
+	b := newTokenBucket(Bucket{Size: 1, PerSecond: 1}, clock.Real)
 	if err := b.wait(context.Background(), 1); err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +92,7 @@ func TestTokenBucketWaitCanceled(t *testing.T) {
 }
 
 func TestTokenBucketWaitPaces(t *testing.T) {
-	b := newTokenBucket(Bucket{Size: 2, PerSecond: 50}, time.Now)
+	b := newTokenBucket(Bucket{Size: 2, PerSecond: 50}, clock.Real)
 	start := time.Now()
 	for range 12 { // 2 at once, then 10 at 20ms each
 		if err := b.wait(context.Background(), 1); err != nil {
@@ -138,7 +120,7 @@ func TestRequestLimitCategories(t *testing.T) {
 			t.Errorf("requestLimit(%s) = %+v, want %+v", action, got, want)
 		}
 	}
-	l := newLimiter(limits, time.Now)
+	l := newLimiter(limits, clock.Real)
 	if l.requestBucket("DescribeInstances") == l.requestBucket("DescribeImages") {
 		t.Error("DescribeInstances and DescribeImages share a bucket; EC2 keeps one per action")
 	}

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/internal/clock"
 )
 
 // Keys made with ssh-keygen; their fingerprints as EC2 computes them for
@@ -293,7 +294,7 @@ func TestStorageRateLimitClasses(t *testing.T) {
 			t.Errorf("%s: bucket %+v, want the non-mutating one", action, got)
 		}
 	}
-	l := newLimiter(limits, time.Now)
+	l := newLimiter(limits, clock.Real)
 	for _, action := range []string{"ImportKeyPair", "CreateVolume", "AttachVolume", "DetachVolume", "DeleteVolume",
 		"CreateSnapshot", "DeleteSnapshot", "CopySnapshot", "CreateImage", "RegisterImage", "CopyImage", "DeregisterImage"} {
 		if got := requestLimit(limits, action); got != limits.Mutating {

@@ -22,6 +22,7 @@ import (
 	smithyhttp "github.com/aws/smithy-go/transport/http"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 func TestOfferingsOrder(t *testing.T) {
@@ -102,7 +103,7 @@ func TestClientToken(t *testing.T) {
 }
 
 func TestOfferingMemory(t *testing.T) {
-	clock := newFakeClock()
+	clock := testutil.NewFakeClock()
 	m := newOfferingMemory(time.Minute, clock.Now)
 	a := offering{Type: "a", Zone: "z1", Spot: true}
 	b := offering{Type: "a", Zone: "z1"}
@@ -116,11 +117,11 @@ func TestOfferingMemory(t *testing.T) {
 	if m.skip(b) {
 		t.Error("the on-demand twin of a failed spot offering is skipped")
 	}
-	clock.Add(59 * time.Second)
+	clock.Advance(59 * time.Second)
 	if !m.skip(a) {
 		t.Error("a failed offering is tried again before its minute is up")
 	}
-	clock.Add(time.Second)
+	clock.Advance(time.Second)
 	if m.skip(a) {
 		t.Error("a failed offering is still skipped after its minute")
 	}
