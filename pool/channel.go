@@ -244,7 +244,9 @@ func (m *Manager) Heartbeat(ctx context.Context, key string, hb bootstrap.Heartb
 	}
 	if hb.RunID != 0 && hb.LeaseID == in.LeaseID {
 		// Usually known already; this is for an exit report a restart lost.
-		m.exitLocked(in, hb.LeaseID, hb.RunID, hb.RunExitCode)
+		// Best effort: a run already ended or gone is no error of the
+		// heartbeat's, which has done its work (LastSeen) either way.
+		_ = m.exitLocked(in, hb.LeaseID, hb.RunID, hb.RunExitCode)
 	}
 	return nil
 }

@@ -58,7 +58,9 @@ func TestADayOfPoolLife(t *testing.T) {
 			in := h.instance(id)
 			a, _ := h.m.Assignment(ctx, in.Key, bootstrap.Poll{Current: "gone"})
 			if a.State == bootstrap.AssignReleased {
-				h.m.Assignment(ctx, in.Key, bootstrap.Poll{})
+				if _, err := h.m.Assignment(ctx, in.Key, bootstrap.Poll{}); err != nil {
+					t.Fatalf("minute %d: poll of released %s: %v", minute, id, err)
+				}
 			}
 		}
 		// Working hours, 8 to 18: a build every 7 minutes, 20 minutes each.

@@ -100,7 +100,7 @@ func (h *harness) open() {
 	o.Store, o.Logger, o.Clock, o.Tick, o.Metrics = s, log, h.clock, time.Millisecond, h.metrics
 	m, err := New(o)
 	if err != nil {
-		s.Close()
+		_ = s.Close()
 		h.t.Fatal(err)
 	}
 	h.m = m

@@ -23,31 +23,32 @@ type Client struct {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) (int, error) {
-	resp, data, err := c.send(ctx, method, path, body)
+	status, _, data, err := c.send(ctx, method, path, body)
 	if err != nil {
 		return 0, err
 	}
-	if out != nil && resp.StatusCode != http.StatusNoContent {
+	if out != nil && status != http.StatusNoContent {
 		if err := json.Unmarshal(data, out); err != nil {
-			return resp.StatusCode, fmt.Errorf("decoding hangar's answer: %w", err)
+			return status, fmt.Errorf("decoding hangar's answer: %w", err)
 		}
 	}
-	return resp.StatusCode, nil
+	return status, nil
 }
 
-// send makes a call and returns the answer's body, or the API's error.
-func (c *Client) send(ctx context.Context, method, path string, body any) (*http.Response, []byte, error) {
+// send makes a call and returns the answer's status, header and body, or
+// the API's error. The response's body is read and closed here.
+func (c *Client) send(ctx context.Context, method, path string, body any) (int, http.Header, []byte, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
-			return nil, nil, err
+			return 0, nil, nil, err
 		}
 		rd = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.BaseURL, "/")+path, rd)
 	if err != nil {
-		return nil, nil, fmt.Errorf("building request: %w", err)
+		return 0, nil, nil, fmt.Errorf("building request: %w", err)
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
@@ -61,21 +62,21 @@ func (c *Client) send(ctx context.Context, method, path string, body any) (*http
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, nil, fmt.Errorf("calling hangar at %s: %w", c.BaseURL, err)
+		return 0, nil, nil, fmt.Errorf("calling hangar at %s: %w", c.BaseURL, err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading hangar's answer: %w", err)
+		return 0, nil, nil, fmt.Errorf("reading hangar's answer: %w", err)
 	}
 	if resp.StatusCode >= 400 {
 		e := &Error{Status: resp.StatusCode}
 		if json.Unmarshal(data, e) != nil || e.Message == "" {
 			e.Message, e.Code = fmt.Sprintf("hangar answered %s", resp.Status), "http"
 		}
-		return nil, nil, e
+		return 0, nil, nil, e
 	}
-	return resp, data, nil
+	return resp.StatusCode, resp.Header, data, nil
 }
 
 // Lease asks for a lease; it comes back active or, if wait ran out, pending.
@@ -178,11 +179,10 @@ func (c *Client) Output(ctx context.Context, id string, run int, offset int64, e
 	if epoch != "" {
 		q.Set("epoch", epoch)
 	}
-	resp, data, err := c.send(ctx, http.MethodGet, "/v1/leases/"+url.PathEscape(id)+"/output?"+q.Encode(), nil)
+	_, h, data, err := c.send(ctx, http.MethodGet, "/v1/leases/"+url.PathEscape(id)+"/output?"+q.Encode(), nil)
 	if err != nil {
 		return pool.RunOutput{}, err
 	}
-	h := resp.Header
 	out := pool.RunOutput{Data: data, Epoch: h.Get(HeaderEpoch), State: pool.RunState(h.Get(HeaderRunState)), Reset: h.Get(HeaderReset) == "true"}
 	var problems []string
 	num := func(name string, dst *int64) {

@@ -97,7 +97,8 @@ func (s *Server) Handler() http.Handler {
 					}
 					w.Header().Set("Content-Type", "application/json")
 					w.WriteHeader(e.Status)
-					json.NewEncoder(w).Encode(e)
+					// An *Error always encodes; a failed write is a client gone.
+					_ = json.NewEncoder(w).Encode(e)
 					return
 				}
 				public.ServeHTTP(w, r)
@@ -105,7 +106,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		mux.Handle("GET /metrics", metrics)
 	}
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	return mux
 }
 
@@ -179,7 +180,9 @@ func (s *Server) wrap(a *auth, role string, h handlerFunc) http.Handler {
 		w.WriteHeader(status)
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		enc.Encode(v)
+		if err := enc.Encode(v); err != nil {
+			s.Log.Warn("api answer not written", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+		}
 	})
 }
 
@@ -411,7 +414,7 @@ func (o outputBody) write(w http.ResponseWriter, status int) {
 	}
 	h.Set("Content-Length", strconv.Itoa(len(o.Data)))
 	w.WriteHeader(status)
-	w.Write(o.Data)
+	_, _ = w.Write(o.Data) // a failed write is a client gone
 }
 
 // output answers with the run's output from offset (long-polling up to
