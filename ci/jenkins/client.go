@@ -165,7 +165,7 @@ func (c *Client) send(ctx context.Context, method, path string, query, form url.
 	if err != nil {
 		return nil, 0, err // names the URL, which holds no secret
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading the answer to %s %s: %w", method, u, err)

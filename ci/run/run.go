@@ -102,21 +102,18 @@ type runner struct {
 
 func (r *runner) say(format string, a ...any) {
 	if !r.o.Quiet {
-		fmt.Fprintf(r.stderr, "hangar: "+format+"\n", a...)
+		_, _ = fmt.Fprintf(r.stderr, "hangar: "+format+"\n", a...)
 	}
 }
 
 func (r *runner) fail(code int, format string, a ...any) int {
-	fmt.Fprintf(r.stderr, "hangar: "+format+"\n", a...)
+	_, _ = fmt.Fprintf(r.stderr, "hangar: "+format+"\n", a...)
 	return code
 }
 
 // run does the work and returns the exit status.
 func (r *runner) run(parent context.Context) int {
-	if parent == nil {
-		parent = context.Background()
-	}
-	ctx, cancel := context.WithCancel(parent)
+	ctx, cancel := context.WithCancel(orBackground(parent))
 	defer cancel()
 	sigs := make(chan os.Signal, 1)
 	// SIGPIPE too: a reader of our stdout that goes away must not kill
@@ -155,8 +152,8 @@ func (r *runner) run(parent context.Context) int {
 	}
 	if r.o.Lease == "" {
 		discard := r.o.DiscardOnFailure && code != 0
-		if err := r.release(v.ID, discard); err != nil {
-			fmt.Fprintf(r.stderr, "hangar: the command exited with status %d; releasing lease %s failed: %v (it ends when its TTL runs out)\n", code, v.ID, err)
+		if err := r.release(ctx, v.ID, discard); err != nil {
+			_, _ = fmt.Fprintf(r.stderr, "hangar: the command exited with status %d; releasing lease %s failed: %v (it ends when its TTL runs out)\n", code, v.ID, err)
 		} else if discard {
 			r.say("the command exited with status %d; lease %s released, its instance discarded", code, v.ID)
 		} else {
@@ -178,18 +175,18 @@ var SignalNames = map[syscall.Signal]string{syscall.SIGINT: "SIGINT", syscall.SI
 // cutShort ends the lease (if any) of a run that cannot go on and returns
 // code. The instance is discarded: what the command left behind is unknown.
 // The note is shown even when quiet, since it explains the exit status.
-func (r *runner) cutShort(leaseID string, code int, why string) int {
+func (r *runner) cutShort(ctx context.Context, leaseID string, code int, why string) int {
 	switch {
 	case leaseID == "":
 		return r.fail(code, "%s before a lease was made", why)
 	case r.o.Lease != "":
 		// Not ours to keep, but a command cannot be stopped on its own.
-		if err := r.release(leaseID, true); err != nil {
+		if err := r.release(ctx, leaseID, true); err != nil {
 			return r.fail(code, "%s; ending lease %s failed: %v (it ends when its TTL runs out)", why, leaseID, err)
 		}
 		return r.fail(code, "%s; lease %s ended (it was given with --lease), its instance discarded", why, leaseID)
 	}
-	if err := r.release(leaseID, true); err != nil {
+	if err := r.release(ctx, leaseID, true); err != nil {
 		return r.fail(code, "%s; releasing lease %s failed: %v (it ends when its TTL runs out)", why, leaseID, err)
 	}
 	return r.fail(code, "%s; lease %s released, its instance discarded", why, leaseID)
@@ -201,8 +198,10 @@ func interruptedBy(sig syscall.Signal) (int, string) {
 }
 
 // release ends a lease, not waiting long for a server that does not answer.
-func (r *runner) release(id string, discard bool) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+// It runs when ctx may be cancelled already (by a signal), so it keeps only
+// ctx's values.
+func (r *runner) release(ctx context.Context, id string, discard bool) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	return r.c.Release(ctx, id, discard)
 }
@@ -219,13 +218,13 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 		if sig, ok := r.interrupted(); ok {
 			// The server may have made the lease before we stopped
 			// listening: the same client token finds it.
-			bg, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 			defer cancel()
 			code, why := interruptedBy(sig)
 			if v, err := r.c.Lease(bg, req); err == nil {
-				return v, r.cutShort(v.ID, code, why), true
+				return v, r.cutShort(ctx, v.ID, code, why), true
 			}
-			return v, r.cutShort("", code, why), true
+			return v, r.cutShort(ctx, "", code, why), true
 		}
 		return v, r.fail(ExitHangar, "asking for an instance of pool %s: %v", r.o.Pool, err), true
 	}
@@ -234,7 +233,7 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 	for v.State == pool.LeasePending {
 		left := time.Until(deadline)
 		if left <= 0 {
-			if err := r.release(v.ID, false); err != nil {
+			if err := r.release(ctx, v.ID, false); err != nil {
 				return v, r.fail(ExitNoInstance, "no instance of pool %s within %s; canceling lease %s failed: %v", r.o.Pool, r.o.Wait, v.ID, err), true
 			}
 			return v, r.fail(ExitNoInstance, "no instance of pool %s within %s; lease %s canceled", r.o.Pool, r.o.Wait, v.ID), true
@@ -247,10 +246,10 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 		if err != nil {
 			if sig, ok := r.interrupted(); ok {
 				code, why := interruptedBy(sig)
-				return v, r.cutShort(v.ID, code, why), true
+				return v, r.cutShort(ctx, v.ID, code, why), true
 			}
 			if !transient(err) {
-				return v, r.cutShort(v.ID, ExitHangar, fmt.Sprintf("waiting for lease %s: %v", v.ID, err)), true
+				return v, r.cutShort(ctx, v.ID, ExitHangar, fmt.Sprintf("waiting for lease %s: %v", v.ID, err)), true
 			}
 			sleepCtx(ctx, time.Second) // a signal is seen at the next turn
 			continue
@@ -271,7 +270,7 @@ func (r *runner) startRun(ctx context.Context) (v pool.LeaseView, code int, over
 			// Whether the run started is unknown: end the lease, as for
 			// any interrupted run.
 			code, why := interruptedBy(sig)
-			return v, r.cutShort(r.o.Lease, code, why), true
+			return v, r.cutShort(ctx, r.o.Lease, code, why), true
 		}
 		return v, r.fail(ExitHangar, "starting the command on lease %s: %v", r.o.Lease, err), true
 	}
@@ -302,49 +301,49 @@ func (r *runner) stream(ctx context.Context, v pool.LeaseView) (code int, over b
 		if err != nil {
 			if sig, ok := r.interrupted(); ok {
 				code, why := interruptedBy(sig)
-				return r.cutShort(v.ID, code, why), true
+				return r.cutShort(ctx, v.ID, code, why), true
 			}
 			if !transient(err) {
-				return r.lost(v.ID, err), true
+				return r.lost(ctx, v.ID, err), true
 			}
 			// The server may be restarting; the run goes on meanwhile.
 			if failingSince.IsZero() {
 				failingSince = time.Now()
 			} else if time.Since(failingSince) > 2*time.Minute {
-				return r.cutShort(v.ID, ExitHangar, fmt.Sprintf("reading the output of lease %s failed for 2m: %v", v.ID, err)), true
+				return r.cutShort(ctx, v.ID, ExitHangar, fmt.Sprintf("reading the output of lease %s failed for 2m: %v", v.ID, err)), true
 			}
 			sleepCtx(ctx, time.Second)
 			continue
 		}
 		failingSince = time.Time{}
 		if out.Reset {
-			fmt.Fprintf(r.stderr, "hangar: the Hangar server restarted; some output may be missing\n")
+			_, _ = fmt.Fprintf(r.stderr, "hangar: the Hangar server restarted; some output may be missing\n")
 		}
 		if out.Skipped > 0 {
-			fmt.Fprintf(r.stderr, "hangar: %d bytes of output were dropped: this reader fell more than %d MiB behind\n", out.Skipped, pool.MaxOutput>>20)
+			_, _ = fmt.Fprintf(r.stderr, "hangar: %d bytes of output were dropped: this reader fell more than %d MiB behind\n", out.Skipped, pool.MaxOutput>>20)
 		}
 		epoch, offset = out.Epoch, out.Next
 		if _, err := r.stdout.Write(out.Data); err != nil {
-			return r.cutShort(v.ID, 128+int(syscall.SIGPIPE), fmt.Sprintf("writing the command's output: %v", err)), true
+			return r.cutShort(ctx, v.ID, 128+int(syscall.SIGPIPE), fmt.Sprintf("writing the command's output: %v", err)), true
 		}
 		if out.Done {
 			return out.ExitCode, false
 		}
 		if !warned && out.State == pool.RunStarting && time.Since(started) > 2*time.Minute {
-			fmt.Fprintf(r.stderr, "hangar: the instance has not started the command after %s; does the pool's bootstrap take runs (builtin:generic.sh does)?\n", time.Since(started).Round(time.Second))
+			_, _ = fmt.Fprintf(r.stderr, "hangar: the instance has not started the command after %s; does the pool's bootstrap take runs (builtin:generic.sh does)?\n", time.Since(started).Round(time.Second))
 			warned = true
 		}
 	}
 }
 
 // lost explains a run whose lease ended under it.
-func (r *runner) lost(id string, err error) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+func (r *runner) lost(ctx context.Context, id string, err error) int {
+	gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if v, gerr := r.c.GetLease(ctx, id, 0); gerr == nil && v.State != pool.LeaseActive {
+	if v, gerr := r.c.GetLease(gctx, id, 0); gerr == nil && v.State != pool.LeaseActive {
 		return r.fail(ExitHangar, "lease %s is %s: the command's instance is gone or no longer yours, and its exit status unknown", id, v.State)
 	}
-	return r.cutShort(id, ExitHangar, fmt.Sprintf("reading the output of lease %s: %v", id, err))
+	return r.cutShort(ctx, id, ExitHangar, fmt.Sprintf("reading the output of lease %s: %v", id, err))
 }
 
 // renew keeps the lease alive while the command runs, at a third of its TTL.
@@ -361,7 +360,7 @@ func (r *runner) renew(ctx context.Context, v pool.LeaseView) {
 				if !transient(err) {
 					return // the output stream says why
 				}
-				fmt.Fprintf(r.stderr, "hangar: renewing lease %s: %v\n", v.ID, err)
+				_, _ = fmt.Fprintf(r.stderr, "hangar: renewing lease %s: %v\n", v.ID, err)
 			}
 		}
 	}
@@ -377,6 +376,15 @@ func transient(err error) bool {
 }
 
 // sleepCtx sleeps for d or until ctx ends; it reports whether it slept.
+// orBackground is ctx, or context.Background() for a nil one, which Run
+// has always accepted.
+func orBackground(ctx context.Context) context.Context {
+	if ctx == nil {
+		return context.Background()
+	}
+	return ctx
+}
+
 func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()

@@ -51,12 +51,14 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	answer := func(status int, v any) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
-		json.NewEncoder(w).Encode(v)
+		_ = json.NewEncoder(w).Encode(v) // a failed write is a client gone (interrupted)
 	}
 	switch {
 	case r.Method == "POST" && r.URL.Path == "/v1/leases":
 		var req api.LeaseRequest
-		json.NewDecoder(r.Body).Decode(&req)
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			f.t.Errorf("decoding the lease request: %v", err)
+		}
 		if req.Pool != "demo" {
 			answer(404, api.Error{Code: "not_found", Message: fmt.Sprintf("unknown pool %q", req.Pool)})
 			return
@@ -72,7 +74,9 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		answer(200, f.view())
 	case r.Method == "POST" && r.URL.Path == "/v1/leases/l-1/runs":
 		var req api.RunRequest
-		json.NewDecoder(r.Body).Decode(&req)
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			f.t.Errorf("decoding the run request: %v", err)
+		}
 		f.runs = append(f.runs, req.Command)
 		f.state = pool.LeaseActive
 		answer(201, f.view())
@@ -105,7 +109,7 @@ func (f *fakeAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.Set(api.HeaderRunState, string(pool.RunExited))
 			h.Set(api.HeaderExitCode, strconv.Itoa(c.exit))
 		}
-		w.Write([]byte(c.data))
+		_, _ = w.Write([]byte(c.data)) // a failed write is a client gone
 	default:
 		f.t.Errorf("unexpected %s %s", r.Method, r.URL)
 		answer(404, api.Error{Code: "not_found", Message: "no such endpoint"})
@@ -218,7 +222,9 @@ func TestRunHangarFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone := &api.Client{BaseURL: "http://" + ln.Addr().String()}
-	ln.Close()
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
 	cases := []struct {
 		name string
 		c    *api.Client

@@ -65,7 +65,9 @@ func buildJar(dir string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.Write([]byte("Manifest-Version: 1.0\r\nMain-Class: FakeAgent\r\n\r\n"))
+	if _, err := m.Write([]byte("Manifest-Version: 1.0\r\nMain-Class: FakeAgent\r\n\r\n")); err != nil {
+		return nil, err
+	}
 	err = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err

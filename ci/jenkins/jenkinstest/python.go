@@ -2,6 +2,7 @@ package jenkinstest
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"testing"
@@ -24,7 +25,8 @@ func (s *Server) Python(tb testing.TB, script string) map[string]any {
 	out, err := cmd.Output()
 	if err != nil {
 		var stderr []byte
-		if ee, ok := err.(*exec.ExitError); ok {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
 			stderr = ee.Stderr
 		}
 		tb.Fatalf("python3-jenkins script failed: %v\n%s%s", err, out, stderr)

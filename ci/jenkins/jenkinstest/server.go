@@ -167,7 +167,7 @@ func (s *Server) Close() {
 	s.closing = true
 	for _, n := range s.nodes {
 		if n.conn != nil {
-			n.conn.Close()
+			_ = n.conn.Close()
 		}
 	}
 	s.mu.Unlock()
@@ -301,7 +301,7 @@ func (s *Server) Disconnect(name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n, ok := s.nodes[name]; ok && n.conn != nil {
-		n.conn.Close()
+		_ = n.conn.Close()
 	}
 }
 
@@ -386,7 +386,7 @@ func fail(w http.ResponseWriter, status int, reason string) {
 	w.Header().Set("Content-Type", "text/html;charset=utf-8")
 	w.WriteHeader(status)
 	r := html.EscapeString(reason)
-	fmt.Fprintf(w, "<html><head><title>Error %d %s</title></head><body><h2>HTTP ERROR %d %s</h2></body></html>\n", status, r, status, r)
+	_, _ = fmt.Fprintf(w, "<html><head><title>Error %d %s</title></head><body><h2>HTTP ERROR %d %s</h2></body></html>\n", status, r, status, r)
 }
 
 // auth admits the user with its API token. Like Jenkins, a wrong token is
@@ -426,7 +426,7 @@ func (s *Server) post(next http.HandlerFunc) http.HandlerFunc {
 func (s *Server) page(title string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/html;charset=utf-8")
-		fmt.Fprintf(w, "<html><head><title>%s</title></head><body></body></html>\n", html.EscapeString(title))
+		_, _ = fmt.Fprintf(w, "<html><head><title>%s</title></head><body></body></html>\n", html.EscapeString(title))
 	}
 }
 
@@ -450,7 +450,8 @@ func writeJSON(w http.ResponseWriter, r *http.Request, v any, def string) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json;charset=utf-8")
-	json.NewEncoder(w).Encode(prune(v, t))
+	// The fake's own maps always encode; a failed write is a client gone.
+	_ = json.NewEncoder(w).Encode(prune(v, t))
 }
 
 func (s *Server) rootJSON(w http.ResponseWriter, r *http.Request) {
@@ -753,11 +754,11 @@ func (s *Server) configXML(w http.ResponseWriter, r *http.Request) {
 	}
 	x := func(v string) string {
 		var b strings.Builder
-		xml.EscapeText(&b, []byte(v))
+		_ = xml.EscapeText(&b, []byte(v)) // a strings.Builder does not fail
 		return b.String()
 	}
 	w.Header().Set("Content-Type", "application/xml")
-	fmt.Fprintf(w, `<?xml version="1.1" encoding="UTF-8"?>
+	_, _ = fmt.Fprintf(w, `<?xml version="1.1" encoding="UTF-8"?>
 <slave>
   <name>%s</name>
   <description>%s</description>
@@ -801,12 +802,12 @@ func (s *Server) jnlp(w http.ResponseWriter, r *http.Request) {
 	b.WriteString("<jnlp><application-desc>")
 	for _, a := range args {
 		b.WriteString("<argument>")
-		xml.EscapeText(&b, []byte(a))
+		_ = xml.EscapeText(&b, []byte(a)) // a strings.Builder does not fail
 		b.WriteString("</argument>")
 	}
 	b.WriteString("</application-desc></jnlp>")
 	w.Header().Set("Content-Type", "application/x-java-jnlp-file")
-	io.WriteString(w, b.String())
+	_, _ = io.WriteString(w, b.String())
 }
 
 func (s *Server) changeOfflineCause(w http.ResponseWriter, r *http.Request) {
@@ -853,7 +854,7 @@ func (s *Server) doDelete(w http.ResponseWriter, r *http.Request) {
 		delete(s.nodes, n.Name)
 		s.order = slices.DeleteFunc(s.order, func(x string) bool { return x == n.Name })
 		if n.conn != nil {
-			n.conn.Close()
+			_ = n.conn.Close()
 		}
 	}
 	s.mu.Unlock()
@@ -920,12 +921,12 @@ func (s *Server) wsagents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sum := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
-	fmt.Fprintf(rw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"+
+	_, _ = fmt.Fprintf(rw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n"+
 		"X-Remoting-Capability: %s\r\nConnection-Cookie: %s\r\nX-Jenkins: %s\r\n\r\n",
 		base64.StdEncoding.EncodeToString(sum[:]), capability, hex.EncodeToString(randomBytes(16)), Version)
 	if err := rw.Flush(); err != nil {
 		s.mu.Unlock()
-		conn.Close()
+		_ = conn.Close()
 		return
 	}
 	n.conn, n.Connected = conn, true
@@ -935,8 +936,8 @@ func (s *Server) wsagents(w http.ResponseWriter, r *http.Request) {
 
 	// The agent's frames are not read as frames: the connection lasts until
 	// either end closes it.
-	io.Copy(io.Discard, rw)
-	conn.Close()
+	_, _ = io.Copy(io.Discard, rw)
+	_ = conn.Close()
 	s.mu.Lock()
 	if n.conn == conn {
 		n.conn, n.Connected = nil, false
@@ -950,7 +951,7 @@ type Agent struct {
 }
 
 // Close disconnects the agent; its node goes offline.
-func (a *Agent) Close() { a.conn.Close() }
+func (a *Agent) Close() { _ = a.conn.Close() }
 
 // Connect connects to node name as an inbound WebSocket agent with secret,
 // doing what agent.jar does: the handshake on /wsagents/ with the agent's
@@ -961,21 +962,27 @@ func (s *Server) Connect(name, secret string) (*Agent, int, error) {
 		return nil, 0, err
 	}
 	key := base64.StdEncoding.EncodeToString(randomBytes(16))
-	fmt.Fprintf(conn, "GET /wsagents/ HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"+
+	if _, err := fmt.Fprintf(conn, "GET /wsagents/ HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"+
 		"Sec-WebSocket-Version: 13\r\nNode-Name: %s\r\nSecret-Key: %s\r\nX-Remoting-Capability: test\r\n\r\n",
-		s.http.Listener.Addr(), key, name, secret)
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-	if err != nil {
-		conn.Close()
+		s.http.Listener.Addr(), key, name, secret); err != nil {
+		_ = conn.Close()
 		return nil, 0, err
 	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		_ = conn.Close()
+		return nil, 0, err
+	}
+	// A 101's body is empty (http.NoBody); a refusal's is read from conn,
+	// closed before it on the way out.
+	defer func() { _ = resp.Body.Close() }()
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		conn.Close()
+		_ = conn.Close()
 		return nil, resp.StatusCode, fmt.Errorf("connecting agent %s: %s", name, resp.Status)
 	}
 	sum := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
 	if resp.Header.Get("Sec-WebSocket-Accept") != base64.StdEncoding.EncodeToString(sum[:]) {
-		conn.Close()
+		_ = conn.Close()
 		return nil, 0, fmt.Errorf("connecting agent %s: bad Sec-WebSocket-Accept", name)
 	}
 	// The server keeps its lock from the handshake until the node is
