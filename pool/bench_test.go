@@ -30,9 +30,15 @@ import (
 // when all 64 instances are taken or recycling), the release call's p99,
 // and the store's commits and write rounds (each with its fsyncs) per
 // lease. b.N is the number of leases, spread over the clients.
-func BenchmarkLeaseThroughput(b *testing.B) {
-	const clients = 64
-	bs := newBenchServer(b, clients, clients)
+func BenchmarkLeaseThroughput(b *testing.B) { benchThroughput(b, 64, 64) }
+
+// BenchmarkLeaseThroughputLargePool is BenchmarkLeaseThroughput against a
+// pool of 1,024 instances, each with its bootstrap in a long poll, as a
+// large pool's are: what a lease costs as the pool grows.
+func BenchmarkLeaseThroughputLargePool(b *testing.B) { benchThroughput(b, 64, 1024) }
+
+func benchThroughput(b *testing.B, clients, instances int) {
+	bs := newBenchServer(b, instances, instances)
 	ctx := context.Background()
 
 	leaseLat := make([]time.Duration, b.N)

@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
@@ -32,25 +33,43 @@ func BenchOptions(minIdle, maxInstances int) Options {
 	return o
 }
 
-// FakeBootstrap plays the bootstrap of the instance whose launch intent
-// (cloud.TagIntent, the launch's client token) is key, until ctx ends: it
-// reports ready, then long-polls its assignments as generic.sh does, and
-// its worker starts and stops in no time, so a released instance is clean
-// again at its next poll. It calls the Manager directly: the bootstrap's
-// HTTP side is not what the lease benchmarks measure.
-func FakeBootstrap(ctx context.Context, m *Manager, key string) {
+// FakeBootstrap plays the bootstrap of an instance that booted with
+// userData until ctx ends, as generic.sh does, minus HTTP: every call is
+// authenticated with its token (as the bootstrap endpoints do), it reports
+// ready, then long-polls its assignments with rotate=1, using each new token
+// it is sent; its worker starts and stops in no time, so a released instance
+// is clean again at its next poll.
+func FakeBootstrap(ctx context.Context, m *Manager, userData []byte) {
+	token := ""
+	for line := range strings.Lines(string(userData)) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "export HANGAR_BOOTSTRAP_TOKEN="); ok {
+			token = strings.Trim(v, "'")
+		}
+	}
+	key := func() (string, error) { return m.Authenticate(bootstrap.HashToken(token)) }
 	for ctx.Err() == nil {
-		if err := m.Ready(ctx, key, bootstrap.Ready{}); err == nil {
+		k, err := key()
+		if err == nil {
+			err = m.Ready(ctx, k, bootstrap.Ready{})
+		}
+		if err == nil {
 			break
 		}
 		time.Sleep(time.Millisecond)
 	}
 	current := ""
 	for ctx.Err() == nil {
-		a, err := m.Assignment(ctx, key, bootstrap.Poll{Current: current, Run: -1, Wait: time.Minute})
+		k, err := key()
+		if err != nil {
+			return // refused: terminated
+		}
+		a, err := m.Assignment(ctx, k, bootstrap.Poll{Current: current, Run: -1, Rotate: true, Wait: time.Minute, TokenHash: bootstrap.HashToken(token)})
 		if err != nil {
 			time.Sleep(time.Millisecond)
 			continue
+		}
+		if a.NewToken != "" {
+			token = a.NewToken
 		}
 		switch a.State {
 		case bootstrap.AssignAssigned:
@@ -66,7 +85,7 @@ func FakeBootstrap(ctx context.Context, m *Manager, key string) {
 // BootOnLaunch runs a FakeBootstrap for every instance c launches.
 func BootOnLaunch(ctx context.Context, c *BenchCloud, m *Manager) {
 	c.SetAfterLaunch(func(_ context.Context, spec cloud.LaunchSpec) error {
-		go FakeBootstrap(ctx, m, spec.ClientToken)
+		go FakeBootstrap(ctx, m, spec.UserData)
 		return nil
 	})
 }
