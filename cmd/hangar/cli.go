@@ -34,7 +34,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if errors.As(err, &st) {
 			return st.code // the remote command's own stderr said why
 		}
-		fmt.Fprintln(stderr, "hangar: "+oneLine(err))
+		_, _ = fmt.Fprintln(stderr, "hangar: "+oneLine(err)) // nowhere else to say it
 		return 1
 	}
 	return 0
@@ -64,13 +64,17 @@ func (g *globals) printJSON(v any) error {
 	return enc.Encode(v)
 }
 
-func (g *globals) table(header string, rows [][]string) {
-	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, header)
+func (g *globals) table(header string, rows [][]string) error {
+	var b strings.Builder
+	b.WriteString(header + "\n")
 	for _, r := range rows {
-		fmt.Fprintln(w, strings.Join(r, "\t"))
+		b.WriteString(strings.Join(r, "\t") + "\n")
 	}
-	w.Flush()
+	w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return err
+	}
+	return w.Flush()
 }
 
 func newRoot(stdout, stderr io.Writer) *cobra.Command {
@@ -179,11 +183,10 @@ func leaseCmd(g *globals) *cobra.Command {
 				return g.printJSON(v)
 			}
 			if v.State == pool.LeasePending {
-				fmt.Fprintf(g.stdout, "lease %s is still pending after %s; wait for it with the API (GET /v1/leases/%s?wait=60s) or release it\n", v.ID, wait, v.ID)
-				return nil
+				_, err := fmt.Fprintf(g.stdout, "lease %s is still pending after %s; wait for it with the API (GET /v1/leases/%s?wait=60s) or release it\n", v.ID, wait, v.ID)
+				return err
 			}
-			printLease(g, v)
-			return nil
+			return printLease(g, v)
 		},
 	}
 	f := cmd.Flags()
@@ -238,8 +241,7 @@ func leasesCmd(g *globals) *cobra.Command {
 				rows = append(rows, []string{v.ID, v.Pool, string(v.State), inst, orDash(v.Owner), v.Worker.Name,
 					v.CreatedAt.Local().Format(time.DateTime), v.ExpiresAt.Local().Format(time.DateTime)})
 			}
-			g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tOWNER\tWORKER\tCREATED\tEXPIRES", rows)
-			return nil
+			return g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tOWNER\tWORKER\tCREATED\tEXPIRES", rows)
 		},
 	}
 	cmd.Flags().StringVar(&poolName, "pool", "", "only this pool")
@@ -247,13 +249,13 @@ func leasesCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func printLease(g *globals, v pool.LeaseView) {
+func printLease(g *globals, v pool.LeaseView) error {
 	inst, ip := "", ""
 	if v.Instance != nil {
 		inst, ip = v.Instance.ID, v.Instance.PrivateIP
 	}
 	// The worker password is only in -o json: tables end up in CI logs.
-	g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tIP\tWORKER\tEXPIRES", [][]string{{v.ID, v.Pool, string(v.State), inst, ip, v.Worker.Name, v.ExpiresAt.Local().Format(time.DateTime)}})
+	return g.table("LEASE\tPOOL\tSTATE\tINSTANCE\tIP\tWORKER\tEXPIRES", [][]string{{v.ID, v.Pool, string(v.State), inst, ip, v.Worker.Name, v.ExpiresAt.Local().Format(time.DateTime)}})
 }
 
 func releaseCmd(g *globals) *cobra.Command {
@@ -267,7 +269,8 @@ func releaseCmd(g *globals) *cobra.Command {
 				return err
 			}
 			if !g.json() {
-				fmt.Fprintf(g.stdout, "released %s\n", args[0])
+				_, err := fmt.Fprintf(g.stdout, "released %s\n", args[0])
+				return err
 			}
 			return nil
 		},
@@ -298,8 +301,7 @@ func poolsCmd(g *globals) *cobra.Command {
 				rows = append(rows, []string{p.Name, p.Provider, fmt.Sprint(p.MinIdle), fmt.Sprint(p.MaxInstances),
 					countStates(p.Instances), fmt.Sprint(p.LeasesActive), fmt.Sprint(p.LeasesPending), note})
 			}
-			g.table("POOL\tPROVIDER\tMIN_IDLE\tMAX\tINSTANCES\tLEASED\tPENDING\tLAUNCH_ERROR", rows)
-			return nil
+			return g.table("POOL\tPROVIDER\tMIN_IDLE\tMAX\tINSTANCES\tLEASED\tPENDING\tLAUNCH_ERROR", rows)
 		},
 	}
 }
@@ -335,8 +337,7 @@ func instancesCmd(g *globals) *cobra.Command {
 				rows = append(rows, []string{orDash(in.ID), in.Pool, string(in.State), orDash(in.PrivateIP), orDash(in.LeaseID),
 					fmt.Sprint(in.Uses), time.Since(in.Since).Round(time.Second).String(), string(in.Reason)})
 			}
-			g.table("INSTANCE\tPOOL\tSTATE\tIP\tLEASE\tUSES\tFOR\tREASON", rows)
-			return nil
+			return g.table("INSTANCE\tPOOL\tSTATE\tIP\tLEASE\tUSES\tFOR\tREASON", rows)
 		},
 	}
 	cmd.Flags().StringVar(&poolName, "pool", "", "only this pool")
@@ -374,8 +375,8 @@ func scaleCmd(g *globals) *cobra.Command {
 			if g.json() {
 				return g.printJSON(p)
 			}
-			fmt.Fprintf(g.stdout, "pool %s: min_idle %d, max_instances %d\n", p.Name, p.MinIdle, p.MaxInstances)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "pool %s: min_idle %d, max_instances %d\n", p.Name, p.MinIdle, p.MaxInstances)
+			return err
 		},
 	}
 	cmd.Flags().IntVar(&minIdle, "min-idle", 0, "warm spares to keep")
@@ -396,8 +397,8 @@ func drainCmd(g *globals) *cobra.Command {
 			if g.json() {
 				return g.printJSON(v)
 			}
-			fmt.Fprintf(g.stdout, "instance %s is %s\n", v.ID, v.State)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "instance %s is %s\n", v.ID, v.State)
+			return err
 		},
 	}
 }
@@ -415,8 +416,8 @@ func consoleCmd(g *globals) *cobra.Command {
 			if g.json() {
 				return g.printJSON(map[string]string{"id": args[0], "output": out})
 			}
-			io.WriteString(g.stdout, out)
-			return nil
+			_, err = io.WriteString(g.stdout, out)
+			return err
 		},
 	}
 }
@@ -437,8 +438,8 @@ func userdataCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			g.stdout.Write(b)
-			return nil
+			_, err = g.stdout.Write(b)
+			return err
 		},
 	}
 	render.Flags().StringVar(&path, "config", "", "config file (default as for serve)")
@@ -462,8 +463,8 @@ func configCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "%s: ok (%d providers, %d pools)\n", args[0], len(cfg.Providers), len(cfg.Pools))
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "%s: ok (%d providers, %d pools)\n", args[0], len(cfg.Providers), len(cfg.Pools))
+			return err
 		},
 	}
 	check.Flags().BoolVar(&offline, "offline", false, "away from the machine that serves: skip the token secrets that are not there and the TLS files")
@@ -485,14 +486,14 @@ func localCmd(g *globals) *cobra.Command {
 			}
 			dir := filepath.Join(cfg.Server.DataDir, "local")
 			if _, err := os.Stat(dir); err != nil {
-				fmt.Fprintf(g.stdout, "no local cloud at %s\n", dir)
-				return nil
+				_, err := fmt.Fprintf(g.stdout, "no local cloud at %s\n", dir)
+				return err
 			}
 			p, err := local.New(cmd.Context(), local.Options{Dir: dir})
 			if err != nil {
 				return err
 			}
-			defer p.Close()
+			defer func() { _ = p.Close() }() // its API server only; the instances outlive it
 			list, err := p.List(cmd.Context(), nil)
 			if err != nil {
 				return err
@@ -504,7 +505,9 @@ func localCmd(g *globals) *cobra.Command {
 				}
 			}
 			done, err := p.Terminate(cmd.Context(), ids)
-			fmt.Fprintf(g.stdout, "terminated %d instances\n", len(done))
+			if _, werr := fmt.Fprintf(g.stdout, "terminated %d instances\n", len(done)); err == nil {
+				err = werr
+			}
 			return err
 		},
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -115,9 +114,7 @@ func TestCLIConfigAndUserData(t *testing.T) {
 	}
 	// With no --config and no ./hangar.toml, the embedded default is used.
 	dir := t.TempDir()
-	wd, _ := os.Getwd()
-	os.Chdir(dir)
-	defer os.Chdir(wd)
+	t.Chdir(dir)
 	code, out, errOut = runCLI(t, "userdata", "render", "demo")
 	if code != 0 || !strings.HasPrefix(out, "#!/bin/bash") || !strings.Contains(out, "TOKEN-PLACEHOLDER") || !strings.Contains(out, "/bootstrap/v1/script") {
 		t.Errorf("userdata render demo: %d\n%s\n%s", code, out, errOut)
@@ -138,7 +135,9 @@ func TestCLILocalTerminateAll(t *testing.T) {
 	ts := startTest(t, cfgText, nil)
 	waitFor(t, "2 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 2 })
 	list := ts.instances(t, "demo")
-	ts.Close()
+	if err := ts.Close(); err != nil {
+		t.Fatal(err)
+	}
 	for _, in := range list {
 		if len(instanceProcs(in.ID)) == 0 {
 			t.Fatalf("instance %s ended with the server", in.ID)

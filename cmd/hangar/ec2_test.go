@@ -31,7 +31,9 @@ func ec2Cloud(t *testing.T) (srv *ec2test.Server, localDir string) {
 	srv.AddImage(ec2test.Image{ID: "ami-0123456789abcdef0", Name: "hangar-worker-2026-11-01", Owner: "123456789012", Created: time.Now().Add(-time.Hour)})
 	t.Cleanup(func() {
 		srv.Close()
-		backend.Close()
+		if err := backend.Close(); err != nil {
+			t.Error(err)
+		}
 		terminateAll(t, dir)
 	})
 	return srv, dir

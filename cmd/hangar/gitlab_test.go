@@ -350,7 +350,9 @@ func TestGitLabCustomExecutor(t *testing.T) {
 	})
 
 	t.Run("no instance", func(t *testing.T) {
-		ts.lease(t, api.LeaseRequest{Pool: "full"})
+		if v, err := ts.client.Lease(ctx, api.LeaseRequest{Pool: "full", Wait: "60s"}); err != nil || v.State != pool.LeaseActive {
+			t.Fatalf("lease of pool full: %+v, %v; want active", v, err)
+		}
 		full := installGitLab(t, values(ts.url, "full", "1s"))
 		j := full.job(t, "1005")
 		code, out := j.exec(t, full.prepare)
@@ -377,7 +379,9 @@ func TestGitLabCustomExecutor(t *testing.T) {
 			t.Fatal(err)
 		}
 		gone := "http://" + ln.Addr().String()
-		ln.Close()
+		if err := ln.Close(); err != nil {
+			t.Fatal(err)
+		}
 		j := installGitLab(t, values(gone, "gitlab", "10m")).job(t, "1006")
 		if code, out := j.exec(t, j.d.prepare); code != gitlabSystemFailure {
 			t.Errorf("prepare: exit %d, output %q; want %d", code, out, gitlabSystemFailure)
@@ -404,7 +408,7 @@ func TestGitLabCustomExecutor(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		defer cmd.Process.Kill()
+		defer func() { _ = cmd.Process.Kill() }() // gone already, unless the test failed
 		r := bufio.NewReader(stdout)
 		if line, err := r.ReadString('\n'); err != nil || line != "started\n" {
 			t.Fatalf("first output %q, %v", line, err)
@@ -414,7 +418,9 @@ func TestGitLabCustomExecutor(t *testing.T) {
 			t.Fatal(err)
 		}
 		remote := readFile(t, pidFile)
-		cmd.Process.Signal(syscall.SIGTERM) // gitlab-runner's cancel
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil { // gitlab-runner's cancel
+			t.Fatal(err)
+		}
 		rest, _ := io.ReadAll(r)
 		err = cmd.Wait()
 		var ee *exec.ExitError
@@ -424,9 +430,11 @@ func TestGitLabCustomExecutor(t *testing.T) {
 		if v, err := ts.client.GetLease(ctx, lease, 0); err != nil || v.State != pool.LeaseReleased {
 			t.Errorf("lease after the cancel: %+v, %v; want released", v, err)
 		}
-		waitGone(t, ts, v.Instance.ID)
+		waitGone(t, ts, v.Instance.ID) //nolint:contextcheck // it lists with the test's own context, t.Context()
 		var pid int
-		fmt.Sscan(remote, &pid)
+		if _, err := fmt.Sscan(remote, &pid); err != nil {
+			t.Fatalf("the remote pid file: %q: %v", remote, err)
+		}
 		if pid == 0 || syscall.Kill(pid, 0) == nil {
 			t.Errorf("the cancelled command (pid %q) outlived the cancel", remote)
 		}

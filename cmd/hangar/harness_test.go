@@ -103,7 +103,7 @@ func startTestWith(t testing.TB, cfgText string, o serveOptions) *testServer {
 	}
 	ts := &testServer{server: s, client: &api.Client{BaseURL: s.url}, logs: logs, dataDir: s.cfg.Server.DataDir}
 	t.Cleanup(func() {
-		s.Close()
+		_ = s.Close() // a test may have closed it already
 		if t.Failed() {
 			t.Logf("server log:\n%s", logs.String())
 			consoles, _ := filepath.Glob(filepath.Join(ts.dataDir, "local", "instances", "*", "console.log"))
@@ -129,7 +129,7 @@ func terminateAll(t testing.TB, dir string) {
 		t.Errorf("reopening local cloud for clean-up: %v", err)
 		return
 	}
-	defer p.Close()
+	defer func() { _ = p.Close() }()
 	list, err := p.List(context.Background(), nil)
 	if err != nil {
 		t.Errorf("listing for clean-up: %v", err)
@@ -180,7 +180,7 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 
 func (ts *testServer) instances(t *testing.T, poolName string) []pool.InstanceView {
 	t.Helper()
-	list, err := ts.client.Instances(context.Background(), poolName)
+	list, err := ts.client.Instances(t.Context(), poolName)
 	if err != nil {
 		t.Fatalf("listing instances: %v", err)
 	}
@@ -227,7 +227,7 @@ func (ts *testServer) lease(t *testing.T, req api.LeaseRequest) pool.LeaseView {
 	if req.Wait == "" {
 		req.Wait = "60s"
 	}
-	v, err := ts.client.Lease(context.Background(), req)
+	v, err := ts.client.Lease(t.Context(), req)
 	if err != nil {
 		t.Fatalf("lease: %v", err)
 	}

@@ -53,7 +53,8 @@ func TestColdLease(t *testing.T) {
 	}
 	// The password is nowhere but in the worker's environment and the lease.
 	instDir := filepath.Join(ts.dataDir, "local", "instances", lease.Instance.ID)
-	filepath.Walk(instDir, func(path string, info os.FileInfo, err error) error {
+	// The func never fails the walk: what cannot be read is skipped.
+	_ = filepath.Walk(instDir, func(path string, info os.FileInfo, err error) error {
 		if err != nil || info.IsDir() || filepath.Base(path) == "worker.env" {
 			return nil
 		}
@@ -95,7 +96,9 @@ func TestWarmLeaseReuseDiscard(t *testing.T) {
 		}
 		return false
 	})
-	os.Remove(filepath.Join(ts.dataDir, "local", "instances", id, "disk", "worker.env"))
+	if err := os.Remove(filepath.Join(ts.dataDir, "local", "instances", id, "disk", "worker.env")); err != nil {
+		t.Fatal(err)
+	}
 	// The most recently idle instance goes first: the one just released.
 	second := ts.lease(t, api.LeaseRequest{Pool: "demo", Wait: "0s"})
 	if second.Instance.ID != id {
@@ -171,8 +174,11 @@ on_idle = "`+onIdle+`"`), clock)
 			ctx := context.Background()
 			a := ts.lease(t, api.LeaseRequest{Pool: "demo"})
 			b := ts.lease(t, api.LeaseRequest{Pool: "demo"})
-			ts.client.Release(ctx, a.ID, false)
-			ts.client.Release(ctx, b.ID, false)
+			for _, l := range []pool.LeaseView{a, b} {
+				if err := ts.client.Release(ctx, l.ID, false); err != nil {
+					t.Fatal(err)
+				}
+			}
 			waitFor(t, "3 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 3 })
 
 			clock.Advance(4 * time.Minute)
@@ -230,7 +236,9 @@ func TestBootTimeout(t *testing.T) {
 	// The first instance to boot hangs before reporting ready.
 	script := "#!/bin/bash\nif mkdir \"$HANG_LOCK\" 2>/dev/null; then echo hanging; exec sleep 600; fi\n" + string(generic)
 	scriptPath := filepath.Join(dir, "bootstrap.sh")
-	os.WriteFile(scriptPath, []byte(script), 0o644)
+	if err := os.WriteFile(scriptPath, []byte(script), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	ts := startTest(t, testTOML(t.TempDir(), "demo", `bootstrap = "`+scriptPath+`"
 [pools.demo.env]
 HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
@@ -241,7 +249,10 @@ HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
 	}
 	var hung string
 	waitFor(t, "the first instance to hang", 30*time.Second, func() bool {
-		list := ts.instances(t, "demo")
+		list, err := ts.client.Instances(ctx, "demo")
+		if err != nil {
+			t.Fatalf("listing instances: %v", err)
+		}
 		if len(list) != 1 || list[0].State != pool.Booting {
 			return false
 		}
@@ -357,7 +368,7 @@ func scrape(t testing.TB, base string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
 }

@@ -36,7 +36,7 @@ func hangarBinary(t *testing.T) string {
 		binPath = filepath.Join(dir, "hangar")
 		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
 		if err != nil {
-			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+			binErr = fmt.Errorf("go build: %w\n%s", err, out)
 		}
 	})
 	if binErr != nil {
@@ -48,7 +48,9 @@ func hangarBinary(t *testing.T) string {
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if binPath != "" {
-		os.RemoveAll(filepath.Dir(binPath))
+		if err := os.RemoveAll(filepath.Dir(binPath)); err != nil {
+			fmt.Fprintln(os.Stderr, "removing the test binary:", err)
+		}
 	}
 	os.Exit(code)
 }
@@ -59,7 +61,7 @@ func freePort(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	return ln.Addr().String()
 }
 
@@ -71,7 +73,7 @@ func serveProcess(t *testing.T, configPath, addr, logPath string) *exec.Cmd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer logf.Close()
+	defer func() { _ = logf.Close() }() // the child writes its own copy
 	cmd := exec.Command(hangarBinary(t), "serve", "--config", configPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -80,7 +82,7 @@ func serveProcess(t *testing.T, configPath, addr, logPath string) *exec.Cmd {
 	waitFor(t, "hangar serve to answer", 30*time.Second, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err == nil {
-			resp.Body.Close()
+			_ = resp.Body.Close()
 		}
 		return err == nil && resp.StatusCode == 200
 	})
@@ -97,7 +99,9 @@ func TestKill9Restart(t *testing.T) {
 	cfg := testTOML(dataDir, "demo", "max_instances = 4")
 	cfg = replaceOnce(cfg, `listen = "127.0.0.1:0"`, `listen = "`+addr+`"`)
 	configPath := filepath.Join(dir, "hangar.toml")
-	os.WriteFile(configPath, []byte(cfg), 0o600)
+	if err := os.WriteFile(configPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	logPath := filepath.Join(dir, "serve.log")
 	t.Cleanup(func() {
 		terminateAll(t, filepath.Join(dataDir, "local"))
@@ -114,14 +118,16 @@ func TestKill9Restart(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		v, err := c.Lease(ctx, api.LeaseRequest{Pool: "demo", Wait: "60s"})
 		if err != nil || v.State != pool.LeaseActive {
-			proc.Process.Kill()
+			_ = proc.Process.Kill()
 			t.Fatalf("lease %d: %+v, %v", i, v, err)
 		}
 		leases = append(leases, v)
 	}
 	// Acknowledged, so on disk: kill at once, with no chance to flush.
-	proc.Process.Signal(syscall.SIGKILL)
-	proc.Wait()
+	if err := proc.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = proc.Wait() // killed: "signal: killed"
 	for _, l := range leases {
 		if len(instanceProcs(l.Instance.ID)) == 0 {
 			t.Errorf("instance %s died with the server; the cloud should keep it", l.Instance.ID)
@@ -130,8 +136,12 @@ func TestKill9Restart(t *testing.T) {
 
 	proc = serveProcess(t, configPath, addr, logPath)
 	defer func() {
-		proc.Process.Signal(syscall.SIGTERM)
-		proc.Wait()
+		if err := proc.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Error(err)
+		}
+		if err := proc.Wait(); err != nil {
+			t.Errorf("hangar serve after SIGTERM: %v", err)
+		}
 	}()
 	for _, l := range leases {
 		got, err := c.GetLease(ctx, l.ID, 0)

@@ -42,7 +42,7 @@ func runCmd(g *globals) *cobra.Command {
 		Long:  runLong,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := parseRun(cmd, args, &o); err != nil {
-				fmt.Fprintf(g.stderr, "hangar: %v\n", err)
+				_, _ = fmt.Fprintf(g.stderr, "hangar: %v\n", err)
 				return &statusError{code: exitHangar, err: err}
 			}
 			if code := cirun.Run(cmd.Context(), g.client(), o, g.stdout, g.stderr); code != 0 {
@@ -52,7 +52,7 @@ func runCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
-		fmt.Fprintf(g.stderr, "hangar: %v\n", err)
+		_, _ = fmt.Fprintf(g.stderr, "hangar: %v\n", err)
 		return &statusError{code: exitHangar, err: err}
 	})
 	f := cmd.Flags()

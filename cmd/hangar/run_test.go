@@ -175,7 +175,7 @@ func TestRunInterrupted(t *testing.T) {
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
-			defer cmd.Process.Kill()
+			defer func() { _ = cmd.Process.Kill() }() // gone already, unless the test failed
 			line, err := bufio.NewReader(stdout).ReadString('\n')
 			if err != nil || line != "started\n" {
 				t.Fatalf("first output %q, %v; stderr: %s", line, err, stderr.String())
@@ -184,7 +184,9 @@ func TestRunInterrupted(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			cmd.Process.Signal(sig)
+			if err := cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
 			err = cmd.Wait()
 			var exit *exec.ExitError
 			if !errors.As(err, &exit) || exit.ExitCode() != 128+int(sig) {
@@ -311,8 +313,11 @@ func TestRunOutputAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	body := new(bytes.Buffer)
-	body.ReadFrom(resp.Body)
-	resp.Body.Close()
+	_, err = body.ReadFrom(resp.Body)
+	_ = resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
 	h := resp.Header
 	if resp.StatusCode != 200 || body.String() != "hello\n" || h.Get("Hangar-Output-Next") != "6" || h.Get("Hangar-Exit-Code") != "5" || h.Get("Hangar-Run-State") != "exited" {
 		t.Errorf("GET output: %d %q %v", resp.StatusCode, body, h)

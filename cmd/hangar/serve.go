@@ -76,7 +76,9 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	s := &server{cfg: cfg, log: log, providers: map[string]cloud.Provider{}, done: make(chan struct{})}
 	defer func() {
 		if err != nil {
-			s.closeParts()
+			if cerr := s.closeParts(); cerr != nil {
+				log.Warn("closing after a failed start", "err", cerr)
+			}
 		}
 	}()
 
@@ -116,16 +118,16 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 
 	// Absolute, because instances run with their own working directories.
 	if cfg.Server.DataDir, err = filepath.Abs(cfg.Server.DataDir); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, fmt.Errorf("resolving data dir: %w", err)
 	}
 	if err := os.MkdirAll(cfg.Server.DataDir, 0o700); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, fmt.Errorf("creating data dir: %w", err)
 	}
 	s.store, err = store.Open(filepath.Join(cfg.Server.DataDir, "hangar.db"))
 	if err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, err
 	}
 
@@ -145,7 +147,7 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		}
 		p, err := newProvider(ctx, cfg, name, pc, log, met.ObserveRequests)
 		if err != nil {
-			ln.Close()
+			_ = ln.Close()
 			return nil, err
 		}
 		s.providers[name] = met.Instrument(name, p)
@@ -154,7 +156,7 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	po.Providers, po.Store, po.Logger, po.Metrics, po.Clock, po.Tick = s.providers, s.store, log, met, o.Clock, o.Tick
 	mgr, err = pool.New(po)
 	if err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, err
 	}
 	s.manager = mgr
@@ -162,7 +164,9 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	mux := http.NewServeMux()
 	mux.Handle("/bootstrap/", bootstrap.Handler(mgr, log))
 	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg, MetricsPublic: cfg.Server.MetricsPublic}).Handler())
-	runCtx, cancel := context.WithCancel(context.Background())
+	// The server runs until Close, which stops it in order, not until ctx
+	// (the start's) ends: it keeps ctx's values only.
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.stop = cancel
 	s.http = &http.Server{
 		Handler:           mux,
@@ -260,7 +264,9 @@ func (s *server) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s.stop()
-	s.http.Shutdown(ctx)
+	if err := s.http.Shutdown(ctx); err != nil {
+		s.log.Warn("http shutdown", "err", err)
+	}
 	<-s.done
 	return s.closeParts()
 }

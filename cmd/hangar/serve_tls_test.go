@@ -86,22 +86,25 @@ func TestServeTLS(t *testing.T) {
 		if err != nil {
 			t.Fatalf("GET %s: %v", path, err)
 		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
+		_, err = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		if err != nil {
+			t.Errorf("GET %s: reading the body: %v", path, err)
+		}
 		if resp.StatusCode != 200 || resp.TLS == nil {
 			t.Errorf("GET %s: %d, TLS %v", path, resp.StatusCode, resp.TLS != nil)
 		}
 	}
 	// It really is that certificate: a client that does not trust it fails.
 	if resp, err := http.Get(ts.url + "/healthz"); err == nil {
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		t.Error("a client without the test root trusted the server")
 	}
 	// And nothing answers in clear.
 	plain := "http://" + strings.TrimPrefix(ts.url, "https://")
 	if resp, err := http.Get(plain + "/v1/pools"); err == nil {
 		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		if resp.StatusCode == 200 {
 			t.Errorf("plain http answered 200: %s", b)
 		}
@@ -132,7 +135,7 @@ token = %q
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer resp.Body.Close()
+		defer func() { _ = resp.Body.Close() }()
 		b, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode == 200 && !strings.Contains(string(b), "hangar_leases_active") {
 			t.Errorf("/metrics answered 200 without metrics: %.200s", b)
@@ -188,7 +191,7 @@ func TestServeTimeouts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
+		defer func() { _ = conn.Close() }()
 		start := time.Now()
 		got := make(chan string, 1)
 		go func() {
@@ -208,7 +211,7 @@ func TestServeTimeouts(t *testing.T) {
 				if time.Since(start) > 10*time.Second {
 					t.Fatalf("the server still reads after %s", time.Since(start))
 				}
-				conn.Write([]byte{drip[i%len(drip)]}) // fails once the server is gone
+				_, _ = conn.Write([]byte{drip[i%len(drip)]}) // fails once the server is gone
 			}
 		}
 	}
@@ -232,14 +235,19 @@ func TestServeTimeouts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
-		go fmt.Fprintf(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n", strings.Repeat("a", 128<<10))
+		defer func() { _ = conn.Close() }()
+		if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		// The server answers before it has read it all: the write may fail.
+		go func() {
+			_, _ = fmt.Fprintf(conn, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n", strings.Repeat("a", 128<<10))
+		}()
 		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
 			t.Errorf("a 128 KiB header got %d", resp.StatusCode)
 		}

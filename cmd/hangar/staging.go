@@ -69,7 +69,9 @@ func openStaging(ctx context.Context, g *globals, path, provider string) (*stagi
 	}
 	m, err := s.manager(ctx, pc.Region)
 	if err != nil {
-		s.close(ctx)
+		if cerr := s.close(ctx); cerr != nil {
+			_, _ = fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
+		}
 		return nil, nil, err
 	}
 	return m, s, nil
@@ -191,7 +193,7 @@ func (sc *stagingCLI) with(fn stagingFunc) func(*cobra.Command, []string) error 
 			return cerr
 		}
 		if cerr != nil {
-			fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
+			_, _ = fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
 		}
 		return err
 	}
@@ -211,8 +213,7 @@ func (sc *stagingCLI) serversCmd() *cobra.Command {
 				in := sv.Instance
 				rows = append(rows, []string{sv.Name, in.ID, in.State.String(), in.Zone, in.Type, orDash(firstNonEmpty(in.PublicIP, in.PrivateIP))})
 			}
-			g.table("NAME\tID\tSTATE\tZONE\tTYPE\tADDRESS", rows)
-			return nil
+			return g.table("NAME\tID\tSTATE\tZONE\tTYPE\tADDRESS", rows)
 		}),
 	}
 	return servers
@@ -238,8 +239,7 @@ func (sc *stagingCLI) volumesCmd() *cobra.Command {
 				}
 				rows = append(rows, []string{v.Name, v.Cloud.ID, strconv.Itoa(v.Cloud.SizeGB), v.Cloud.Zone, v.Cloud.State, srv, v.FSType, v.Mount})
 			}
-			g.table("NAME\tID\tGB\tZONE\tSTATE\tSERVER\tFSTYPE\tMOUNT", rows)
-			return nil
+			return g.table("NAME\tID\tGB\tZONE\tSTATE\tSERVER\tFSTYPE\tMOUNT", rows)
 		}),
 	}
 	return volumes
@@ -262,8 +262,7 @@ func (sc *stagingCLI) snapshotsCmd() *cobra.Command {
 				rows = append(rows, []string{sn.ID, sn.Tags[staging.TagName], strconv.Itoa(sn.SizeGB), sn.State,
 					sn.StartedAt.UTC().Format(time.RFC3339), orDash(sn.Description)})
 			}
-			g.table("ID\tVOLUME\tGB\tSTATE\tSTARTED\tDESCRIPTION", rows)
-			return nil
+			return g.table("ID\tVOLUME\tGB\tSTATE\tSTARTED\tDESCRIPTION", rows)
 		}),
 	}
 	return snapshots
@@ -283,8 +282,8 @@ func (sc *stagingCLI) volumeCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "volume %s (%s, %d GB, %s) mounted on %s at %s\n", v.Name, v.Cloud.ID, v.Cloud.SizeGB, v.FSType, srv.Name, v.Mount)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "volume %s (%s, %d GB, %s) mounted on %s at %s\n", v.Name, v.Cloud.ID, v.Cloud.SizeGB, v.FSType, srv.Name, v.Mount)
+			return err
 		}),
 	}
 	f := create.Flags()
@@ -361,8 +360,8 @@ func (sc *stagingCLI) snapshotCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "%s\n", sn.ID)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "%s\n", sn.ID)
+			return err
 		}),
 	}
 	snapshot.Flags().StringVar(&description, "description", "", "snapshot description")
@@ -383,8 +382,8 @@ func (sc *stagingCLI) copySnapshotCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "%s\n", sn.ID)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "%s\n", sn.ID)
+			return err
 		}),
 	}
 	toFlag(copySnapshot, &to)
@@ -405,8 +404,8 @@ func (sc *stagingCLI) copyImageCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "%s\n", img.ID)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "%s\n", img.ID)
+			return err
 		}),
 	}
 	toFlag(copyImage, &to)
@@ -416,7 +415,9 @@ func (sc *stagingCLI) copyImageCmd() *cobra.Command {
 // toFlag adds the required --to REGION of the copy commands.
 func toFlag(cmd *cobra.Command, to *string) {
 	cmd.Flags().StringVar(to, "to", "", "destination region")
-	cmd.MarkFlagRequired("to")
+	if err := cmd.MarkFlagRequired("to"); err != nil {
+		panic(err) // the flag is defined just above
+	}
 }
 
 func (sc *stagingCLI) sshCmd() *cobra.Command {
@@ -457,8 +458,8 @@ func (sc *stagingCLI) ddCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "copied %d bytes\n", n)
-			return nil
+			_, err = fmt.Fprintf(g.stdout, "copied %d bytes\n", n)
+			return err
 		}),
 	}
 	return dd
@@ -473,8 +474,8 @@ func (sc *stagingCLI) terminateAllCmd() *cobra.Command {
 			if err := m.TerminateAllServers(ctx); err != nil {
 				return err
 			}
-			fmt.Fprintf(g.stdout, "terminated %d staging servers\n", n)
-			return nil
+			_, err := fmt.Fprintf(g.stdout, "terminated %d staging servers\n", n)
+			return err
 		}),
 	}
 	return terminateAll
@@ -496,7 +497,7 @@ func interactive(ctx context.Context, c *staging.Client, command string) error {
 		if err != nil {
 			return fmt.Errorf("setting the terminal to raw mode: %w", err)
 		}
-		defer term.Restore(fd, old)
+		defer func() { _ = term.Restore(fd, old) }() // nothing more to do if it fails
 	}
 	resize := make(chan staging.Terminal, 1)
 	winch := make(chan os.Signal, 1)

@@ -60,7 +60,7 @@ func TestStolenTokenDiesWithLease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp.Body.Close()
+	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("the stolen token polling for the next assignment: HTTP %d, want 401", resp.StatusCode)
 	}
