@@ -23,6 +23,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // Kind is a bucket of records.
@@ -107,7 +108,7 @@ type encoded struct {
 func Open(path string) (*Store, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
-		if errors.Is(err, bolt.ErrTimeout) {
+		if errors.Is(err, berrors.ErrTimeout) {
 			return nil, fmt.Errorf("opening state file %s: another hangar process holds it", path)
 		}
 		return nil, fmt.Errorf("opening state file %s: %w", path, err)
@@ -132,7 +133,7 @@ func Open(path string) (*Store, error) {
 		return b.Put([]byte("owner"), []byte(s.owner))
 	})
 	if err != nil {
-		db.Close()
+		_ = db.Close() // the initialisation's error is the one to report
 		return nil, fmt.Errorf("initialising state file %s: %w", path, err)
 	}
 	go s.writer()

@@ -36,7 +36,7 @@ func TestCommitSurvivesReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(t, s)
 	if s.Owner() != owner {
 		t.Errorf("owner changed across reopen: %q then %q", owner, s.Owner())
 	}
@@ -59,7 +59,7 @@ func TestSecondOpenRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(t, s)
 	_, err = Open(path)
 	if err == nil || !strings.Contains(err.Error(), "another hangar process holds it") {
 		t.Fatalf("second open: %v", err)
@@ -73,7 +73,7 @@ func TestCommitsKeepQueueOrder(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(t, s)
 	var mu sync.Mutex
 	n := 0
 	var wg sync.WaitGroup
@@ -109,7 +109,9 @@ func TestCommitAfterClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.CommitWait(Op{Instances, "a", rec{}}); err == nil {
 		t.Fatal("commit after close succeeded")
 	}
@@ -120,7 +122,7 @@ func BenchmarkCommitParallel(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(b, s)
 	b.SetParallelism(16)
 	var i int64
 	var mu sync.Mutex
@@ -144,7 +146,7 @@ func BenchmarkCommit(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(b, s)
 	for i := 0; i < b.N; i++ {
 		if err := s.CommitWait(Op{Leases, fmt.Sprint(i), rec{N: i}}); err != nil {
 			b.Fatal(err)
@@ -159,7 +161,7 @@ func TestEmptyCommitIsBarrier(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer closeStore(t, s)
 	for i := 0; i < 20; i++ {
 		write := s.Commit(Op{Leases, fmt.Sprint(i), rec{N: i}})
 		if err := s.Commit().Wait(); err != nil {
@@ -176,5 +178,13 @@ func TestEmptyCommitIsBarrier(t *testing.T) {
 	}
 	if st := s.Stats(); st.Commits != 20 || st.Rounds > 20 {
 		t.Errorf("stats %+v, want 20 commits in at most 20 rounds (barriers cost none)", st)
+	}
+}
+
+// closeStore closes s at the end of a test, failing it if that fails.
+func closeStore(tb testing.TB, s *Store) {
+	tb.Helper()
+	if err := s.Close(); err != nil {
+		tb.Error(err)
 	}
 }
