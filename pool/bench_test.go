@@ -100,7 +100,11 @@ func BenchmarkWarmLeaseReleaseFake(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer cs.Close()
+	defer func() {
+		if err := cs.Close(); err != nil {
+			b.Errorf("closing commit store: %v", err)
+		}
+	}()
 	ctx := context.Background()
 	var leaseT, releaseT, rtT, commitT time.Duration
 	before := bs.store.Stats()
@@ -195,7 +199,7 @@ func newBenchServer(b *testing.B, minIdle, maxInstances int) *benchServer {
 	o.Store, o.Logger = st, log
 	m, err := pool.New(o)
 	if err != nil {
-		st.Close()
+		_ = st.Close()
 		b.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -213,7 +217,9 @@ func newBenchServer(b *testing.B, minIdle, maxInstances int) *benchServer {
 		if err := m.Close(); err != nil {
 			b.Errorf("closing manager: %v", err)
 		}
-		st.Close()
+		if err := st.Close(); err != nil {
+			b.Errorf("closing store: %v", err)
+		}
 	})
 	// One kept-alive connection per client, as a CI system's would be.
 	tr := &http.Transport{MaxIdleConns: 256, MaxIdleConnsPerHost: 256}
