@@ -49,7 +49,11 @@ func benchStore(b *testing.B) *store.Store {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { s.Close() })
+	b.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			b.Errorf("closing commit store: %v", err)
+		}
+	})
 	return s
 }
 

@@ -86,7 +86,9 @@ func BenchmarkEC2ScaleOut500(b *testing.B) {
 		if srv.PeakRunning() > 500 {
 			b.Errorf("peak %d instances over max_instances 500", srv.PeakRunning())
 		}
-		ts.Close()
+		if err := ts.Close(); err != nil {
+			b.Errorf("closing hangar: %v", err)
+		}
 		srv.Close()
 	}
 }
@@ -117,7 +119,9 @@ func BenchmarkEC2SteadyState1000(b *testing.B) {
 		perMinute := totalCalls(after) - totalCalls(before)
 		b.ReportMetric(float64(perMinute), "calls/min")
 		b.ReportMetric(float64(after["DescribeInstances"]-before["DescribeInstances"]), "DescribeInstances/min")
-		ts.Close()
+		if err := ts.Close(); err != nil {
+			b.Errorf("closing hangar: %v", err)
+		}
 		srv.Close()
 	}
 }

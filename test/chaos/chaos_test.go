@@ -279,7 +279,7 @@ func freePort(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	return ln.Addr().String()
 }
 
@@ -332,16 +332,16 @@ func (h *harness) startServer(strace bool, delayUS int) *serverProc {
 	cmd.Stdout, cmd.Stderr = w, w
 	h.writeLog(fmt.Sprintf("=== chaos: run %d, strace=%t delay=%dus, at %s\n", h.runs, strace, delayUS, time.Now().Format(time.RFC3339Nano)))
 	if err := cmd.Start(); err != nil {
-		w.Close()
-		r.Close()
+		_ = w.Close()
+		_ = r.Close()
 		h.t.Fatalf("starting hangar serve: %v", err)
 	}
-	w.Close()
+	_ = w.Close() // the child has its copy; r sees EOF when it exits
 	p := &serverProc{cmd: cmd, pid: cmd.Process.Pid, strace: strace, delayUS: delayUS,
 		exited: make(chan struct{}), logDone: make(chan struct{})}
 	h.srv = p
 	go func() {
-		cmd.Wait()
+		_ = cmd.Wait() // killed or stopped: how it ended is in its log and the checks
 		close(p.exited)
 	}()
 	go h.tailLog(r, p.logDone)
@@ -353,7 +353,7 @@ func (h *harness) startServer(strace bool, delayUS int) *serverProc {
 	for {
 		resp, err := hc.Get("http://" + h.addr + "/healthz")
 		if err == nil {
-			resp.Body.Close()
+			_ = resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return p
 			}
@@ -397,14 +397,14 @@ func (h *harness) tracedChild(p *serverProc) int {
 func (h *harness) writeLog(s string) {
 	h.logMu.Lock()
 	defer h.logMu.Unlock()
-	h.logFile.WriteString(s)
+	_, _ = h.logFile.WriteString(s) // for diagnosis only; Close reports a file that failed
 }
 
 // tailLog copies the server's output to the log file and signals the kinds
 // of lines triggered kills wait for.
 func (h *harness) tailLog(r *os.File, done chan struct{}) {
 	defer close(done)
-	defer r.Close()
+	defer func() { _ = r.Close() }()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -471,9 +471,11 @@ func (h *harness) logGrep(n int, words ...string) string {
 // way: the moment of the first SIGKILL is the crash. strace's other
 // tracees, the instances hangar forked, are detached and run on.
 func (h *harness) kill9(p *serverProc) {
-	syscall.Kill(p.pid, syscall.SIGKILL)
+	if err := syscall.Kill(p.pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		h.t.Errorf("kill -9 %d: %v", p.pid, err)
+	}
 	if p.strace {
-		syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL)
+		_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL) // ESRCH: strace ended with its tracee
 	}
 	<-p.exited
 	// strace's tracee is not our child: wait until it no longer runs (a
@@ -485,7 +487,7 @@ func (h *harness) kill9(p *serverProc) {
 			h.t.Fatalf("hangar (pid %d, strace %t) survives SIGKILL:\n%s", p.pid, p.strace, st)
 		}
 		if i%50 == 49 {
-			syscall.Kill(p.pid, syscall.SIGKILL)
+			_ = syscall.Kill(p.pid, syscall.SIGKILL) // ESRCH: gone meanwhile
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -501,12 +503,14 @@ func (h *harness) stopServer(p *serverProc) {
 		h.kill9(p)
 		return
 	}
-	syscall.Kill(p.pid, syscall.SIGTERM)
+	if err := syscall.Kill(p.pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		h.t.Errorf("kill -TERM %d: %v", p.pid, err)
+	}
 	select {
 	case <-p.exited:
 	case <-time.After(20 * time.Second):
 		h.t.Errorf("hangar serve did not stop within 20s of SIGTERM; killing it")
-		syscall.Kill(p.pid, syscall.SIGKILL)
+		_ = syscall.Kill(p.pid, syscall.SIGKILL) // ESRCH: gone meanwhile
 		<-p.exited
 	}
 	<-p.logDone
@@ -554,13 +558,15 @@ func (h *harness) cleanup() {
 		}
 		for _, pids := range procs {
 			for _, pid := range pids {
-				syscall.Kill(pid, syscall.SIGKILL)
+				_ = syscall.Kill(pid, syscall.SIGKILL) // ESRCH: gone meanwhile
 			}
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	h.logMu.Lock()
-	h.logFile.Close()
+	if err := h.logFile.Close(); err != nil {
+		h.t.Errorf("closing the chaos log: %v", err)
+	}
 	h.logMu.Unlock()
 }
 
@@ -687,12 +693,6 @@ func newTracker() *tracker {
 
 func (tr *tracker) violate(kind, format string, a ...any) {
 	tr.viols[kind] = append(tr.viols[kind], fmt.Sprintf(format, a...))
-}
-
-func (tr *tracker) count(kind string) int {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	return len(tr.viols[kind])
 }
 
 func ts(t time.Time) string { return t.Format("15:04:05.000000") }
