@@ -72,13 +72,21 @@ func BenchmarkReconcile10k(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { prov.Close() })
+	b.Cleanup(func() {
+		if err := prov.Close(); err != nil {
+			b.Errorf("closing provider: %v", err)
+		}
+	})
 
 	st, err := store.Open(filepath.Join(b.TempDir(), "state.db"))
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { st.Close() })
+	b.Cleanup(func() {
+		if err := st.Close(); err != nil {
+			b.Errorf("closing store: %v", err)
+		}
+	})
 	opts := BenchOptions(0, n)
 	spec := opts.Pools["demo"]
 	spec.Provider = "ec2"
@@ -109,7 +117,10 @@ func BenchmarkReconcile10k(b *testing.B) {
 				got, err := prov.Launch(ctx, ls, 1)
 				mu.Lock()
 				if err != nil || len(got) != 1 {
-					launchErr = fmt.Errorf("launching %s: %v, %v", key, got, err)
+					if err == nil {
+						err = fmt.Errorf("%d instances, want 1", len(got))
+					}
+					launchErr = fmt.Errorf("launching %s: %v, %w", key, got, err)
 					mu.Unlock()
 					continue
 				}
@@ -141,7 +152,11 @@ func BenchmarkReconcile10k(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() { m.Close() })
+	b.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			b.Errorf("closing manager: %v", err)
+		}
+	})
 	if views, err := m.Instances(Admin, "demo"); err != nil || len(views) != n {
 		b.Fatalf("%d instances restored, want %d (%v)", len(views), n, err)
 	}
@@ -293,7 +308,7 @@ func (c *pageCapture) RoundTrip(r *http.Request) (*http.Response, error) {
 		return resp, err
 	}
 	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	_ = resp.Body.Close()
 	if err != nil {
 		return nil, err
 	}
