@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -30,14 +31,10 @@ const (
 // HTTP client for Buildbot's httpclientservice, are installed.
 func requireBuildbot(t *testing.T) {
 	t.Helper()
-	for _, p := range []string{systemPython, buildbotBin, buildbotWorker} {
-		if _, err := os.Stat(p); err != nil {
-			t.Skipf("%s is missing: apt-get install buildbot buildbot-worker", p)
-		}
-	}
+	testutil.NeedTools(t, "a real Buildbot master leases from Hangar; apt-get install buildbot buildbot-worker", systemPython, buildbotBin, buildbotWorker)
 	check := "import buildbot, buildbot_worker\ntry:\n import txrequests\nexcept ImportError:\n import treq"
 	if out, err := exec.Command(systemPython, "-c", check).CombinedOutput(); err != nil {
-		t.Skipf("Buildbot cannot be imported (apt-get install buildbot buildbot-worker): %v\n%s", err, out)
+		testutil.ToolMissing(t, "Buildbot cannot be imported (apt-get install buildbot buildbot-worker): %v\n%s", err, out)
 	}
 }
 

@@ -18,6 +18,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -227,10 +228,11 @@ worker_command = %q
 // SIGTERM ends the command and the lease; cleanup always gives the
 // instance back.
 func TestGitLabCustomExecutor(t *testing.T) {
-	if _, err := exec.LookPath("jq"); err != nil {
-		t.Skip("the GitLab scripts need jq (Debian: jq)")
-	}
+	testutil.NeedTool(t, "jq", "the GitLab scripts read hangar lease -o json (Debian: jq)")
 	if shellcheck, err := exec.LookPath("shellcheck"); err != nil {
+		if testutil.RequireTools() {
+			testutil.ToolMissing(t, "shellcheck is not on PATH: the GitLab scripts go unlinted (Debian: shellcheck)")
+		}
 		t.Log("shellcheck is not on PATH: the GitLab scripts go unlinted (Debian: shellcheck)")
 	} else {
 		scripts, _ := filepath.Glob(filepath.Join(gitlabDir, "*.sh"))

@@ -2,11 +2,12 @@ package main
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // stagingConfig is a config with one local provider whose data lives in dir.
@@ -143,12 +144,8 @@ func TestStagingCLIErrors(t *testing.T) {
 
 func needStaging(t *testing.T) {
 	t.Helper()
-	for _, p := range []string{"/usr/sbin/sshd", "rsync", "ssh"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed", p)
-		}
-	}
+	testutil.NeedTools(t, "staging runs against a real sshd and rsync; apt-get install openssh-server openssh-client rsync", "/usr/sbin/sshd", "rsync", "ssh")
 	if _, err := os.Stat("/run/sshd"); err != nil && os.Geteuid() == 0 {
-		t.Skip("/run/sshd missing")
+		testutil.ToolMissing(t, "/run/sshd is missing: mkdir -p /run/sshd (sshd's privilege-separation directory)")
 	}
 }

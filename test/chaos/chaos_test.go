@@ -103,6 +103,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -248,6 +249,10 @@ worker_command = 'exec sleep 600'
 		Transport: &http.Transport{MaxIdleConnsPerHost: 4 * numClients},
 	}}
 	h.straceOK, h.straceWhy = straceUsable()
+	if !h.straceOK && testutil.RequireTools() {
+		// CI installs strace: without it the crash windows stay narrow.
+		testutil.ToolMissing(t, "%s (Debian: strace)", h.straceWhy)
+	}
 	// Whatever happens, end what this test started: the server, strace,
 	// and the local cloud's instances.
 	t.Cleanup(h.cleanup)

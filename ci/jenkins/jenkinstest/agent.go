@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // fakeAgentSource is the stand-in for agent.jar; see its comment.
@@ -27,11 +29,7 @@ var (
 // when there is no JDK: Debian's default-jdk-headless has java and javac.
 func AgentJar(tb testing.TB) []byte {
 	tb.Helper()
-	for _, tool := range []string{"java", "javac"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			tb.Skipf("%s is not on PATH: the fake Jenkins agent needs a JDK (Debian: default-jdk-headless)", tool)
-		}
-	}
+	testutil.NeedTools(tb, "the fake Jenkins agent needs a JDK (Debian: default-jdk-headless)", "java", "javac")
 	jarOnce.Do(func() {
 		dir := tb.TempDir()
 		src := filepath.Join(dir, "FakeAgent.java")

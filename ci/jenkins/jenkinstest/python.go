@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // Python runs script with Debian's /usr/bin/python3 and its python3-jenkins
@@ -15,9 +17,7 @@ import (
 func (s *Server) Python(tb testing.TB, script string) map[string]any {
 	tb.Helper()
 	const python = "/usr/bin/python3"
-	if err := exec.Command(python, "-c", "import jenkins").Run(); err != nil {
-		tb.Skipf("%s cannot import jenkins (%v): install Debian's python3-jenkins", python, err)
-	}
+	testutil.NeedPythonModule(tb, python, "jenkins", "a second Jenkins client checks the test server's shapes; install Debian's python3-jenkins")
 	prelude := "import json, os, sys\nimport jenkins\n" +
 		"server = jenkins.Jenkins(os.environ['JENKINS_URL'], username=os.environ['JENKINS_USER'], password=os.environ['JENKINS_TOKEN'], timeout=30)\n"
 	cmd := exec.Command(python, "-c", prelude+script)
