@@ -147,7 +147,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	// build_wait_timeout (3s) after the build the lease is released and the
 	// instance is idle again, not discarded.
 	waitReleased(t, ts, first.lease, "after build_wait_timeout")
-	waitFor(t, "instance "+first.instance+" to be idle again", 30*time.Second, func() bool {
+	testutil.Eventually(t, "instance "+first.instance+" to be idle again", 30*time.Second, func() bool {
 		return ts.countState(t, "bb", pool.Idle) == 1
 	})
 	t.Logf("lease released %s after the build finished", time.Since(first.finished).Round(time.Millisecond))
@@ -179,7 +179,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	if third.instance == second.instance {
 		t.Errorf("the retried build ran on %s, the instance whose worker died", third.instance)
 	}
-	waitFor(t, "instance "+second.instance+", whose worker died, to be discarded", 30*time.Second, func() bool {
+	testutil.Eventually(t, "instance "+second.instance+", whose worker died, to be discarded", 30*time.Second, func() bool {
 		for _, in := range ts.instances(t, "bb") {
 			if in.ID == second.instance {
 				return in.State == pool.Terminating
@@ -200,7 +200,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 		`leasing an instance of pool missing: unknown pool "missing"`,
 		`leasing an instance of pool broken: no instance within 1s; the pool's last launch error: `,
 	} {
-		waitFor(t, "the failed substantiation in the master's log", 60*time.Second, func() bool {
+		testutil.Eventually(t, "the failed substantiation in the master's log", 60*time.Second, func() bool {
 			return strings.Contains(m.log(), want)
 		})
 	}
@@ -208,7 +208,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	// A master that stops releases its lease.
 	m.stop(t)
 	waitReleased(t, ts, third.lease, "by the master's stop")
-	waitFor(t, "instance "+third.instance+" to be idle after the master stopped", 30*time.Second, func() bool {
+	testutil.Eventually(t, "instance "+third.instance+" to be idle after the master stopped", 30*time.Second, func() bool {
 		return ts.countState(t, "bb", pool.Idle) == 1
 	})
 	// A lease that waited in vain was canceled, not left to take an
@@ -253,7 +253,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 // end (expired: no renew; lost: the instance died) fails at once.
 func waitReleased(t *testing.T, ts *testServer, id, when string) {
 	t.Helper()
-	waitFor(t, "lease "+id+" to be released "+when, 60*time.Second, func() bool {
+	testutil.Eventually(t, "lease "+id+" to be released "+when, 60*time.Second, func() bool {
 		l, err := ts.client.GetLease(context.Background(), id, 0)
 		if err != nil {
 			t.Fatalf("reading lease %s: %v", id, err)
@@ -374,7 +374,7 @@ c['schedulers'] = [
 			}
 		}
 	})
-	waitFor(t, "the buildbot master to listen", 60*time.Second, func() bool {
+	testutil.Eventually(t, "the buildbot master to listen", 60*time.Second, func() bool {
 		select {
 		case err := <-m.done:
 			m.done <- err

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -133,7 +134,7 @@ func TestCLILocalTerminateAll(t *testing.T) {
 	dir := t.TempDir()
 	cfgText := testTOML(filepath.Join(dir, "data"), "demo", "min_idle = 2")
 	ts := startTest(t, cfgText, nil)
-	waitFor(t, "2 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 2 })
+	testutil.Eventually(t, "2 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 2 })
 	list := ts.instances(t, "demo")
 	if err := ts.Close(); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/ec2"
 	"github.com/hangar-ci/hangar/cloud/ec2/ec2test"
+	"github.com/hangar-ci/hangar/internal/testutil"
 )
 
 // Run with: go test -run '^$' -bench EC2 -benchtime 1x -timeout 30m ./cmd/hangar
@@ -66,7 +67,7 @@ func BenchmarkEC2ScaleOut500(b *testing.B) {
 		srv := benchEC2Server()
 		ts := startTest(b, ec2TOML(b.TempDir(), srv.URL(), "min_idle = 500\nmax_instances = 500\nboot_timeout = \"1h\"\nidle_ttd = \"1h\""), nil)
 		start := time.Now()
-		waitFor(b, "500 instances", 20*time.Minute, func() bool { return srv.Running() >= 500 })
+		testutil.Eventually(b, "500 instances", 20*time.Minute, func() bool { return srv.Running() >= 500 })
 		d := time.Since(start)
 		calls := srv.Calls()
 		b.ReportMetric(d.Seconds(), "s-to-500")
@@ -111,7 +112,7 @@ func BenchmarkEC2SteadyState1000(b *testing.B) {
 		cfg := ec2TOML(b.TempDir(), srv.URL(), "min_idle = 1000\nmax_instances = 1000\nboot_timeout = \"1h\"\nidle_ttd = \"1h\"")
 		cfg = strings.Replace(cfg, `reconcile_interval = "1s"`, `reconcile_interval = "10s"`, 1)
 		ts := startTestWith(b, cfg, serveOptions{Providers: map[string]cloud.Provider{"east": prov}})
-		waitFor(b, "1000 instances", 10*time.Minute, func() bool { return srv.Running() >= 1000 })
+		testutil.Eventually(b, "1000 instances", 10*time.Minute, func() bool { return srv.Running() >= 1000 })
 		time.Sleep(2 * time.Second) // let the launch answers settle
 		before := srv.Calls()
 		time.Sleep(time.Minute)

@@ -12,6 +12,7 @@ import (
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/ec2/ec2test"
 	"github.com/hangar-ci/hangar/cloud/local"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -113,9 +114,9 @@ func TestEC2PoolEndToEnd(t *testing.T) {
 	if err := ts.client.Release(ctx, l.ID, false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the instance to be idle", 30*time.Second, func() bool { return ts.countState(t, "ci", pool.Idle) == 1 })
+	testutil.Eventually(t, "the instance to be idle", 30*time.Second, func() bool { return ts.countState(t, "ci", pool.Idle) == 1 })
 	clock.Advance(6 * time.Minute)
-	waitFor(t, "the reaper to terminate it", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the reaper to terminate it", 30*time.Second, func() bool {
 		return len(ts.instances(t, "ci")) == 0 && srv.Running() == 0
 	})
 	if m := scrape(t, ts.url); !strings.Contains(m, `hangar_cloud_requests_total{action="RunInstances",code="ok",provider="east"} 1`) {

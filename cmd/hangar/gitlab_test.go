@@ -314,7 +314,7 @@ func TestGitLabCustomExecutor(t *testing.T) {
 		noLeases(t, ts)
 	})
 	if instance != "" {
-		waitFor(t, instance+" to be idle again", 30*time.Second, func() bool {
+		testutil.Eventually(t, instance+" to be idle again", 30*time.Second, func() bool {
 			for _, in := range ts.instances(t, "gitlab") {
 				if in.ID == instance {
 					return in.State == pool.Idle

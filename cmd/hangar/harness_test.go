@@ -166,18 +166,6 @@ func instanceProcs(id string) []string {
 	return out
 }
 
-// waitFor polls cond until it holds or the time runs out.
-func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func (ts *testServer) instances(t *testing.T, poolName string) []pool.InstanceView {
 	t.Helper()
 	list, err := ts.client.Instances(t.Context(), poolName)
@@ -209,7 +197,7 @@ func readWorkerEnv(t *testing.T, dir, id string) map[string]string {
 	t.Helper()
 	path := filepath.Join(dir, "instances", id, "disk", "worker.env")
 	var data []byte
-	waitFor(t, "the worker to start on "+id, 30*time.Second, func() bool {
+	testutil.Eventually(t, "the worker to start on "+id, 30*time.Second, func() bool {
 		var err error
 		data, err = os.ReadFile(path)
 		return err == nil && len(data) > 0

@@ -14,6 +14,7 @@ import (
 	"github.com/hangar-ci/hangar/ci/jenkins"
 	"github.com/hangar-ci/hangar/ci/jenkins/jenkinstest"
 	"github.com/hangar-ci/hangar/configs"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -94,7 +95,7 @@ func TestJenkinsEndToEnd(t *testing.T) {
 	srv.Enqueue("windows-build", "windows", false)
 	srv.Enqueue("linux-build", jenkinsLabel, true)
 	var node jenkinstest.Node
-	waitFor(t, "a node to run the build", 90*time.Second, func() bool {
+	testutil.Eventually(t, "a node to run the build", 90*time.Second, func() bool {
 		nodes := srv.Nodes()
 		if len(nodes) == 1 {
 			node = nodes[0]
@@ -139,9 +140,9 @@ func TestJenkinsEndToEnd(t *testing.T) {
 
 	// A long build: the node stays however long it idles on paper.
 	started := time.Now()
-	waitFor(t, "idle_ttd to pass", 30*time.Second, func() bool { return time.Since(started) > 2*jenkinsIdle })
+	testutil.Eventually(t, "idle_ttd to pass", 30*time.Second, func() bool { return time.Since(started) > 2*jenkinsIdle })
 	polls := srv.Hits("GET /queue/api/json")
-	waitFor(t, "three more polls", 30*time.Second, func() bool { return srv.Hits("GET /queue/api/json") >= polls+3 })
+	testutil.Eventually(t, "three more polls", 30*time.Second, func() bool { return srv.Hits("GET /queue/api/json") >= polls+3 })
 	if n, ok := srv.Node(node.Name); !ok || n.Build == "" || n.TemporarilyOffline {
 		t.Fatalf("busy node: %+v, %v", n, ok)
 	}
@@ -153,7 +154,7 @@ func TestJenkinsEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	polls = srv.Hits("GET /queue/api/json")
-	waitFor(t, "the new watcher's polls", 30*time.Second, func() bool { return srv.Hits("GET /queue/api/json") >= polls+3 })
+	testutil.Eventually(t, "the new watcher's polls", 30*time.Second, func() bool { return srv.Hits("GET /queue/api/json") >= polls+3 })
 	if got := srv.Hits("POST /computer/doCreateItem"); got != 1 {
 		t.Errorf("%d nodes created, want 1 (none for the other label, none again after a restart)", got)
 	}
@@ -162,14 +163,14 @@ func TestJenkinsEndToEnd(t *testing.T) {
 	}
 
 	srv.FinishBuild(node.Name)
-	waitFor(t, "the idle node to be deleted", 60*time.Second, func() bool {
+	testutil.Eventually(t, "the idle node to be deleted", 60*time.Second, func() bool {
 		_, ok := srv.Node(node.Name)
 		return !ok
 	})
-	waitFor(t, "the instance to be released", 60*time.Second, func() bool { return ts.countState(t, "ci", pool.Leased) == 0 })
-	waitFor(t, "the agent to stop", 30*time.Second, func() bool { return len(agentProcs(instance.ID)) == 0 })
+	testutil.Eventually(t, "the instance to be released", 60*time.Second, func() bool { return ts.countState(t, "ci", pool.Leased) == 0 })
+	testutil.Eventually(t, "the agent to stop", 30*time.Second, func() bool { return len(agentProcs(instance.ID)) == 0 })
 	secretFile := strings.TrimPrefix(args[i+1], "@")
-	waitFor(t, "the secret's file to be removed", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the secret's file to be removed", 30*time.Second, func() bool {
 		_, err := os.Stat(secretFile)
 		return os.IsNotExist(err)
 	})

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -76,7 +77,7 @@ func TestColdLease(t *testing.T) {
 func TestWarmLeaseReuseDiscard(t *testing.T) {
 	ts := startTest(t, testTOML(t.TempDir(), "demo", "min_idle = 1\nmax_uses = 2"), nil)
 	ctx := context.Background()
-	waitFor(t, "a warm spare", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
+	testutil.Eventually(t, "a warm spare", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
 
 	first := ts.lease(t, api.LeaseRequest{Pool: "demo", Wait: "0s"})
 	id := first.Instance.ID
@@ -84,11 +85,11 @@ func TestWarmLeaseReuseDiscard(t *testing.T) {
 		t.Fatal("worker not started for the first lease")
 	}
 	// min_idle refills the pool behind the lease.
-	waitFor(t, "a new warm spare", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
+	testutil.Eventually(t, "a new warm spare", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
 	if err := ts.client.Release(ctx, first.ID, false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the released instance to be idle", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the released instance to be idle", 30*time.Second, func() bool {
 		for _, in := range ts.instances(t, "demo") {
 			if in.ID == id {
 				return in.State == pool.Idle
@@ -153,7 +154,7 @@ func TestWarmLeaseReuseDiscard(t *testing.T) {
 // have ended.
 func waitGone(t *testing.T, ts *testServer, id string) {
 	t.Helper()
-	waitFor(t, id+" to be terminated", 30*time.Second, func() bool {
+	testutil.Eventually(t, id+" to be terminated", 30*time.Second, func() bool {
 		for _, in := range ts.instances(t, "") {
 			if in.ID == id {
 				return false
@@ -179,7 +180,7 @@ on_idle = "`+onIdle+`"`), clock)
 					t.Fatal(err)
 				}
 			}
-			waitFor(t, "3 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 3 })
+			testutil.Eventually(t, "3 idle instances", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 3 })
 
 			clock.Advance(4 * time.Minute)
 			time.Sleep(200 * time.Millisecond) // a few ticks: nothing is due yet
@@ -191,7 +192,7 @@ on_idle = "`+onIdle+`"`), clock)
 			if onIdle == "stop" {
 				reaped = pool.Stopped
 			}
-			waitFor(t, "reaping down to min_idle", 30*time.Second, func() bool {
+			testutil.Eventually(t, "reaping down to min_idle", 30*time.Second, func() bool {
 				return ts.countState(t, "demo", pool.Idle) == 1 && (reaped == pool.Gone && len(ts.instances(t, "demo")) == 1 || ts.countState(t, "demo", reaped) == 2)
 			})
 			if !strings.Contains(scrape(t, ts.url), `hangar_reaped_instances_total{pool="demo",reason="idle_ttd"} 2`) {
@@ -212,7 +213,7 @@ on_idle = "`+onIdle+`"`), clock)
 			// Taking the idle one makes min_idle ask for another: a stopped
 			// one is started, nothing is launched.
 			ts.lease(t, api.LeaseRequest{Pool: "demo"})
-			waitFor(t, "a stopped instance started as the new spare", 30*time.Second, func() bool {
+			testutil.Eventually(t, "a stopped instance started as the new spare", 30*time.Second, func() bool {
 				return ts.countState(t, "demo", pool.Idle) == 1 && ts.countState(t, "demo", pool.Stopped) == 1
 			})
 			for _, in := range ts.instances(t, "demo") {
@@ -248,7 +249,7 @@ HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
 		t.Fatalf("lease = %+v, %v; want pending", pending, err)
 	}
 	var hung string
-	waitFor(t, "the first instance to hang", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the first instance to hang", 30*time.Second, func() bool {
 		list, err := ts.client.Instances(ctx, "demo")
 		if err != nil {
 			t.Fatalf("listing instances: %v", err)
@@ -271,7 +272,7 @@ HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
 		v, err := ts.client.GetLease(ctx, pending.ID, 60*time.Second)
 		done <- result{v, err}
 	}()
-	waitFor(t, "the client's wait to keep the lease queued", 10*time.Second, func() bool {
+	testutil.Eventually(t, "the client's wait to keep the lease queued", 10*time.Second, func() bool {
 		v, err := ts.client.GetLease(ctx, pending.ID, 0)
 		return err == nil && v.ExpiresAt.After(clock.Now().Add(2*time.Minute+30*time.Second))
 	})
@@ -282,7 +283,7 @@ HANG_LOCK = "`+filepath.Join(dir, "hang.lock")+`"`), clock)
 		t.Fatal(r.err)
 	}
 	var got pool.LeaseView
-	waitFor(t, "the lease to get the replacement", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the lease to get the replacement", 30*time.Second, func() bool {
 		got, err = ts.client.GetLease(ctx, pending.ID, 0)
 		return err == nil && got.State == pool.LeaseActive
 	})

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -79,7 +80,7 @@ func serveProcess(t *testing.T, configPath, addr, logPath string) *exec.Cmd {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "hangar serve to answer", 30*time.Second, func() bool {
+	testutil.Eventually(t, "hangar serve to answer", 30*time.Second, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err == nil {
 			_ = resp.Body.Close()
@@ -164,7 +165,7 @@ func TestKill9Restart(t *testing.T) {
 	if err := c.Release(ctx, leases[0].ID, false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the released instance to be idle under the new server", 60*time.Second, func() bool {
+	testutil.Eventually(t, "the released instance to be idle under the new server", 60*time.Second, func() bool {
 		list, _ := c.Instances(ctx, "demo")
 		for _, in := range list {
 			if in.ID == leases[0].Instance.ID {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	cirun "github.com/hangar-ci/hangar/ci/run"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
 )
@@ -145,7 +146,7 @@ func TestRunDiscardOnFailure(t *testing.T) {
 				waitGone(t, ts, id)
 				return
 			}
-			waitFor(t, id+" to be idle again", 30*time.Second, func() bool {
+			testutil.Eventually(t, id+" to be idle again", 30*time.Second, func() bool {
 				for _, in := range ts.instances(t, "demo") {
 					if in.ID == id {
 						return in.State == pool.Idle
@@ -359,7 +360,7 @@ func TestRunOutputAPI(t *testing.T) {
 func readFile(t *testing.T, path string) string {
 	t.Helper()
 	var b []byte
-	waitFor(t, path+" to be written", 30*time.Second, func() bool {
+	testutil.Eventually(t, path+" to be written", 30*time.Second, func() bool {
 		var err error
 		b, err = os.ReadFile(path)
 		return err == nil && len(b) > 0

@@ -2,16 +2,9 @@ package main
 
 import (
 	"bufio"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -21,47 +14,9 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
-
-// selfSignedCert writes a certificate for 127.0.0.1 and its key under dir
-// and returns a pool that trusts it.
-func selfSignedCert(t *testing.T, dir string) (certFile, keyFile string, roots *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "hangar test"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, "hangar.crt"), filepath.Join(dir, "hangar.key")
-	writeFile(t, certFile, string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
-	writeFile(t, keyFile, string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb})))
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots = x509.NewCertPool()
-	roots.AddCert(cert)
-	return certFile, keyFile, roots
-}
 
 // serverTOML is testTOML with lines added to its [server] table.
 func serverTOML(t *testing.T, serverLines string) string {
@@ -71,7 +26,7 @@ func serverTOML(t *testing.T, serverLines string) string {
 // With tls_cert and tls_key, serve answers HTTPS with that certificate,
 // and the public URL instances get is https://.
 func TestServeTLS(t *testing.T) {
-	certFile, keyFile, roots := selfSignedCert(t, t.TempDir())
+	certFile, keyFile, roots := testutil.SelfSignedCert(t, t.TempDir(), "hangar")
 	ts := startTest(t, serverTOML(t, fmt.Sprintf("tls_cert = %q\ntls_key = %q", certFile, keyFile)), nil)
 	if !strings.HasPrefix(ts.url, "https://127.0.0.1:") {
 		t.Fatalf("server url %s, want https://127.0.0.1:…", ts.url)
@@ -271,12 +226,12 @@ func TestOutputOutlivesReadTimeout(t *testing.T) {
 // serve refuses to start on a TLS key pair that does not load.
 func TestServeRefusesBadTLS(t *testing.T) {
 	dir := t.TempDir()
-	certFile, _, _ := selfSignedCert(t, dir)
+	certFile, _, _ := testutil.SelfSignedCert(t, dir, "hangar")
 	other := filepath.Join(dir, "other")
 	if err := os.Mkdir(other, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	_, keyFile, _ := selfSignedCert(t, other)
+	_, keyFile, _ := testutil.SelfSignedCert(t, other, "hangar")
 	path := filepath.Join(dir, "hangar.toml")
 	writeFile(t, path, serverTOML(t, fmt.Sprintf("tls_cert = %q\ntls_key = %q", certFile, keyFile)))
 	code, _, stderr := runServe(t, path)

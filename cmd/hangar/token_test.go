@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 )
 
@@ -34,7 +35,7 @@ var fileToken = regexp.MustCompile(`(?m)^file-token=(\S+)$`)
 func TestStolenTokenDiesWithLease(t *testing.T) {
 	ts := startTest(t, testTOML(t.TempDir(), "demo", "max_instances = 1\nmin_idle = 1"), nil)
 	srv := "--server=" + ts.url
-	waitFor(t, "a warm instance", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
+	testutil.Eventually(t, "a warm instance", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
 
 	code, out, errOut := runCLI(t, srv, "run", "-q", "demo", "--", "bash", "-c", stealScript)
 	if code != 0 {
@@ -50,7 +51,7 @@ func TestStolenTokenDiesWithLease(t *testing.T) {
 	stolen := m[1]
 
 	// The instance is back in the pool, with a token the build never saw.
-	waitFor(t, "the instance to be idle again", 30*time.Second, func() bool {
+	testutil.Eventually(t, "the instance to be idle again", 30*time.Second, func() bool {
 		list := ts.instances(t, "demo")
 		return len(list) == 1 && list[0].State == pool.Idle && list[0].Uses == 1
 	})
