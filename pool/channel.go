@@ -120,11 +120,13 @@ func (m *Manager) Assignment(ctx context.Context, key string, poll bootstrap.Pol
 	for {
 		m.mu.Lock()
 		a := bootstrap.Assignment{State: bootstrap.AssignTerminate}
+		var changed <-chan struct{}
 		if in, err := m.instanceLocked(key); err == nil {
 			in.LastSeen = m.clock.Now()
 			a = m.assignmentLocked(in, poll)
+			// Only what changes this instance's assignment wakes it.
+			changed = m.instanceChange(in)
 		}
-		changed := m.waitChange()
 		saved := m.synced()
 		m.unlock()
 		if a.State != bootstrap.AssignNone || a.NewToken != "" {

@@ -58,6 +58,7 @@ func (m *Manager) setLeaseState(l *Lease, to LeaseState) bool {
 		l.EndedAt = m.clock.Now()
 	}
 	m.saveLease(l)
+	m.wakeInstance(m.instances[l.InstanceKey])
 	m.notify()
 	return true
 }

@@ -89,9 +89,10 @@ type Instance struct {
 	// new one, the old one is refused.
 	NextTokenHash string `json:"next_token_hash,omitempty"`
 
-	accounted time.Time // instance-seconds accounted up to here
-	op        Op        // the cloud call under way for it, if any
-	token     string    // the bootstrap token, kept only until launch
+	accounted time.Time     // instance-seconds accounted up to here
+	op        Op            // the cloud call under way for it, if any
+	token     string        // the bootstrap token, kept only until launch
+	wake      chan struct{} // closed to wake its assignment poll (wakeInstance)
 }
 
 func (in *Instance) name() string {
@@ -352,6 +353,25 @@ func (m *Manager) notify() {
 
 // waitChange returns a channel closed at the next change. Caller holds m.mu.
 func (m *Manager) waitChange() <-chan struct{} { return m.changed }
+
+// wakeInstance wakes the assignment poll of in, if one waits: only changes
+// that may change in's assignment do, so that a change to one instance
+// does not wake the bootstrap of every other. Caller holds m.mu.
+func (m *Manager) wakeInstance(in *Instance) {
+	if in != nil && in.wake != nil {
+		close(in.wake)
+		in.wake = nil
+	}
+}
+
+// instanceChange returns a channel closed at the next wakeInstance of in.
+// Caller holds m.mu.
+func (m *Manager) instanceChange(in *Instance) <-chan struct{} {
+	if in.wake == nil {
+		in.wake = make(chan struct{})
+	}
+	return in.wake
+}
 
 func (m *Manager) saveInstance(in *Instance) {
 	m.write(store.Op{Kind: store.Instances, ID: in.Key, Value: in})

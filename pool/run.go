@@ -210,7 +210,8 @@ func (m *Manager) StartRun(ctx context.Context, c Caller, id string, command []s
 	l.Unclaimed = false
 	m.runLocked(l)
 	m.saveLease(l)
-	m.notify() // the instance's assignment poll
+	m.wakeInstance(m.instances[l.InstanceKey]) // its assignment poll
+	m.notify()
 	m.log.Info("run started", "pool", l.Pool, "lease", l.ID, "run", next)
 	v := m.viewLocked(l)
 	saved := m.synced()

@@ -63,6 +63,7 @@ func (m *Manager) setState(in *Instance, to State, reason Reason) {
 		in.Reason = reason
 	}
 	m.saveInstance(in)
+	m.wakeInstance(in)
 	m.notify()
 }
 
