@@ -26,7 +26,7 @@ import (
 // setup: no instance metadata, no shared files, no AWS_* from the
 // environment. Call it in a test that is not parallel, before its
 // parallel subtests.
-func hermetic(t *testing.T) {
+func hermetic(t testing.TB) {
 	t.Helper()
 	dir := t.TempDir()
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")

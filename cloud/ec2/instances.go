@@ -36,28 +36,31 @@ func (p *Provider) List(ctx context.Context, tags map[string]string) ([]cloud.In
 	for _, k := range slices.Sorted(maps.Keys(tags)) {
 		filters = append(filters, types.Filter{Name: aws.String("tag:" + k), Values: []string{literal(tags[k])}})
 	}
-	pages := ec2.NewDescribeInstancesPaginator(p.api, &ec2.DescribeInstancesInput{
-		Filters:    filters,
-		MaxResults: aws.Int32(pageSize),
-	})
+	input := &ec2.DescribeInstancesInput{Filters: filters, MaxResults: aws.Int32(pageSize)}
 	var out []cloud.Instance
-	for pages.HasMorePages() {
-		page, err := pages.NextPage(ctx)
-		if err != nil {
+	for {
+		// Decoded lean: see listing.go.
+		var page leanPage
+		if _, err := p.api.DescribeInstances(ctx, input, page.option); err != nil {
 			return nil, wrapErr("listing ec2 instances", err)
 		}
-		for _, r := range page.Reservations {
-			for _, in := range r.Instances {
-				inst := toInstance(in)
-				// A cloud that ignores a tag filter must not make the pool
-				// adopt strangers.
-				if cloud.MatchesTags(inst.Tags, tags) {
-					out = append(out, inst)
-				}
+		for _, inst := range page.instances {
+			// A cloud that ignores a tag filter must not make the pool
+			// adopt strangers.
+			if cloud.MatchesTags(inst.Tags, tags) {
+				out = append(out, inst)
 			}
 		}
+		if page.nextToken == "" {
+			return out, nil
+		}
+		if input.NextToken != nil && *input.NextToken == page.nextToken {
+			// As the SDK's paginators: a cloud that answers the same
+			// token again would page forever.
+			return nil, fmt.Errorf("listing ec2 instances: the cloud answered the page token %q again", page.nextToken)
+		}
+		input.NextToken = aws.String(page.nextToken)
 	}
-	return out, nil
 }
 
 // literal escapes EC2's filter wildcards, so that a tag value is matched
@@ -65,11 +68,8 @@ func (p *Provider) List(ctx context.Context, tags map[string]string) ([]cloud.In
 var literal = strings.NewReplacer(`\`, `\\`, `*`, `\*`, `?`, `\?`).Replace
 
 // stateOf translates EC2's instance state; the pool owns what it means.
-func stateOf(s *types.InstanceState) cloud.State {
-	if s == nil {
-		return cloud.StateUnknown
-	}
-	switch s.Name {
+func stateOf(name types.InstanceStateName) cloud.State {
+	switch name {
 	case types.InstanceStateNamePending:
 		// Accepted; booting, or starting again after a stop.
 		return cloud.StatePending
@@ -97,11 +97,14 @@ func stateOf(s *types.InstanceState) cloud.State {
 func toInstance(in types.Instance) cloud.Instance {
 	out := cloud.Instance{
 		ID:        aws.ToString(in.InstanceId),
-		State:     stateOf(in.State),
+		State:     cloud.StateUnknown,
 		PrivateIP: aws.ToString(in.PrivateIpAddress),
 		PublicIP:  aws.ToString(in.PublicIpAddress),
 		Type:      string(in.InstanceType),
 		Image:     aws.ToString(in.ImageId),
+	}
+	if in.State != nil {
+		out.State = stateOf(in.State.Name)
 	}
 	if in.Placement != nil {
 		out.Zone = aws.ToString(in.Placement.AvailabilityZone)

@@ -371,11 +371,11 @@ func TestStateOf(t *testing.T) {
 		"terminated":    cloud.StateTerminated,
 		"rebooting":     cloud.StateUnknown,
 	} {
-		if got := stateOf(&types.InstanceState{Name: name}); got != want {
+		if got := stateOf(name); got != want {
 			t.Errorf("stateOf(%s) = %s, want %s", name, got, want)
 		}
 	}
-	if got := stateOf(nil); got != cloud.StateUnknown {
-		t.Errorf("stateOf(nil) = %s", got)
+	if got := toInstance(types.Instance{}).State; got != cloud.StateUnknown {
+		t.Errorf("an instance without a state is %s", got)
 	}
 }
