@@ -87,18 +87,23 @@ func benchCommit(s *store.Store, i int) error {
 // lease and release against two of each; commits/op and rounds/op, the
 // store commits and fsync'd write rounds of the whole server per lease and
 // release (2 of them the lease's and the release's, the rest the
-// recycle's).
+// recycle's); during/op, the commits other than the release's own made
+// between the lease's answer and the release's (the instance taking up
+// its lease), which a release would queue behind.
 func BenchmarkWarmLeaseRelease(b *testing.B) {
 	ts := benchServer(b)
 	cs := benchStore(b)
 	ctx := context.Background()
 	var recycle, leaseT, releaseT, rtT, commitT, issuedT time.Duration
+	var during int64
 	leaseRelease := func() (lease, release time.Duration) {
 		t0 := time.Now()
 		v, err := ts.client.Lease(ctx, api.LeaseRequest{Pool: "demo", Wait: "60s"})
 		if err != nil || v.State != pool.LeaseActive {
 			b.Fatalf("lease: %+v, %v", v, err)
 		}
+		c0 := ts.store.Stats().Commits
+		defer func() { during += ts.store.Stats().Commits - c0 - 1 }()
 		t1 := time.Now()
 		if err := ts.client.Release(ctx, v.ID, false); err != nil {
 			b.Fatal(err)
@@ -148,6 +153,7 @@ func BenchmarkWarmLeaseRelease(b *testing.B) {
 	// Each iteration leases and releases twice.
 	b.ReportMetric(float64(after.Commits-before.Commits)/(2*n), "commits/op")
 	b.ReportMetric(float64(after.Rounds-before.Rounds)/(2*n), "rounds/op")
+	b.ReportMetric(float64(during)/(2*n), "during/op")
 }
 
 // BenchmarkWarmLeaseReleaseParallel: leases and releases from 8 clients at

@@ -147,11 +147,10 @@ call() {
 	auth_header | curl -sS --connect-timeout 10 -H @- -o "$out" -w '%{http_code}' "$@"
 }
 
-# rotate FILE saves the token that the answer in FILE brings, if any, in
-# place of the current one; the current one is dead already.
+# rotate saves the token the answer read brings, if any, in place of the
+# current one; the current one is dead already.
 rotate() {
-	local new origin token
-	new=$(field "$1" HANGAR_NEW_TOKEN)
+	local new=$answer_HANGAR_NEW_TOKEN origin token
 	[ -n "$new" ] || return 0
 	if ! read -r origin token <"$token_file" || ! save_token "$origin" "$new"; then
 		return 1
@@ -198,14 +197,21 @@ become() {
 	exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"
 }
 
-# field FILE NAME prints variable NAME as set by the assignment in FILE. It
-# sources the file in a subshell so that neither the password nor the
-# lease's env ever enter this shell.
-field() {
-	(
+# read_answer FILE NAME... sets answer_NAME, for each NAME, as the answer in
+# FILE sets NAME. It sources the file in one subshell for all of them, so
+# that neither the password nor the lease's env ever enter this shell, and
+# so that an answer costs one fork, not one a field.
+read_answer() {
+	local file=$1 name i=0 values=()
+	shift
+	mapfile -d '' -t values < <(
 		# shellcheck disable=SC1090
-		. "$1" && printf '%s' "${!2-}"
+		. "$file" && for name in "$@"; do printf '%s\0' "${!name-}"; done
 	)
+	for name in "$@"; do
+		printf -v "answer_$name" '%s' "${values[i]-}"
+		i=$((i + 1))
+	done
 }
 
 delay=1
@@ -229,6 +235,9 @@ current_run=0   # the last run of the current lease started here
 run_pid=""      # the supervisor of the run under way
 run_exit=""     # the status of run current_run, once it has exited
 stopping=""     # set in a run's supervisor when it is to stop
+# The last answer's fields, as read_answer sets them.
+answer_HANGAR_NEW_TOKEN="" answer_HANGAR_ASSIGNMENT="" answer_HANGAR_LEASE_ID="" answer_HANGAR_RUN_ID=""
+answer_HANGAR_WORKER_COMMAND="" answer_HANGAR_CLEANUP_COMMAND="" answer_HANGAR_WORKER_USER=""
 
 # take_lease LEASE makes LEASE the current one, ending what ran for another.
 take_lease() {
@@ -242,9 +251,7 @@ take_lease() {
 }
 
 start_worker() {
-	local file=$1 lease command
-	lease=$(field "$file" HANGAR_LEASE_ID)
-	command=$(field "$file" HANGAR_WORKER_COMMAND)
+	local file=$1 lease=$answer_HANGAR_LEASE_ID command=$answer_HANGAR_WORKER_COMMAND
 	take_lease "$lease"
 	if [ -z "$command" ]; then
 		rm -f "$file"
@@ -450,8 +457,7 @@ supervise() {
 }
 
 start_run() {
-	local file=$1 run
-	run=$(field "$file" HANGAR_RUN_ID)
+	local file=$1 run=$answer_HANGAR_RUN_ID
 	stop_run
 	current_run=$run
 	run_exit=""
@@ -534,14 +540,16 @@ while :; do
 	*) rm -f "$answer"; backoff "polling for an assignment failed (HTTP $code)"; continue ;;
 	esac
 	delay=1
+	read_answer "$answer" HANGAR_NEW_TOKEN HANGAR_ASSIGNMENT HANGAR_LEASE_ID HANGAR_RUN_ID \
+		HANGAR_WORKER_COMMAND HANGAR_CLEANUP_COMMAND HANGAR_WORKER_USER
 	# A new token first: the old one is refused already.
-	if ! rotate "$answer"; then
+	if ! rotate; then
 		rm -f "$answer"
 		log "cannot save the bootstrap token Hangar rotated in $token_file; stopping"
 		stop_worker
 		exit 1
 	fi
-	assignment=$(field "$answer" HANGAR_ASSIGNMENT)
+	assignment=$answer_HANGAR_ASSIGNMENT
 	case $assignment in
 	none)
 		rm -f "$answer"
@@ -550,8 +558,8 @@ while :; do
 		if [ "$SECONDS" = "$asked" ]; then sleep 1; fi
 		;;
 	assigned)
-		lease=$(field "$answer" HANGAR_LEASE_ID)
-		if [ -z "$(field "$answer" HANGAR_RUN_ID)" ]; then
+		lease=$answer_HANGAR_LEASE_ID
+		if [ -z "$answer_HANGAR_RUN_ID" ]; then
 			start_worker "$answer"
 		else
 			# A lease made for a run, or one more run on the lease held.
@@ -560,8 +568,8 @@ while :; do
 		fi
 		;;
 	released)
-		command=$(field "$answer" HANGAR_CLEANUP_COMMAND)
-		user=$(field "$answer" HANGAR_WORKER_USER)
+		command=$answer_HANGAR_CLEANUP_COMMAND
+		user=$answer_HANGAR_WORKER_USER
 		rm -f "$answer"
 		stop_worker
 		log "lease $current released"
