@@ -68,7 +68,8 @@ func (d leanDecoder) HandleDeserialize(ctx context.Context, in middleware.Deseri
 	}
 	buf := answerBuffers.Get().(*bytes.Buffer)
 	defer func() {
-		// scanInstances copies what it keeps out of the answer.
+		// scanInstances copies what it keeps out of the answer, and so
+		// does the error's snapshot.
 		buf.Reset()
 		answerBuffers.Put(buf)
 	}()
@@ -86,7 +87,7 @@ func (d leanDecoder) HandleDeserialize(ctx context.Context, in middleware.Deseri
 	}
 	instances, nextToken, err := scanInstances(body)
 	if err != nil {
-		return out, md, &smithy.DeserializationError{Err: fmt.Errorf("decoding the DescribeInstances answer: %w", err), Snapshot: body[:min(len(body), 1024)]}
+		return out, md, &smithy.DeserializationError{Err: fmt.Errorf("decoding the DescribeInstances answer: %w", err), Snapshot: bytes.Clone(body[:min(len(body), 1024)])}
 	}
 	d.page.instances, d.page.nextToken = instances, nextToken
 	out.Result = &ec2.DescribeInstancesOutput{NextToken: &nextToken}

@@ -146,13 +146,14 @@ func TestListAnswersThatAreNotAListing(t *testing.T) {
 	faults.reject["Action=DescribeInstances"] = "UnauthorizedOperation"
 	p := newProvider(t, srv, func(o *Options) { o.HTTPClient = &http.Client{Transport: faults} })
 	garbled := map[string]*Provider{}
-	for name, body := range map[string]string{
+	bodies := map[string]string{
 		"empty":     "",
 		"truncated": `<DescribeInstancesResponse><reservationSet><item><instancesSet><item><instanceId>i-1</instanceId>`,
 		"not xml":   "<html>502 Bad Gateway",
 		"html":      "<html><body>Service Unavailable</body></html>extra",
 		"bad time":  `<R><reservationSet><item><instancesSet><item><launchTime>yesterday</launchTime></item></instancesSet></item></reservationSet></R>`,
-	} {
+	}
+	for name, body := range bodies {
 		garbled[name] = newProvider(t, srv, func(o *Options) {
 			o.HTTPClient = &http.Client{Transport: &fixedAnswer{body: []byte(body)}}
 		})
@@ -162,11 +163,21 @@ func TestListAnswersThatAreNotAListing(t *testing.T) {
 	if code := errorCode(err); code != "UnauthorizedOperation" {
 		t.Errorf("List on a refused DescribeInstances: %v (code %q), want EC2's UnauthorizedOperation", err, code)
 	}
+	snapshots := map[string]*smithy.DeserializationError{}
 	for name, p := range garbled {
 		got, err := p.List(ctx, nil)
 		var derr *smithy.DeserializationError
 		if !errors.As(err, &derr) {
 			t.Errorf("List on a %s answer: %d instances, %v; want a decoding error", name, len(got), err)
+			continue
+		}
+		snapshots[name] = derr
+	}
+	// Each error keeps its own copy of the answer's start, though the
+	// buffers answers are read into are reused.
+	for name, derr := range snapshots {
+		if string(derr.Snapshot) != bodies[name] {
+			t.Errorf("the %s answer's error shows %q, want %q", name, derr.Snapshot, bodies[name])
 		}
 	}
 }
