@@ -42,11 +42,11 @@ func hermetic(t testing.TB) {
 	}
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
-func newServer(t *testing.T, opts ec2test.Options) *ec2test.Server {
+func newServer(t testing.TB, opts ec2test.Options) *ec2test.Server {
 	t.Helper()
 	if opts.Logger == nil {
 		opts.Logger = testLogger(t)
@@ -84,7 +84,7 @@ func (o *observer) snapshot() (calls, codes map[string]int) {
 
 // newProvider returns a provider on srv with static credentials. It
 // refuses any endpoint but a loopback one, so no test can reach AWS.
-func newProvider(t *testing.T, srv *ec2test.Server, edit func(*Options)) *Provider {
+func newProvider(t testing.TB, srv *ec2test.Server, edit func(*Options)) *Provider {
 	t.Helper()
 	opts := Options{
 		Region:      "us-east-1",

@@ -70,8 +70,10 @@ func (d leanDecoder) HandleDeserialize(ctx context.Context, in middleware.Deseri
 	defer func() {
 		// scanInstances copies what it keeps out of the answer, and so
 		// does the error's snapshot.
-		buf.Reset()
-		answerBuffers.Put(buf)
+		if buf.Cap() <= keptBuffer {
+			buf.Reset()
+			answerBuffers.Put(buf)
+		}
 	}()
 	if resp.ContentLength > 0 && resp.ContentLength < maxAnswer {
 		buf.Grow(int(resp.ContentLength) + bytes.MinRead)
@@ -99,7 +101,11 @@ func (d leanDecoder) HandleDeserialize(ctx context.Context, in middleware.Deseri
 var answerBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 
 // maxAnswer bounds a page's answer: 1,000 instances take 2–4 MiB.
-const maxAnswer = 256 << 20
+// keptBuffer bounds the buffers kept for the next page.
+const (
+	maxAnswer  = 256 << 20
+	keptBuffer = 16 << 20
+)
 
 // answered is a DeserializeHandler that returns an answer already
 // received, for the SDK's decoder to read.
@@ -141,68 +147,30 @@ const (
 	kTagValue
 )
 
+// children lists, for each kind of element the scanner reads inside, the
+// children it reads; any other child is kIgnored, with all it holds.
+var children = [kTagValue + 1][]struct {
+	name string
+	kind elemKind
+}{
+	kRoot:           {{"reservationSet", kReservationSet}, {"nextToken", kNextToken}},
+	kReservationSet: {{"item", kReservation}},
+	kReservation:    {{"instancesSet", kInstancesSet}},
+	kInstancesSet:   {{"item", kInstance}},
+	kInstance: {{"instanceId", kInstanceID}, {"imageId", kImageID}, {"instanceType", kInstanceType},
+		{"launchTime", kLaunchTime}, {"privateIpAddress", kPrivateIP}, {"ipAddress", kPublicIP},
+		{"instanceState", kState}, {"placement", kPlacement}, {"tagSet", kTagSet}},
+	kState:     {{"name", kStateName}},
+	kPlacement: {{"availabilityZone", kZone}},
+	kTagSet:    {{"item", kTag}},
+	kTag:       {{"key", kTagKey}, {"value", kTagValue}},
+}
+
 // childKind is the kind of an element named name inside one of kind parent.
 func childKind(parent elemKind, name []byte) elemKind {
-	is := func(s string) bool { return equalFold(name, s) }
-	switch parent {
-	case kRoot:
-		switch {
-		case is("reservationSet"):
-			return kReservationSet
-		case is("nextToken"):
-			return kNextToken
-		}
-	case kReservationSet:
-		if is("item") {
-			return kReservation
-		}
-	case kReservation:
-		if is("instancesSet") {
-			return kInstancesSet
-		}
-	case kInstancesSet:
-		if is("item") {
-			return kInstance
-		}
-	case kInstance:
-		switch {
-		case is("instanceId"):
-			return kInstanceID
-		case is("imageId"):
-			return kImageID
-		case is("instanceType"):
-			return kInstanceType
-		case is("launchTime"):
-			return kLaunchTime
-		case is("privateIpAddress"):
-			return kPrivateIP
-		case is("ipAddress"):
-			return kPublicIP
-		case is("instanceState"):
-			return kState
-		case is("placement"):
-			return kPlacement
-		case is("tagSet"):
-			return kTagSet
-		}
-	case kState:
-		if is("name") {
-			return kStateName
-		}
-	case kPlacement:
-		if is("availabilityZone") {
-			return kZone
-		}
-	case kTagSet:
-		if is("item") {
-			return kTag
-		}
-	case kTag:
-		switch {
-		case is("key"):
-			return kTagKey
-		case is("value"):
-			return kTagValue
+	for _, c := range children[parent] {
+		if equalFold(name, c.name) {
+			return c.kind
 		}
 	}
 	return kIgnored
@@ -258,44 +226,38 @@ func scanInstances(b []byte) ([]cloud.Instance, string, error) {
 		rootSeen  bool
 	)
 	// leaf sets what a leaf element's text means.
+	// last is the instance being read: its fields come only inside its
+	// item, once start has added it to out.
+	last := func() *cloud.Instance { return &out[len(out)-1] }
+	// leaf sets what a leaf element's text means.
 	leaf := func(kind elemKind, text string) error {
-		if kind == kNextToken {
-			nextToken = text
-			return nil
-		}
-		if kind == kTagKey {
-			tagKey = text
-			return nil
-		}
-		if kind == kTagValue {
-			tagValue = text
-			return nil
-		}
-		if len(out) == 0 {
-			return nil
-		}
-		in := &out[len(out)-1]
 		switch kind {
+		case kNextToken:
+			nextToken = text
+		case kTagKey:
+			tagKey = text
+		case kTagValue:
+			tagValue = text
 		case kInstanceID:
-			in.ID = text
+			last().ID = text
 		case kImageID:
-			in.Image = text
+			last().Image = text
 		case kInstanceType:
-			in.Type = text
+			last().Type = text
 		case kPrivateIP:
-			in.PrivateIP = text
+			last().PrivateIP = text
 		case kPublicIP:
-			in.PublicIP = text
+			last().PublicIP = text
 		case kStateName:
-			in.State = stateOf(types.InstanceStateName(text))
+			last().State = stateOf(types.InstanceStateName(text))
 		case kZone:
-			in.Zone = text
+			last().Zone = text
 		case kLaunchTime:
 			t, err := smithytime.ParseDateTime(text)
 			if err != nil {
-				return fmt.Errorf("instance %s: launch time: %w", in.ID, err)
+				return fmt.Errorf("instance %s: launch time: %w", last().ID, err)
 			}
-			in.LaunchedAt = t
+			last().LaunchedAt = t
 		}
 		return nil
 	}
@@ -309,8 +271,8 @@ func scanInstances(b []byte) ([]cloud.Instance, string, error) {
 		}
 	}
 	end := func(kind elemKind) {
-		if kind == kTag && len(out) > 0 {
-			in := &out[len(out)-1]
+		if kind == kTag {
+			in := last()
 			if in.Tags == nil {
 				in.Tags = make(map[string]string, 4)
 			}

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	ec2types "github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"github.com/aws/smithy-go"
@@ -238,6 +237,9 @@ func TestScanInstances(t *testing.T) {
 	}{
 		{name: "full", doc: instanceDoc(full), want: []cloud.Instance{fullWant}},
 		{name: "none", doc: docHead + `<reservationSet/>` + docTail},
+		{name: "empty sets", doc: docHead + `<reservationSet></reservationSet><reservationSet><item><instancesSet></instancesSet></item><item/></reservationSet>` + docTail},
+		{name: "empty instance", doc: instanceDoc(`<item></item><item><instanceState></instanceState><placement/><tagSet></tagSet></item>`),
+			want: []cloud.Instance{{}, {}}},
 		{name: "self-closing root", doc: `<DescribeInstancesResponse/>`},
 		{name: "next token", doc: docHead + `<reservationSet/><nextToken>tok+/=</nextToken>` + docTail, next: "tok+/="},
 		{name: "two reservations", doc: docHead + `<reservationSet><item><instancesSet><item><instanceId>i-a</instanceId></item></instancesSet></item>` +
@@ -306,20 +308,18 @@ func FuzzScanInstances(f *testing.F) {
 	}
 	hermetic(f)
 	transport := &fixedAnswer{}
-	// No waiting on the client-side rate limit: nothing is sent anywhere.
-	limits := DefaultRateLimits()
-	limits.NonMutating = Bucket{}
-	p, err := New(context.Background(), Options{
-		Region: "us-east-1", Endpoint: "http://127.0.0.1:9", HTTPClient: &http.Client{Transport: transport},
-		Credentials: credentials.NewStaticCredentialsProvider("AKIDFUZZ", "fuzz-secret", ""),
-		Logger:      slog.New(slog.DiscardHandler), RateLimits: &limits,
+	p := newProvider(f, newServer(f, ec2test.Options{}), func(o *Options) {
+		o.HTTPClient = &http.Client{Transport: transport}
+		o.Logger = slog.New(slog.DiscardHandler)
+		// No waiting on the client-side rate limit: nothing is sent
+		// anywhere.
+		limits := DefaultRateLimits()
+		limits.NonMutating = Bucket{}
+		o.RateLimits = &limits
 		// The SDK retries some answers it cannot read (a truncated one);
 		// the fuzzer need not wait a minute for each.
-		backoff: func(int) time.Duration { return 0 },
+		o.backoff = func(int) time.Duration { return 0 }
 	})
-	if err != nil {
-		f.Fatal(err)
-	}
 	f.Fuzz(func(t *testing.T, doc []byte) {
 		lean, leanNext, leanErr := scanInstances(doc)
 		transport.mu.Lock()
@@ -350,21 +350,21 @@ func FuzzScanInstances(f *testing.F) {
 // time per page, the ratio lean/sdk, and the page's size.
 func BenchmarkListDecode(b *testing.B) {
 	hermetic(b)
-	srv := ec2test.New(ec2test.Options{Logger: slog.New(slog.DiscardHandler)})
-	b.Cleanup(srv.Close)
+	srv := newServer(b, ec2test.Options{Logger: slog.New(slog.DiscardHandler)})
+	on := func(t http.RoundTripper) func(*Options) {
+		return func(o *Options) {
+			o.HTTPClient = &http.Client{Transport: t}
+			o.Logger = slog.New(slog.DiscardHandler)
+			limits := DefaultRateLimits()
+			limits.NonMutating, limits.RunInstances, limits.LaunchedInstances = Bucket{}, Bucket{}, Bucket{}
+			o.RateLimits = &limits
+		}
+	}
 	rec := &recording{next: http.DefaultTransport}
-	limits := DefaultRateLimits()
-	limits.NonMutating, limits.RunInstances, limits.LaunchedInstances = Bucket{}, Bucket{}, Bucket{}
-	opts := Options{
-		Region: "us-east-1", Endpoint: srv.URL(), HTTPClient: &http.Client{Transport: rec},
-		Credentials: credentials.NewStaticCredentialsProvider("AKIDBENCH", "bench-secret", ""),
-		Logger:      slog.New(slog.DiscardHandler), RateLimits: &limits,
-	}
+	live := newProvider(b, srv, on(rec))
+	page := &fixedAnswer{}
+	p := newProvider(b, srv, on(page))
 	ctx := context.Background()
-	live, err := New(ctx, opts)
-	if err != nil {
-		b.Fatal(err)
-	}
 	spec := launchSpec("bench")
 	spec.Tags[cloud.TagOwner] = "hangar-0123456789abcdef"
 	if _, err := live.Launch(ctx, spec, pageSize); err != nil {
@@ -374,11 +374,7 @@ func BenchmarkListDecode(b *testing.B) {
 		b.Fatal(err)
 	}
 	body := rec.last()
-	opts.HTTPClient = &http.Client{Transport: &fixedAnswer{body: body}}
-	p, err := New(ctx, opts)
-	if err != nil {
-		b.Fatal(err)
-	}
+	page.body = body
 	in := &ec2.DescribeInstancesInput{MaxResults: aws.Int32(pageSize)}
 	// One decoder's garbage is not left for the other's collections: each
 	// runs its N pages after a GC.
