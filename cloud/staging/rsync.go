@@ -763,16 +763,7 @@ func (c *Client) runSession(ctx context.Context, cmd string, stdout, stderr io.W
 	select {
 	case err = <-waited:
 	case <-ctx.Done():
-		// As in Run: the signal works for ordinary users, the process
-		// group kill from a second session for root.
-		_ = sess.Signal(ssh.SIGKILL)
-		select {
-		case <-pid.known:
-		case <-time.After(killWait):
-		}
-		if p := pid.get(); p > 1 {
-			c.killGroup(p)
-		}
+		c.killCommand(sess, pid, killWait)
 		return fmt.Errorf("running %q on %s: %w", cmd, c.addr, ctx.Err())
 	}
 	pid.flush()

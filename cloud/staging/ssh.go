@@ -138,21 +138,44 @@ const pidPrefix = "echo $$ >&2\n"
 // stays prompt when the server does not answer.
 const killWait = 2 * time.Second
 
-// killGroup kills process group pgid on the server from a new session.
-func (c *Client) killGroup(pgid int) {
-	sess, err := c.conn.NewSession()
-	if err != nil {
-		return // the connection is gone, and the command's session with it
+// inputFailedKillWait bounds each step of killing a command whose input
+// could not be read. It is longer than killWait: nobody is waiting to stop,
+// and if the kill does not land before the session closes, the command
+// reads the close as the end of a complete input.
+const inputFailedKillWait = 30 * time.Second
+
+// killCommand kills the command of sess, whose shell's pid is reported to
+// pid, waiting at most patience for each step. OpenSSH delivers the signal
+// for ordinary users; for a root login it cannot (no privilege
+// separation), and closing the session only closes the command's stdin and
+// output. Killing the process group from a second session works for both.
+func (c *Client) killCommand(sess *ssh.Session, pid *pidFilter, patience time.Duration) {
+	_ = sess.Signal(ssh.SIGKILL)
+	select {
+	case <-pid.known:
+	case <-time.After(patience):
 	}
-	defer func() { _ = sess.Close() }()
+	if p := pid.get(); p > 1 {
+		c.killGroup(p, patience)
+	}
+}
+
+// killGroup kills process group pgid on the server from a new session,
+// waiting at most patience for it.
+func (c *Client) killGroup(pgid int, patience time.Duration) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		sess, err := c.conn.NewSession()
+		if err != nil {
+			return // the connection is gone, and the command's session with it
+		}
+		defer func() { _ = sess.Close() }()
 		_ = sess.Run(fmt.Sprintf("kill -KILL -- -%d 2>/dev/null; kill -KILL %d 2>/dev/null; true", pgid, pgid))
 	}()
 	select {
 	case <-done:
-	case <-time.After(killWait):
+	case <-time.After(patience):
 	}
 }
 
@@ -198,21 +221,13 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 	sess.Stdout = out
 	sess.Stderr = pid
 
-	kill := sync.OnceFunc(func() {
-		// OpenSSH delivers the signal for ordinary users; for a root
-		// login it cannot (no privilege separation), and closing the
-		// session only closes the command's stdin and output. Killing
-		// the process group from a second session works for both.
-		_ = sess.Signal(ssh.SIGKILL)
-		select {
-		case <-pid.known:
-		case <-time.After(killWait):
-		}
-		if p := pid.get(); p > 1 {
-			c.killGroup(p)
-		}
-		_ = sess.Close()
-	})
+	var killed sync.Once
+	kill := func(patience time.Duration) {
+		killed.Do(func() {
+			c.killCommand(sess, pid, patience)
+			_ = sess.Close()
+		})
+	}
 
 	// Stdin is copied here rather than by the ssh package, whose Wait would
 	// block on a reader that never returns even after the command ended.
@@ -243,7 +258,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 				// complete; kill it instead. (Upload also checks the
 				// size it received, in case the kill fails.)
 				close(readFailed)
-				kill()
+				kill(inputFailedKillWait)
 				return
 			}
 			if err == nil {
@@ -260,7 +275,7 @@ func (c *Client) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, s
 		// Do not wait for a command that ignored the kill: the caller
 		// asked to stop now. Wait's goroutine ends with the command or
 		// the connection.
-		kill()
+		kill(killWait)
 		return fmt.Errorf("running %q on %s: %w", cmd, c.addr, ctx.Err())
 	}
 	pid.flush()
