@@ -281,6 +281,23 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 		http.Error(w, fmt.Sprintf("bad rotate %q: want 1 or nothing", s), http.StatusBadRequest)
 		return
 	}
+	// A poll with worker= carries the instance's heartbeat too, so that a
+	// bootstrap needs one request a round, not two.
+	if q := r.URL.Query(); q.Has("worker") {
+		runExited := ""
+		if q.Has("run_exit_code") {
+			runExited = q.Get("run")
+		}
+		hb, err := parseHeartbeat(q.Get("current"), q.Get("worker"), q.Get("exit_code"), runExited, q.Get("run_exit_code"))
+		if err != nil {
+			http.Error(w, "bad heartbeat in the poll: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := h.b.Heartbeat(r.Context(), instance, hb); err != nil {
+			h.fail(w, instance, "heartbeat", err)
+			return
+		}
+	}
 	hash, _ := r.Context().Value(tokenHashKey{}).(string)
 	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait, TokenHash: hash})
 	if err != nil {
@@ -326,39 +343,48 @@ func (h *handler) heartbeat(w http.ResponseWriter, r *http.Request, instance str
 		http.Error(w, "bad heartbeat: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	hb := Heartbeat{LeaseID: r.PostForm.Get("lease"), Worker: r.PostForm.Get("worker")}
-	switch hb.Worker {
-	case "", "none", "running", "exited":
-	default:
-		http.Error(w, "bad heartbeat: worker must be none, running or exited", http.StatusBadRequest)
+	f := r.PostForm.Get
+	hb, err := parseHeartbeat(f("lease"), f("worker"), f("exit_code"), f("run"), f("run_exit_code"))
+	if err != nil {
+		http.Error(w, "bad heartbeat: "+err.Error(), http.StatusBadRequest)
 		return
-	}
-	if s := r.PostForm.Get("exit_code"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			http.Error(w, "bad heartbeat: exit_code must be a number", http.StatusBadRequest)
-			return
-		}
-		hb.ExitCode = n
-	}
-	if s := r.PostForm.Get("run"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 {
-			http.Error(w, "bad heartbeat: run must be a run number", http.StatusBadRequest)
-			return
-		}
-		code, err := exitCode(r.PostForm.Get("run_exit_code"))
-		if err != nil {
-			http.Error(w, "bad heartbeat: run_exit_code "+err.Error(), http.StatusBadRequest)
-			return
-		}
-		hb.RunID, hb.RunExitCode = n, code
 	}
 	if err := h.b.Heartbeat(r.Context(), instance, hb); err != nil {
 		h.fail(w, instance, "heartbeat", err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// parseHeartbeat reads a heartbeat's fields: the lease, the worker's state
+// and exit status, and, when run is not "", a run of the lease that exited
+// with runExit.
+func parseHeartbeat(lease, worker, exit, run, runExit string) (Heartbeat, error) {
+	hb := Heartbeat{LeaseID: lease, Worker: worker}
+	switch worker {
+	case "", "none", "running", "exited":
+	default:
+		return hb, errors.New("worker must be none, running or exited")
+	}
+	if exit != "" {
+		n, err := strconv.Atoi(exit)
+		if err != nil {
+			return hb, errors.New("exit_code must be a number")
+		}
+		hb.ExitCode = n
+	}
+	if run != "" {
+		n, err := strconv.Atoi(run)
+		if err != nil || n < 1 {
+			return hb, errors.New("run must be a run number")
+		}
+		code, err := exitCode(runExit)
+		if err != nil {
+			return hb, fmt.Errorf("run_exit_code %w", err)
+		}
+		hb.RunID, hb.RunExitCode = n, code
+	}
+	return hb, nil
 }
 
 // exitCode parses an exit status as a shell reports it: 0-255, where 128+N

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -165,5 +166,46 @@ HANGAR_CLEANUP_COMMAND=''
 `
 	if body != want {
 		t.Errorf("assignment body:\n%s\nwant:\n%s", body, want)
+	}
+}
+
+// TestPollCarriesHeartbeat: a poll with worker= is the instance's heartbeat
+// too, checked as strictly as one; a poll without it is no heartbeat.
+func TestPollCarriesHeartbeat(t *testing.T) {
+	for _, c := range []struct {
+		name, query string
+		status      int
+		body        string
+		want        []Heartbeat
+	}{
+		{"no heartbeat", "current=l-1&run=0", 200, "HANGAR_ASSIGNMENT", nil},
+		{"worker running", "current=l-1&run=0&worker=running", 200, "HANGAR_ASSIGNMENT", []Heartbeat{{LeaseID: "l-1", Worker: "running"}}},
+		{"worker exited", "current=l-1&run=0&worker=exited&exit_code=3", 200, "", []Heartbeat{{LeaseID: "l-1", Worker: "exited", ExitCode: 3}}},
+		{"run exited", "current=l-1&run=2&worker=none&run_exit_code=130", 200, "", []Heartbeat{{LeaseID: "l-1", Worker: "none", RunID: 2, RunExitCode: 130}}},
+		{"idle", "current=&run=0&worker=none", 200, "", []Heartbeat{{Worker: "none"}}},
+		{"bad worker", "current=l-1&worker=dancing", 400, "worker must be", nil},
+		{"bad exit", "current=l-1&worker=exited&exit_code=x", 400, "exit_code", nil},
+		{"run exit without a run", "current=l-1&run=0&worker=none&run_exit_code=1", 400, "run must be a run number", nil},
+		{"bad run exit", "current=l-1&run=1&worker=none&run_exit_code=256", 400, "run_exit_code must be", nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := &fakeBackend{}
+			srv := httptest.NewServer(Handler(f, slog.New(slog.DiscardHandler)))
+			defer srv.Close()
+			req, _ := http.NewRequest("GET", srv.URL+"/bootstrap/v1/assignment?wait=0s&"+c.query, nil)
+			req.Header.Set("Authorization", "Bearer good-token")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = resp.Body.Close() }()
+			b, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != c.status || !strings.Contains(string(b), c.body) {
+				t.Errorf("%d %q; want %d containing %q", resp.StatusCode, b, c.status, c.body)
+			}
+			if !slices.Equal(f.hb, c.want) {
+				t.Errorf("heartbeats %+v, want %+v", f.hb, c.want)
+			}
+		})
 	}
 }

@@ -32,7 +32,7 @@ const (
 type protocolServer struct {
 	t      *testing.T
 	assign func(n int, current string) string
-	// ready and heartbeat answer with these statuses when not 0.
+	// ready and assignment answer with these statuses when not 0.
 	readyStatus, assignmentStatus func(n int) int
 	// script is what GET /bootstrap/v1/script serves.
 	script []byte
@@ -139,11 +139,6 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
-	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/heartbeat":
-		s.mu.Lock()
-		s.heartbeats = append(s.heartbeats, strings.TrimSpace(r.PostForm.Get("lease")+" "+r.PostForm.Get("worker")+" "+r.PostForm.Get("exit_code")))
-		s.mu.Unlock()
-		w.WriteHeader(http.StatusNoContent)
 	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/exit":
 		f := r.PostForm.Get
 		s.mu.Lock()
@@ -157,8 +152,12 @@ func (s *protocolServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if got := r.URL.Query().Get("rotate"); got != "1" {
 			s.t.Errorf("assignment poll with rotate=%q, want 1: generic.sh takes rotated tokens", got)
 		}
-		current := r.URL.Query().Get("current")
+		q := r.URL.Query()
+		current := q.Get("current")
 		s.mu.Lock()
+		if q.Has("worker") { // the poll is the heartbeat too
+			s.heartbeats = append(s.heartbeats, strings.TrimSpace(current+" "+q.Get("worker")+" "+q.Get("exit_code")))
+		}
 		s.polls = append(s.polls, current)
 		n := len(s.polls)
 		s.mu.Unlock()

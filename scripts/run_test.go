@@ -68,11 +68,6 @@ func (s *runServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/ready":
 		w.WriteHeader(http.StatusNoContent)
-	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/heartbeat":
-		s.mu.Lock()
-		s.heartbeats = append(s.heartbeats, strings.TrimSpace(f("lease")+" "+f("worker")+" "+f("run")+" "+f("run_exit_code")))
-		s.mu.Unlock()
-		w.WriteHeader(http.StatusNoContent)
 	case r.Method == http.MethodPost && r.URL.Path == "/bootstrap/v1/exit":
 		if s.onExit != nil {
 			s.onExit(f("lease"), f("run"), f("exit_code"))
@@ -83,6 +78,13 @@ func (s *runServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	case r.Method == http.MethodGet && r.URL.Path == "/bootstrap/v1/assignment":
 		s.mu.Lock()
+		if r.Form.Has("worker") { // the poll is the heartbeat too
+			exited := ""
+			if r.Form.Has("run_exit_code") {
+				exited = f("run")
+			}
+			s.heartbeats = append(s.heartbeats, strings.TrimSpace(f("current")+" "+f("worker")+" "+exited+" "+f("run_exit_code")))
+		}
 		s.polls = append(s.polls, f("current")+" "+f("run"))
 		n := len(s.polls)
 		s.mu.Unlock()

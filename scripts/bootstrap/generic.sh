@@ -9,11 +9,14 @@
 # Protocol (every call carries "Authorization: Bearer TOKEN", the current
 # bootstrap token; see "The token" below):
 #   POST /bootstrap/v1/ready       form: hostname, ssh_host_key (if readable)
-#   POST /bootstrap/v1/heartbeat   form: lease, worker=running|exited|none,
-#                                  exit_code (only with worker=exited),
-#                                  run, run_exit_code (a run that exited)
 #   GET  /bootstrap/v1/assignment?wait=50s&current=<lease id or empty>&run=N&rotate=1
+#        &worker=running|exited|none[&exit_code=N][&run_exit_code=N]
 #        rotate=1 says that this script takes rotated tokens (below).
+#        worker= makes the poll the instance's heartbeat too: exit_code is
+#        the worker's (only with worker=exited), run_exit_code that of run
+#        N, once it has exited (said again in case its own report was
+#        lost). (POST /bootstrap/v1/heartbeat takes the same as a form,
+#        with lease= for current=, for bootstraps that send it apart.)
 #        200: lines NAME='value' or export NAME='value' (quoted like
 #        internal/shell.Quote) setting HANGAR_ASSIGNMENT to none, assigned,
 #        released or terminate. run= is the last run of the current lease
@@ -235,6 +238,7 @@ current_run=0   # the last run of the current lease started here
 run_pid=""      # the supervisor of the run under way
 run_exit=""     # the status of run current_run, once it has exited
 stopping=""     # set in a run's supervisor when it is to stop
+report=()       # the heartbeat the next poll carries, as report sets it
 # The last answer's fields, as read_answer sets them.
 answer_HANGAR_NEW_TOKEN="" answer_HANGAR_ASSIGNMENT="" answer_HANGAR_LEASE_ID="" answer_HANGAR_RUN_ID=""
 answer_HANGAR_WORKER_COMMAND="" answer_HANGAR_CLEANUP_COMMAND="" answer_HANGAR_WORKER_USER=""
@@ -366,7 +370,7 @@ upload() {
 	cat >/dev/null
 }
 
-# report_exit LEASE RUN STATUS; the heartbeat repeats what this could not say.
+# report_exit LEASE RUN STATUS; the next poll repeats what this could not say.
 report_exit() {
 	local lease=$1 run=$2 status=$3 code tries=0
 	while [ -z "$stopping" ]; do
@@ -492,19 +496,17 @@ stop_run() {
 	log "run $current_run of lease $current stopped"
 }
 
-heartbeat() {
-	local args=(--data-urlencode "lease=$current" --data-urlencode "worker=$worker_state") code
+# report sets report to what a poll tells Hangar as the instance's
+# heartbeat: the worker's state and exit status, and the last run's exit
+# status once it has exited.
+report() {
+	report=(--data-urlencode "worker=$worker_state")
 	if [ "$worker_state" = exited ]; then
-		args+=(--data-urlencode "exit_code=$exit_code")
+		report+=(--data-urlencode "exit_code=$exit_code")
 	fi
 	if [ -n "$run_exit" ]; then
-		args+=(--data-urlencode "run=$current_run" --data-urlencode "run_exit_code=$run_exit")
+		report+=(--data-urlencode "run_exit_code=$run_exit")
 	fi
-	code=$(call /dev/null --max-time 10 "${args[@]}" "$HANGAR_URL/bootstrap/v1/heartbeat")
-	case $code in
-	2??) ;;
-	*) log "heartbeat failed (HTTP $code)" ;;
-	esac
 }
 
 answer=""
@@ -530,10 +532,10 @@ ready
 while :; do
 	check_worker
 	check_run
-	heartbeat
+	report
 	answer=$(mktemp "${TMPDIR:-/tmp}/hangar-assignment.XXXXXXXXXX") || { backoff "cannot create a temporary file"; continue; }
 	asked=$SECONDS
-	code=$(call "$answer" --max-time 70 -G --data-urlencode wait=50s --data-urlencode "current=$current" --data-urlencode "run=$current_run" --data-urlencode rotate=1 "$HANGAR_URL/bootstrap/v1/assignment")
+	code=$(call "$answer" --max-time 70 -G --data-urlencode wait=50s --data-urlencode "current=$current" --data-urlencode "run=$current_run" "${report[@]}" --data-urlencode rotate=1 "$HANGAR_URL/bootstrap/v1/assignment")
 	case $code in
 	200) ;;
 	401 | 403 | 404) rm -f "$answer"; gone "$code" assignment ;;
