@@ -149,6 +149,10 @@ type instance struct {
 	launched time.Time // launchTime: resets on start, as on EC2
 	created  time.Time // first launch, for HideNewFor
 	seq      uint64    // listing order and pagination cursor
+	dnsName  string    // see privateDNS
+	// forgotten: no longer in its region's instances (terminated long ago,
+	// or its id reused), so ordered drops it from the launch order.
+	forgotten bool
 }
 
 // launchRecord is what a ClientToken launched.
@@ -192,6 +196,7 @@ type region struct {
 	name      string
 	zones     []string
 	instances map[string]*instance
+	launched  []*instance // instances in launch (seq) order; see ordered
 	tokens    map[string]*launchRecord
 	launches  map[string]int
 	peak      int
@@ -520,19 +525,27 @@ func (s *Server) setState(in *instance, to int, now time.Time) {
 }
 
 // ordered settles every instance, forgets those terminated longer than
-// TerminatedTTL, and returns the rest in launch order. Callers hold mu.
+// TerminatedTTL, and returns the rest in launch order. The slice is the
+// region's own, valid while the caller holds mu; it is kept in order as
+// instances launch so that a listing of 10,000 does not sort them for each
+// page.
 func (s *Server) ordered(rg *region, now time.Time) []*instance {
-	out := make([]*instance, 0, len(rg.instances))
-	for id, in := range rg.instances {
-		s.settle(in, now)
-		if in.state == terminated && now.Sub(in.since) > s.opts.TerminatedTTL {
-			delete(rg.instances, id)
+	kept := rg.launched[:0]
+	for _, in := range rg.launched {
+		if in.forgotten {
 			continue
 		}
-		out = append(out, in)
+		s.settle(in, now)
+		if in.state == terminated && now.Sub(in.since) > s.opts.TerminatedTTL {
+			delete(rg.instances, in.id)
+			in.forgotten = true
+			continue
+		}
+		kept = append(kept, in)
 	}
-	slices.SortFunc(out, func(a, b *instance) int { return cmp.Compare(a.seq, b.seq) })
-	return out
+	clear(rg.launched[len(kept):])
+	rg.launched = kept
+	return kept
 }
 
 func (s *Server) hidden(in *instance, now time.Time) bool {
@@ -672,7 +685,11 @@ func (s *Server) runInstances(ctx context.Context, rg *region, q query) (respons
 		s.setState(in, pending, now)
 		s.seq++
 		in.seq = s.seq
+		if old := rg.instances[in.id]; old != nil {
+			old.forgotten = true // a backend reused the id of one long gone
+		}
 		rg.instances[in.id] = in
+		rg.launched = append(rg.launched, in)
 		launched = append(launched, in)
 	}
 	if req.token != "" {
@@ -814,7 +831,7 @@ func (s *Server) describeInstances(_ context.Context, rg *region, q query) (resp
 	resp := &describeInstancesResponse{}
 	var page []*instance
 	for _, in := range cands {
-		if in.seq <= after || !matchesAll(filters, in.filterValues) {
+		if in.seq <= after || !in.matches(filters) {
 			continue
 		}
 		if len(page) == limit {
@@ -835,6 +852,25 @@ func (s *Server) describeInstances(_ context.Context, rg *region, q query) (resp
 		resp.Reservations[i].Instances = append(resp.Reservations[i].Instances, s.instanceXML(rg, in, now))
 	}
 	return resp, nil
+}
+
+// matches is matchesAll(filters, in.filterValues), without making a list
+// of one value for each tag filter: a listing checks every instance.
+func (in *instance) matches(filters []filter) bool {
+	for _, f := range filters {
+		k, isTag := strings.CutPrefix(f.name, "tag:")
+		if !isTag {
+			if !matchesAll([]filter{f}, in.filterValues) {
+				return false
+			}
+			continue
+		}
+		v, ok := in.tags[k]
+		if !ok || !slices.ContainsFunc(f.values, func(want string) bool { return glob(want, v) }) {
+			return false
+		}
+	}
+	return true
 }
 
 // filterValues is what an instance offers for a filter name; ok is false

@@ -49,6 +49,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
@@ -361,17 +362,59 @@ func (s *Server) writeError(w http.ResponseWriter, action, requestID string, err
 }
 
 func (s *Server) writeXML(w http.ResponseWriter, status int, v any, root xml.Name) {
-	var buf bytes.Buffer
-	buf.WriteString(xml.Header)
-	if err := xml.NewEncoder(&buf).EncodeElement(v, xml.StartElement{Name: root}); err != nil {
+	buf := bodyBuffers.Get().(*[]byte)
+	defer func() {
+		if cap(*buf) <= 16<<20 {
+			bodyBuffers.Put(buf)
+		}
+	}()
+	body, err := appendXMLDocument((*buf)[:0], v, root)
+	if err != nil {
 		s.log.Error("ec2test: encoding response", "err", err)
 		http.Error(w, "encoding response", http.StatusInternalServerError)
 		return
 	}
+	*buf = body
 	w.Header().Set("Content-Type", "text/xml;charset=UTF-8")
-	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
-	_, _ = w.Write(buf.Bytes())
+	_, _ = w.Write(body)
+}
+
+// bodyBuffers keeps answers' buffers: a listing page is megabytes, and
+// growing a fresh one for each page cost more than encoding it.
+var bodyBuffers = sync.Pool{New: func() any { return new([]byte) }}
+
+// appendXMLDocument appends the document writeXML sends: v as the root
+// element, after the XML declaration.
+func appendXMLDocument(b []byte, v any, root xml.Name) ([]byte, error) {
+	f, ok := v.(fastXML)
+	if !ok {
+		slow, err := encodeXMLSlow(v, root)
+		return append(b, slow...), err
+	}
+	b = append(b, xml.Header...)
+	b = append(b, '<')
+	b = append(b, root.Local...)
+	if root.Space != "" {
+		b = append(b, ` xmlns="`...)
+		b = appendEscaped(b, root.Space)
+		b = append(b, '"')
+	}
+	b = append(b, '>')
+	b = f.appendXML(b)
+	b = append(b, "</"...)
+	b = append(b, root.Local...)
+	return append(b, '>'), nil
+}
+
+func encodeXMLSlow(v any, root xml.Name) ([]byte, error) {
+	var buf bytes.Buffer
+	buf.WriteString(xml.Header)
+	if err := xml.NewEncoder(&buf).EncodeElement(v, xml.StartElement{Name: root}); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
 // checkAuth wants a SigV4 Authorization header scoped to ec2 and to a

@@ -2,7 +2,6 @@ package ec2test
 
 import (
 	"encoding/base64"
-	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -349,10 +348,14 @@ type imageIDResponse struct {
 }
 
 func tagsXML(tags map[string]string) []tagXML {
-	var out []tagXML
-	for _, k := range slices.Sorted(maps.Keys(tags)) {
-		out = append(out, tagXML{Key: k, Value: tags[k]})
+	if len(tags) == 0 {
+		return nil
 	}
+	out := make([]tagXML, 0, len(tags))
+	for k, v := range tags {
+		out = append(out, tagXML{Key: k, Value: v})
+	}
+	slices.SortFunc(out, func(a, b tagXML) int { return strings.Compare(a.Key, b.Key) })
 	return out
 }
 
@@ -365,7 +368,7 @@ func (s *Server) instanceXML(rg *region, in *instance, now time.Time) instanceXM
 		InstanceID:         in.id,
 		ImageID:            in.image,
 		State:              stateOf(in.state),
-		PrivateDNSName:     privateDNS(rg.name, in.ip),
+		PrivateDNSName:     in.privateDNS(rg),
 		Reason:             in.reason,
 		KeyName:            in.keyName,
 		AmiLaunchIndex:     in.launchIndex,
@@ -423,6 +426,15 @@ func (s *Server) instanceXML(rg *region, in *instance, now time.Time) instanceXM
 		x.IamInstanceProfile = &iamProfileXML{Arn: in.profile, ID: in.profileID}
 	}
 	return x
+}
+
+// privateDNS is in's private DNS name, made once: its address and region
+// do not change. Callers hold s.mu.
+func (in *instance) privateDNS(rg *region) string {
+	if in.dnsName == "" {
+		in.dnsName = privateDNS(rg.name, in.ip)
+	}
+	return in.dnsName
 }
 
 func privateDNS(region, ip string) string {
