@@ -168,7 +168,19 @@ var children = [kTagValue + 1][]struct {
 
 // childKind is the kind of an element named name inside one of kind parent.
 func childKind(parent elemKind, name []byte) elemKind {
+	// An ASCII name folds only to names of its length: most candidates are
+	// passed over without a look at their bytes.
+	ascii := true
+	for _, c := range name {
+		if c >= utf8.RuneSelf {
+			ascii = false
+			break
+		}
+	}
 	for _, c := range children[parent] {
+		if ascii && len(name) != len(c.name) {
+			continue
+		}
 		if equalFold(name, c.name) {
 			return c.kind
 		}
