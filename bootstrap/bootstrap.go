@@ -38,7 +38,15 @@ const (
 	AssignAssigned  = "assigned"  // start the worker for this lease
 	AssignReleased  = "released"  // stop the worker, clean up, poll with an empty current
 	AssignTerminate = "terminate" // stop everything and exit
+	// AssignSaveCache: the instance is ending and its cache volume is to
+	// be snapshotted: stop the worker, flush the cache's filesystem (and
+	// freeze it where it can), then poll with cache=synced.
+	AssignSaveCache = "save-cache"
 )
+
+// CacheSynced is what a poll's cache= says once the bootstrap has done what
+// AssignSaveCache asked.
+const CacheSynced = "synced"
 
 // Assignment is what an instance is told to do.
 type Assignment struct {
@@ -85,6 +93,9 @@ type Poll struct {
 	// TokenHash is the hash of the token the poll came with: a rotated
 	// token is only settled once the instance uses it.
 	TokenHash string
+	// CacheSynced: the instance's cache is flushed (cache=synced), as an
+	// AssignSaveCache answer asked.
+	CacheSynced bool
 }
 
 // Heartbeat is an instance's periodic sign of life.
@@ -298,8 +309,18 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 			return
 		}
 	}
+	synced := false
+	switch s := r.URL.Query().Get("cache"); s {
+	case "":
+	case CacheSynced:
+		synced = true
+	default:
+		http.Error(w, fmt.Sprintf("bad cache %q: want %s or nothing", s, CacheSynced), http.StatusBadRequest)
+		return
+	}
 	hash, _ := r.Context().Value(tokenHashKey{}).(string)
-	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait, TokenHash: hash})
+	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait,
+		TokenHash: hash, CacheSynced: synced})
 	if err != nil {
 		h.fail(w, instance, "assignment", err)
 		return

@@ -276,6 +276,31 @@ type Pool struct {
 	// Jenkins makes `hangar jenkins` watch a controller's build queue for
 	// this pool (see jenkins.go); the zero value watches nothing.
 	Jenkins Jenkins `toml:"jenkins"`
+
+	// Cache, when the file has a [pools.NAME.cache] table, gives each
+	// instance a build cache volume (pool/cache.go).
+	Cache *Cache `toml:"cache"`
+}
+
+// Cache is a pool's build cache on volumes: each instance gets its own,
+// made from the newest snapshot, and an instance that served a lease is
+// snapshotted as it ends.
+type Cache struct {
+	// Volume names the cache: its volumes and snapshots are tagged with
+	// it (hangar:cache). Default: the pool's name.
+	Volume string `toml:"volume"`
+	SizeGB int    `toml:"size_gb"`
+	// Mount is where the bootstrap mounts the volume before it reports
+	// ready ($HANGAR_ROOT/… on the local cloud).
+	Mount string `toml:"mount"`
+	// Keep is how many snapshots are kept; older ones are deleted.
+	Keep int `toml:"keep"`
+}
+
+func (c *Cache) setDefaults() {
+	c.SizeGB = 20
+	c.Mount = "/cache"
+	c.Keep = 3
 }
 
 // Default returns the server defaults; it has no providers and no pools.

@@ -109,6 +109,13 @@ func (d *decoder) value(key string, v any, rv reflect.Value) {
 		return
 	}
 	switch rv.Kind() {
+	case reflect.Pointer:
+		// An optional table: nil unless the file has it, then its
+		// defaults with the file's values over them.
+		elem := reflect.New(rv.Type().Elem())
+		setDefaults(elem.Elem())
+		d.value(key, v, elem.Elem())
+		rv.Set(elem)
 	case reflect.String:
 		s, ok := v.(string)
 		if !ok {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path"
 	"regexp"
 	"slices"
 	"strconv"
@@ -291,6 +292,21 @@ func (k *checker) provider(name string, p Provider) {
 	k.notNegative(join(st, "ready_timeout"), int64(p.Staging.ReadyTimeout.Duration))
 }
 
+func (k *checker) cache(key string, c Cache) {
+	if c.Volume != "" && !nameRe.MatchString(c.Volume) {
+		k.add(join(key, "volume"), "invalid name: must match %s", nameRe)
+	}
+	if c.SizeGB < 1 || c.SizeGB > 16384 {
+		k.add(join(key, "size_gb"), "must be between 1 and 16384, not %d", c.SizeGB)
+	}
+	if !path.IsAbs(c.Mount) || path.Clean(c.Mount) != c.Mount || c.Mount == "/" {
+		k.add(join(key, "mount"), "must be a clean absolute path other than /, not %q", c.Mount)
+	}
+	if c.Keep < 1 {
+		k.add(join(key, "keep"), "must be ≥ 1: the newest snapshot is the one new instances start from")
+	}
+}
+
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)
 	before := len(k.problems)
@@ -342,6 +358,9 @@ func (k *checker) pool(name string, p Pool) {
 	}
 	k.notNegative(f("max_uses"), int64(p.MaxUses))
 	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
+	if c := p.Cache; c != nil {
+		k.cache(f("cache"), *c)
+	}
 
 	k.bootstrap(f("bootstrap"), p.Bootstrap)
 	k.oneOf(f("userdata_format"), p.UserDataFormat, "script", "cloud-config", "mime")

@@ -26,6 +26,10 @@ type Metrics struct {
 	// IllegalTransitions counts refused state transitions by machine
 	// (instance, lease): bugs, each also logged at error.
 	IllegalTransitions *prometheus.CounterVec
+	// Build caches (pool/cache.go).
+	CacheSnapshots       *prometheus.CounterVec   // pool, outcome=ok|failed
+	CacheSnapshotSeconds *prometheus.HistogramVec // pool
+	CacheSnapshotBytes   *prometheus.GaugeVec     // pool: the last snapshot's size
 }
 
 // Snapshot is what the pool reports at each scrape.
@@ -34,6 +38,7 @@ type Snapshot struct {
 	LeasesActive  map[string]int    // pool → count
 	LeasesPending map[string]int
 	LaunchBlocked map[string]bool // pool → launches stopped by a quota error
+	CacheVolumes  map[string]int  // pool → cache volumes attached to its instances
 }
 
 // New registers Hangar's collectors on reg. snapshot is called at every
@@ -88,8 +93,22 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Name: "hangar_illegal_transitions_total",
 			Help: "State transitions refused as illegal, by state machine: each one is a bug, logged at error.",
 		}, []string{"machine"}),
+		CacheSnapshots: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_cache_snapshots_total",
+			Help: "Snapshots of ending instances' cache volumes, by outcome (ok, failed); a failed one leaves the previous snapshot current.",
+		}, []string{"pool", "outcome"}),
+		CacheSnapshotSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "hangar_cache_snapshot_seconds",
+			Help:    "Time the cloud took to take a cache snapshot (the call; the copy may complete later).",
+			Buckets: prometheus.ExponentialBuckets(.01, 4, 9),
+		}, []string{"pool"}),
+		CacheSnapshotBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "hangar_cache_snapshot_bytes",
+			Help: "Size of the pool's latest cache snapshot (its volume's size).",
+		}, []string{"pool"}),
 	}
-	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs, m.IllegalTransitions)
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs, m.IllegalTransitions,
+		m.CacheSnapshots, m.CacheSnapshotSeconds, m.CacheSnapshotBytes)
 	reg.MustRegister(&gauges{snapshot: snapshot})
 	return m
 }
@@ -99,6 +118,7 @@ var (
 	leasesActiveDesc  = prometheus.NewDesc("hangar_leases_active", "Leases holding an instance.", []string{"pool"}, nil)
 	leasesPendingDesc = prometheus.NewDesc("hangar_leases_pending", "Leases waiting for an instance.", []string{"pool"}, nil)
 	launchBlockedDesc = prometheus.NewDesc("hangar_launch_blocked", "1 while a quota error stops launches for the pool.", []string{"pool"}, nil)
+	cacheVolumesDesc  = prometheus.NewDesc("hangar_cache_volumes", "Cache volumes attached to the pool's instances.", []string{"pool"}, nil)
 )
 
 // gauges reads the pool's state at scrape time instead of mirroring it, so
@@ -110,6 +130,7 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- leasesActiveDesc
 	ch <- leasesPendingDesc
 	ch <- launchBlockedDesc
+	ch <- cacheVolumesDesc
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {
@@ -129,6 +150,9 @@ func (g *gauges) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(launchBlockedDesc, prometheus.GaugeValue, v, p)
+	}
+	for p, n := range s.CacheVolumes {
+		ch <- prometheus.MustNewConstMetric(cacheVolumesDesc, prometheus.GaugeValue, float64(n), p)
 	}
 }
 

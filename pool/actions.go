@@ -109,12 +109,13 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	if in.State == Terminating {
 		// Drained while launching: it is to go, now that it has an id.
 		m.terminateCall(in)
-	} else if !in.ReadyAt.IsZero() {
+	} else if !in.ReadyAt.IsZero() && !m.awaitsCache(in) {
 		// Its ready report beat the launch call's answer.
 		m.setState(in, Idle, ReasonReady)
 	} else {
 		m.setState(in, Booting, ReasonLaunched)
 	}
+	m.attachCacheLocked(in)
 	m.dispatchLocked()
 }
 
@@ -213,6 +214,13 @@ func (m *Manager) terminateLocked(in *Instance, reason Reason) {
 	if in.State == Terminating || in.State == Gone {
 		return
 	}
+	if m.savesCache(in, reason) {
+		// Its cache first; the snapshot ends it (cache.go).
+		m.setState(in, Saving, reason)
+		m.reaped(in, reason)
+		return
+	}
+	saved := in.State == Saving
 	m.revokeTokens(in)
 	if in.State == Launching && in.op != OpLaunch {
 		// An intent whose launch never started: nothing to end.
@@ -221,7 +229,9 @@ func (m *Manager) terminateLocked(in *Instance, reason Reason) {
 	}
 	// A launch under way ends it when it returns with a cloud id.
 	m.setState(in, Terminating, reason)
-	m.reaped(in, reason)
+	if !saved {
+		m.reaped(in, reason) // counted when it began saving
+	}
 	m.terminateCall(in)
 }
 
@@ -322,6 +332,8 @@ func (m *Manager) resumeLocked() {
 			m.terminateCall(in)
 		case Starting:
 			m.setState(in, Stopped, ReasonInterruptedStart)
+		case Booting, Idle, Leased, Releasing, Draining:
+			m.attachCacheLocked(in)
 		}
 	}
 }
@@ -392,6 +404,12 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 			m.terminateLocked(in, ReasonBootTimeout)
 		case in.State == Releasing && now.Sub(in.Since) > releaseTimeout:
 			m.terminateLocked(in, ReasonReleaseTimeout)
+		case in.State == Saving && in.op == OpNone && now.Sub(in.Since) > cacheTimeout:
+			m.log.Warn("instance never flushed its cache; ending it without a snapshot", "pool", in.Pool, "instance", in.ID)
+			if m.metrics != nil {
+				m.metrics.CacheSnapshots.WithLabelValues(in.Pool, "failed").Inc()
+			}
+			m.terminateLocked(in, ReasonCacheTimeout)
 		case in.State == Idle:
 			idle[in.Pool] = append(idle[in.Pool], in)
 		}

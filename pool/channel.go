@@ -100,6 +100,10 @@ func (m *Manager) readyLocked(key string, r bootstrap.Ready) error {
 		m.saveInstance(in)
 	case Booting:
 		in.ReadyAt = now
+		if m.awaitsCache(in) {
+			m.saveInstance(in) // idle once its cache is attached
+			break
+		}
 		if m.metrics != nil && !in.LaunchedAt.IsZero() {
 			m.metrics.BootSeconds.WithLabelValues(in.Pool).Observe(now.Sub(in.LaunchedAt).Seconds())
 		}
@@ -173,6 +177,15 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 	switch in.State {
 	case Terminating, Gone:
 		a.State = bootstrap.AssignTerminate
+		return a
+	case Saving:
+		// Flush your cache; once it says it has, the snapshot starts and
+		// the poll waits for the end.
+		if !poll.CacheSynced {
+			a.State = bootstrap.AssignSaveCache
+			return a
+		}
+		m.snapshotCacheLocked(in)
 		return a
 	}
 	l := m.leases[in.LeaseID]

@@ -17,6 +17,10 @@
 //	                           └──→ stopping ──→ stopped ──→ starting ──→ booting
 //	                                                 ↑__________________│ (a restart cut its start)
 //
+//	idle, leased, releasing, draining ──→ saving ──→ terminating
+//	                (a pool with a cache: an instance that served a lease
+//	                 ends once its cache volume is snapshotted; cache.go)
+//
 //	every state above ──→ terminating ──→ gone
 //	launching ──→ gone (its launch failed, or never began)
 //

@@ -89,6 +89,12 @@ type Instance struct {
 	// new one, the old one is refused.
 	NextTokenHash string `json:"next_token_hash,omitempty"`
 
+	// CacheVolume is the id of the instance's cache volume once created
+	// (its creation is idempotent by the instance's key, so a crash before
+	// this is saved makes no second one); CacheAttached, once attached.
+	CacheVolume   string `json:"cache_volume,omitempty"`
+	CacheAttached bool   `json:"cache_attached,omitempty"`
+
 	accounted time.Time     // instance-seconds accounted up to here
 	op        Op            // the cloud call under way for it, if any
 	token     string        // the bootstrap token, kept only until launch
@@ -141,6 +147,9 @@ type Manager struct {
 	// terminating; entries go when a listing no longer shows it so.
 	orphans map[string]seenSince
 	halting map[string]seenSince
+	// strayVolumes: since when a cache volume of no known instance has
+	// been seen (sweepCacheVolumes).
+	strayVolumes map[string]time.Time
 	// terminating queues instances per provider for terminateBatches.
 	terminating map[cloud.Provider][]*Instance
 	changed     chan struct{} // closed and replaced on every change
@@ -162,25 +171,26 @@ type Manager struct {
 // New restores the pools' state from the store. Call Run to start work.
 func New(opts Options) (*Manager, error) {
 	m := &Manager{
-		opts:        opts,
-		store:       opts.Store,
-		log:         opts.Logger,
-		metrics:     opts.Metrics,
-		clock:       opts.Clock,
-		tick:        opts.Tick,
-		scripts:     bootstrap.Scripts{CacheFor: time.Minute, Clock: opts.Clock},
-		pools:       map[string]*poolState{},
-		instances:   map[string]*Instance{},
-		byID:        map[string]*Instance{},
-		byToken:     map[string]*Instance{},
-		leases:      map[string]*Lease{},
-		byClient:    map[string]*Lease{},
-		orphans:     map[string]seenSince{},
-		halting:     map[string]seenSince{},
-		terminating: map[cloud.Provider][]*Instance{},
-		changed:     make(chan struct{}),
-		runs:        map[string]*runOutput{},
-		maxOutput:   MaxOutput,
+		opts:         opts,
+		store:        opts.Store,
+		log:          opts.Logger,
+		metrics:      opts.Metrics,
+		clock:        opts.Clock,
+		tick:         opts.Tick,
+		scripts:      bootstrap.Scripts{CacheFor: time.Minute, Clock: opts.Clock},
+		pools:        map[string]*poolState{},
+		instances:    map[string]*Instance{},
+		byID:         map[string]*Instance{},
+		byToken:      map[string]*Instance{},
+		leases:       map[string]*Lease{},
+		byClient:     map[string]*Lease{},
+		orphans:      map[string]seenSince{},
+		strayVolumes: map[string]time.Time{},
+		halting:      map[string]seenSince{},
+		terminating:  map[cloud.Provider][]*Instance{},
+		changed:      make(chan struct{}),
+		runs:         map[string]*runOutput{},
+		maxOutput:    MaxOutput,
 
 		panicOnIllegal: testing.Testing(),
 	}
@@ -205,6 +215,9 @@ func New(opts Options) (*Manager, error) {
 		}
 		if o, ok := overrides[name]; ok {
 			spec.MinIdle, spec.MaxInstances = o.MinIdle, o.MaxInstances
+		}
+		if _, ok := cloud.StorageOf(p); spec.Cache != nil && !ok {
+			return nil, fmt.Errorf("pool %s: a cache needs volumes, and provider %q has none", name, spec.Provider)
 		}
 		// Render once now so that a pool whose user-data can never be
 		// rendered fails at start, not at its first launch.

@@ -55,6 +55,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 		m.reconcileLocked(prov, list, listedAt)
 		m.dispatchLocked()
 		m.unlock()
+		m.sweepCacheVolumes(ctx, prov)
 	}
 }
 

@@ -38,12 +38,31 @@ type Spec struct {
 	// UserData is the user-data's template: format, env, cloud-config. The
 	// pool fills in Pool, HangarURL and BootstrapToken.
 	UserData userdata.Params
+	// Cache, when set, gives every instance a build cache volume made from
+	// the cache's newest snapshot (cache.go). The provider must have
+	// cloud.Storage.
+	Cache *CacheSpec
+}
+
+// CacheSpec is a pool's build cache.
+type CacheSpec struct {
+	// Name tags the cache's volumes and snapshots (hangar:cache).
+	Name   string
+	SizeGB int
+	// Mount is where the bootstrap mounts the volume (under $HANGAR_ROOT
+	// on the local cloud).
+	Mount string
+	// Keep is how many completed snapshots are kept.
+	Keep int
 }
 
 // userData renders what an instance of pool boots with, carrying token.
 func (s Spec) userData(pool, publicURL, token string) ([]byte, error) {
 	p := s.UserData
 	p.Pool, p.HangarURL, p.BootstrapToken = pool, publicURL, token
+	if s.Cache != nil {
+		p.Cache = &userdata.Cache{Mount: s.Cache.Mount, Device: cacheDevice}
+	}
 	return userdata.Render(p)
 }
 

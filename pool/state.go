@@ -21,6 +21,7 @@ const (
 	Stopping    State = "stopping"    // stop call under way
 	Stopped     State = "stopped"     // stopped with its disk kept
 	Starting    State = "starting"    // start call under way
+	Saving      State = "saving"      // ending: its cache volume is being snapshotted first (cache.go)
 	Terminating State = "terminating" // terminate call under way (retried until done)
 	Gone        State = "gone"        // terminated; the record is kept a while for the API
 )
@@ -28,10 +29,11 @@ const (
 var transitions = map[State][]State{
 	Launching:   {Booting, Idle, Gone, Terminating},
 	Booting:     {Idle, Terminating},
-	Idle:        {Leased, Stopping, Terminating},
-	Leased:      {Releasing, Draining, Terminating},
-	Releasing:   {Idle, Terminating},
-	Draining:    {Terminating},
+	Idle:        {Leased, Stopping, Saving, Terminating},
+	Leased:      {Releasing, Draining, Saving, Terminating},
+	Releasing:   {Idle, Saving, Terminating},
+	Draining:    {Saving, Terminating},
+	Saving:      {Terminating},
 	Stopping:    {Stopped, Terminating},
 	Stopped:     {Starting, Terminating},
 	Starting:    {Booting, Stopped, Terminating},
@@ -105,6 +107,8 @@ const (
 	OpStart     Op = "start"
 	OpStop      Op = "stop"
 	OpTerminate Op = "terminate"
+	OpCache     Op = "cache"    // its cache volume being created and attached
+	OpSnapshot  Op = "snapshot" // its cache volume being snapshotted
 )
 
 // Reason says why an instance entered its state; `hangar instances` shows
@@ -142,4 +146,7 @@ const (
 	ReasonStuckTerminating Reason = "stuck_terminating"
 	ReasonRepaired         Reason = "repaired" // restore mended its record
 	ReasonLeaseUnknown     Reason = "lease_unknown"
+	ReasonCacheFailed      Reason = "cache_failed"  // its cache volume could not be made or attached
+	ReasonCacheSaved       Reason = "cache_saved"   // its cache is snapshotted; now it ends
+	ReasonCacheTimeout     Reason = "cache_timeout" // it never said its cache was flushed
 )

@@ -226,9 +226,12 @@ func (m *Manager) Console(ctx context.Context, id string) ([]byte, error) {
 func (m *Manager) Snapshot() metrics.Snapshot {
 	m.mu.Lock()
 	defer m.unlock()
-	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}}
+	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}, CacheVolumes: map[string]int{}}
 	for name, p := range m.pools {
 		s.LeasesActive[name] = 0
+		if p.spec.Cache != nil {
+			s.CacheVolumes[name] = 0
+		}
 		s.LeasesPending[name] = len(p.queue)
 		s.LaunchBlocked[name] = p.blocked
 		for st := range transitions {
@@ -240,6 +243,9 @@ func (m *Manager) Snapshot() metrics.Snapshot {
 	for _, in := range m.instances {
 		if in.State != Gone {
 			s.Instances[[2]string{in.Pool, string(in.State)}]++
+		}
+		if in.CacheAttached && in.State != Gone {
+			s.CacheVolumes[in.Pool]++
 		}
 	}
 	for _, l := range m.leases {

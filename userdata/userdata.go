@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"path"
 	"regexp"
 	"sort"
 	"strings"
@@ -62,6 +63,16 @@ type Params struct {
 	Env            map[string]string // pool env, exported to the bootstrap script; keys validated with shell.ValidEnvName
 	Format         Format            // "" means script
 	CloudConfig    string            // the user's own #cloud-config, only with FormatMIME (merged as a second MIME part)
+	// Cache, when set, is the pool's build cache: exported as
+	// HANGAR_CACHE_MOUNT and HANGAR_CACHE_DEVICE for the bootstrap, which
+	// mounts the volume before it reports ready.
+	Cache *Cache
+}
+
+// Cache says where the bootstrap finds and mounts the cache volume.
+type Cache struct {
+	Mount  string // absolute path
+	Device string // /dev/sd[f-p]
 }
 
 // ScriptPath is where the cloud-config form writes the script.
@@ -93,7 +104,10 @@ func Render(p Params) ([]byte, error) {
 	return []byte(out), nil
 }
 
-var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+var (
+	tokenRE       = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+	cacheDeviceRE = regexp.MustCompile(`^/dev/sd[f-p]$`)
+)
 
 func (p Params) validate() error {
 	var errs []error
@@ -117,6 +131,14 @@ func (p Params) validate() error {
 		// Env values may be secrets, so only the name is reported.
 		if strings.ContainsRune(p.Env[k], 0) {
 			errs = append(errs, fmt.Errorf("env %q: value contains a NUL byte, which no environment can hold", k))
+		}
+	}
+	if c := p.Cache; c != nil {
+		if !path.IsAbs(c.Mount) || path.Clean(c.Mount) != c.Mount || c.Mount == "/" {
+			errs = append(errs, fmt.Errorf("cache mount %q: want a clean absolute path other than /", c.Mount))
+		}
+		if !cacheDeviceRE.MatchString(c.Device) {
+			errs = append(errs, fmt.Errorf("cache device %q: want /dev/sd[f-p]", c.Device))
 		}
 	}
 	switch p.Format {
@@ -236,6 +258,10 @@ func renderScript(p Params) string {
 	fmt.Fprintf(&b, "export HANGAR_URL=%s\n", shell.Quote(strings.TrimRight(p.HangarURL, "/")))
 	fmt.Fprintf(&b, "export HANGAR_POOL=%s\n", shell.Quote(p.Pool))
 	fmt.Fprintf(&b, "export HANGAR_BOOTSTRAP_TOKEN=%s\n", shell.Quote(p.BootstrapToken))
+	if c := p.Cache; c != nil {
+		fmt.Fprintf(&b, "export HANGAR_CACHE_MOUNT=%s\n", shell.Quote(c.Mount))
+		fmt.Fprintf(&b, "export HANGAR_CACHE_DEVICE=%s\n", shell.Quote(c.Device))
+	}
 	for _, k := range sortedKeys(p.Env) {
 		fmt.Fprintf(&b, "export %s=%s\n", k, shell.Quote(p.Env[k]))
 	}

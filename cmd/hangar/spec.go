@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 
@@ -12,8 +13,8 @@ import (
 
 // poolSpec maps a pool's config, validated, to what the pool manager runs:
 // the one place TOML types become the pool's plain ones.
-func poolSpec(pc configs.Pool) pool.Spec {
-	return pool.Spec{
+func poolSpec(name string, pc configs.Pool) pool.Spec {
+	spec := pool.Spec{
 		Provider:       pc.Provider,
 		MinIdle:        pc.MinIdle,
 		MaxInstances:   pc.MaxInstances,
@@ -48,6 +49,10 @@ func poolSpec(pc configs.Pool) pool.Spec {
 			CloudConfig: pc.CloudConfig,
 		},
 	}
+	if c := pc.Cache; c != nil {
+		spec.Cache = &pool.CacheSpec{Name: cmp.Or(c.Volume, name), SizeGB: c.SizeGB, Mount: c.Mount, Keep: c.Keep}
+	}
+	return spec
 }
 
 // poolOptions is the pool manager's options for cfg, but for what only the
@@ -60,7 +65,7 @@ func poolOptions(cfg configs.Config) pool.Options {
 		OrphanGrace:       cfg.Server.OrphanGrace.Duration,
 	}
 	for name, pc := range cfg.Pools {
-		o.Pools[name] = poolSpec(pc)
+		o.Pools[name] = poolSpec(name, pc)
 	}
 	return o
 }
@@ -71,5 +76,5 @@ func renderUserData(cfg configs.Config, name string) ([]byte, error) {
 	if !ok {
 		return nil, fmt.Errorf("%w %q", pool.ErrUnknownPool, name)
 	}
-	return pool.RenderUserData(poolSpec(pc), name, cfg.Server.PublicURL)
+	return pool.RenderUserData(poolSpec(name, pc), name, cfg.Server.PublicURL)
 }

@@ -19,7 +19,8 @@
 #        with lease= for current=, for bootstraps that send it apart.)
 #        200: lines NAME='value' or export NAME='value' (quoted like
 #        internal/shell.Quote) setting HANGAR_ASSIGNMENT to none, assigned,
-#        released or terminate. run= is the last run of the current lease
+#        released, save-cache (see "Build cache" below) or terminate.
+#        cache=synced says the cache is flushed, as save-cache asked. run= is the last run of the current lease
 #        started here (0 for none); "assigned" with HANGAR_RUN_ID and
 #        HANGAR_RUN_COMMAND (one shell command line) asks for a run, on the
 #        current lease too. HANGAR_NEW_TOKEN, in any answer (Hangar sends
@@ -63,6 +64,18 @@
 # does not, it refuses: the worker is reported exited with status 126, and
 # a run exits 126 with the reason in its output. Without it, everything
 # runs as this script's user, as root usually, which can read the token.
+#
+# Build cache (a pool with [cache]): HANGAR_CACHE_MOUNT is where to mount the
+# volume Hangar attaches at HANGAR_CACHE_DEVICE (/dev/sdf, which Xen shows
+# as /dev/xvdf). Before reporting ready the script waits for it, formats it
+# when blank (ext4) and mounts it; on the local cloud ($HANGAR_ROOT set) the
+# volume is a directory linked at $HANGAR_ROOT/dev/sdf, and
+# $HANGAR_ROOT$HANGAR_CACHE_MOUNT becomes a link to it. The worker and the
+# runs get its path in HANGAR_CACHE_DIR. When Hangar ends an instance that
+# served a lease it answers save-cache: the script stops the worker, flushes
+# the cache (sync, then fsfreeze where the cache is a mounted filesystem)
+# and polls with cache=synced; Hangar snapshots the volume, then ends the
+# instance.
 #
 # HANGAR_SSH_HOST_KEY_FILE overrides the host key's path, and
 # HANGAR_STATE_DIR the STATE directory, for tests.
@@ -507,11 +520,61 @@ report() {
 	if [ -n "$run_exit" ]; then
 		report+=(--data-urlencode "run_exit_code=$run_exit")
 	fi
+	if [ -n "$cache_state" ]; then
+		report+=(--data-urlencode "cache=$cache_state")
+	fi
 }
+
+# mount_cache mounts the build cache, if the pool has one, and exports
+# HANGAR_CACHE_DIR.
+mount_cache() {
+	[ -n "${HANGAR_CACHE_MOUNT-}" ] || return 0
+	local dev=${HANGAR_CACHE_DEVICE:-/dev/sdf} dir=${HANGAR_ROOT-}$HANGAR_CACHE_MOUNT waited=0
+	dev=${HANGAR_ROOT-}$dev
+	while :; do
+		if [ -e "$dev" ]; then
+			break
+		elif [ -z "${HANGAR_ROOT-}" ] && [ -e "${dev/#\/dev\/sd//dev/xvd}" ]; then
+			dev=${dev/#\/dev\/sd//dev/xvd}
+			break
+		fi
+		if ((waited % 30 == 0)); then log "waiting for the cache volume at $dev"; fi
+		sleep 1
+		waited=$((waited + 1))
+	done
+	if [ -n "${HANGAR_ROOT-}" ]; then
+		[ ! -L "$dir" ] || rm -f "$dir"
+		mkdir -p "${dir%/*}" && ln -s "$(readlink -f "$dev")" "$dir" || return 1
+	else
+		if ! blkid "$dev" >/dev/null 2>&1; then
+			log "formatting the blank cache volume $dev"
+			mkfs.ext4 -q -L hangar-cache "$dev" || return 1
+		fi
+		mkdir -p "$dir" && mount "$dev" "$dir" || return 1
+	fi
+	export HANGAR_CACHE_DIR=$dir
+	log "cache volume $dev mounted at $dir"
+}
+
+# save_cache does what a save-cache answer asks: the worker stops, the cache
+# is flushed (and frozen where it can be), and the next poll says so.
+save_cache() {
+	stop_worker
+	current=""
+	current_run=0
+	run_exit=""
+	sync
+	if [ -n "${HANGAR_CACHE_DIR-}" ] && [ -z "${HANGAR_ROOT-}" ] && command -v fsfreeze >/dev/null && mountpoint -q "$HANGAR_CACHE_DIR"; then
+		fsfreeze -f "$HANGAR_CACHE_DIR" && log "cache filesystem frozen for its snapshot"
+	fi
+	cache_state=synced
+}
+cache_state=""
 
 answer=""
 trap 'log "terminated by a signal"; [ -z "$answer" ] || rm -f "$answer"; stop_worker; exit 143' TERM INT
 
+# shellcheck disable=SC2153 # HANGAR_POOL comes from the user-data
 ready() {
 	local key=${HANGAR_SSH_HOST_KEY_FILE:-/etc/ssh/ssh_host_ed25519_key.pub} code
 	local args=(--data-urlencode "hostname=$HOSTNAME")
@@ -528,6 +591,10 @@ ready() {
 	done
 }
 
+if ! mount_cache; then
+	log "cannot mount the cache volume; not reporting ready"
+	exit 1
+fi
 ready
 while :; do
 	check_worker
@@ -579,6 +646,13 @@ while :; do
 		current=""
 		current_run=0
 		run_exit=""
+		;;
+	save-cache)
+		rm -f "$answer"
+		if [ -z "$cache_state" ]; then
+			log "Hangar is ending this instance; flushing its cache for a snapshot"
+			save_cache
+		fi
 		;;
 	terminate)
 		rm -f "$answer"

@@ -1,0 +1,361 @@
+package pool
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+)
+
+// Build caches on volumes (docs/design.md, "Cache volumes").
+//
+// Each instance of a pool with a cache gets a volume of its own, made from
+// the cache's newest completed snapshot (blank the first time), created
+// once the cloud has given the instance a zone and attached as
+// cacheDevice; the bootstrap waits for it, mounts it and only then reports
+// ready. When an instance that served a lease ends for a reason that
+// leaves its disk sound (discard, TTD, max_uses, drain, scale-in), it first
+// goes to Saving: the bootstrap stops the worker and flushes the cache
+// (AssignSaveCache), says so in its next poll, and the volume is
+// snapshotted before the instance is terminated. Snapshots are only ever
+// added and then pruned beyond keep, oldest first, so a failed or cut
+// snapshot never costs the previous one. Volumes carry the owner, cache
+// and intent tags; reconcile deletes those whose instance is gone, which
+// covers crashes at any point (sweepCacheVolumes).
+
+// cacheDevice is where the cache volume is attached (/dev/xvdf on Xen,
+// an NVMe namespace on Nitro, $HANGAR_ROOT/dev/sdf on the local cloud).
+const cacheDevice = "/dev/sdf"
+
+// TagCache names the cache a volume or snapshot belongs to.
+const TagCache = "hangar:cache"
+
+const (
+	// cacheTimeout bounds making and attaching a cache volume, and an
+	// instance's flushing its cache when asked to.
+	cacheTimeout = 5 * time.Minute
+	// cacheVolumeGrace is how long an unattached cache volume of no known
+	// instance is kept: a crash may have cut its creation's record.
+	cacheVolumeGrace = 5 * time.Minute
+)
+
+// cacheTags are the tags of p's cache volumes and snapshots.
+func (m *Manager) cacheTags(p *poolState) map[string]string {
+	return map[string]string{cloud.TagOwner: m.store.Owner(), cloud.TagPool: p.name, TagCache: p.spec.Cache.Name}
+}
+
+// storageOf is p's provider's storage, when p has a cache.
+func storageOf(p *poolState) (cloud.Storage, bool) {
+	if p == nil || p.spec.Cache == nil {
+		return nil, false
+	}
+	return cloud.StorageOf(p.provider)
+}
+
+// attachCacheLocked makes and attaches in's cache volume in the background
+// once it has a cloud id; a crash is resumed by resumeLocked.
+func (m *Manager) attachCacheLocked(in *Instance) {
+	p := m.pools[in.Pool]
+	st, ok := storageOf(p)
+	if !ok || in.CacheAttached || in.ID == "" || in.op != OpNone {
+		return
+	}
+	in.op = OpCache
+	spec := cloud.VolumeSpec{Zone: in.Zone, SizeGB: p.spec.Cache.SizeGB, Tags: m.cacheTags(p), ClientToken: in.Key + "-cache"}
+	spec.Tags[cloud.TagIntent] = in.Key
+	id, volume := in.ID, in.CacheVolume
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+		err := m.attachCache(cctx, st, p, spec, id, &volume)
+		cancel()
+		m.mu.Lock()
+		defer m.unlock()
+		in.op = OpNone
+		if volume != in.CacheVolume {
+			in.CacheVolume = volume
+			m.saveInstance(in)
+		}
+		switch {
+		case ctx.Err() != nil:
+			return // shutting down: resumed at the next start
+		case in.State == Terminating:
+			m.terminateCall(in)
+		case err != nil:
+			m.log.Warn("cache volume failed; ending the instance", "pool", in.Pool, "instance", in.ID, "err", err)
+			p.launchErr = err.Error()
+			m.terminateLocked(in, ReasonCacheFailed)
+		default:
+			in.CacheAttached = true
+			m.saveInstance(in)
+			if in.State == Booting && !in.ReadyAt.IsZero() {
+				// It said ready before its cache was there (a bootstrap
+				// that does not wait for it): ready now.
+				m.setState(in, Idle, ReasonReady)
+			}
+		}
+		m.dispatchLocked()
+	})
+}
+
+// attachCache creates the volume (unless *volume names it already), waits
+// for it to be available and attaches it to instance id, waiting for the
+// instance to run.
+func (m *Manager) attachCache(ctx context.Context, st cloud.Storage, p *poolState, spec cloud.VolumeSpec, id string, volume *string) error {
+	if *volume == "" {
+		snap, err := currentSnapshot(ctx, st, m.cacheTags(p))
+		if err != nil {
+			return fmt.Errorf("finding the cache's snapshot: %w", err)
+		}
+		if snap != nil {
+			spec.SnapshotID = snap.ID
+			spec.SizeGB = max(spec.SizeGB, snap.SizeGB)
+		}
+		v, err := st.CreateVolume(ctx, spec)
+		if err != nil {
+			return fmt.Errorf("creating the cache volume: %w", err)
+		}
+		*volume = v.ID
+		m.log.Info("cache volume created", "pool", p.name, "instance", id, "volume", v.ID, "snapshot", spec.SnapshotID)
+	}
+	wait := time.Second
+	for {
+		vs, err := st.Volumes(ctx, cloud.Filter{IDs: []string{*volume}})
+		switch {
+		case err != nil:
+			// Retried below: a listing may lag a creation.
+		case len(vs) == 1 && vs[0].InstanceID == id:
+			return nil // attached before a restart
+		case len(vs) == 1 && vs[0].State == cloud.VolumeAvailable:
+			if _, err = st.AttachVolume(ctx, *volume, id, cacheDevice); err == nil {
+				return nil
+			}
+			// The instance may not run yet: EC2 attaches only then.
+		case len(vs) == 1 && vs[0].State == cloud.VolumeError:
+			return fmt.Errorf("cache volume %s failed", *volume)
+		}
+		t := m.clock.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			if err == nil {
+				err = ctx.Err()
+			}
+			return fmt.Errorf("attaching cache volume %s to %s: %w", *volume, id, err)
+		case <-t.C():
+		}
+		wait = min(2*wait, 15*time.Second)
+	}
+}
+
+// currentSnapshot is the newest completed snapshot with tags, or nil.
+func currentSnapshot(ctx context.Context, st cloud.Storage, tags map[string]string) (*cloud.Snapshot, error) {
+	snaps, err := cacheSnapshots(ctx, st, tags)
+	if err != nil || len(snaps) == 0 {
+		return nil, err
+	}
+	return &snaps[0], nil
+}
+
+// cacheSnapshots lists a cache's completed snapshots, newest first.
+func cacheSnapshots(ctx context.Context, st cloud.Storage, tags map[string]string) ([]cloud.Snapshot, error) {
+	all, err := st.Snapshots(ctx, cloud.Filter{Tags: tags})
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(newestFirst(all), func(s cloud.Snapshot) bool { return s.State != cloud.SnapshotCompleted }), nil
+}
+
+// newestFirst sorts snapshots newest first; completed ones before the
+// others, so that a snapshot's index among the completed is its index.
+func newestFirst(snaps []cloud.Snapshot) []cloud.Snapshot {
+	slices.SortFunc(snaps, func(a, b cloud.Snapshot) int {
+		return cmp.Or(
+			cmp.Compare(stateRank(a.State), stateRank(b.State)),
+			b.StartedAt.Compare(a.StartedAt),
+			cmp.Compare(b.ID, a.ID))
+	})
+	return snaps
+}
+
+func stateRank(state string) int {
+	if state == cloud.SnapshotCompleted {
+		return 0
+	}
+	return 1
+}
+
+// awaitsCache: in's pool has a cache and in's volume is not attached yet,
+// so in is not ready for a lease whatever its bootstrap says.
+func (m *Manager) awaitsCache(in *Instance) bool {
+	_, ok := storageOf(m.pools[in.Pool])
+	return ok && !in.CacheAttached
+}
+
+// savesCache says whether in, ending for reason, is to have its cache
+// snapshotted first: it served a lease, its volume is attached and its
+// disk is sound. An instance lost, expired mid-build or never ready is
+// not asked; its volume is just deleted.
+func (m *Manager) savesCache(in *Instance, reason Reason) bool {
+	if _, ok := storageOf(m.pools[in.Pool]); !ok || !in.CacheAttached || in.Uses == 0 {
+		return false
+	}
+	switch in.State {
+	case Idle, Leased, Releasing, Draining:
+	default:
+		return false
+	}
+	switch reason {
+	case ReasonDiscard, ReasonIdleTTD, ReasonMaxUses, ReasonDrain, ReasonScaleIn:
+		return true
+	}
+	return false
+}
+
+// snapshotCacheLocked snapshots a Saving instance's cache volume in the
+// background, then ends the instance whatever came of it.
+func (m *Manager) snapshotCacheLocked(in *Instance) {
+	p := m.pools[in.Pool]
+	st, ok := storageOf(p)
+	if !ok || in.op != OpNone || in.State != Saving {
+		return
+	}
+	in.op = OpSnapshot
+	volume, id := in.CacheVolume, in.ID
+	tags := m.cacheTags(p)
+	tags["hangar:instance"] = id
+	m.goAsync(func(ctx context.Context) {
+		start := m.clock.Now()
+		cctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+		snap, err := st.CreateSnapshot(cctx, volume, fmt.Sprintf("hangar cache %s of pool %s, from %s", p.spec.Cache.Name, p.name, id), tags)
+		cancel()
+		took := m.clock.Now().Sub(start)
+		m.mu.Lock()
+		defer m.unlock()
+		in.op = OpNone
+		if ctx.Err() != nil {
+			return // shutting down: the instance asks again after the restart
+		}
+		if err != nil {
+			m.log.Warn("cache snapshot failed; the previous one stays current", "pool", in.Pool, "instance", id, "volume", volume, "err", err)
+		} else {
+			m.log.Info("cache snapshotted", "pool", in.Pool, "instance", id, "volume", volume, "snapshot", snap.ID, "took", took)
+			m.goAsync(func(ctx context.Context) { m.pruneCache(ctx, p) })
+		}
+		if m.metrics != nil {
+			m.metrics.CacheSnapshots.WithLabelValues(in.Pool, outcome(err)).Inc()
+			if err == nil {
+				m.metrics.CacheSnapshotSeconds.WithLabelValues(in.Pool).Observe(took.Seconds())
+				m.metrics.CacheSnapshotBytes.WithLabelValues(in.Pool).Set(float64(snap.SizeGB) * (1 << 30))
+			}
+		}
+		m.terminateLocked(in, ReasonCacheSaved)
+	})
+}
+
+func outcome(err error) string {
+	if err != nil {
+		return "failed"
+	}
+	return "ok"
+}
+
+// pruneCache deletes p's completed snapshots beyond keep, oldest first,
+// and those that failed. The newest completed one is never deleted.
+func (m *Manager) pruneCache(ctx context.Context, p *poolState) {
+	st, ok := storageOf(p)
+	if !ok {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+	defer cancel()
+	all, err := st.Snapshots(cctx, cloud.Filter{Tags: m.cacheTags(p)})
+	if err != nil {
+		m.log.Warn("listing cache snapshots to prune", "pool", p.name, "err", err)
+		return
+	}
+	var drop []string
+	for i, s := range newestFirst(all) {
+		if s.State == cloud.SnapshotError || s.State == cloud.SnapshotCompleted && i >= max(p.spec.Cache.Keep, 1) {
+			drop = append(drop, s.ID)
+		}
+	}
+	for _, id := range drop {
+		if err := st.DeleteSnapshot(cctx, id); err != nil {
+			m.log.Warn("deleting an old cache snapshot", "pool", p.name, "snapshot", id, "err", err)
+			continue
+		}
+		m.log.Info("old cache snapshot deleted", "pool", p.name, "snapshot", id)
+	}
+}
+
+// sweepCacheVolumes deletes the cache volumes of prov that no instance
+// needs: attached to nothing, and of an instance gone, or unknown for
+// longer than cacheVolumeGrace (its record may be on its way). One listing
+// a reconcile cycle, filtered by the owner tag.
+func (m *Manager) sweepCacheVolumes(ctx context.Context, prov cloud.Provider) {
+	st, ok := cloud.StorageOf(prov)
+	if !ok {
+		return
+	}
+	m.mu.Lock()
+	caches := false
+	for _, p := range m.pools {
+		caches = caches || (p.provider == prov && p.spec.Cache != nil)
+	}
+	m.unlock()
+	if !caches {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, cloudCallTimeout)
+	defer cancel()
+	vols, err := st.Volumes(cctx, cloud.Filter{Tags: map[string]string{cloud.TagOwner: m.store.Owner()}})
+	if err != nil {
+		m.log.Warn("listing cache volumes", "err", err)
+		return
+	}
+	now := m.clock.Now()
+	var drop []cloud.Volume
+	m.mu.Lock()
+	listed := map[string]bool{}
+	for _, v := range vols {
+		if v.Tags[TagCache] == "" || v.State != cloud.VolumeAvailable || v.InstanceID != "" {
+			continue
+		}
+		listed[v.ID] = true
+		in := m.instances[v.Tags[cloud.TagIntent]]
+		switch {
+		case in != nil && in.State != Gone && in.CacheVolume == v.ID:
+			// Its instance's: attached soon, or kept until it ends.
+			delete(m.strayVolumes, v.ID)
+		case in != nil && in.State == Gone && in.CacheVolume == v.ID:
+			drop = append(drop, v)
+		default:
+			first, seen := m.strayVolumes[v.ID]
+			if !seen {
+				m.strayVolumes[v.ID] = now
+			} else if now.Sub(first) > cacheVolumeGrace {
+				drop = append(drop, v)
+			}
+		}
+	}
+	for id := range m.strayVolumes {
+		if !listed[id] {
+			delete(m.strayVolumes, id)
+		}
+	}
+	m.unlock()
+	for _, v := range drop {
+		if err := st.DeleteVolume(cctx, v.ID); err != nil && !errors.Is(err, cloud.ErrNotFound) {
+			m.log.Warn("deleting a cache volume", "volume", v.ID, "err", err)
+			continue
+		}
+		m.log.Info("cache volume deleted", "volume", v.ID, "instance", v.Tags[cloud.TagIntent])
+		m.mu.Lock()
+		delete(m.strayVolumes, v.ID)
+		m.unlock()
+	}
+}
