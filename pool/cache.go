@@ -34,14 +34,9 @@ const cacheDevice = "/dev/sdf"
 // TagCache names the cache a volume or snapshot belongs to.
 const TagCache = "hangar:cache"
 
-const (
-	// cacheTimeout bounds making and attaching a cache volume, and an
-	// instance's flushing its cache when asked to.
-	cacheTimeout = 5 * time.Minute
-	// cacheVolumeGrace is how long an unattached cache volume of no known
-	// instance is kept: a crash may have cut its creation's record.
-	cacheVolumeGrace = 5 * time.Minute
-)
+// cacheTimeout bounds making and attaching a cache volume, and an
+// instance's flushing its cache when asked to.
+const cacheTimeout = 5 * time.Minute
 
 // cacheTags are the tags of p's cache volumes and snapshots.
 func (m *Manager) cacheTags(p *poolState) map[string]string {
@@ -294,8 +289,9 @@ func (m *Manager) pruneCache(ctx context.Context, p *poolState) {
 
 // sweepCacheVolumes deletes the cache volumes of prov that no instance
 // needs: attached to nothing, and of an instance gone, or unknown for
-// longer than cacheVolumeGrace (its record may be on its way). One listing
-// a reconcile cycle, filtered by the owner tag.
+// longer than orphan_grace (its record may be on its way, as for an
+// orphan instance). One listing a reconcile cycle, filtered by the owner
+// tag.
 func (m *Manager) sweepCacheVolumes(ctx context.Context, prov cloud.Provider) {
 	st, ok := cloud.StorageOf(prov)
 	if !ok {
@@ -337,7 +333,7 @@ func (m *Manager) sweepCacheVolumes(ctx context.Context, prov cloud.Provider) {
 			first, seen := m.strayVolumes[v.ID]
 			if !seen {
 				m.strayVolumes[v.ID] = now
-			} else if now.Sub(first) > cacheVolumeGrace {
+			} else if now.Sub(first) > m.opts.OrphanGrace {
 				drop = append(drop, v)
 			}
 		}

@@ -2,13 +2,20 @@ package main
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/local"
 	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
+	"github.com/hangar-ci/hangar/pool/api"
 )
 
 const cacheTOML = `
@@ -92,4 +99,175 @@ func TestCacheOutlivesInstances(t *testing.T) {
 		vols := cacheVolumes(t, ts)
 		return len(vols) == 1 && vols[0].InstanceID == third
 	})
+	if m := scrape(t, ts.url); !strings.Contains(m, `hangar_cache_volumes{pool="demo"} 1`+"\n") {
+		t.Errorf("hangar_cache_volumes is not 1:\n%s", grepLines(m, "hangar_cache"))
+	}
+}
+
+// failingSnapshots is the local cloud with CreateSnapshot failing while
+// fail is set.
+type failingSnapshots struct {
+	*local.Provider
+	fail atomic.Bool
+}
+
+func (f *failingSnapshots) CreateSnapshot(ctx context.Context, volumeID, description string, tags map[string]string) (cloud.Snapshot, error) {
+	if f.fail.Load() {
+		return cloud.Snapshot{}, errors.New("injected: the snapshot failed midway")
+	}
+	return f.Provider.CreateSnapshot(ctx, volumeID, description, tags)
+}
+
+// A snapshot that fails leaves the previous one current, ends the instance
+// all the same (its volume deleted), is counted, and the pool goes on.
+func TestCacheSnapshotFailureKeepsThePrevious(t *testing.T) {
+	dataDir := t.TempDir()
+	lp, err := local.New(context.Background(), local.Options{Dir: filepath.Join(dataDir, "local")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lp.Close() })
+	prov := &failingSnapshots{Provider: lp}
+	ts := startTestWith(t, testTOML(dataDir, "demo", "max_instances = 1\n"+cacheTOML), serveOptions{Providers: map[string]cloud.Provider{"local": prov}})
+	srv := "--server=" + ts.url
+
+	_, _, stderr := runCLI(t, srv, "run", "demo", "--discard-on-failure", "--", "sh", "-c", `echo one > "$HANGAR_CACHE_DIR/first"; exit 1`)
+	waitGone(t, ts, find(t, instanceInNote, stderr))
+	before := cacheSnapshots(t, ts)
+	if len(before) != 1 {
+		t.Fatalf("snapshots after the first end: %+v", before)
+	}
+
+	prov.fail.Store(true)
+	_, _, stderr = runCLI(t, srv, "run", "demo", "--discard-on-failure", "--", "sh", "-c", `echo two > "$HANGAR_CACHE_DIR/second"; exit 1`)
+	waitGone(t, ts, find(t, instanceInNote, stderr))
+	if after := cacheSnapshots(t, ts); len(after) != 1 || after[0].ID != before[0].ID {
+		t.Fatalf("snapshots after a failed one: %+v, want only %s", after, before[0].ID)
+	}
+	if !strings.Contains(ts.logs.String(), "cache snapshot failed; the previous one stays current") {
+		t.Error("the failed snapshot is not in the log")
+	}
+	metrics := scrape(t, ts.url)
+	for _, want := range []string{`hangar_cache_snapshots_total{outcome="failed",pool="demo"} 1`, `hangar_cache_snapshots_total{outcome="ok",pool="demo"} 1`} {
+		if !strings.Contains(metrics, want+"\n") {
+			t.Errorf("metrics lack %s:\n%s", want, grepLines(metrics, "hangar_cache"))
+		}
+	}
+
+	prov.fail.Store(false)
+	code, stdout, stderr := runCLI(t, srv, "run", "demo", "--", "sh", "-c", `cat "$HANGAR_CACHE_DIR/first"; ls "$HANGAR_CACHE_DIR"`)
+	if code != 0 || stdout != "one\nfirst\n" {
+		t.Fatalf("after the failed snapshot: exit %d, stdout %q, want the first snapshot's cache; stderr:\n%s", code, stdout, stderr)
+	}
+	third := find(t, instanceInNote, stderr)
+	testutil.Eventually(t, "the ended instances' volumes to be deleted", 30*time.Second, func() bool {
+		vols := cacheVolumes(t, ts)
+		return len(vols) == 1 && vols[0].InstanceID == third
+	})
+}
+
+// storedIDs lists the ids of the local cloud's volumes or snapshots under
+// dir ("volumes", "snapshots") by their directories, without opening the
+// cloud another process runs.
+func storedIDs(t *testing.T, localDir, kind string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(localDir, "storage", kind))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, e := range entries {
+		ids = append(ids, e.Name())
+	}
+	return ids
+}
+
+// kill -9 of the server while an ending instance's cache is being saved
+// loses neither the instance's end nor the cache: after a restart the
+// instance ends, its volume is deleted, and one snapshot is current.
+func TestCacheKill9WhileSaving(t *testing.T) {
+	dir := t.TempDir()
+	addr := freePort(t)
+	dataDir := filepath.Join(dir, "data")
+	localDir := filepath.Join(dataDir, "local")
+	cfg := testTOML(dataDir, "demo", "max_instances = 1\n"+cacheTOML)
+	cfg = replaceOnce(cfg, `listen = "127.0.0.1:0"`, `listen = "`+addr+`"`+"\norphan_grace = \"2s\"")
+	configPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, configPath, cfg)
+	logPath := filepath.Join(dir, "serve.log")
+	t.Cleanup(func() {
+		terminateAll(t, localDir)
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("server log:\n%s", b)
+		}
+	})
+	proc := serveProcess(t, configPath, addr, logPath)
+	killed := false
+	defer func() {
+		if !killed {
+			_ = proc.Process.Kill()
+			_ = proc.Wait()
+		}
+	}()
+	srv := "--server=http://" + addr
+
+	// A cache big enough that its flush and copy take a while: the kill
+	// lands in the save, not before or after it.
+	code, _, stderr := runCLI(t, srv, "run", "demo", "--discard-on-failure", "--", "sh", "-c",
+		`head -c 200000000 /dev/zero > "$HANGAR_CACHE_DIR/big"; echo one > "$HANGAR_CACHE_DIR/first"; exit 1`)
+	if code != 1 {
+		t.Fatalf("first run: exit %d; stderr:\n%s", code, stderr)
+	}
+	id := find(t, instanceInNote, stderr)
+	during := "the snapshot's copy"
+	copying := func() bool {
+		tmp, _ := os.ReadDir(filepath.Join(localDir, "storage", "tmp"))
+		return len(tmp) > 0
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for !copying() {
+		if time.Now().After(deadline) {
+			during = "the save, the copy not seen"
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := proc.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = proc.Wait()
+	killed = true
+	t.Logf("killed during %s", during)
+
+	proc = serveProcess(t, configPath, addr, logPath)
+	defer func() {
+		if err := proc.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Error(err)
+		}
+		if err := proc.Wait(); err != nil {
+			t.Errorf("hangar serve after SIGTERM: %v", err)
+		}
+	}()
+	c := &api.Client{BaseURL: "http://" + addr}
+	testutil.Eventually(t, id+" to end after the restart", 60*time.Second, func() bool {
+		list, err := c.Instances(context.Background(), "demo")
+		if err != nil {
+			return false
+		}
+		for _, in := range list {
+			if in.ID == id {
+				return false
+			}
+		}
+		return len(instanceProcs(id)) == 0
+	})
+	testutil.Eventually(t, "no cache volume left and one snapshot", 60*time.Second, func() bool {
+		return len(storedIDs(t, localDir, "volumes")) == 0 && len(storedIDs(t, localDir, "snapshots")) == 1
+	})
+	// The snapshot is the instance's cache: a new instance starts from it.
+	code, stdout, stderr := runCLI(t, srv, "run", "demo", "--", "sh", "-c", `cat "$HANGAR_CACHE_DIR/first"`)
+	if code != 0 || stdout != "one\n" {
+		t.Fatalf("the cache after the restart: exit %d, %q; stderr:\n%s", code, stdout, stderr)
+	}
 }
