@@ -40,13 +40,20 @@ const (
 	AssignTerminate = "terminate" // stop everything and exit
 	// AssignSaveCache: the instance is ending and its cache volume is to
 	// be snapshotted: stop the worker, flush the cache's filesystem (and
-	// freeze it where it can), then poll with cache=synced.
+	// freeze it where it can), then poll with cache=saved.
 	AssignSaveCache = "save-cache"
+	// AssignSyncCache: the idle instance's cache is to be snapshotted
+	// while it lives (hangar cache snapshot, the cache's refresh): flush
+	// it, then poll with cache=synced.
+	AssignSyncCache = "sync-cache"
 )
 
-// CacheSynced is what a poll's cache= says once the bootstrap has done what
-// AssignSaveCache asked.
-const CacheSynced = "synced"
+// What a poll's cache= says the bootstrap has done to its cache, as
+// AssignSyncCache and AssignSaveCache asked.
+const (
+	CacheSynced = "synced" // flushed
+	CacheSaved  = "saved"  // worker stopped, flushed and frozen where it could be
+)
 
 // Assignment is what an instance is told to do.
 type Assignment struct {
@@ -93,9 +100,8 @@ type Poll struct {
 	// TokenHash is the hash of the token the poll came with: a rotated
 	// token is only settled once the instance uses it.
 	TokenHash string
-	// CacheSynced: the instance's cache is flushed (cache=synced), as an
-	// AssignSaveCache answer asked.
-	CacheSynced bool
+	// Cache is what the poll's cache= says: "", CacheSynced or CacheSaved.
+	Cache string
 }
 
 // Heartbeat is an instance's periodic sign of life.
@@ -309,18 +315,16 @@ func (h *handler) assignment(w http.ResponseWriter, r *http.Request, instance st
 			return
 		}
 	}
-	synced := false
-	switch s := r.URL.Query().Get("cache"); s {
-	case "":
-	case CacheSynced:
-		synced = true
+	cache := r.URL.Query().Get("cache")
+	switch cache {
+	case "", CacheSynced, CacheSaved:
 	default:
-		http.Error(w, fmt.Sprintf("bad cache %q: want %s or nothing", s, CacheSynced), http.StatusBadRequest)
+		http.Error(w, fmt.Sprintf("bad cache %q: want %s, %s or nothing", cache, CacheSynced, CacheSaved), http.StatusBadRequest)
 		return
 	}
 	hash, _ := r.Context().Value(tokenHashKey{}).(string)
 	a, err := h.b.Assignment(r.Context(), instance, Poll{Current: r.URL.Query().Get("current"), Run: run, Rotate: rotate, Wait: wait,
-		TokenHash: hash, CacheSynced: synced})
+		TokenHash: hash, Cache: cache})
 	if err != nil {
 		h.fail(w, instance, "assignment", err)
 		return

@@ -22,7 +22,7 @@ type fakeBackend struct {
 	current string
 	run     int
 	rotate  bool
-	synced  bool
+	cache   string
 	wait    time.Duration
 	hb      []Heartbeat
 
@@ -85,7 +85,7 @@ func (f *fakeBackend) Ready(ctx context.Context, instance string, r Ready) error
 }
 
 func (f *fakeBackend) Assignment(ctx context.Context, instance string, p Poll) (Assignment, error) {
-	f.current, f.wait, f.run, f.rotate, f.synced = p.Current, p.Wait, p.Run, p.Rotate, p.CacheSynced
+	f.current, f.wait, f.run, f.rotate, f.cache = p.Current, p.Wait, p.Run, p.Rotate, p.Cache
 	return Assignment{State: AssignAssigned, LeaseID: "l-1", WorkerName: "w1", WorkerPassword: "p'w; $(rm -rf /)", WorkerMaster: "m:1", WorkerCommand: "run-worker"}, nil
 }
 
@@ -150,14 +150,16 @@ func TestEndpoints(t *testing.T) {
 	if status, _ := do("GET", "/bootstrap/v1/assignment?rotate=yes", "good-token", ""); status != 400 {
 		t.Errorf("assignment with rotate=yes: %d, want 400", status)
 	}
-	if status, _ := do("GET", "/bootstrap/v1/assignment?rotate=1", "good-token", ""); status != 200 || !f.rotate || f.synced {
-		t.Errorf("assignment with rotate=1: %d, rotate %v, synced %v; want 200, true, false", status, f.rotate, f.synced)
+	if status, _ := do("GET", "/bootstrap/v1/assignment?rotate=1", "good-token", ""); status != 200 || !f.rotate || f.cache != "" {
+		t.Errorf("assignment with rotate=1: %d, rotate %v, cache %q; want 200, true, none", status, f.rotate, f.cache)
 	}
 	if status, body := do("GET", "/bootstrap/v1/assignment?cache=frozen", "good-token", ""); status != 400 || !strings.Contains(body, "bad cache") {
 		t.Errorf("assignment with cache=frozen: %d %q, want 400 bad cache", status, body)
 	}
-	if status, _ := do("GET", "/bootstrap/v1/assignment?cache=synced", "good-token", ""); status != 200 || !f.synced {
-		t.Errorf("assignment with cache=synced: %d, synced %v; want 200, true", status, f.synced)
+	for _, c := range []string{CacheSynced, CacheSaved} {
+		if status, _ := do("GET", "/bootstrap/v1/assignment?cache="+c, "good-token", ""); status != 200 || f.cache != c {
+			t.Errorf("assignment with cache=%s: %d, cache %q; want 200, %[1]s", c, status, f.cache)
+		}
 	}
 	status, body := do("GET", "/bootstrap/v1/assignment?wait=1h&current=l-0", "good-token", "")
 	if status != 200 || f.current != "l-0" || f.wait != MaxWait || f.rotate {

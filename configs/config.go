@@ -295,12 +295,17 @@ type Cache struct {
 	Mount string `toml:"mount"`
 	// Keep is how many snapshots are kept; older ones are deleted.
 	Keep int `toml:"keep"`
+	// Refresh is how old the newest snapshot may get while instances live
+	// on: the most recently used idle instance's cache is snapshotted
+	// this often. "0s": only when instances end.
+	Refresh Duration `toml:"refresh"`
 }
 
 func (c *Cache) setDefaults() {
 	c.SizeGB = 20
 	c.Mount = "/cache"
 	c.Keep = 3
+	c.Refresh = Duration{6 * time.Hour}
 }
 
 // Default returns the server defaults; it has no providers and no pools.

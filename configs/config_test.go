@@ -743,17 +743,17 @@ func TestPoolCache(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := c.Pools["demo"].Cache, (&Cache{Volume: "deps", SizeGB: 20, Mount: "/cache", Keep: 3}); *got != *want {
+	if got, want := c.Pools["demo"].Cache, (&Cache{Volume: "deps", SizeGB: 20, Mount: "/cache", Keep: 3, Refresh: Duration{6 * time.Hour}}); *got != *want {
 		t.Errorf("cache = %+v, want %+v", got, want)
 	}
-	_, err = Parse("hangar.toml", []byte(base+"[pools.demo.cache]\nvolume = \"Deps!\"\nsize_gb = 0\nmount = \"cache\"\nkeep = 0\nrefresh = \"6h\"\n"+
+	_, err = Parse("hangar.toml", []byte(base+"[pools.demo.cache]\nvolume = \"Deps!\"\nsize_gb = 0\nmount = \"cache\"\nkeep = 0\nrefresh = \"-1h\"\n"+
 		"[pools.b]\nprovider = \"local\"\ncache = { mount = \"/\" }\n"+
 		"[pools.c]\nprovider = \"local\"\ncache = { mount = \"/a/../b\", size_gb = 20000 }\n"))
 	want := `hangar.toml:6: pools.demo.cache.volume: invalid name: must match ^[a-z0-9][a-z0-9._-]{0,62}$
 hangar.toml:7: pools.demo.cache.size_gb: must be between 1 and 16384, not 0
 hangar.toml:8: pools.demo.cache.mount: must be a clean absolute path other than /, not "cache"
 hangar.toml:9: pools.demo.cache.keep: must be ≥ 1: the newest snapshot is the one new instances start from
-hangar.toml:10: pools.demo.cache.refresh: unknown key
+hangar.toml:10: pools.demo.cache.refresh: must not be negative
 hangar.toml:13: pools.b.cache.mount: must be a clean absolute path other than /, not "/"
 hangar.toml:16: pools.c.cache.size_gb: must be between 1 and 16384, not 20000
 hangar.toml:16: pools.c.cache.mount: must be a clean absolute path other than /, not "/a/../b"`

@@ -305,6 +305,7 @@ func (k *checker) cache(key string, c Cache) {
 	if c.Keep < 1 {
 		k.add(join(key, "keep"), "must be ≥ 1: the newest snapshot is the one new instances start from")
 	}
+	k.notNegative(join(key, "refresh"), int64(c.Refresh.Duration))
 }
 
 func (k *checker) pool(name string, p Pool) {

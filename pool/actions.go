@@ -347,6 +347,7 @@ func (m *Manager) timersLocked() {
 	for name, p := range m.pools {
 		m.reapIdleLocked(p, idle[name], live[name], now)
 		m.unblockLocked(p, now)
+		m.cacheTimerLocked(p, now)
 	}
 }
 
@@ -410,6 +411,14 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 				m.metrics.CacheSnapshots.WithLabelValues(in.Pool, "failed").Inc()
 			}
 			m.terminateLocked(in, ReasonCacheTimeout)
+		case in.State == Idle && in.refresh != nil:
+			// Not reaped while its cache is snapshotted; asked in vain
+			// for too long, it goes back to work.
+			if in.op == OpNone && now.Sub(in.refresh.asked) > cacheTimeout {
+				m.log.Warn("instance never flushed its cache for a refresh", "pool", in.Pool, "instance", in.ID)
+				m.endRefreshLocked(in, fmt.Errorf("instance %s did not flush its cache within %s", in.name(), cacheTimeout))
+				m.wakeInstance(in)
+			}
 		case in.State == Idle:
 			idle[in.Pool] = append(idle[in.Pool], in)
 		}

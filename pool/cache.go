@@ -210,12 +210,34 @@ func (m *Manager) savesCache(in *Instance, reason Reason) bool {
 	return false
 }
 
-// snapshotCacheLocked snapshots a Saving instance's cache volume in the
-// background, then ends the instance whatever came of it.
+// cacheRefresh is a snapshot asked of a live, idle instance's cache (in
+// memory only: a restart forgets it, and the refresh timer asks again).
+type cacheRefresh struct {
+	asked time.Time
+	done  chan struct{} // closed when it has ended, with snap or err
+	snap  cloud.Snapshot
+	err   error
+}
+
+// endRefreshLocked ends in's refresh, if any, with err.
+func (m *Manager) endRefreshLocked(in *Instance, err error) {
+	if r := in.refresh; r != nil {
+		r.err = err
+		close(r.done)
+		in.refresh = nil
+		if err != nil && m.metrics != nil {
+			m.metrics.CacheSnapshots.WithLabelValues(in.Pool, "failed").Inc()
+		}
+	}
+}
+
+// snapshotCacheLocked snapshots in's cache volume in the background, once
+// its bootstrap has flushed it: a Saving instance then ends whatever came
+// of it; an idle one asked for a refresh goes back to work.
 func (m *Manager) snapshotCacheLocked(in *Instance) {
 	p := m.pools[in.Pool]
 	st, ok := storageOf(p)
-	if !ok || in.op != OpNone || in.State != Saving {
+	if !ok || in.op != OpNone || in.State != Saving && in.refresh == nil {
 		return
 	}
 	in.op = OpSnapshot
@@ -234,21 +256,77 @@ func (m *Manager) snapshotCacheLocked(in *Instance) {
 		if ctx.Err() != nil {
 			return // shutting down: the instance asks again after the restart
 		}
-		if err != nil {
-			m.log.Warn("cache snapshot failed; the previous one stays current", "pool", in.Pool, "instance", id, "volume", volume, "err", err)
-		} else {
-			m.log.Info("cache snapshotted", "pool", in.Pool, "instance", id, "volume", volume, "snapshot", snap.ID, "took", took)
-			m.goAsync(func(ctx context.Context) { m.pruneCache(ctx, p) })
+		m.cacheSnapshotted(p, in, snap, err, took)
+		if r := in.refresh; r != nil {
+			r.snap, r.err = snap, err
+			close(r.done)
+			in.refresh = nil
+			m.wakeInstance(in)
 		}
-		if m.metrics != nil {
-			m.metrics.CacheSnapshots.WithLabelValues(in.Pool, outcome(err)).Inc()
-			if err == nil {
-				m.metrics.CacheSnapshotSeconds.WithLabelValues(in.Pool).Observe(took.Seconds())
-				m.metrics.CacheSnapshotBytes.WithLabelValues(in.Pool).Set(float64(snap.SizeGB) * (1 << 30))
-			}
+		if in.State == Saving {
+			m.terminateLocked(in, ReasonCacheSaved)
 		}
-		m.terminateLocked(in, ReasonCacheSaved)
+		m.dispatchLocked()
 	})
+}
+
+// cacheSnapshotted records a snapshot's outcome: logs, metrics, the
+// refresh clock, and the pruning a new snapshot makes due.
+func (m *Manager) cacheSnapshotted(p *poolState, in *Instance, snap cloud.Snapshot, err error, took time.Duration) {
+	if err != nil {
+		m.log.Warn("cache snapshot failed; the previous one stays current", "pool", p.name, "instance", in.ID, "volume", in.CacheVolume, "err", err)
+	} else {
+		m.log.Info("cache snapshotted", "pool", p.name, "instance", in.ID, "volume", in.CacheVolume, "snapshot", snap.ID, "took", took)
+		p.cacheSavedAt = m.clock.Now()
+		in.cacheSnapUses = in.Uses
+		m.goAsync(func(ctx context.Context) { m.pruneCache(ctx, p) })
+	}
+	if m.metrics != nil {
+		m.metrics.CacheSnapshots.WithLabelValues(p.name, outcome(err)).Inc()
+		if err == nil {
+			m.metrics.CacheSnapshotSeconds.WithLabelValues(p.name).Observe(took.Seconds())
+			m.metrics.CacheSnapshotBytes.WithLabelValues(p.name).Set(float64(snap.SizeGB) * (1 << 30))
+		}
+	}
+}
+
+// cacheTimerLocked refreshes p's cache when its newest snapshot is older
+// than the cache's refresh.
+func (m *Manager) cacheTimerLocked(p *poolState, now time.Time) {
+	if c := p.spec.Cache; c == nil || c.Refresh <= 0 || now.Sub(p.cacheSavedAt) < c.Refresh {
+		return
+	}
+	// The next try after another period, whatever comes of this one (no
+	// instance to take it from, a failure); a snapshot resets the clock.
+	p.cacheSavedAt = now
+	m.refreshCacheLocked(p, true)
+}
+
+// refreshCacheLocked asks the most recently used idle instance of p that
+// has served a lease (with onlyChanged, one since its cache was last
+// snapshotted) to have its cache snapshotted, and returns the refresh; nil
+// when no instance can. One at a time: a refresh under way is returned
+// again.
+func (m *Manager) refreshCacheLocked(p *poolState, onlyChanged bool) *cacheRefresh {
+	var best *Instance
+	for _, in := range m.instances {
+		if in.Pool != p.name || in.State != Idle || !in.CacheAttached || in.Uses == 0 || onlyChanged && in.Uses == in.cacheSnapUses {
+			continue
+		}
+		if in.refresh != nil {
+			return in.refresh
+		}
+		if in.op == OpNone && (best == nil || in.Since.After(best.Since)) {
+			best = in
+		}
+	}
+	if best == nil {
+		return nil
+	}
+	best.refresh = &cacheRefresh{asked: m.clock.Now(), done: make(chan struct{})}
+	m.log.Info("refreshing the cache from an idle instance", "pool", p.name, "instance", best.ID)
+	m.wakeInstance(best)
+	return best.refresh
 }
 
 func outcome(err error) string {
@@ -354,4 +432,102 @@ func (m *Manager) sweepCacheVolumes(ctx context.Context, prov cloud.Provider) {
 		delete(m.strayVolumes, v.ID)
 		m.unlock()
 	}
+}
+
+// ErrNoCache: the pool has no cache, or nothing to take a snapshot from.
+var ErrNoCache = errors.New("no cache")
+
+// CacheSnapshotView is one snapshot of a pool's cache.
+type CacheSnapshotView struct {
+	ID        string    `json:"id"`
+	State     string    `json:"state"`
+	CreatedAt time.Time `json:"created_at"`
+	SizeGB    int       `json:"size_gb"`
+	// Instance is the instance whose cache it is.
+	Instance string `json:"instance,omitempty"`
+	// Current: new instances start from it (the newest completed one).
+	Current bool `json:"current"`
+}
+
+// cachePool returns pool's state and storage, or why there are none.
+func (m *Manager) cachePool(pool string) (*poolState, cloud.Storage, error) {
+	m.mu.Lock()
+	p := m.pools[pool]
+	m.unlock()
+	if p == nil {
+		return nil, nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	st, ok := storageOf(p)
+	if !ok {
+		return nil, nil, fmt.Errorf("%w: pool %s has no [cache]", ErrNoCache, pool)
+	}
+	return p, st, nil
+}
+
+// CacheSnapshots lists the snapshots of pool's cache, newest first.
+func (m *Manager) CacheSnapshots(ctx context.Context, pool string) ([]CacheSnapshotView, error) {
+	p, st, err := m.cachePool(pool)
+	if err != nil {
+		return nil, err
+	}
+	all, err := st.Snapshots(ctx, cloud.Filter{Tags: m.cacheTags(p)})
+	if err != nil {
+		return nil, fmt.Errorf("listing the snapshots of pool %s's cache: %w", pool, err)
+	}
+	out := []CacheSnapshotView{}
+	for i, s := range newestFirst(all) {
+		out = append(out, CacheSnapshotView{ID: s.ID, State: s.State, CreatedAt: s.StartedAt, SizeGB: s.SizeGB,
+			Instance: s.Tags["hangar:instance"], Current: i == 0 && s.State == cloud.SnapshotCompleted})
+	}
+	return out, nil
+}
+
+// SnapshotCache snapshots pool's cache now, from its most recently used
+// idle instance, without stopping it, and returns the snapshot once taken.
+func (m *Manager) SnapshotCache(ctx context.Context, pool string) (CacheSnapshotView, error) {
+	p, _, err := m.cachePool(pool)
+	if err != nil {
+		return CacheSnapshotView{}, err
+	}
+	m.mu.Lock()
+	r := m.refreshCacheLocked(p, false)
+	m.unlock()
+	if r == nil {
+		return CacheSnapshotView{}, fmt.Errorf("%w: no idle instance of pool %s has served a lease since it started; its cache is snapshotted when such an instance ends", ErrNoCache, pool)
+	}
+	select {
+	case <-ctx.Done():
+		return CacheSnapshotView{}, fmt.Errorf("waiting for the snapshot of pool %s's cache: %w", pool, ctx.Err())
+	case <-r.done:
+	}
+	if r.err != nil {
+		return CacheSnapshotView{}, fmt.Errorf("snapshotting pool %s's cache: %w", pool, r.err)
+	}
+	s := r.snap
+	return CacheSnapshotView{ID: s.ID, State: s.State, CreatedAt: s.StartedAt, SizeGB: s.SizeGB, Instance: s.Tags["hangar:instance"], Current: s.State == cloud.SnapshotCompleted}, nil
+}
+
+// DropCache deletes every snapshot of pool's cache: the next instance
+// starts blank. Instances running keep their volumes. It returns the ids
+// deleted.
+func (m *Manager) DropCache(ctx context.Context, pool string) ([]string, error) {
+	p, st, err := m.cachePool(pool)
+	if err != nil {
+		return nil, err
+	}
+	all, err := st.Snapshots(ctx, cloud.Filter{Tags: m.cacheTags(p)})
+	if err != nil {
+		return nil, fmt.Errorf("listing the snapshots of pool %s's cache: %w", pool, err)
+	}
+	dropped := []string{}
+	var errs []error
+	for _, s := range all {
+		if err := st.DeleteSnapshot(ctx, s.ID); err != nil {
+			errs = append(errs, fmt.Errorf("deleting snapshot %s: %w", s.ID, err))
+			continue
+		}
+		dropped = append(dropped, s.ID)
+	}
+	m.log.Info("cache dropped", "pool", pool, "snapshots", dropped)
+	return dropped, errors.Join(errs...)
 }

@@ -181,12 +181,22 @@ func (m *Manager) nextAssignmentLocked(in *Instance, poll bootstrap.Poll) bootst
 	case Saving:
 		// Flush your cache; once it says it has, the snapshot starts and
 		// the poll waits for the end.
-		if !poll.CacheSynced {
+		if poll.Cache != bootstrap.CacheSaved {
 			a.State = bootstrap.AssignSaveCache
 			return a
 		}
 		m.snapshotCacheLocked(in)
 		return a
+	case Idle:
+		if in.refresh != nil {
+			// A snapshot of its cache while it lives: flush it, and once
+			// it has, the snapshot (the instance waits for it, unleased).
+			if poll.Cache == "" {
+				a.State = bootstrap.AssignSyncCache
+				return a
+			}
+			m.snapshotCacheLocked(in)
+		}
 	}
 	l := m.leases[in.LeaseID]
 	if l != nil && l.State == LeaseActive && (in.State == Leased || in.State == Draining) {

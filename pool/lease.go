@@ -519,13 +519,15 @@ func (m *Manager) dispatchPool(p *poolState) {
 		if in.State == Launching {
 			launching++
 		}
-		switch in.State {
-		case Idle:
+		switch {
+		case in.State == Idle && in.refresh == nil:
 			idle = append(idle, in)
-		case Launching, Booting, Starting, Releasing:
+		case in.State == Idle, in.State == Launching, in.State == Booting, in.State == Starting, in.State == Releasing:
+			// Idle ones whose cache is being snapshotted are idle again
+			// in a moment.
 			// Releasing ones are idle as soon as their worker stops.
 			coming = append(coming, in)
-		case Stopped:
+		case in.State == Stopped:
 			if in.op == OpNone {
 				stopped = append(stopped, in)
 			}

@@ -97,8 +97,12 @@ type Instance struct {
 
 	accounted time.Time     // instance-seconds accounted up to here
 	op        Op            // the cloud call under way for it, if any
-	token     string        // the bootstrap token, kept only until launch
-	wake      chan struct{} // closed to wake its assignment poll (wakeInstance)
+	refresh   *cacheRefresh // a snapshot of its cache asked while it is idle (cache.go)
+	// cacheSnapUses is Uses when its cache was last snapshotted: a refresh
+	// skips an instance that has served no lease since.
+	cacheSnapUses int
+	token         string        // the bootstrap token, kept only until launch
+	wake          chan struct{} // closed to wake its assignment poll (wakeInstance)
 }
 
 func (in *Instance) name() string {
@@ -123,6 +127,7 @@ type poolState struct {
 	retryAt        time.Time // no launches before this
 	launchErr      string    // last launch error, shown in hangar pools
 	blocked        bool      // a quota error stopped launches
+	cacheSavedAt   time.Time // the last snapshot of its cache (or the start): the refresh clock
 }
 
 // Manager runs every pool.
@@ -224,7 +229,7 @@ func New(opts Options) (*Manager, error) {
 		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {
 			return nil, fmt.Errorf("pool %s: %w", name, err)
 		}
-		m.pools[name] = &poolState{name: name, spec: spec, provider: p}
+		m.pools[name] = &poolState{name: name, spec: spec, provider: p, cacheSavedAt: m.clock.Now()}
 	}
 	if err := m.restore(); err != nil {
 		return nil, err

@@ -54,6 +54,9 @@ type CacheSpec struct {
 	Mount string
 	// Keep is how many completed snapshots are kept.
 	Keep int
+	// Refresh, when positive, is how old the newest snapshot may get: the
+	// most recently used idle instance's cache is snapshotted this often.
+	Refresh time.Duration
 }
 
 // userData renders what an instance of pool boots with, carrying token.

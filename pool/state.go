@@ -56,6 +56,11 @@ func (m *Manager) setState(in *Instance, to State, reason Reason) {
 		m.illegal("instance", in.name(), string(in.State), string(to))
 		return
 	}
+	if in.refresh != nil && in.op != OpSnapshot {
+		// Asked for a snapshot while idle, and no longer idle: the
+		// snapshot's own end is the call's to record.
+		m.endRefreshLocked(in, fmt.Errorf("instance %s became %s before its cache was flushed", in.name(), to))
+	}
 	now := m.clock.Now()
 	m.account(in, now)
 	m.log.Info("instance state", "pool", in.Pool, "instance", in.name(), "from", in.State, "to", to, "reason", reason)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -269,5 +270,82 @@ func TestCacheKill9WhileSaving(t *testing.T) {
 	code, stdout, stderr := runCLI(t, srv, "run", "demo", "--", "sh", "-c", `cat "$HANGAR_CACHE_DIR/first"`)
 	if code != 0 || stdout != "one\n" {
 		t.Fatalf("the cache after the restart: exit %d, %q; stderr:\n%s", code, stdout, stderr)
+	}
+}
+
+// hangar cache list, snapshot and drop, and their errors.
+func TestCacheCLI(t *testing.T) {
+	ts := startTest(t, testTOML(t.TempDir(), "demo", "max_instances = 1\n"+cacheTOML+
+		"[pools.plain]\nprovider = \"local\"\nworker_command = \"sleep 600\"\n"), nil)
+	srv := "--server=" + ts.url
+
+	code, out, errOut := runCLI(t, srv, "cache", "list", "demo")
+	if code != 0 || strings.TrimSpace(out) != "SNAPSHOT  STATE  CREATED  SIZE_GB  FROM" {
+		t.Fatalf("list of no snapshots: %d %q %q", code, out, errOut)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"cache", "snapshot", "demo"}, "no idle instance of pool demo has served a lease"},
+		{[]string{"cache", "list", "nope"}, `unknown pool "nope"`},
+		{[]string{"cache", "drop", "plain"}, "pool plain has no [cache]"},
+		{[]string{"cache", "snapshot"}, "accepts 1 arg(s), received 0"},
+	} {
+		code, _, errOut := runCLI(t, append([]string{srv}, c.args...)...)
+		if code == 0 || !strings.Contains(errOut, c.want) {
+			t.Errorf("hangar %v: exit %d, stderr %q; want an error with %q", c.args, code, errOut, c.want)
+		}
+	}
+
+	// An instance that has served a lease and is idle: its cache is
+	// snapshotted where it stands, and it stays in service.
+	code, _, errOut = runCLI(t, srv, "run", "demo", "--", "sh", "-c", `echo kept > "$HANGAR_CACHE_DIR/f"`)
+	if code != 0 {
+		t.Fatalf("run: %d %s", code, errOut)
+	}
+	id := find(t, instanceInNote, errOut)
+	testutil.Eventually(t, id+" to be idle", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
+	code, out, errOut = runCLI(t, srv, "cache", "snapshot", "demo")
+	if code != 0 || !strings.Contains(out, "taken from "+id) {
+		t.Fatalf("snapshot: %d %q %q", code, out, errOut)
+	}
+	code, out, _ = runCLI(t, srv, "cache", "list", "demo", "-o", "json")
+	var snaps []pool.CacheSnapshotView
+	if err := json.Unmarshal([]byte(out), &snaps); code != 0 || err != nil || len(snaps) != 1 || !snaps[0].Current || snaps[0].Instance != id || snaps[0].State != cloud.SnapshotCompleted {
+		t.Fatalf("list after the snapshot: %d %v %+v", code, err, snaps)
+	}
+	code, out, errOut = runCLI(t, srv, "run", "demo", "--", "sh", "-c", `cat "$HANGAR_CACHE_DIR/f"`)
+	if code != 0 || out != "kept\n" || find(t, instanceInNote, errOut) != id {
+		t.Fatalf("run after the snapshot: %d %q %q, want it on %s still", code, out, errOut, id)
+	}
+
+	code, out, _ = runCLI(t, srv, "cache", "drop", "demo")
+	if code != 0 || out != "1 snapshots of pool demo's cache deleted\n" || len(cacheSnapshots(t, ts)) != 0 {
+		t.Fatalf("drop: %d %q, %d left", code, out, len(cacheSnapshots(t, ts)))
+	}
+}
+
+// With refresh, an idle instance that has served a lease has its cache
+// snapshotted while it lives.
+func TestCacheRefresh(t *testing.T) {
+	ts := startTest(t, testTOML(t.TempDir(), "demo", "max_instances = 1\n"+cacheTOML+"refresh = \"1s\"\n"), nil)
+	code, _, errOut := runCLI(t, "--server="+ts.url, "run", "demo", "--", "sh", "-c", `echo fresh > "$HANGAR_CACHE_DIR/f"`)
+	if code != 0 {
+		t.Fatalf("run: %d %s", code, errOut)
+	}
+	id := find(t, instanceInNote, errOut)
+	testutil.Eventually(t, "a refresh snapshot from "+id, 30*time.Second, func() bool {
+		snaps := cacheSnapshots(t, ts)
+		return len(snaps) == 1 && snaps[0].Tags["hangar:instance"] == id
+	})
+	if n := ts.countState(t, "demo", pool.Idle); n != 1 {
+		t.Errorf("%d idle instances after the refresh, want %s still idle", n, id)
+	}
+	// Nothing new on it since: later periods take no more snapshots.
+	first := cacheSnapshots(t, ts)[0].ID
+	time.Sleep(3 * time.Second)
+	if snaps := cacheSnapshots(t, ts); len(snaps) != 1 || snaps[0].ID != first {
+		t.Errorf("snapshots %+v after three idle periods, want only %s", snaps, first)
 	}
 }

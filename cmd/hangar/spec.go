@@ -50,7 +50,7 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 		},
 	}
 	if c := pc.Cache; c != nil {
-		spec.Cache = &pool.CacheSpec{Name: cmp.Or(c.Volume, name), SizeGB: c.SizeGB, Mount: c.Mount, Keep: c.Keep}
+		spec.Cache = &pool.CacheSpec{Name: cmp.Or(c.Volume, name), SizeGB: c.SizeGB, Mount: c.Mount, Keep: c.Keep, Refresh: c.Refresh.Duration}
 	}
 	return spec
 }

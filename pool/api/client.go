@@ -120,6 +120,27 @@ func (c *Client) Scale(ctx context.Context, name string, req ScaleRequest) (pool
 	return v, err
 }
 
+// CacheSnapshots lists the snapshots of a pool's cache, newest first.
+func (c *Client) CacheSnapshots(ctx context.Context, poolName string) ([]pool.CacheSnapshotView, error) {
+	var v struct{ Snapshots []pool.CacheSnapshotView }
+	_, err := c.do(ctx, http.MethodGet, "/v1/pools/"+url.PathEscape(poolName)+"/cache/snapshots", nil, &v)
+	return v.Snapshots, err
+}
+
+// SnapshotCache snapshots a pool's cache now and returns the snapshot.
+func (c *Client) SnapshotCache(ctx context.Context, poolName string) (pool.CacheSnapshotView, error) {
+	var v pool.CacheSnapshotView
+	_, err := c.do(ctx, http.MethodPost, "/v1/pools/"+url.PathEscape(poolName)+"/cache/snapshots", nil, &v)
+	return v, err
+}
+
+// DropCache deletes every snapshot of a pool's cache and returns their ids.
+func (c *Client) DropCache(ctx context.Context, poolName string) ([]string, error) {
+	var v struct{ Deleted []string }
+	_, err := c.do(ctx, http.MethodDelete, "/v1/pools/"+url.PathEscape(poolName)+"/cache/snapshots", nil, &v)
+	return v.Deleted, err
+}
+
 // Leases lists the caller's leases (an admin's: all) of a pool and in a
 // state ("" for any), without passwords.
 func (c *Client) Leases(ctx context.Context, poolName string, state pool.LeaseState) ([]pool.LeaseView, error) {

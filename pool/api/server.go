@@ -78,6 +78,9 @@ func (s *Server) Handler() http.Handler {
 	route("GET /v1/leases/{id}/output", RoleLease, s.output)
 	route("GET /v1/pools", RoleLease, s.listPools)
 	route("PATCH /v1/pools/{name}", RoleAdmin, s.scalePool)
+	route("GET /v1/pools/{name}/cache/snapshots", RoleAdmin, s.cacheSnapshots)
+	route("POST /v1/pools/{name}/cache/snapshots", RoleAdmin, s.snapshotCache)
+	route("DELETE /v1/pools/{name}/cache/snapshots", RoleAdmin, s.dropCache)
 	route("GET /v1/instances", RoleLease, s.listInstances)
 	route("POST /v1/instances/{id}/drain", RoleAdmin, s.drain)
 	route("GET /v1/instances/{id}/console", RoleAdmin, s.console)
@@ -192,7 +195,7 @@ func mapError(err error) *Error {
 		return &Error{Status: http.StatusNotFound, Code: "not_found", Message: err.Error()}
 	case errors.Is(err, pool.ErrInvalid):
 		return &Error{Status: http.StatusBadRequest, Code: "bad_request", Message: err.Error()}
-	case errors.Is(err, pool.ErrLeaseEnded), errors.Is(err, pool.ErrLeaseBusy):
+	case errors.Is(err, pool.ErrLeaseEnded), errors.Is(err, pool.ErrLeaseBusy), errors.Is(err, pool.ErrNoCache):
 		return &Error{Status: http.StatusConflict, Code: "conflict", Message: err.Error()}
 	default:
 		return &Error{Status: http.StatusInternalServerError, Code: "internal", Message: "internal error: " + err.Error()}
@@ -341,6 +344,21 @@ func (s *Server) scalePool(r *http.Request, c pool.Caller) (int, any, error) {
 	}
 	v, err := s.Manager.Scale(r.Context(), r.PathValue("name"), req.MinIdle, req.MaxInstances)
 	return http.StatusOK, v, err
+}
+
+func (s *Server) cacheSnapshots(r *http.Request, _ pool.Caller) (int, any, error) {
+	v, err := s.Manager.CacheSnapshots(r.Context(), r.PathValue("name"))
+	return http.StatusOK, map[string]any{"snapshots": v}, err
+}
+
+func (s *Server) snapshotCache(r *http.Request, _ pool.Caller) (int, any, error) {
+	v, err := s.Manager.SnapshotCache(r.Context(), r.PathValue("name"))
+	return http.StatusCreated, v, err
+}
+
+func (s *Server) dropCache(r *http.Request, _ pool.Caller) (int, any, error) {
+	v, err := s.Manager.DropCache(r.Context(), r.PathValue("name"))
+	return http.StatusOK, map[string]any{"deleted": v}, err
 }
 
 func (s *Server) listInstances(r *http.Request, c pool.Caller) (int, any, error) {

@@ -19,8 +19,9 @@
 #        with lease= for current=, for bootstraps that send it apart.)
 #        200: lines NAME='value' or export NAME='value' (quoted like
 #        internal/shell.Quote) setting HANGAR_ASSIGNMENT to none, assigned,
-#        released, save-cache (see "Build cache" below) or terminate.
-#        cache=synced says the cache is flushed, as save-cache asked. run= is the last run of the current lease
+#        released, save-cache or sync-cache (see "Build cache" below) or
+#        terminate. cache=saved or cache=synced says the cache is flushed,
+#        as they asked. run= is the last run of the current lease
 #        started here (0 for none); "assigned" with HANGAR_RUN_ID and
 #        HANGAR_RUN_COMMAND (one shell command line) asks for a run, on the
 #        current lease too. HANGAR_NEW_TOKEN, in any answer (Hangar sends
@@ -74,8 +75,9 @@
 # runs get its path in HANGAR_CACHE_DIR. When Hangar ends an instance that
 # served a lease it answers save-cache: the script stops the worker, flushes
 # the cache (sync, then fsfreeze where the cache is a mounted filesystem)
-# and polls with cache=synced; Hangar snapshots the volume, then ends the
-# instance.
+# and polls with cache=saved; Hangar snapshots the volume, then ends the
+# instance. To snapshot an idle instance's cache (a refresh) it answers
+# sync-cache: the script flushes it and polls with cache=synced.
 #
 # HANGAR_SSH_HOST_KEY_FILE overrides the host key's path, and
 # HANGAR_STATE_DIR the STATE directory, for tests.
@@ -557,7 +559,9 @@ mount_cache() {
 }
 
 # save_cache does what a save-cache answer asks: the worker stops, the cache
-# is flushed (and frozen where it can be), and the next poll says so.
+# is flushed (and frozen where it can be), and the next poll says so
+# (cache=saved). A sync-cache answer, for a snapshot while the instance
+# lives on, only flushes it (cache=synced, until the next lease).
 save_cache() {
 	stop_worker
 	current=""
@@ -567,7 +571,7 @@ save_cache() {
 	if [ -n "${HANGAR_CACHE_DIR-}" ] && [ -z "${HANGAR_ROOT-}" ] && command -v fsfreeze >/dev/null && mountpoint -q "$HANGAR_CACHE_DIR"; then
 		fsfreeze -f "$HANGAR_CACHE_DIR" && log "cache filesystem frozen for its snapshot"
 	fi
-	cache_state=synced
+	cache_state=saved
 }
 cache_state=""
 
@@ -628,6 +632,7 @@ while :; do
 		;;
 	assigned)
 		lease=$answer_HANGAR_LEASE_ID
+		[ "$cache_state" != synced ] || cache_state=""
 		if [ -z "$answer_HANGAR_RUN_ID" ]; then
 			start_worker "$answer"
 		else
@@ -649,10 +654,16 @@ while :; do
 		;;
 	save-cache)
 		rm -f "$answer"
-		if [ -z "$cache_state" ]; then
+		if [ "$cache_state" != saved ]; then
 			log "Hangar is ending this instance; flushing its cache for a snapshot"
 			save_cache
 		fi
+		;;
+	sync-cache)
+		rm -f "$answer"
+		log "flushing the cache for a snapshot"
+		sync
+		cache_state=synced
 		;;
 	terminate)
 		rm -f "$answer"
