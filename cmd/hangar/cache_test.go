@@ -349,3 +349,36 @@ func TestCacheRefresh(t *testing.T) {
 		t.Errorf("snapshots %+v after three idle periods, want only %s", snaps, first)
 	}
 }
+
+// The same cache through the EC2 provider, on ec2test whose instances and
+// volumes are the local cloud's: the volume made, attached and mounted,
+// snapshotted as its instance ends, and the next instance starting from it.
+func TestEC2Cache(t *testing.T) {
+	srv, _ := ec2Cloud(t)
+	ts := startTest(t, ec2TOML(t.TempDir(), srv.URL(), "max_instances = 1\n[pools.ci.cache]\nvolume = \"deps\"\nsize_gb = 1\nkeep = 1\n"), nil)
+	cli := "--server=" + ts.url
+	code, stdout, stderr := runCLI(t, cli, "run", "ci", "--discard-on-failure", "--", "sh", "-c",
+		`echo "$HANGAR_CACHE_DIR"; echo one > "$HANGAR_CACHE_DIR/first"; exit 1`)
+	if code != 1 || !strings.HasSuffix(strings.TrimSpace(stdout), "/cache") {
+		t.Fatalf("first run: exit %d, %q; stderr:\n%s", code, stdout, stderr)
+	}
+	first := find(t, instanceInNote, stderr)
+	st, ok := cloud.StorageOf(ts.providers["east"])
+	if !ok {
+		t.Fatal("the EC2 provider has no storage")
+	}
+	tags := map[string]string{pool.TagCache: "deps"}
+	testutil.Eventually(t, "the first instance's cache snapshot, and its volume gone", 60*time.Second, func() bool {
+		snaps, err1 := st.Snapshots(context.Background(), cloud.Filter{Tags: tags})
+		vols, err2 := st.Volumes(context.Background(), cloud.Filter{Tags: tags})
+		return err1 == nil && err2 == nil && len(snaps) == 1 && snaps[0].State == cloud.SnapshotCompleted &&
+			snaps[0].Tags["hangar:instance"] == first && len(vols) == 0
+	})
+	code, stdout, stderr = runCLI(t, cli, "run", "ci", "--", "sh", "-c", `cat "$HANGAR_CACHE_DIR/first"`)
+	if code != 0 || stdout != "one\n" {
+		t.Fatalf("second run: exit %d, %q; stderr:\n%s", code, stdout, stderr)
+	}
+	if find(t, instanceInNote, stderr) == first {
+		t.Fatal("the second run ran on the discarded instance")
+	}
+}
