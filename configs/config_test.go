@@ -41,6 +41,31 @@ func TestShippedConfigsValidate(t *testing.T) {
 		p.MetadataOptions != (MetadataOptions{HTTPTokens: "required", HopLimit: 1}) {
 		t.Errorf("linux pool = %+v", p)
 	}
+	if c := p.Cache; c == nil || *c != (Cache{Volume: "deps", SizeGB: 20, Mount: "/cache", Keep: 3, Refresh: Duration{6 * time.Hour}}) {
+		t.Errorf("linux pool's cache = %+v", c)
+	}
+}
+
+// The README's cache example is the shipped example's, which the test
+// above loads: a snippet nobody runs goes stale.
+func TestREADMECacheExampleIsShipped(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	example, err := os.ReadFile("ec2.example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "## Build caches\n")
+	_, block, ok2 := strings.Cut(section, "```toml\n")
+	block, _, ok3 := strings.Cut(block, "```")
+	if !ok || !ok2 || !ok3 || !strings.Contains(block, "[pools.linux.cache]") {
+		t.Fatal("README.md has no toml block in its Build caches section")
+	}
+	if !strings.Contains(string(example), block) {
+		t.Errorf("README's cache example is not in configs/ec2.example.toml:\n%s", block)
+	}
 }
 
 func TestDefaultsApplied(t *testing.T) {
