@@ -280,7 +280,24 @@ type Pool struct {
 	// Cache, when the file has a [pools.NAME.cache] table, gives each
 	// instance a build cache volume (pool/cache.go).
 	Cache *Cache `toml:"cache"`
+
+	// Bake, when the file has a [pools.NAME.bake] table, lets `hangar image
+	// bake` make images for this pool, which it then launches from.
+	Bake *Bake `toml:"bake"`
 }
+
+// Bake is how a pool's images are baked: Script runs as root on a staging
+// server booted from the pool's image, and the server's disk becomes an
+// image named hangar-POOL-YYYYMMDD-HHMMSS, tagged hangar:bake=POOL.
+type Bake struct {
+	// Script is a file, resolved against the config file's directory.
+	Script string `toml:"script"`
+	// Keep is how many baked images are kept (older ones no instance uses
+	// are deleted after each bake).
+	Keep int `toml:"keep"`
+}
+
+func (b *Bake) setDefaults() { b.Keep = 2 }
 
 // Cache is a pool's build cache on volumes: each instance gets its own,
 // made from the newest snapshot, and an instance that served a lease is
@@ -418,6 +435,11 @@ func (c *Config) derive() {
 			p.WorkerCommand = scripts.DefaultWorkerCommand(script)
 		}
 		p.deriveJenkins(dir)
+		if p.Bake != nil {
+			b := *p.Bake
+			b.Script = resolve(dir, b.Script)
+			p.Bake = &b
+		}
 		c.Pools[name] = p
 	}
 }

@@ -308,6 +308,19 @@ func (k *checker) cache(key string, c Cache) {
 	k.notNegative(join(key, "refresh"), int64(c.Refresh.Duration))
 }
 
+func (k *checker) bake(key string, b Bake) {
+	if b.Script == "" {
+		k.add(join(key, "script"), "is required: the script that bakes the image")
+	} else if fi, err := os.Stat(b.Script); err != nil {
+		k.add(join(key, "script"), "%v", err)
+	} else if fi.IsDir() {
+		k.add(join(key, "script"), "%s is a directory", b.Script)
+	}
+	if b.Keep < 1 {
+		k.add(join(key, "keep"), "must be ≥ 1: the newest image is the one the pool launches from")
+	}
+}
+
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)
 	before := len(k.problems)
@@ -361,6 +374,9 @@ func (k *checker) pool(name string, p Pool) {
 	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
 	if c := p.Cache; c != nil {
 		k.cache(f("cache"), *c)
+	}
+	if b := p.Bake; b != nil {
+		k.bake(f("bake"), *b)
 	}
 
 	k.bootstrap(f("bootstrap"), p.Bootstrap)

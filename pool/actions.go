@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,6 +31,7 @@ func (m *Manager) launchLocked(p *poolState) {
 		IntentAt:  now,
 		Password:  randomToken(24), // 192 bits
 		LastSeen:  now,
+		Image:     p.launchImage(),
 		accounted: now,
 		op:        OpLaunch,
 	}
@@ -77,6 +79,9 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 	in.token = ""
 	spec := p.spec
 	launch := spec.Launch
+	// The image chosen with the intent: a retry of the launch must send
+	// what the first try sent, or the cloud refuses its client token.
+	launch.Image = cmp.Or(in.Image, p.launchImage())
 	launch.Tags = m.tags(p, in)
 	launch.ClientToken = in.Key
 	m.unlock()

@@ -66,6 +66,7 @@ type Instance struct {
 	PrivateIP  string    `json:"private_ip,omitempty"`
 	Type       string    `json:"type,omitempty"`
 	Zone       string    `json:"zone,omitempty"`
+	Image      string    `json:"image,omitempty"` // what it was launched from
 	TokenHash  string    `json:"token_hash"`
 	Password   string    `json:"password"`
 	SSHHostKey string    `json:"ssh_host_key,omitempty"`
@@ -128,6 +129,8 @@ type poolState struct {
 	launchErr      string    // last launch error, shown in hangar pools
 	blocked        bool      // a quota error stopped launches
 	cacheSavedAt   time.Time // the last snapshot of its cache (or the start): the refresh clock
+	bakedImage     string    // its newest baked image, launched from when set (bake.go)
+	bakedAt        time.Time // when bakedImage was looked up
 }
 
 // Manager runs every pool.
@@ -328,6 +331,7 @@ func (m *Manager) revokeTokens(in *Instance) {
 // Run works the pools until ctx ends: it reconciles with the clouds at once
 // and every reconcile interval, and checks timers every tick.
 func (m *Manager) Run(ctx context.Context) {
+	m.resolveBakedImages(ctx, true) // before anything is launched
 	m.reconcile(ctx)
 	m.mu.Lock()
 	m.resumeLocked()

@@ -35,6 +35,7 @@ func forgetUnlisted(seen map[string]seenSince, prov cloud.Provider, listed map[s
 // listing per provider, filtered by this store's owner tag, whatever the
 // number of pools and instances.
 func (m *Manager) reconcile(ctx context.Context) {
+	m.resolveBakedImages(ctx, false)
 	m.mu.Lock()
 	byProvider := map[cloud.Provider]bool{}
 	for _, p := range m.pools {

@@ -42,6 +42,9 @@ type Spec struct {
 	// the cache's newest snapshot (cache.go). The provider must have
 	// cloud.Storage.
 	Cache *CacheSpec
+	// Bake, when set, makes the pool launch from its newest baked image
+	// (bake.go).
+	Bake *BakeSpec
 }
 
 // CacheSpec is a pool's build cache.

@@ -154,4 +154,5 @@ const (
 	ReasonCacheFailed      Reason = "cache_failed"  // its cache volume could not be made or attached
 	ReasonCacheSaved       Reason = "cache_saved"   // its cache is snapshotted; now it ends
 	ReasonCacheTimeout     Reason = "cache_timeout" // it never said its cache was flushed
+	ReasonImageRolled      Reason = "image_rolled"  // idle on an older image when a new one was baked (--roll)
 )

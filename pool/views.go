@@ -40,6 +40,7 @@ type InstanceView struct {
 	LeaseID    string    `json:"lease_id,omitempty"`
 	Uses       int       `json:"uses"`
 	LaunchedAt time.Time `json:"launched_at,omitempty"`
+	Image      string    `json:"image,omitempty"`
 }
 
 // Pools lists every pool, by name.
@@ -133,7 +134,7 @@ func (m *Manager) Instances(c Caller, pool string) ([]InstanceView, error) {
 			continue
 		}
 		v := InstanceView{ID: in.ID, Pool: in.Pool, State: in.State, Since: in.Since, Reason: in.Reason,
-			PrivateIP: in.PrivateIP, Type: in.Type, Zone: in.Zone, Uses: in.Uses, LaunchedAt: in.LaunchedAt}
+			PrivateIP: in.PrivateIP, Type: in.Type, Zone: in.Zone, Uses: in.Uses, LaunchedAt: in.LaunchedAt, Image: in.Image}
 		if l, ok := m.leases[in.LeaseID]; ok && c.sees(l) {
 			v.LeaseID = in.LeaseID
 		}

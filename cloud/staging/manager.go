@@ -155,6 +155,9 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 // Region is the manager's region.
 func (m *Manager) Region() string { return m.storage.Region() }
 
+// Provider is the cloud the manager works on.
+func (m *Manager) Provider() cloud.Provider { return m.cloud }
+
 // Storage is the cloud's storage half, for callers that need raw access.
 func (m *Manager) Storage() cloud.Storage { return m.storage }
 

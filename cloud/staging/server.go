@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/crypto/ssh"
 
@@ -461,4 +462,56 @@ func firstNonEmpty(s ...string) string {
 		}
 	}
 	return ""
+}
+
+// RunAsRoot runs a shell command on the server as root (with sudo -n when
+// the manager logs in as another user).
+func (s *Server) RunAsRoot(ctx context.Context, cmd string, stdin io.Reader, stdout, stderr io.Writer) error {
+	return s.Run(ctx, s.privileged(cmd), stdin, stdout, stderr)
+}
+
+// StopServer stops s and waits until the cloud says it is stopped.
+func (m *Manager) StopServer(ctx context.Context, s *Server) error {
+	m.dropClient(s.Instance.ID)
+	if _, err := m.cloud.Stop(ctx, []string{s.Instance.ID}); err != nil {
+		return fmt.Errorf("stopping staging server %s: %w", s.Name, err)
+	}
+	return m.waitFor(ctx, "staging server "+s.Name+" to stop", m.opts.ReadyTimeout, func(ctx context.Context) (bool, error) {
+		if err := s.refresh(ctx); err != nil {
+			return false, err
+		}
+		return s.Instance.State == cloud.StateStopped, nil
+	})
+}
+
+// TerminateServer terminates s and forgets it.
+func (m *Manager) TerminateServer(ctx context.Context, s *Server) error {
+	m.dropClient(s.Instance.ID)
+	m.mu.Lock()
+	delete(m.servers, s.Name)
+	delete(m.touched, s.Instance.ID)
+	m.mu.Unlock()
+	if _, err := m.cloud.Terminate(ctx, []string{s.Instance.ID}); err != nil {
+		return fmt.Errorf("terminating staging server %s (%s): %w", s.Name, s.Instance.ID, err)
+	}
+	return nil
+}
+
+// WaitImage waits until image id is available, and returns it.
+func (m *Manager) WaitImage(ctx context.Context, id string) (cloud.Image, error) {
+	var img cloud.Image
+	err := m.waitFor(ctx, "image "+id, time.Hour, func(ctx context.Context) (bool, error) {
+		imgs, err := m.storage.Images(ctx, cloud.Filter{IDs: []string{id}})
+		switch {
+		case err != nil:
+			return false, err
+		case len(imgs) != 1:
+			return false, nil // not listed yet
+		case imgs[0].State == cloud.ImageFailed:
+			return false, fmt.Errorf("image %s failed", id)
+		}
+		img = imgs[0]
+		return img.State == cloud.ImageAvailable, nil
+	})
+	return img, err
 }

@@ -99,7 +99,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVarP(&g.output, "output", "o", "table", "output format: table or json")
 
 	root.AddCommand(serveCmd(g), leaseCmd(g), leasesCmd(g), releaseCmd(g), poolsCmd(g), instancesCmd(g), scaleCmd(g),
-		drainCmd(g), consoleCmd(g), cacheCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
+		drainCmd(g), consoleCmd(g), cacheCmd(g), imageCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
 	root.AddCommand(runCmd(g))
 	root.AddCommand(jenkinsCmd(g))
 	return root

@@ -49,6 +49,9 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 			CloudConfig: pc.CloudConfig,
 		},
 	}
+	if b := pc.Bake; b != nil {
+		spec.Bake = &pool.BakeSpec{Keep: b.Keep}
+	}
 	if c := pc.Cache; c != nil {
 		spec.Cache = &pool.CacheSpec{Name: cmp.Or(c.Volume, name), SizeGB: c.SizeGB, Mount: c.Mount, Keep: c.Keep, Refresh: c.Refresh.Duration}
 	}

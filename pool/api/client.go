@@ -141,6 +141,14 @@ func (c *Client) DropCache(ctx context.Context, poolName string) ([]string, erro
 	return v.Deleted, err
 }
 
+// UseImage makes a pool with [bake] launch from image from now on; roll
+// ends its idle instances on other images at once.
+func (c *Client) UseImage(ctx context.Context, poolName, image string, roll bool) (ImageAnswer, error) {
+	var v ImageAnswer
+	_, err := c.do(ctx, http.MethodPut, "/v1/pools/"+url.PathEscape(poolName)+"/image", ImageRequest{Image: image, Roll: roll}, &v)
+	return v, err
+}
+
 // Leases lists the caller's leases (an admin's: all) of a pool and in a
 // state ("" for any), without passwords.
 func (c *Client) Leases(ctx context.Context, poolName string, state pool.LeaseState) ([]pool.LeaseView, error) {

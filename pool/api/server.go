@@ -81,6 +81,7 @@ func (s *Server) Handler() http.Handler {
 	route("GET /v1/pools/{name}/cache/snapshots", RoleAdmin, s.cacheSnapshots)
 	route("POST /v1/pools/{name}/cache/snapshots", RoleAdmin, s.snapshotCache)
 	route("DELETE /v1/pools/{name}/cache/snapshots", RoleAdmin, s.dropCache)
+	route("PUT /v1/pools/{name}/image", RoleAdmin, s.useImage)
 	route("GET /v1/instances", RoleLease, s.listInstances)
 	route("POST /v1/instances/{id}/drain", RoleAdmin, s.drain)
 	route("GET /v1/instances/{id}/console", RoleAdmin, s.console)
@@ -359,6 +360,31 @@ func (s *Server) snapshotCache(r *http.Request, _ pool.Caller) (int, any, error)
 func (s *Server) dropCache(r *http.Request, _ pool.Caller) (int, any, error) {
 	v, err := s.Manager.DropCache(r.Context(), r.PathValue("name"))
 	return http.StatusOK, map[string]any{"deleted": v}, err
+}
+
+// ImageRequest is the body of PUT /v1/pools/{name}/image.
+type ImageRequest struct {
+	Image string `json:"image"`
+	// Roll ends idle instances launched from another image at once.
+	Roll bool `json:"roll,omitempty"`
+}
+
+// ImageAnswer says what PUT /v1/pools/{name}/image did.
+type ImageAnswer struct {
+	Image  string `json:"image"`
+	Rolled int    `json:"rolled"`
+}
+
+func (s *Server) useImage(r *http.Request, _ pool.Caller) (int, any, error) {
+	var req ImageRequest
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Image == "" {
+		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "give the image")
+	}
+	n, err := s.Manager.UseImage(r.Context(), r.PathValue("name"), req.Image, req.Roll)
+	return http.StatusOK, ImageAnswer{Image: req.Image, Rolled: n}, err
 }
 
 func (s *Server) listInstances(r *http.Request, c pool.Caller) (int, any, error) {

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/staging"
+	"github.com/hangar-ci/hangar/internal/testutil"
+	"github.com/hangar-ci/hangar/pool"
+)
+
+var bakedID = regexp.MustCompile(`^ami-[0-9a-f]{17}\n$`)
+
+// bakedImages lists the images baked for poolName on the test's local cloud.
+func bakedImages(t *testing.T, ts *testServer, poolName string) []cloud.Image {
+	t.Helper()
+	st, _ := cloud.StorageOf(ts.localProvider(t))
+	imgs, err := pool.BakedImages(context.Background(), st, poolName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return imgs
+}
+
+// noStagingServers fails if a staging server is left on the local cloud.
+func noStagingServers(t *testing.T, ts *testServer) {
+	t.Helper()
+	list, err := ts.localProvider(t).List(context.Background(), map[string]string{staging.TagRole: "server"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range list {
+		if in.State != cloud.StateTerminated {
+			t.Errorf("staging server %s left %s", in.ID, in.State)
+		}
+	}
+}
+
+// hangar image bake: the script's work is on the pool's next instances,
+// --roll replaces the idle ones at once, keep prunes, and a failed script
+// leaves no image and no server and ends with its status.
+func TestImageBake(t *testing.T) {
+	needStaging(t)
+	dir := t.TempDir()
+	bake := filepath.Join(dir, "bake.sh")
+	writeFile(t, bake, "set -e\necho baking version ${BAKE_N:-1}\nmkdir -p \"$HANGAR_ROOT/opt/tool\"\ndate +%s%N > \"$HANGAR_ROOT/opt/tool/stamp\"\n")
+	broken := filepath.Join(dir, "broken.sh")
+	writeFile(t, broken, "echo half done\nexit 3\n")
+	cfg := testTOML(filepath.Join(dir, "data"), "demo", "min_idle = 1\nmax_instances = 2\n[pools.demo.bake]\nscript = "+strconv.Quote(bake)+"\nkeep = 2\n"+
+		"[pools.broken]\nprovider = \"local\"\nworker_command = \"sleep 600\"\n[pools.broken.bake]\nscript = "+strconv.Quote(broken)+"\n")
+	cfgPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, cfgPath, cfg)
+	ts := startTest(t, cfg, nil)
+	srv := "--server=" + ts.url
+	testutil.Eventually(t, "an idle instance", 30*time.Second, func() bool { return ts.countState(t, "demo", pool.Idle) == 1 })
+	before := ts.instances(t, "demo")[0]
+
+	code, out, errOut := runCLI(t, srv, "image", "bake", "demo", "--config", cfgPath, "--roll")
+	if code != 0 || !bakedID.MatchString(out) {
+		t.Fatalf("bake: exit %d, stdout %q; stderr:\n%s", code, out, errOut)
+	}
+	t.Logf("bake:\n%s", errOut)
+	image := strings.TrimSpace(out)
+	for _, want := range []string{"boot: ", "script: ", "baking version 1", "stop: ", "snapshot and register: image hangar-demo-", "server: pool demo launches from " + image + "; 1 idle instances on older images replaced"} {
+		if !strings.Contains(errOut, want) {
+			t.Errorf("bake's progress lacks %q:\n%s", want, errOut)
+		}
+	}
+	noStagingServers(t, ts)
+	imgs := bakedImages(t, ts, "demo")
+	if len(imgs) != 1 || imgs[0].ID != image || !regexp.MustCompile(`^hangar-demo-\d{8}-\d{6}$`).MatchString(imgs[0].Name) {
+		t.Fatalf("baked images %+v, want %s named hangar-demo-YYYYMMDD-HHMMSS", imgs, image)
+	}
+	// The idle instance from before is replaced by one on the new image,
+	// and a build finds what the script installed.
+	waitGone(t, ts, before.ID)
+	code, out, errOut = runCLI(t, srv, "run", "demo", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
+	if code != 0 || out == "" {
+		t.Fatalf("run on the baked image: exit %d %q; stderr:\n%s", code, out, errOut)
+	}
+	for _, in := range ts.instances(t, "demo") {
+		if in.Image != image {
+			t.Errorf("instance %s launched from %q, want %s", in.ID, in.Image, image)
+		}
+	}
+
+	// keep = 2: two more bakes leave the two newest.
+	var newest []string
+	for range 2 {
+		code, out, errOut = runCLI(t, srv, "image", "bake", "demo", "--config", cfgPath)
+		if code != 0 {
+			t.Fatalf("bake: exit %d; stderr:\n%s", code, errOut)
+		}
+		newest = append([]string{strings.TrimSpace(out)}, newest...)
+	}
+	var ids []string
+	for _, im := range bakedImages(t, ts, "demo") {
+		ids = append(ids, im.ID)
+	}
+	// The first image stays while an instance runs from it.
+	if len(ids) < 2 || ids[0] != newest[0] || ids[1] != newest[1] {
+		t.Errorf("images after three bakes: %v, want the newest two %v first", ids, newest)
+	}
+	code, out, errOut = runCLI(t, srv, "image", "list", "--config", cfgPath, "--pool", "demo")
+	if code != 0 || !strings.Contains(out, newest[0]) || !strings.Contains(out, "hangar-demo-") {
+		t.Errorf("image list: exit %d %q %q", code, out, errOut)
+	}
+
+	// A failing script: its status, no image, no server.
+	code, out, errOut = runCLI(t, srv, "image", "bake", "broken", "--config", cfgPath)
+	if code != 3 || out != "" || !strings.Contains(errOut, "half done") || !strings.Contains(errOut, "failed with status 3; no image made") {
+		t.Errorf("failed bake: exit %d, stdout %q; stderr:\n%s", code, out, errOut)
+	}
+	if imgs := bakedImages(t, ts, "broken"); len(imgs) != 0 {
+		t.Errorf("a failed bake left images %+v", imgs)
+	}
+	noStagingServers(t, ts)
+}
