@@ -216,7 +216,7 @@ func TestCacheKill9WhileSaving(t *testing.T) {
 	// A cache big enough that its flush and copy take a while: the kill
 	// lands in the save, not before or after it.
 	code, _, stderr := runCLI(t, srv, "run", "demo", "--discard-on-failure", "--", "sh", "-c",
-		`head -c 200000000 /dev/zero > "$HANGAR_CACHE_DIR/big"; echo one > "$HANGAR_CACHE_DIR/first"; exit 1`)
+		`head -c 64000000 /dev/zero > "$HANGAR_CACHE_DIR/big"; echo one > "$HANGAR_CACHE_DIR/first"; exit 1`)
 	if code != 1 {
 		t.Fatalf("first run: exit %d; stderr:\n%s", code, stderr)
 	}
