@@ -44,11 +44,14 @@ func TestShippedConfigsValidate(t *testing.T) {
 	if c := p.Cache; c == nil || *c != (Cache{Volume: "deps", SizeGB: 20, Mount: "/cache", Keep: 3, Refresh: Duration{6 * time.Hour}}) {
 		t.Errorf("linux pool's cache = %+v", c)
 	}
+	if b := p.Bake; b == nil || !filepath.IsAbs(b.Script) || filepath.Base(b.Script) != "linux.sh" || b.Keep != 2 {
+		t.Errorf("linux pool's bake = %+v", b)
+	}
 }
 
-// The README's cache example is the shipped example's, which the test
-// above loads: a snippet nobody runs goes stale.
-func TestREADMECacheExampleIsShipped(t *testing.T) {
+// The README's cache and bake examples are the shipped example's, which
+// the test above loads: a snippet nobody runs goes stale.
+func TestREADMEExamplesAreShipped(t *testing.T) {
 	readme, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
@@ -57,14 +60,17 @@ func TestREADMECacheExampleIsShipped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, ok := strings.Cut(string(readme), "## Build caches\n")
-	_, block, ok2 := strings.Cut(section, "```toml\n")
-	block, _, ok3 := strings.Cut(block, "```")
-	if !ok || !ok2 || !ok3 || !strings.Contains(block, "[pools.linux.cache]") {
-		t.Fatal("README.md has no toml block in its Build caches section")
-	}
-	if !strings.Contains(string(example), block) {
-		t.Errorf("README's cache example is not in configs/ec2.example.toml:\n%s", block)
+	for section, table := range map[string]string{"Build caches": "[pools.linux.cache]", "Baked images": "[pools.linux.bake]"} {
+		_, text, ok := strings.Cut(string(readme), "## "+section+"\n")
+		_, block, ok2 := strings.Cut(text, "```toml\n")
+		block, _, ok3 := strings.Cut(block, "```")
+		if !ok || !ok2 || !ok3 || !strings.Contains(block, table) {
+			t.Errorf("README.md has no toml block with %s in its %s section", table, section)
+			continue
+		}
+		if !strings.Contains(string(example), block) {
+			t.Errorf("README's %s example is not in configs/ec2.example.toml:\n%s", section, block)
+		}
 	}
 }
 
@@ -784,5 +790,39 @@ hangar.toml:16: pools.c.cache.size_gb: must be between 1 and 16384, not 20000
 hangar.toml:16: pools.c.cache.mount: must be a clean absolute path other than /, not "/a/../b"`
 	if err == nil || err.Error() != want {
 		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+// A [bake] table needs a script file, resolved against the config's
+// directory, and keep ≥ 1.
+func TestPoolBake(t *testing.T) {
+	dir := t.TempDir()
+	writeTestFile(t, filepath.Join(dir, "bake.sh"), "true\n")
+	path := filepath.Join(dir, "hangar.toml")
+	writeTestFile(t, path, base+"[pools.demo.bake]\nscript = \"bake.sh\"\n")
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := c.Pools["demo"].Bake; b == nil || b.Script != filepath.Join(dir, "bake.sh") || b.Keep != 2 {
+		t.Errorf("bake = %+v", b)
+	}
+	writeTestFile(t, path, base+"[pools.demo.bake]\nkeep = 0\n"+
+		"[pools.b]\nprovider = \"local\"\nbake = { script = \"missing.sh\" }\n"+
+		"[pools.c]\nprovider = \"local\"\nbake = { script = \".\" }\n")
+	_, err = Load(path)
+	want := `hangar.toml:5: pools.demo.bake: script is required: the script that bakes the image
+hangar.toml:6: pools.demo.bake.keep: must be ≥ 1: the newest image is the one the pool launches from
+hangar.toml:9: pools.b.bake.script: stat ` + filepath.Join(dir, "missing.sh") + `: no such file or directory
+hangar.toml:12: pools.c.bake.script: ` + dir + ` is a directory`
+	if err == nil || strings.ReplaceAll(err.Error(), path, "hangar.toml") != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+func writeTestFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

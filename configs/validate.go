@@ -310,7 +310,7 @@ func (k *checker) cache(key string, c Cache) {
 
 func (k *checker) bake(key string, b Bake) {
 	if b.Script == "" {
-		k.add(join(key, "script"), "is required: the script that bakes the image")
+		k.add(key, "script is required: the script that bakes the image")
 	} else if fi, err := os.Stat(b.Script); err != nil {
 		k.add(join(key, "script"), "%v", err)
 	} else if fi.IsDir() {
