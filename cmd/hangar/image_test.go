@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -121,4 +122,45 @@ func TestImageBake(t *testing.T) {
 		t.Errorf("a failed bake left images %+v", imgs)
 	}
 	noStagingServers(t, ts)
+}
+
+// The same bake through the EC2 provider, on ec2test whose instances and
+// images are the local cloud's: the staging server is an EC2 instance, the
+// image EC2's CreateImage, and the pool's next instance boots from it.
+func TestEC2ImageBake(t *testing.T) {
+	needStaging(t)
+	srv, _ := ec2Cloud(t)
+	dir := t.TempDir()
+	bake := filepath.Join(dir, "bake.sh")
+	writeFile(t, bake, `mkdir -p "$HANGAR_ROOT/opt/tool" && echo baked > "$HANGAR_ROOT/opt/tool/stamp"`+"\n")
+	me, err := user.Current()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := ec2TOML(filepath.Join(dir, "data"), srv.URL(), "max_instances = 1\n[pools.ci.bake]\nscript = "+strconv.Quote(bake)+"\n") +
+		"\n[providers.east.staging]\nuser = " + strconv.Quote(me.Username) + "\n"
+	// The local cloud's sshd listens on its own port.
+	cfg = replaceOnce(cfg, "[providers.east]\n", "[providers.east]\nssh_port = 2222\n")
+	cfgPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, cfgPath, cfg)
+	ts := startTest(t, cfg, nil)
+
+	code, out, errOut := runCLI(t, "--server="+ts.url, "image", "bake", "ci", "--config", cfgPath)
+	if code != 0 || !regexp.MustCompile(`^ami-[0-9a-f]+\n$`).MatchString(out) {
+		t.Fatalf("bake on EC2: exit %d, stdout %q; stderr:\n%s", code, out, errOut)
+	}
+	image := strings.TrimSpace(out)
+	code, out, errOut = runCLI(t, "--server="+ts.url, "run", "ci", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
+	if code != 0 || out != "baked\n" {
+		t.Fatalf("run on the baked EC2 image: exit %d %q; stderr:\n%s", code, out, errOut)
+	}
+	id := find(t, instanceInNote, errOut)
+	for _, in := range srv.Instances() {
+		if in.ID == id && in.Image != image {
+			t.Errorf("instance %s launched from %s, want %s", id, in.Image, image)
+		}
+		if in.Tags[staging.TagRole] == "server" && in.State != "terminated" {
+			t.Errorf("staging server %s left %s", in.ID, in.State)
+		}
+	}
 }
