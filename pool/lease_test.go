@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
+	"github.com/hangar-ci/hangar/internal/testutil"
+	"github.com/hangar-ci/hangar/pool/store"
 )
 
 func TestDrain(t *testing.T) {
@@ -290,5 +292,38 @@ func TestPendingLeasesServedInRequestOrder(t *testing.T) {
 	}
 	if got := h.instance(id).Uses; got != 3 {
 		t.Fatalf("instance uses = %d, want 3", got)
+	}
+}
+
+// Run's timer decisions are committed when they are made, as every other
+// decision is: a pending lease that Run's timer cancels is canceled on
+// disk, with nothing else happening after it.
+func TestRunCommitsTimerDecisions(t *testing.T) {
+	h := newHarness(t, func(s *Spec) { s.MaxInstances = 1 })
+	h.m.mu.Lock()
+	h.m.pools["demo"].blocked = true // nothing launches: the lease stays pending
+	h.m.unlock()
+	v := h.pendingLease(LeaseRequest{Wait: 30 * time.Second})
+	h.m.opts.ReconcileInterval = time.Hour // no reconcile to commit for the timer
+	h.run()
+	h.clock.Advance(time.Minute)
+	testutil.Eventually(t, "the pending lease to be canceled", 10*time.Second, func() bool {
+		h.clock.Advance(time.Second)
+		// A peek that commits nothing itself.
+		h.m.mu.Lock()
+		defer h.m.mu.Unlock()
+		return h.m.leases[v.ID].State == LeaseCanceled
+	})
+	h.stopRun()
+	// A barrier: it waits for what is queued, and queues nothing itself.
+	if err := h.store.CommitWait(); err != nil {
+		t.Fatal(err)
+	}
+	onDisk, err := store.Load[Lease](h.store, store.Leases)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk[v.ID].State; got != LeaseCanceled {
+		t.Errorf("the canceled lease is %q on disk, want %q", got, LeaseCanceled)
 	}
 }

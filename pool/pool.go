@@ -336,7 +336,7 @@ func (m *Manager) Run(ctx context.Context) {
 	m.mu.Lock()
 	m.resumeLocked()
 	m.dispatchLocked()
-	m.mu.Unlock()
+	m.unlock()
 	tick := m.clock.NewTicker(m.tick)
 	defer tick.Stop()
 	rec := m.clock.NewTicker(m.opts.ReconcileInterval)
@@ -349,7 +349,7 @@ func (m *Manager) Run(ctx context.Context) {
 			m.mu.Lock()
 			m.timersLocked()
 			m.dispatchLocked()
-			m.mu.Unlock()
+			m.unlock()
 		case <-rec.C():
 			m.reconcile(ctx)
 		}
