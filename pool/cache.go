@@ -31,8 +31,12 @@ import (
 // an NVMe namespace on Nitro, $HANGAR_ROOT/dev/sdf on the local cloud).
 const cacheDevice = "/dev/sdf"
 
-// TagCache names the cache a volume or snapshot belongs to.
-const TagCache = "hangar:cache"
+// TagCache names the cache a volume or snapshot belongs to;
+// TagCacheInstance, on a snapshot, the instance whose cache it is.
+const (
+	TagCache         = "hangar:cache"
+	TagCacheInstance = "hangar:instance"
+)
 
 // cacheTimeout bounds making and attaching a cache volume, and an
 // instance's flushing its cache when asked to.
@@ -243,7 +247,7 @@ func (m *Manager) snapshotCacheLocked(in *Instance) {
 	in.op = OpSnapshot
 	volume, id := in.CacheVolume, in.ID
 	tags := m.cacheTags(p)
-	tags["hangar:instance"] = id
+	tags[TagCacheInstance] = id
 	m.goAsync(func(ctx context.Context) {
 		start := m.clock.Now()
 		cctx, cancel := context.WithTimeout(ctx, cacheTimeout)
@@ -449,8 +453,8 @@ type CacheSnapshotView struct {
 	Current bool `json:"current"`
 }
 
-// cachePool returns pool's state and storage, or why there are none.
-func (m *Manager) cachePool(pool string) (*poolState, cloud.Storage, error) {
+// cacheListing lists the snapshots of pool's cache, with its storage.
+func (m *Manager) cacheListing(ctx context.Context, pool string) (cloud.Storage, []cloud.Snapshot, error) {
 	m.mu.Lock()
 	p := m.pools[pool]
 	m.unlock()
@@ -461,23 +465,26 @@ func (m *Manager) cachePool(pool string) (*poolState, cloud.Storage, error) {
 	if !ok {
 		return nil, nil, fmt.Errorf("%w: pool %s has no [cache]", ErrNoCache, pool)
 	}
-	return p, st, nil
+	all, err := st.Snapshots(ctx, cloud.Filter{Tags: m.cacheTags(p)})
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing the snapshots of pool %s's cache: %w", pool, err)
+	}
+	return st, all, nil
+}
+
+func cacheSnapshotView(s cloud.Snapshot, current bool) CacheSnapshotView {
+	return CacheSnapshotView{ID: s.ID, State: s.State, CreatedAt: s.StartedAt, SizeGB: s.SizeGB, Instance: s.Tags[TagCacheInstance], Current: current}
 }
 
 // CacheSnapshots lists the snapshots of pool's cache, newest first.
 func (m *Manager) CacheSnapshots(ctx context.Context, pool string) ([]CacheSnapshotView, error) {
-	p, st, err := m.cachePool(pool)
+	_, all, err := m.cacheListing(ctx, pool)
 	if err != nil {
 		return nil, err
 	}
-	all, err := st.Snapshots(ctx, cloud.Filter{Tags: m.cacheTags(p)})
-	if err != nil {
-		return nil, fmt.Errorf("listing the snapshots of pool %s's cache: %w", pool, err)
-	}
 	out := []CacheSnapshotView{}
 	for i, s := range newestFirst(all) {
-		out = append(out, CacheSnapshotView{ID: s.ID, State: s.State, CreatedAt: s.StartedAt, SizeGB: s.SizeGB,
-			Instance: s.Tags["hangar:instance"], Current: i == 0 && s.State == cloud.SnapshotCompleted})
+		out = append(out, cacheSnapshotView(s, i == 0 && s.State == cloud.SnapshotCompleted))
 	}
 	return out, nil
 }
@@ -485,13 +492,19 @@ func (m *Manager) CacheSnapshots(ctx context.Context, pool string) ([]CacheSnaps
 // SnapshotCache snapshots pool's cache now, from its most recently used
 // idle instance, without stopping it, and returns the snapshot once taken.
 func (m *Manager) SnapshotCache(ctx context.Context, pool string) (CacheSnapshotView, error) {
-	p, _, err := m.cachePool(pool)
-	if err != nil {
-		return CacheSnapshotView{}, err
-	}
 	m.mu.Lock()
-	r := m.refreshCacheLocked(p, false)
+	p := m.pools[pool]
+	var r *cacheRefresh
+	if p != nil && p.spec.Cache != nil {
+		r = m.refreshCacheLocked(p, false)
+	}
 	m.unlock()
+	switch {
+	case p == nil:
+		return CacheSnapshotView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	case p.spec.Cache == nil:
+		return CacheSnapshotView{}, fmt.Errorf("%w: pool %s has no [cache]", ErrNoCache, pool)
+	}
 	if r == nil {
 		return CacheSnapshotView{}, fmt.Errorf("%w: no idle instance of pool %s has served a lease since it started; its cache is snapshotted when such an instance ends", ErrNoCache, pool)
 	}
@@ -503,21 +516,16 @@ func (m *Manager) SnapshotCache(ctx context.Context, pool string) (CacheSnapshot
 	if r.err != nil {
 		return CacheSnapshotView{}, fmt.Errorf("snapshotting pool %s's cache: %w", pool, r.err)
 	}
-	s := r.snap
-	return CacheSnapshotView{ID: s.ID, State: s.State, CreatedAt: s.StartedAt, SizeGB: s.SizeGB, Instance: s.Tags["hangar:instance"], Current: s.State == cloud.SnapshotCompleted}, nil
+	return cacheSnapshotView(r.snap, r.snap.State == cloud.SnapshotCompleted), nil
 }
 
 // DropCache deletes every snapshot of pool's cache: the next instance
 // starts blank. Instances running keep their volumes. It returns the ids
 // deleted.
 func (m *Manager) DropCache(ctx context.Context, pool string) ([]string, error) {
-	p, st, err := m.cachePool(pool)
+	st, all, err := m.cacheListing(ctx, pool)
 	if err != nil {
 		return nil, err
-	}
-	all, err := st.Snapshots(ctx, cloud.Filter{Tags: m.cacheTags(p)})
-	if err != nil {
-		return nil, fmt.Errorf("listing the snapshots of pool %s's cache: %w", pool, err)
 	}
 	dropped := []string{}
 	var errs []error
