@@ -299,6 +299,35 @@ type Bake struct {
 
 func (b *Bake) setDefaults() { b.Keep = 2 }
 
+// ImageSource is a pool image that lives in another region: bake:POOL
+// (that pool's newest baked image) or SPEC@REGION (an image id or name
+// pattern, in REGION of the pool's provider). Hangar copies it to the
+// pool's region and launches from the copy.
+type ImageSource struct {
+	Pool   string // bake:POOL
+	Spec   string // SPEC@REGION
+	Region string
+}
+
+// ParseImageSource reads a pool's image: a zero ImageSource for a plain
+// image of the pool's own region.
+func ParseImageSource(image string) (ImageSource, error) {
+	if pool, ok := strings.CutPrefix(image, "bake:"); ok {
+		if pool == "" {
+			return ImageSource{}, errors.New("bake: needs a pool name (bake:POOL)")
+		}
+		return ImageSource{Pool: pool}, nil
+	}
+	spec, region, ok := strings.Cut(image, "@")
+	switch {
+	case !ok:
+		return ImageSource{}, nil
+	case spec == "" || region == "" || strings.Contains(region, "@"):
+		return ImageSource{}, fmt.Errorf("%q: want ID_OR_NAME_PATTERN@REGION", image)
+	}
+	return ImageSource{Spec: spec, Region: region}, nil
+}
+
 // Cache is a pool's build cache on volumes: each instance gets its own,
 // made from the newest snapshot, and an instance that served a lease is
 // snapshotted as it ends.

@@ -826,3 +826,35 @@ func writeTestFile(t *testing.T, path, content string) {
 		t.Fatal(err)
 	}
 }
+
+// image = "bake:POOL" names a pool with [bake] on a provider of the same
+// type; SPEC@REGION needs both halves.
+func TestPoolImageSource(t *testing.T) {
+	dir := t.TempDir()
+	writeTestFile(t, filepath.Join(dir, "bake.sh"), "true\n")
+	path := filepath.Join(dir, "hangar.toml")
+	writeTestFile(t, path, base+"[pools.demo.bake]\nscript = \"bake.sh\"\n"+
+		"[pools.far]\nprovider = \"local\"\nimage = \"bake:demo\"\n"+
+		"[pools.there]\nprovider = \"local\"\nimage = \"hangar-demo-*@eu-test\"\n")
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]ImageSource{"far": {Pool: "demo"}, "there": {Spec: "hangar-demo-*", Region: "eu-test"}, "demo": {}} {
+		if got, err := ParseImageSource(c.Pools[name].Image); err != nil || got != want {
+			t.Errorf("pool %s's image source = %+v, %v; want %+v", name, got, err, want)
+		}
+	}
+	writeTestFile(t, path, base+"image = \"bake:nope\"\n"+
+		"[pools.b]\nprovider = \"local\"\nimage = \"bake:c\"\n"+
+		"[pools.c]\nprovider = \"local\"\nimage = \"ami-1@\"\n"+
+		"[pools.d]\nprovider = \"local\"\nimage = \"bake:\"\n")
+	_, err = Load(path)
+	want := `hangar.toml:5: pools.demo.image: bake:nope names no pool (defined: b, c, d, demo)
+hangar.toml:8: pools.b.image: bake:c: pool c has no [bake] table
+hangar.toml:11: pools.c.image: "ami-1@": want ID_OR_NAME_PATTERN@REGION
+hangar.toml:14: pools.d.image: bake: needs a pool name (bake:POOL)`
+	if err == nil || strings.ReplaceAll(err.Error(), path, "hangar.toml") != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}

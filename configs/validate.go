@@ -321,6 +321,27 @@ func (k *checker) bake(key string, b Bake) {
 	}
 }
 
+// imageSource checks the forms of image that name an image in another
+// region: bake:POOL (that pool's newest baked image) and SPEC@REGION.
+func (k *checker) imageSource(key string, p Pool) {
+	src, err := ParseImageSource(p.Image)
+	switch {
+	case err != nil:
+		k.add(key, "%v", err)
+	case src.Pool != "":
+		other, ok := k.c.Pools[src.Pool]
+		switch {
+		case !ok:
+			k.add(key, "bake:%s names no pool (defined: %s)", src.Pool, strings.Join(slices.Sorted(maps.Keys(k.c.Pools)), ", "))
+		case other.Bake == nil:
+			k.add(key, "bake:%s: pool %s has no [bake] table", src.Pool, src.Pool)
+		case k.c.Providers[other.Provider].Type != k.c.Providers[p.Provider].Type:
+			k.add(key, "bake:%s: pool %s is on a %s provider and this one on %s: images do not copy between them", src.Pool, src.Pool,
+				k.c.Providers[other.Provider].Type, k.c.Providers[p.Provider].Type)
+		}
+	}
+}
+
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)
 	before := len(k.problems)
@@ -378,6 +399,7 @@ func (k *checker) pool(name string, p Pool) {
 	if b := p.Bake; b != nil {
 		k.bake(f("bake"), *b)
 	}
+	k.imageSource(f("image"), p)
 
 	k.bootstrap(f("bootstrap"), p.Bootstrap)
 	k.oneOf(f("userdata_format"), p.UserDataFormat, "script", "cloud-config", "mime")

@@ -4,7 +4,9 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
@@ -51,11 +53,17 @@ func (m *Manager) resolveBakedImages(ctx context.Context, force bool) {
 	m.mu.Lock()
 	var due []*poolState
 	for _, p := range m.pools {
-		if p.spec.Bake != nil && (force || now.Sub(p.bakedAt) >= bakedImageTTL) {
+		if p.spec.Bake != nil && p.spec.ImageFrom == nil && (force || now.Sub(p.bakedAt) >= bakedImageTTL) {
 			due = append(due, p)
 		}
 	}
 	m.unlock()
+	defer func() {
+		// Then the copies of the images found, where pools need them.
+		m.mu.Lock()
+		m.copyImagesLocked(m.clock.Now())
+		m.unlock()
+	}()
 	for _, p := range due {
 		st, ok := cloud.StorageOf(p.provider)
 		if !ok {
@@ -119,6 +127,7 @@ func (m *Manager) UseImage(ctx context.Context, pool, image string, roll bool) (
 	defer m.unlock()
 	p.bakedImage, p.bakedAt = image, m.clock.Now()
 	m.log.Info("pool launches from a new baked image", "pool", pool, "image", image, "roll", roll)
+	m.copyImagesLocked(m.clock.Now()) // to the pools that use it elsewhere
 	rolled := 0
 	if roll {
 		for _, in := range m.instances {
@@ -130,4 +139,116 @@ func (m *Manager) UseImage(ctx context.Context, pool, image string, roll bool) (
 		m.dispatchLocked()
 	}
 	return rolled, nil
+}
+
+// Images in another region (image = "bake:POOL" or "SPEC@REGION"): the
+// pool launches from a copy in its own region, made through Options.Images
+// (the staging engine, wired by cmd/hangar) the first time it is needed
+// and again for each newer source; until there is one its leases wait
+// (within their wait) and nothing is launched. A failed copy is the pool's
+// launch error and is retried with backoff.
+
+// ImageSource is where a pool's image comes from when it is not in the
+// pool's region.
+type ImageSource struct {
+	Pool   string // bake:POOL: that pool's newest baked image
+	Spec   string // SPEC@REGION: an image id or name pattern …
+	Region string // … in this region of the pool's provider
+}
+
+// ImageCopier finds images in other regions and copies them.
+type ImageCopier interface {
+	// Region opens the named provider's cloud in another region.
+	Region(ctx context.Context, provider, region string) (cloud.Provider, error)
+	// Resolve names the image spec (an id or a name pattern) stands for in
+	// src: the newest available match.
+	Resolve(ctx context.Context, src cloud.Provider, spec string) (string, error)
+	// Copy returns the copy of image id of src in dst's region, making it
+	// if there is none yet (it waits until the copy is available).
+	Copy(ctx context.Context, src cloud.Provider, id string, dst cloud.Provider) (cloud.Image, error)
+}
+
+// copyImagesLocked starts the copies pools with an image elsewhere need:
+// when they have none, or their source has a newer image. Caller holds
+// m.mu; the lookups and copies run in the background.
+func (m *Manager) copyImagesLocked(now time.Time) {
+	for _, p := range m.pools {
+		src := p.spec.ImageFrom
+		if src == nil || p.copying || now.Before(p.copyRetryAt) {
+			continue
+		}
+		if src.Pool != "" {
+			from := m.pools[src.Pool]
+			if from == nil || from.bakedImage == "" {
+				p.copyStatus = "waiting for pool " + src.Pool + " to have a baked image"
+				continue
+			}
+			if from.bakedImage == p.imageSrc {
+				continue
+			}
+			m.startCopyLocked(p, from.provider, from.bakedImage)
+			continue
+		}
+		if p.bakedImage != "" && now.Sub(p.bakedAt) < bakedImageTTL {
+			continue
+		}
+		m.startCopyLocked(p, nil, "")
+	}
+}
+
+// startCopyLocked copies image id of prov (nil: p's SPEC@REGION, looked
+// up first) to p's region in the background.
+func (m *Manager) startCopyLocked(p *poolState, prov cloud.Provider, id string) {
+	p.copying = true
+	started := m.clock.Now()
+	src := *p.spec.ImageFrom
+	m.goAsync(func(ctx context.Context) {
+		cctx, cancel := context.WithTimeout(ctx, 24*time.Hour)
+		defer cancel()
+		var err error
+		if prov == nil {
+			prov, err = m.opts.Images.Region(cctx, p.spec.Provider, src.Region)
+			if err == nil {
+				id, err = m.opts.Images.Resolve(cctx, prov, src.Spec)
+			}
+		}
+		m.mu.Lock()
+		if err == nil && id == p.imageSrc && p.bakedImage != "" {
+			// The source has not changed since the last copy.
+			p.copying, p.bakedAt = false, m.clock.Now()
+			m.unlock()
+			return
+		}
+		if err == nil {
+			p.copyStatus = fmt.Sprintf("copying image %s to this pool's region (since %s)", id, started.UTC().Format(time.RFC3339))
+			m.log.Info("copying the pool's image to its region", "pool", p.name, "image", id)
+		}
+		m.unlock()
+		var img cloud.Image
+		if err == nil {
+			img, err = m.opts.Images.Copy(cctx, prov, id, p.provider)
+		}
+		m.mu.Lock()
+		defer m.unlock()
+		p.copying = false
+		if ctx.Err() != nil {
+			return // shutting down: copied again (or found) at the next start
+		}
+		if err != nil {
+			p.copyFailures++
+			backoff := time.Second << min(p.copyFailures, 8)
+			p.copyRetryAt = m.clock.Now().Add(backoff/2 + rand.N(backoff/2+1))
+			p.launchErr = fmt.Sprintf("copying the pool's image: %v", err)
+			p.copyStatus = "copy failed; retrying"
+			m.log.Warn("copying the pool's image failed", "pool", p.name, "image", id, "retry_at", p.copyRetryAt, "err", err)
+			return
+		}
+		m.log.Info("pool launches from its image's copy", "pool", p.name, "source", id, "image", img.ID, "took", m.clock.Now().Sub(started))
+		p.bakedImage, p.imageSrc, p.bakedAt = img.ID, id, m.clock.Now()
+		p.copyFailures, p.copyStatus = 0, ""
+		if strings.HasPrefix(p.launchErr, "copying the pool's image") {
+			p.launchErr = ""
+		}
+		m.dispatchLocked()
+	})
 }

@@ -549,7 +549,8 @@ func (m *Manager) dispatchPool(p *poolState) {
 		need--
 	}
 	now := m.clock.Now()
-	if need <= 0 || p.blocked || now.Before(p.retryAt) {
+	if need <= 0 || p.blocked || now.Before(p.retryAt) || p.spec.ImageFrom != nil && p.bakedImage == "" {
+		// An image from elsewhere not copied here yet: leases wait for it.
 		return
 	}
 	for ; need > 0 && live < p.spec.MaxInstances && launching < maxLaunching; need-- {

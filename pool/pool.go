@@ -52,6 +52,9 @@ type Options struct {
 	// Tick is how often timers (TTD, boot timeout, lease expiry) are checked
 	// against Clock. Default 1s.
 	Tick time.Duration
+	// Images copies images between regions for pools whose image is in
+	// another (Spec.ImageFrom); required when there are such pools.
+	Images ImageCopier
 }
 
 // Instance is the pool's record of one instance. Key is ours from the moment
@@ -129,8 +132,15 @@ type poolState struct {
 	launchErr      string    // last launch error, shown in hangar pools
 	blocked        bool      // a quota error stopped launches
 	cacheSavedAt   time.Time // the last snapshot of its cache (or the start): the refresh clock
-	bakedImage     string    // its newest baked image, launched from when set (bake.go)
+	bakedImage     string    // its newest baked image (or its image's copy), launched from when set (bake.go)
 	bakedAt        time.Time // when bakedImage was looked up
+	// An image from another region (Spec.ImageFrom): the source image of
+	// bakedImage, and the copy under way.
+	imageSrc     string
+	copying      bool
+	copyStatus   string
+	copyFailures int
+	copyRetryAt  time.Time
 }
 
 // Manager runs every pool.
@@ -223,6 +233,9 @@ func New(opts Options) (*Manager, error) {
 		}
 		if o, ok := overrides[name]; ok {
 			spec.MinIdle, spec.MaxInstances = o.MinIdle, o.MaxInstances
+		}
+		if spec.ImageFrom != nil && opts.Images == nil {
+			return nil, fmt.Errorf("pool %s: its image is in another region, and nothing copies images", name)
 		}
 		if _, ok := cloud.StorageOf(p); spec.Cache != nil && !ok {
 			return nil, fmt.Errorf("pool %s: a cache needs volumes, and provider %q has none", name, spec.Provider)

@@ -45,6 +45,9 @@ type Spec struct {
 	// Bake, when set, makes the pool launch from its newest baked image
 	// (bake.go).
 	Bake *BakeSpec
+	// ImageFrom, when set, is where the pool's image is, in another region
+	// (Launch.Image is then empty): the pool launches from its copy.
+	ImageFrom *ImageSource
 }
 
 // CacheSpec is a pool's build cache.

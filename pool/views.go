@@ -25,6 +25,10 @@ type PoolView struct {
 	LaunchError   string        `json:"launch_error,omitempty"`
 	LaunchBlocked bool          `json:"launch_blocked,omitempty"`
 	RetryAt       *time.Time    `json:"launch_retry_at,omitempty"`
+	// Image is what the pool launches from when it is a baked image or a
+	// copy; ImageCopy, what is being done to bring its image here.
+	Image     string `json:"image,omitempty"`
+	ImageCopy string `json:"image_copy,omitempty"`
 }
 
 // InstanceView is an instance as `hangar instances` shows it.
@@ -57,7 +61,8 @@ func (m *Manager) Pools() []PoolView {
 
 func (m *Manager) poolViewLocked(p *poolState) PoolView {
 	v := PoolView{Name: p.name, Provider: p.spec.Provider, MinIdle: p.spec.MinIdle, MaxInstances: p.spec.MaxInstances,
-		Instances: map[State]int{}, LeasesPending: len(p.queue), LaunchError: p.launchErr, LaunchBlocked: p.blocked}
+		Instances: map[State]int{}, LeasesPending: len(p.queue), LaunchError: p.launchErr, LaunchBlocked: p.blocked,
+		Image: p.bakedImage, ImageCopy: p.copyStatus}
 	for _, in := range m.instances {
 		if in.Pool == p.name && in.State != Gone {
 			v.Instances[in.State]++

@@ -204,12 +204,10 @@ func (m *Manager) CopyImage(ctx context.Context, id string, dst *Manager) (cloud
 				spec.Devices = append(spec.Devices, d)
 				continue
 			}
-			snap, err := m.snapshot(ctx, d.SnapshotID)
-			if err != nil {
-				dst.discard(ctx, nil, made, nil)
-				return fail(err)
-			}
-			cp, err := m.copySnapshotViaServers(ctx, snap, dst)
+			// The cloud's snapshot copy where it has one (the local
+			// cloud's, whose image disks are directories that a block
+			// copy cannot read), staging servers otherwise.
+			cp, err := m.CopySnapshot(ctx, d.SnapshotID, dst)
 			if err != nil {
 				dst.discard(ctx, nil, made, nil)
 				return fail(err)

@@ -298,6 +298,9 @@ func poolsCmd(g *globals) *cobra.Command {
 				if p.LaunchBlocked {
 					note = "LAUNCHES STOPPED (quota): " + note
 				}
+				if p.ImageCopy != "" {
+					note = strings.TrimSuffix(p.ImageCopy+"; "+note, "; ")
+				}
 				rows = append(rows, []string{p.Name, p.Provider, fmt.Sprint(p.MinIdle), fmt.Sprint(p.MaxInstances),
 					countStates(p.Instances), fmt.Sprint(p.LeasesActive), fmt.Sprint(p.LeasesPending), note})
 			}

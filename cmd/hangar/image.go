@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/signal"
 	"slices"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -129,15 +131,21 @@ func bakeImage(ctx context.Context, g *globals, m *staging.Manager, poolName str
 	if err != nil {
 		return err
 	}
+	terminated := false
 	defer func() {
 		// Whatever happened, the server goes: a bake leaves nothing running.
+		if terminated {
+			return
+		}
 		if terr := m.TerminateServer(context.WithoutCancel(ctx), srv); terr != nil {
 			err = errors.Join(err, terr)
 		}
 	}()
 	step("script: %s on %s", pc.Bake.Script, srv.Instance.ID)
 	// The script talks to the terminal on stderr: stdout is the image id.
-	if err := srv.RunAsRoot(ctx, "bash -s", bytes.NewReader(script), g.stderr, g.stderr); err != nil {
+	// Its two streams are copied at once, so one lock orders them.
+	out := &lockedWriter{w: g.stderr}
+	if err := srv.RunAsRoot(ctx, "bash -s", bytes.NewReader(script), out, out); err != nil {
 		var xe *staging.ExitError
 		if errors.As(err, &xe) {
 			step("script: failed with status %d; no image made", xe.Status)
@@ -160,6 +168,12 @@ func bakeImage(ctx context.Context, g *globals, m *staging.Manager, poolName str
 		return fmt.Errorf("creating image %s: %w", name, err)
 	}
 	if img, err = m.WaitImage(ctx, img.ID); err != nil {
+		return err
+	}
+	// Gone before the server hears of the image: a staging manager there
+	// (copying it to another region) must not borrow a server on its way out.
+	terminated = true
+	if err := m.TerminateServer(ctx, srv); err != nil {
 		return err
 	}
 	step("image %s (%s) baked for pool %s", img.Name, img.ID, poolName)
@@ -283,4 +297,16 @@ func sortedPools(cfg configs.Config, only string) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// lockedWriter serializes writes to w from several goroutines.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os/user"
 	"path/filepath"
 	"regexp"
@@ -29,10 +30,10 @@ func bakedImages(t *testing.T, ts *testServer, poolName string) []cloud.Image {
 	return imgs
 }
 
-// noStagingServers fails if a staging server is left on the local cloud.
-func noStagingServers(t *testing.T, ts *testServer) {
+// noStagingServers fails if a staging server is left on p.
+func noStagingServers(t *testing.T, p cloud.Provider) {
 	t.Helper()
-	list, err := ts.localProvider(t).List(context.Background(), map[string]string{staging.TagRole: "server"})
+	list, err := p.List(context.Background(), map[string]string{staging.TagRole: "server"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +74,7 @@ func TestImageBake(t *testing.T) {
 			t.Errorf("bake's progress lacks %q:\n%s", want, errOut)
 		}
 	}
-	noStagingServers(t, ts)
+	noStagingServers(t, ts.localProvider(t))
 	imgs := bakedImages(t, ts, "demo")
 	if len(imgs) != 1 || imgs[0].ID != image || !regexp.MustCompile(`^hangar-demo-\d{8}-\d{6}$`).MatchString(imgs[0].Name) {
 		t.Fatalf("baked images %+v, want %s named hangar-demo-YYYYMMDD-HHMMSS", imgs, image)
@@ -121,7 +122,7 @@ func TestImageBake(t *testing.T) {
 	if imgs := bakedImages(t, ts, "broken"); len(imgs) != 0 {
 		t.Errorf("a failed bake left images %+v", imgs)
 	}
-	noStagingServers(t, ts)
+	noStagingServers(t, ts.localProvider(t))
 }
 
 // The same bake through the EC2 provider, on ec2test whose instances and
@@ -163,4 +164,102 @@ func TestEC2ImageBake(t *testing.T) {
 			t.Errorf("staging server %s left %s", in.ID, in.State)
 		}
 	}
+}
+
+// A pool in another region with image = "bake:POOL" launches from a copy of
+// that pool's newest baked image, made the first time a lease needs it
+// (the lease waits for it) and again after the next bake.
+func TestBakedImageCopiedToAnotherRegion(t *testing.T) {
+	needStaging(t)
+	dir := t.TempDir()
+	dataDir := filepath.Join(dir, "data")
+	t.Cleanup(func() { terminateAll(t, filepath.Join(dataDir, "local", "regions", "eu-test")) })
+	bake := filepath.Join(dir, "bake.sh")
+	writeFile(t, bake, `mkdir -p "$HANGAR_ROOT/opt/tool" && date +%s%N > "$HANGAR_ROOT/opt/tool/stamp"`+"\n")
+	cfg := fmt.Sprintf(`
+[server]
+listen = "127.0.0.1:0"
+data_dir = %q
+reconcile_interval = "1s"
+
+[providers.here]
+type = "local"
+
+[providers.there]
+type = "local"
+region = "eu-test"
+
+[pools.build]
+provider = "here"
+worker_command = %q
+[pools.build.bake]
+script = %q
+
+[pools.far]
+provider = "there"
+image = "bake:build"
+max_instances = 1
+worker_command = %q
+`, dataDir, workerCommand, bake, workerCommand)
+	cfgPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, cfgPath, cfg)
+	ts := startTest(t, cfg, nil)
+	srv := "--server=" + ts.url
+	far := func() pool.PoolView {
+		t.Helper()
+		pools, err := ts.client.Pools(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pools {
+			if p.Name == "far" {
+				return p
+			}
+		}
+		t.Fatal("no pool far")
+		return pool.PoolView{}
+	}
+	if p := far(); p.Image != "" || !strings.Contains(p.ImageCopy, "waiting for pool build to have a baked image") {
+		t.Errorf("far before any bake: %+v", p)
+	}
+
+	code, out, errOut := runCLI(t, srv, "image", "bake", "build", "--config", cfgPath)
+	if code != 0 {
+		t.Fatalf("bake: exit %d; stderr:\n%s", code, errOut)
+	}
+	baked := strings.TrimSpace(out)
+	// A build on far waits for the copy, then finds what the bake made.
+	code, out, errOut = runCLI(t, srv, "run", "far", "--wait", "3m", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
+	if code != 0 || out == "" {
+		t.Fatalf("run on far: exit %d %q; stderr:\n%s", code, out, errOut)
+	}
+	copied := far().Image
+	if copied == "" || copied == baked {
+		t.Fatalf("far launches from %q, want a copy of %s in its region", copied, baked)
+	}
+	there, err := ts.images.Region(context.Background(), "there", "eu-test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, _ := cloud.StorageOf(there)
+	imgs, err := st.Images(context.Background(), cloud.Filter{IDs: []string{copied}})
+	if err != nil || len(imgs) != 1 || imgs[0].Tags[staging.TagCopiedFrom] != "local/"+baked {
+		t.Fatalf("the copy %s: %+v, %v; want it tagged as copied from local/%s", copied, imgs, err, baked)
+	}
+	for _, in := range ts.instances(t, "far") {
+		if in.Image != copied {
+			t.Errorf("far's instance %s launched from %q, want %s", in.ID, in.Image, copied)
+		}
+	}
+
+	// A newer bake is copied again.
+	if code, _, errOut = runCLI(t, srv, "image", "bake", "build", "--config", cfgPath); code != 0 {
+		t.Fatalf("second bake: exit %d; stderr:\n%s", code, errOut)
+	}
+	testutil.Eventually(t, "far to launch from a copy of the new bake", 3*time.Minute, func() bool {
+		p := far()
+		return p.Image != "" && p.Image != copied && p.ImageCopy == ""
+	})
+	noStagingServers(t, ts.providers["here"])
+	noStagingServers(t, there)
 }

@@ -58,6 +58,7 @@ type server struct {
 	log       *slog.Logger
 	store     *store.Store
 	providers map[string]cloud.Provider
+	images    *serveImages // copies images between regions for pools (imagecopy.go)
 	manager   *pool.Manager
 	http      *http.Server
 	url       string
@@ -154,6 +155,8 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	}
 	po := poolOptions(cfg)
 	po.Providers, po.Store, po.Logger, po.Metrics, po.Clock, po.Tick = s.providers, s.store, log, met, o.Clock, o.Tick
+	s.images = newServeImages(cfg, log, s.providers)
+	po.Images = s.images
 	mgr, err = pool.New(po)
 	if err != nil {
 		_ = ln.Close()
@@ -275,6 +278,11 @@ func (s *server) closeParts() error {
 	var errs []error
 	if s.manager != nil {
 		errs = append(errs, s.manager.Close())
+	}
+	if s.images != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		errs = append(errs, s.images.Close(ctx))
+		cancel()
 	}
 	for _, p := range s.providers {
 		errs = append(errs, p.Close())

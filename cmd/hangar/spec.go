@@ -49,6 +49,11 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 			CloudConfig: pc.CloudConfig,
 		},
 	}
+	if src, err := configs.ParseImageSource(pc.Image); err == nil && src != (configs.ImageSource{}) {
+		// Validated already; the pool launches from a copy in its region.
+		spec.ImageFrom = &pool.ImageSource{Pool: src.Pool, Spec: src.Spec, Region: src.Region}
+		spec.Launch.Image = ""
+	}
 	if b := pc.Bake; b != nil {
 		spec.Bake = &pool.BakeSpec{Keep: b.Keep}
 	}
