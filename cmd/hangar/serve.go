@@ -77,7 +77,7 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	s := &server{cfg: cfg, log: log, providers: map[string]cloud.Provider{}, done: make(chan struct{})}
 	defer func() {
 		if err != nil {
-			if cerr := s.closeParts(); cerr != nil {
+			if cerr := s.closeParts(context.WithoutCancel(ctx)); cerr != nil {
 				log.Warn("closing after a failed start", "err", cerr)
 			}
 		}
@@ -271,16 +271,18 @@ func (s *server) Close() error {
 		s.log.Warn("http shutdown", "err", err)
 	}
 	<-s.done
-	return s.closeParts()
+	return s.closeParts(context.Background())
 }
 
-func (s *server) closeParts() error {
+// closeParts closes what startServer opened; ctx bounds the staging
+// servers' ends (image copies).
+func (s *server) closeParts(ctx context.Context) error {
 	var errs []error
 	if s.manager != nil {
 		errs = append(errs, s.manager.Close())
 	}
 	if s.images != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 		errs = append(errs, s.images.Close(ctx))
 		cancel()
 	}
