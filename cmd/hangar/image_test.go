@@ -263,3 +263,50 @@ worker_command = %q
 	noStagingServers(t, ts.providers["here"])
 	noStagingServers(t, there)
 }
+
+// image = "PATTERN@REGION": the newest image of that name in the other
+// region of the pool's provider, copied here before the first launch.
+func TestImageFromAnotherRegionByName(t *testing.T) {
+	needStaging(t)
+	dir := t.TempDir()
+	dataDir := filepath.Join(dir, "data")
+	t.Cleanup(func() { terminateAll(t, filepath.Join(dataDir, "local", "regions", "eu-test")) })
+	bake := filepath.Join(dir, "bake.sh")
+	writeFile(t, bake, `mkdir -p "$HANGAR_ROOT/opt/tool" && echo from-local > "$HANGAR_ROOT/opt/tool/stamp"`+"\n")
+	cfg := fmt.Sprintf(`
+[server]
+listen = "127.0.0.1:0"
+data_dir = %q
+reconcile_interval = "1s"
+
+[providers.here]
+type = "local"
+
+[providers.there]
+type = "local"
+region = "eu-test"
+
+[pools.build]
+provider = "here"
+worker_command = %q
+[pools.build.bake]
+script = %q
+
+[pools.named]
+provider = "there"
+image = "hangar-build-*@local"
+max_instances = 1
+worker_command = %q
+`, dataDir, workerCommand, bake, workerCommand)
+	cfgPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, cfgPath, cfg)
+	ts := startTest(t, cfg, nil)
+	srv := "--server=" + ts.url
+	if code, _, errOut := runCLI(t, srv, "image", "bake", "build", "--config", cfgPath); code != 0 {
+		t.Fatalf("bake: exit %d; stderr:\n%s", code, errOut)
+	}
+	code, out, errOut := runCLI(t, srv, "run", "named", "--wait", "3m", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
+	if code != 0 || out != "from-local\n" {
+		t.Fatalf("run on named: exit %d %q; stderr:\n%s", code, out, errOut)
+	}
+}
