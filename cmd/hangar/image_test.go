@@ -171,39 +171,7 @@ func TestEC2ImageBake(t *testing.T) {
 // (the lease waits for it) and again after the next bake.
 func TestBakedImageCopiedToAnotherRegion(t *testing.T) {
 	needStaging(t)
-	dir := t.TempDir()
-	dataDir := filepath.Join(dir, "data")
-	t.Cleanup(func() { terminateAll(t, filepath.Join(dataDir, "local", "regions", "eu-test")) })
-	bake := filepath.Join(dir, "bake.sh")
-	writeFile(t, bake, `mkdir -p "$HANGAR_ROOT/opt/tool" && date +%s%N > "$HANGAR_ROOT/opt/tool/stamp"`+"\n")
-	cfg := fmt.Sprintf(`
-[server]
-listen = "127.0.0.1:0"
-data_dir = %q
-reconcile_interval = "1s"
-
-[providers.here]
-type = "local"
-
-[providers.there]
-type = "local"
-region = "eu-test"
-
-[pools.build]
-provider = "here"
-worker_command = %q
-[pools.build.bake]
-script = %q
-
-[pools.far]
-provider = "there"
-image = "bake:build"
-max_instances = 1
-worker_command = %q
-`, dataDir, workerCommand, bake, workerCommand)
-	cfgPath := filepath.Join(dir, "hangar.toml")
-	writeFile(t, cfgPath, cfg)
-	ts := startTest(t, cfg, nil)
+	ts, cfgPath := twoRegions(t, `mkdir -p "$HANGAR_ROOT/opt/tool" && date +%s%N > "$HANGAR_ROOT/opt/tool/stamp"`+"\n", "bake:build")
 	srv := "--server=" + ts.url
 	far := func() pool.PoolView {
 		t.Helper()
@@ -268,11 +236,27 @@ worker_command = %q
 // region of the pool's provider, copied here before the first launch.
 func TestImageFromAnotherRegionByName(t *testing.T) {
 	needStaging(t)
+	ts, cfgPath := twoRegions(t, `mkdir -p "$HANGAR_ROOT/opt/tool" && echo from-local > "$HANGAR_ROOT/opt/tool/stamp"`+"\n", "hangar-build-*@local")
+	srv := "--server=" + ts.url
+	if code, _, errOut := runCLI(t, srv, "image", "bake", "build", "--config", cfgPath); code != 0 {
+		t.Fatalf("bake: exit %d; stderr:\n%s", code, errOut)
+	}
+	code, out, errOut := runCLI(t, srv, "run", "far", "--wait", "3m", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
+	if code != 0 || out != "from-local\n" {
+		t.Fatalf("run on far: exit %d %q; stderr:\n%s", code, out, errOut)
+	}
+}
+
+// twoRegions starts a server with pool build (with [bake], running bake)
+// on the local cloud's default region and pool far on region eu-test,
+// whose image is farImage; it returns the server and the config's path.
+func twoRegions(t *testing.T, bake, farImage string) (*testServer, string) {
+	t.Helper()
 	dir := t.TempDir()
 	dataDir := filepath.Join(dir, "data")
 	t.Cleanup(func() { terminateAll(t, filepath.Join(dataDir, "local", "regions", "eu-test")) })
-	bake := filepath.Join(dir, "bake.sh")
-	writeFile(t, bake, `mkdir -p "$HANGAR_ROOT/opt/tool" && echo from-local > "$HANGAR_ROOT/opt/tool/stamp"`+"\n")
+	script := filepath.Join(dir, "bake.sh")
+	writeFile(t, script, bake)
 	cfg := fmt.Sprintf(`
 [server]
 listen = "127.0.0.1:0"
@@ -292,21 +276,13 @@ worker_command = %q
 [pools.build.bake]
 script = %q
 
-[pools.named]
+[pools.far]
 provider = "there"
-image = "hangar-build-*@local"
+image = %q
 max_instances = 1
 worker_command = %q
-`, dataDir, workerCommand, bake, workerCommand)
+`, dataDir, workerCommand, script, farImage, workerCommand)
 	cfgPath := filepath.Join(dir, "hangar.toml")
 	writeFile(t, cfgPath, cfg)
-	ts := startTest(t, cfg, nil)
-	srv := "--server=" + ts.url
-	if code, _, errOut := runCLI(t, srv, "image", "bake", "build", "--config", cfgPath); code != 0 {
-		t.Fatalf("bake: exit %d; stderr:\n%s", code, errOut)
-	}
-	code, out, errOut := runCLI(t, srv, "run", "named", "--wait", "3m", "--", "sh", "-c", `cat "$HANGAR_ROOT/opt/tool/stamp"`)
-	if code != 0 || out != "from-local\n" {
-		t.Fatalf("run on named: exit %d %q; stderr:\n%s", code, out, errOut)
-	}
+	return startTest(t, cfg, nil), cfgPath
 }
