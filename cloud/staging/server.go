@@ -366,8 +366,14 @@ func (s *Server) Path(p string) string {
 	return p
 }
 
-// Run runs a shell command on the server (as the login user).
+// Run runs a shell command on the server (as the login user). stdout and
+// stderr may be one writer: the two streams are copied at once, so it is
+// then locked for each write.
 func (s *Server) Run(ctx context.Context, cmd string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if stdout != nil && stdout == stderr {
+		stdout = lockedWriter(stdout)
+		stderr = stdout
+	}
 	c, err := s.Client(ctx)
 	if err != nil {
 		return err

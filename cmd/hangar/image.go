@@ -5,13 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/signal"
 	"slices"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -143,9 +141,7 @@ func bakeImage(ctx context.Context, g *globals, m *staging.Manager, poolName str
 	}()
 	step("script: %s on %s", pc.Bake.Script, srv.Instance.ID)
 	// The script talks to the terminal on stderr: stdout is the image id.
-	// Its two streams are copied at once, so one lock orders them.
-	out := &lockedWriter{w: g.stderr}
-	if err := srv.RunAsRoot(ctx, "bash -s", bytes.NewReader(script), out, out); err != nil {
+	if err := srv.RunAsRoot(ctx, "bash -s", bytes.NewReader(script), g.stderr, g.stderr); err != nil {
 		var xe *staging.ExitError
 		if errors.As(err, &xe) {
 			step("script: failed with status %d; no image made", xe.Status)
@@ -297,16 +293,4 @@ func sortedPools(cfg configs.Config, only string) []string {
 	}
 	slices.Sort(names)
 	return names
-}
-
-// lockedWriter serializes writes to w from several goroutines.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
