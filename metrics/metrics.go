@@ -4,7 +4,10 @@
 package metrics
 
 import (
+	"cmp"
 	"context"
+	"runtime"
+	"runtime/debug"
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
@@ -39,6 +42,15 @@ type Snapshot struct {
 	LeasesPending map[string]int
 	LaunchBlocked map[string]bool // pool → launches stopped by a quota error
 	CacheVolumes  map[string]int  // pool → cache volumes attached to its instances
+	// OldestPending: pool → how long its longest-waiting pending lease has
+	// waited (0: none waits).
+	OldestPending map[string]time.Duration
+	// LongestInState: {pool, state} → how long the pool's instance that
+	// has been in the state longest has been in it (0: none is).
+	LongestInState map[[2]string]time.Duration
+	// ReconciledAt: pool → when reconcile last applied a listing of its
+	// cloud (zero: not since the start).
+	ReconciledAt map[string]time.Time
 }
 
 // New registers Hangar's collectors on reg. snapshot is called at every
@@ -119,6 +131,12 @@ var (
 	leasesPendingDesc = prometheus.NewDesc("hangar_leases_pending", "Leases waiting for an instance.", []string{"pool"}, nil)
 	launchBlockedDesc = prometheus.NewDesc("hangar_launch_blocked", "1 while a quota error stops launches for the pool.", []string{"pool"}, nil)
 	cacheVolumesDesc  = prometheus.NewDesc("hangar_cache_volumes", "Cache volumes attached to the pool's instances.", []string{"pool"}, nil)
+	oldestPendingDesc = prometheus.NewDesc("hangar_lease_oldest_pending_seconds",
+		"How long the pool's longest-waiting pending lease has waited; 0 when none waits.", []string{"pool"}, nil)
+	longestInStateDesc = prometheus.NewDesc("hangar_instance_longest_in_state_seconds",
+		"How long the pool's instance longest in the state has been in it; 0 when none is.", []string{"pool", "state"}, nil)
+	reconciledDesc = prometheus.NewDesc("hangar_reconcile_last_success_timestamp_seconds",
+		"Unix time when reconcile last applied a listing of the pool's cloud; 0 until the first since the start.", []string{"pool"}, nil)
 )
 
 // gauges reads the pool's state at scrape time instead of mirroring it, so
@@ -131,6 +149,9 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- leasesPendingDesc
 	ch <- launchBlockedDesc
 	ch <- cacheVolumesDesc
+	ch <- oldestPendingDesc
+	ch <- longestInStateDesc
+	ch <- reconciledDesc
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {
@@ -154,6 +175,48 @@ func (g *gauges) Collect(ch chan<- prometheus.Metric) {
 	for p, n := range s.CacheVolumes {
 		ch <- prometheus.MustNewConstMetric(cacheVolumesDesc, prometheus.GaugeValue, float64(n), p)
 	}
+	for p, d := range s.OldestPending {
+		ch <- prometheus.MustNewConstMetric(oldestPendingDesc, prometheus.GaugeValue, d.Seconds(), p)
+	}
+	for k, d := range s.LongestInState {
+		ch <- prometheus.MustNewConstMetric(longestInStateDesc, prometheus.GaugeValue, d.Seconds(), k[0], k[1])
+	}
+	for p, at := range s.ReconciledAt {
+		v := 0.0 // the zero time's Unix seconds would be a large negative number
+		if !at.IsZero() {
+			v = float64(at.UnixNano()) / 1e9
+		}
+		ch <- prometheus.MustNewConstMetric(reconciledDesc, prometheus.GaugeValue, v, p)
+	}
+}
+
+// RegisterBuildInfo registers hangar_build_info{version,commit,goversion},
+// always 1, so that dashboards can show which build runs and alerts can
+// join on it. An empty version or commit is taken from what the Go
+// toolchain stamped into the binary: the module version ("(devel)" for a
+// build from a checkout) and the VCS revision.
+func RegisterBuildInfo(reg prometheus.Registerer, version, commit string) {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if version == "" {
+			version = bi.Main.Version
+		}
+		for _, st := range bi.Settings {
+			if commit == "" && st.Key == "vcs.revision" {
+				commit = st.Value
+			}
+		}
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "hangar_build_info",
+		Help: "Always 1; its labels name the running build.",
+		ConstLabels: prometheus.Labels{
+			"version":   cmp.Or(version, "unknown"),
+			"commit":    cmp.Or(commit, "unknown"),
+			"goversion": runtime.Version(),
+		},
+	})
+	g.Set(1)
+	reg.MustRegister(g)
 }
 
 // ObserveRequests returns a hook a provider calls for every request it

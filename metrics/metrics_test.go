@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/prometheus/client_golang/prometheus"
@@ -83,5 +86,74 @@ func TestInstrumentKeepsStorage(t *testing.T) {
 	}
 	if _, ok := cloud.StorageOf(m.Instrument("plain", failing{})); ok {
 		t.Fatal("a provider without Storage grew one")
+	}
+}
+
+// TestAgeGauges: the ages alerts read come out in seconds, and a pool not
+// reconciled since the start reads 0, not the zero time's Unix seconds.
+func TestAgeGauges(t *testing.T) {
+	at := time.Unix(1_900_000_000, 500_000_000)
+	reg := prometheus.NewRegistry()
+	New(reg, func() Snapshot {
+		return Snapshot{
+			OldestPending:  map[string]time.Duration{"ci": 90 * time.Second, "idle": 0},
+			LongestInState: map[[2]string]time.Duration{{"ci", "booting"}: 2 * time.Minute},
+			ReconciledAt:   map[string]time.Time{"ci": at, "new": {}},
+		}
+	})
+	want := `
+# HELP hangar_instance_longest_in_state_seconds How long the pool's instance longest in the state has been in it; 0 when none is.
+# TYPE hangar_instance_longest_in_state_seconds gauge
+hangar_instance_longest_in_state_seconds{pool="ci",state="booting"} 120
+# HELP hangar_lease_oldest_pending_seconds How long the pool's longest-waiting pending lease has waited; 0 when none waits.
+# TYPE hangar_lease_oldest_pending_seconds gauge
+hangar_lease_oldest_pending_seconds{pool="ci"} 90
+hangar_lease_oldest_pending_seconds{pool="idle"} 0
+# HELP hangar_reconcile_last_success_timestamp_seconds Unix time when reconcile last applied a listing of the pool's cloud; 0 until the first since the start.
+# TYPE hangar_reconcile_last_success_timestamp_seconds gauge
+hangar_reconcile_last_success_timestamp_seconds{pool="ci"} 1.9000000005e+09
+hangar_reconcile_last_success_timestamp_seconds{pool="new"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"hangar_instance_longest_in_state_seconds", "hangar_lease_oldest_pending_seconds", "hangar_reconcile_last_success_timestamp_seconds"); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestBuildInfo: given values are used as they are; empty ones fall back
+// to what the toolchain stamped, or "unknown", never an empty label.
+func TestBuildInfo(t *testing.T) {
+	for _, tc := range []struct{ version, commit string }{
+		{"v1.2.3", "0123abc"},
+		{"", ""},
+	} {
+		reg := prometheus.NewRegistry()
+		RegisterBuildInfo(reg, tc.version, tc.commit)
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(mfs) != 1 || mfs[0].GetName() != "hangar_build_info" || len(mfs[0].GetMetric()) != 1 {
+			t.Fatalf("gathered %v, want one hangar_build_info series", mfs)
+		}
+		m := mfs[0].GetMetric()[0]
+		if v := m.GetGauge().GetValue(); v != 1 {
+			t.Errorf("hangar_build_info = %v, want 1", v)
+		}
+		labels := map[string]string{}
+		for _, l := range m.GetLabel() {
+			labels[l.GetName()] = l.GetValue()
+		}
+		if labels["goversion"] != runtime.Version() {
+			t.Errorf("goversion = %q, want %q", labels["goversion"], runtime.Version())
+		}
+		for name, given := range map[string]string{"version": tc.version, "commit": tc.commit} {
+			switch got := labels[name]; {
+			case given != "" && got != given:
+				t.Errorf("%s = %q, want %q as given", name, got, given)
+			case got == "":
+				t.Errorf("%s is empty (given %q)", name, given)
+			}
+		}
 	}
 }
