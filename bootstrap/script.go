@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -45,15 +46,40 @@ func (s *Scripts) Load(ctx context.Context, src string) ([]byte, error) {
 		}
 		return b, nil
 	case strings.HasPrefix(src, "https://"), strings.HasPrefix(src, "http://"):
-		return s.fetch(ctx, src)
+		b, err := s.fetch(ctx, src)
+		if err != nil {
+			return nil, err
+		}
+		return expanded(src, b, "")
 	default:
-		f, err := os.Open(src)
+		b, err := readFile(src)
 		if err != nil {
 			return nil, fmt.Errorf("reading bootstrap script: %w", err)
 		}
-		defer func() { _ = f.Close() }()
-		return readLimited(f, src)
+		// A file's includes are read at every load too, relative to it.
+		return expanded(src, b, filepath.Dir(src))
 	}
+}
+
+// expanded is scripts.Expand within MaxScript.
+func expanded(src string, b []byte, dir string) ([]byte, error) {
+	b, err := scripts.Expand(src, b, dir, readFile)
+	if err != nil {
+		return nil, fmt.Errorf("reading bootstrap script: %w", err)
+	}
+	if len(b) > MaxScript {
+		return nil, fmt.Errorf("bootstrap script %s is over %d bytes with its includes", src, MaxScript)
+	}
+	return b, nil
+}
+
+func readFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+	return readLimited(f, path)
 }
 
 func (s *Scripts) fetch(ctx context.Context, url string) ([]byte, error) {

@@ -75,3 +75,46 @@ func TestScriptSources(t *testing.T) {
 		t.Errorf("after CacheFor, fetched %d more times, want 1", fetches.Load()-before)
 	}
 }
+
+// A bootstrap file is served with its includes expanded, read again at
+// every load: a file that includes builtin:generic.sh gets the protocol,
+// which reports ready.
+func TestScriptFileIncludes(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "ci", "boot.sh")
+	for path, body := range map[string]string{
+		file:                                  "#!/bin/bash\n# hangar:include lib.sh\n# hangar:include builtin:generic.sh\n",
+		filepath.Join(dir, "ci", "lib.sh"):    "#!/bin/bash\necho lib v1\n",
+		filepath.Join(dir, "ci", "broken.sh"): "#!/bin/bash\n# hangar:include gone.sh\n",
+	} {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := &Scripts{}
+	got, err := s.Load(context.Background(), file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"echo lib v1\n", "/bootstrap/v1/ready"} {
+		if !strings.Contains(string(got), want) {
+			t.Errorf("served %s has no %q", file, want)
+		}
+	}
+	if strings.Contains(string(got), "# hangar:include") {
+		t.Errorf("served %s still has an include line", file)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ci", "lib.sh"), []byte("echo lib v2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Load(context.Background(), file); err != nil || !strings.Contains(string(got), "echo lib v2\n") {
+		t.Errorf("after an edit of the included file: %v; served:\n%s", err, got)
+	}
+	_, err = s.Load(context.Background(), filepath.Join(dir, "ci", "broken.sh"))
+	if want := "broken.sh:2: including gone.sh: open "; err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("a missing include: error %v, want %q", err, want)
+	}
+}

@@ -462,6 +462,10 @@ func (c *Config) derive() {
 		if script, ok := strings.CutPrefix(p.Bootstrap, "builtin:"); ok && p.WorkerCommand == "" {
 			// A built-in bootstrap made for one CI brings its worker command.
 			p.WorkerCommand = scripts.DefaultWorkerCommand(script)
+		} else if p.WorkerCommand == "" && !strings.Contains(p.Bootstrap, "://") {
+			// So does a file, such as a copy of one (errors: validate's).
+			b, _ := scripts.ExpandFile(p.Bootstrap)
+			p.WorkerCommand = scripts.WorkerCommand(b)
 		}
 		p.deriveJenkins(dir)
 		if p.Bake != nil {

@@ -480,6 +480,10 @@ func (k *checker) bootstrap(key, b string) {
 			k.add(key, "%v", err)
 		} else if fi.IsDir() {
 			k.add(key, "%s is a directory", b)
+		} else if _, err := scripts.ExpandFile(b); err != nil {
+			// What an instance would be served: a missing include is
+			// found here, not at boot_timeout.
+			k.add(key, "%v", err)
 		}
 	}
 }

@@ -3,7 +3,6 @@
 package scripts
 
 import (
-	"bytes"
 	"embed"
 	"fmt"
 	"strings"
@@ -21,36 +20,7 @@ func BootstrapScript(name string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading built-in bootstrap script %q: %w", name, err)
 	}
-	return expandIncludes(name, b)
-}
-
-// includeDirective, alone on a line of a built-in script, stands for another
-// built-in script, less its #! line: a script for one CI builds on
-// generic.sh's protocol instead of copying it. Included scripts are not
-// expanded again, so includes cannot loop.
-const includeDirective = "# hangar:include "
-
-func expandIncludes(name string, b []byte) ([]byte, error) {
-	if !bytes.Contains(b, []byte(includeDirective)) {
-		return b, nil
-	}
-	var out bytes.Buffer
-	for _, line := range bytes.SplitAfter(b, []byte("\n")) {
-		included, ok := strings.CutPrefix(strings.TrimRight(string(line), "\n"), includeDirective)
-		if !ok {
-			out.Write(line)
-			continue
-		}
-		body, err := Bootstrap.ReadFile("bootstrap/" + included)
-		if err != nil {
-			return nil, fmt.Errorf("reading built-in bootstrap script %q: including %q: %w", name, included, err)
-		}
-		if bytes.HasPrefix(body, []byte("#!")) {
-			_, body, _ = bytes.Cut(body, []byte("\n"))
-		}
-		out.Write(body)
-	}
-	return out.Bytes(), nil
+	return expandBuiltin(name, b)
 }
 
 // workerCommandDirective starts a line of a built-in script that gives the
@@ -64,6 +34,12 @@ func DefaultWorkerCommand(name string) string {
 	if err != nil {
 		return ""
 	}
+	return WorkerCommand(b)
+}
+
+// WorkerCommand returns the worker command that a bootstrap script brings
+// for pools that set none (its "# hangar:worker-command" line), or "".
+func WorkerCommand(b []byte) string {
 	for _, line := range strings.Split(string(b), "\n") {
 		if cmd, ok := strings.CutPrefix(line, workerCommandDirective); ok {
 			return strings.TrimSpace(cmd)
