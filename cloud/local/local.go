@@ -5,7 +5,9 @@
 //
 // All state lives under Options.Dir, so a restarted server, or another
 // process on the same directory, sees the same instances. Mutations are
-// serialized across processes by a flock on the region's lock file.
+// serialized across processes by a flock on the region's lock file, and
+// processes on one directory share one metadata service per region, which
+// outlives whichever of them started it as long as one of them runs.
 //
 // Regions: the region "local" is Options.Dir itself; any other region is a
 // complete tree of its own under Dir/regions/<name>, with its own instances,
@@ -63,7 +65,8 @@ type Options struct {
 	BootDelay time.Duration
 	// MetadataAddr is the metadata service's listen address, on loopback
 	// only. Default "127.0.0.1:0", which reuses the port of the last run
-	// when it can.
+	// when it can. When another process serves this directory's metadata
+	// service on that port, it is shared, not listened on (see metadata.go).
 	MetadataAddr string
 	// Region names the region: "" or "local" is the tree in Dir itself, any
 	// other name a tree of its own under Dir/regions. Regions share nothing
@@ -101,15 +104,14 @@ const (
 
 // Provider is a local cloud. It is safe for concurrent use.
 type Provider struct {
-	opts        Options // Dir is the root of every region
-	region      string
-	log         *slog.Logger
-	store       *store
-	bash        string
-	path        string // PATH given to instances
-	srv         *http.Server
-	metadataURL string
-	now         func() time.Time // replaced by tests
+	opts   Options // Dir is the root of every region
+	region string
+	log    *slog.Logger
+	store  *store
+	bash   string
+	path   string // PATH given to instances
+	md     metadataService
+	now    func() time.Time // replaced by tests
 
 	mu     sync.Mutex
 	keys   map[string]string // metadata key → instance id, a cache
@@ -174,29 +176,27 @@ func newProvider(ctx context.Context, opts Options, now func() time.Time) (*Prov
 		now:    now,
 		keys:   map[string]string{},
 	}
-	ln, err := p.listenMetadata(opts.MetadataAddr)
-	if err != nil {
-		return nil, fmt.Errorf("starting local cloud: %w", err)
-	}
-	p.metadataURL = "http://" + ln.Addr().String()
-	p.srv = &http.Server{
+	p.md.srv = &http.Server{
 		Handler:           http.HandlerFunc(p.serveMetadata),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
-	go func() {
-		if err := p.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("metadata service stopped", "err", err)
-		}
-	}()
-	log.Info("local cloud ready", "dir", tree, "metadata", p.metadataURL)
+	if err := p.openMetadata(ctx, opts.MetadataAddr); err != nil {
+		return nil, fmt.Errorf("starting local cloud: %w", err)
+	}
+	log.Info("local cloud ready", "dir", tree, "metadata", p.MetadataURL(), "metadata_served_here", p.ownsMetadata())
 	return p, nil
 }
 
-// MetadataURL is the base URL of the metadata service. Each instance's own
-// base is this plus "/" and its metadata key.
-func (p *Provider) MetadataURL() string { return p.metadataURL }
+// MetadataURL is the base URL of the metadata service, which this process or
+// another on the same directory serves. Each instance's own base is this
+// plus "/" and its metadata key.
+func (p *Provider) MetadataURL() string {
+	p.md.mu.Lock()
+	defer p.md.mu.Unlock()
+	return "http://" + p.md.addr
+}
 
 // Capabilities: the local cloud can stop and start, and keeps a console log.
 // Instances launched with a key pair run sshd on port 2222 of their address
@@ -209,9 +209,10 @@ func (p *Provider) Capabilities() cloud.Capabilities {
 // otherwise).
 func (p *Provider) Region() string { return p.region }
 
-// Close stops the metadata service. Instances keep running.
+// Close stops the metadata service, if this process serves it; another
+// process on the same directory then takes it over. Instances keep running.
 func (p *Provider) Close() error {
-	if err := p.srv.Close(); err != nil {
+	if err := p.closeMetadata(); err != nil {
 		return fmt.Errorf("closing local cloud: %w", err)
 	}
 	return nil
@@ -258,6 +259,9 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 
 	src, err := p.launchSource(spec)
 	if err != nil {
+		return nil, fmt.Errorf("launching local instances: %w", err)
+	}
+	if err := p.ensureMetadata(); err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
 	}
 	recs, err := p.store.records(now, 0)
@@ -654,6 +658,9 @@ func (p *Provider) Start(ctx context.Context, ids []string) ([]string, error) {
 		return nil, fmt.Errorf("starting local instances: %w", err)
 	}
 	defer unlock()
+	if err := p.ensureMetadata(); err != nil {
+		return nil, fmt.Errorf("starting local instances: %w", err)
+	}
 	var done []string
 	var errs []error
 	for _, id := range ids {

@@ -170,11 +170,11 @@ func TestStateSurvivesRestart(t *testing.T) {
 		waitConsole(t, p2, in.ID, "booted-after-restart")
 	}
 
-	// A second live provider on the same dir cannot have the port; it takes
-	// another and still serves every instance.
+	// A second live provider on the same dir shares the first's metadata
+	// service (TestMetadataServiceShared) and lists every instance.
 	p3 := newTestProvider(t, Options{Dir: dir})
-	if p3.MetadataURL() == p2.MetadataURL() {
-		t.Errorf("two providers share metadata URL %s", p3.MetadataURL())
+	if p3.MetadataURL() != p2.MetadataURL() {
+		t.Errorf("second provider's metadata URL = %s, want the first's, %s", p3.MetadataURL(), p2.MetadataURL())
 	}
 	if got, _ := p3.List(t.Context(), tags); len(got) != 2 {
 		t.Errorf("a second provider lists %d instances, want 2", len(got))

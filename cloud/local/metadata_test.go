@@ -99,8 +99,15 @@ func TestMetadataService(t *testing.T) {
 		t.Errorf("expired token: got %d, want 401", code)
 	}
 
-	// A token survives a restart of the server; a terminated instance's key dies.
+	// A token survives a restart of the server, which serves on the same
+	// port; a terminated instance's key dies.
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
 	other := newTestProvider(t, Options{Dir: p.opts.Dir})
+	if !other.ownsMetadata() || other.MetadataURL() != p.MetadataURL() {
+		t.Errorf("restarted service: serves %v at %s, want it to serve at %s", other.ownsMetadata(), other.MetadataURL(), p.MetadataURL())
+	}
 	bBase := other.MetadataURL() + "/" + key(b.ID) + "/latest"
 	if code, body := do("GET", bBase+"/meta-data/instance-id", map[string]string{tokenHeader: bTok}); code != 200 || body != b.ID {
 		t.Errorf("token from another server run: %d %q", code, body)

@@ -99,7 +99,7 @@ func (p *Provider) boot(r *record, delay time.Duration) error {
 		// This "instance" is the host: its cloud-init directories are not
 		// the instance's to install per-boot scripts into.
 		"HANGAR_USERDATA_CLOUD_DIR=",
-		"HANGAR_METADATA_URL=" + p.metadataURL + "/" + r.MetadataKey,
+		"HANGAR_METADATA_URL=" + p.MetadataURL() + "/" + r.MetadataKey,
 		envMarker + "=" + r.ID,
 		// What "/" is to a real machine: the staging engine puts its
 		// mount points under it. ssh sessions get it too (sshd_config).

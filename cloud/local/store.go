@@ -1,6 +1,7 @@
 package local
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -27,6 +28,7 @@ import (
 //
 //	lock                      flock(2) serializing mutations across processes
 //	metadata.addr             last address of the metadata service
+//	metadata.secret           proves a service on that address is this tree's
 //	instances/<id>/instance.json
 //	instances/<id>/user-data  raw, served by the metadata service
 //	instances/<id>/parts/     what the boot wrapper runs (*.sh) or prints
@@ -217,6 +219,26 @@ func readJSON(path string, v any) error {
 		return fmt.Errorf("reading %s: %w", path, err)
 	}
 	return nil
+}
+
+func (s *store) metadataAddrPath() string { return filepath.Join(s.dir, "metadata.addr") }
+
+// metadataSecret returns the tree's metadata secret, made on first use. The
+// caller holds the lock, so that two processes cannot make different ones.
+func (s *store) metadataSecret() ([]byte, error) {
+	path := filepath.Join(s.dir, "metadata.secret")
+	b, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("reading metadata secret: %w", err)
+	}
+	if secret := bytes.TrimSpace(b); len(secret) >= 32 {
+		return secret, nil
+	}
+	secret := []byte(randHex(32))
+	if err := writeFile(path, append(secret, '\n'), 0o600); err != nil {
+		return nil, fmt.Errorf("saving metadata secret: %w", err)
+	}
+	return secret, nil
 }
 
 func (s *store) putRecord(r *record) error {
