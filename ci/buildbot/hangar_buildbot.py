@@ -1,8 +1,10 @@
 # Hangar latent workers for Buildbot.
 #
-# In master.cfg, with this file on the master's Python path:
+# In master.cfg, with this file next to it (the master's directory is on
+# its Python path); master.cfg.example here is a complete one:
 #
 #     from hangar_buildbot import HangarLatentWorker
+#     c['secretsProviders'] = [secrets.SecretInAFile(dirname=os.path.join(basedir, 'secrets'))]
 #     c['workers'] = [HangarLatentWorker('linux-1', hangar_url='https://hangar.example:7878',
 #                                        pool='linux', token=util.Secret('hangar-token'))]
 #
@@ -28,6 +30,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot import config
+from buildbot.interfaces import IRenderable
 from buildbot.interfaces import LatentWorkerFailedToSubstantiate
 from buildbot.util import asyncSleep
 from buildbot.util import httpclientservice
@@ -124,6 +127,7 @@ class HangarLatentWorker(AbstractLatentWorker):
     retry_max_seconds = 15
     release_attempts = 5
 
+    _http = None
     _lease_id = None
     _instance_id = None
     _renew_call = None
@@ -147,6 +151,9 @@ class HangarLatentWorker(AbstractLatentWorker):
                 config.error(f"HangarLatentWorker {name!r}: wait must be more than 0s")
         except ValueError as e:
             config.error(f"HangarLatentWorker {name!r}: wait: {e}")
+        if token is not None and not isinstance(token, str) and not IRenderable.providedBy(token):
+            config.error(f"HangarLatentWorker {name!r}: token must be a string or a "
+                         f"util.Secret, got {type(token).__name__}")
         if not isinstance(discard, bool):
             config.error(f"HangarLatentWorker {name!r}: discard must be True or False")
         if masterFQDN is not None and (not isinstance(masterFQDN, str) or not masterFQDN):
@@ -163,6 +170,10 @@ class HangarLatentWorker(AbstractLatentWorker):
             # Buildbot's own mechanism: a worker substantiated while the
             # master is reconfigured keeps its password.
             password = self.getRandomPass()
+        # AbstractLatentWorker's settings first: if what follows fails, the
+        # master still stops this worker cleanly and shows why, rather than
+        # an AttributeError from a worker it half configured.
+        yield super().reconfigService(name, password, **kwargs)
         self.hangar_pool = pool
         self.lease_wait = wait
         self.lease_wait_seconds = parse_duration(wait)
@@ -173,7 +184,7 @@ class HangarLatentWorker(AbstractLatentWorker):
         # before 4.1, whose thread pool a long poll would otherwise hold up
         # for the others.
         headers = {"Accept": "application/json", "User-Agent": f"hangar-buildbot ({name})"}
-        token = yield self.renderSecrets(token)
+        token = yield self._render_token(name, token)
         if token:
             headers["Authorization"] = f"Bearer {token}"
         base_url = hangar_url.rstrip("/")
@@ -184,7 +195,28 @@ class HangarLatentWorker(AbstractLatentWorker):
         else:
             self._http = yield httpclientservice.HTTPClientService.getService(
                 self.master, base_url, headers=headers)
-        yield super().reconfigService(name, password, **kwargs)
+
+    @defer.inlineCallbacks
+    def _render_token(self, name, token):
+        """token's value, or Buildbot's config error saying why there is
+        none: its own (a KeyError) names neither the worker nor the cure."""
+        try:
+            value = yield self.renderSecrets(token)
+        except KeyError as e:
+            secret = getattr(token, "secret_name", None) or str(e)
+            providers = getattr(self.master.config, "secretsProviders", None)
+            if not providers:
+                why = (f"util.Secret({secret!r}) needs c['secretsProviders'] in master.cfg, and it has "
+                       "none; e.g. c['secretsProviders'] = [secrets.SecretInAFile(dirname=...)] with "
+                       f"the token in the file {secret} of that directory")
+            else:
+                names = ", ".join(type(p).__name__ for p in providers)
+                why = f"no secrets provider of the master ({names}) has the secret {secret!r}"
+            raise config.ConfigErrors([f"HangarLatentWorker {name!r}: token: {why}"]) from e
+        if value is not None and not isinstance(value, str):
+            raise config.ConfigErrors([f"HangarLatentWorker {name!r}: token must be a string or "
+                                       f"a util.Secret, got {type(value).__name__}"])
+        return value
 
     def _generate_random_password(self):
         # What getRandomPass() draws from, with a cryptographic generator:

@@ -72,6 +72,7 @@ for args, kwargs, want in [
     (("w1",), {"hangar_url": "http://h", "pool": "p", "wait": "ten minutes"}, "wait: 'ten minutes' is not a duration"),
     (("w1",), {"hangar_url": "http://h", "pool": "p", "wait": "0s"}, "wait must be more than 0s"),
     (("w1",), {"hangar_url": "http://h", "pool": "p", "discard": "yes"}, "discard must be True or False"),
+    (("w1",), {"hangar_url": "http://h", "pool": "p", "token": 5}, "token must be a string or a util.Secret, got int"),
     (("_w",), {"hangar_url": "http://h", "pool": "p"}, "Hangar needs a worker name"),
 ]:
     got = errors(*args, **kwargs)
@@ -86,10 +87,10 @@ print("ok")
 	}
 }
 
-// A Buildbot master with a HangarLatentWorker builds on instances leased
-// from a local-cloud pool: the first build on a cold instance, the second on
-// the same instance, warm, after the first lease was released at
-// build_wait_timeout. Workers on a pool Hangar does not have, or cannot
+// A Buildbot master running ci/buildbot/master.cfg.example (the README's)
+// builds on instances leased from a local-cloud pool: the first build on a
+// cold instance, the second on the same instance, warm, after the first
+// lease was released at build_wait_timeout. Workers on a pool Hangar does not have, or cannot
 // launch in, fail their substantiations with Hangar's message.
 func TestBuildbotLatentWorker(t *testing.T) {
 	requireBuildbot(t)
@@ -111,7 +112,7 @@ token = %q
 type = "local"
 boot_delay = "1s"
 
-[pools.bb]
+[pools.buildbot]
 provider = "local"
 min_idle = 0
 max_instances = 2
@@ -135,12 +136,12 @@ bootstrap = "builtin:buildbot-worker.sh"
 	m := startBuildbotMaster(t, filepath.Join(dir, "master"), ts.url, token)
 
 	// Cold: the pool has no instance until the build asks for one.
-	if n := len(ts.instances(t, "bb")); n != 0 {
+	if n := len(ts.instances(t, "buildbot")); n != 0 {
 		t.Fatalf("pool bb has %d instances before any build", n)
 	}
 	sent := time.Now()
 	m.sendchange(t, "main", "1")
-	first := m.mustSucceed(t, ts, "instance-id", 1)
+	first := m.mustSucceed(t, ts, "where", 1)
 	coldStart := first.started.Sub(sent)
 	t.Logf("cold: sendchange to build step start %s (instance %s, lease %s)", coldStart.Round(time.Millisecond), first.instance, first.lease)
 
@@ -148,7 +149,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	// instance is idle again, not discarded.
 	waitReleased(t, ts, first.lease, "after build_wait_timeout")
 	testutil.Eventually(t, "instance "+first.instance+" to be idle again", 30*time.Second, func() bool {
-		return ts.countState(t, "bb", pool.Idle) == 1
+		return ts.countState(t, "buildbot", pool.Idle) == 1
 	})
 	t.Logf("lease released %s after the build finished", time.Since(first.finished).Round(time.Millisecond))
 	if !strings.Contains(ts.logs.String(), "/v1/leases/"+first.lease+"/renew") {
@@ -158,7 +159,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	// Warm: the same instance, a new lease, a new password.
 	sent = time.Now()
 	m.sendchange(t, "main", "2")
-	second := m.mustSucceed(t, ts, "instance-id", 2)
+	second := m.mustSucceed(t, ts, "where", 2)
 	warmStart := second.started.Sub(sent)
 	t.Logf("warm: sendchange to build step start %s (instance %s, lease %s)", warmStart.Round(time.Millisecond), second.instance, second.lease)
 	t.Logf("sendchange to build start: cold %s, warm %s", coldStart.Round(time.Millisecond), warmStart.Round(time.Millisecond))
@@ -180,7 +181,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 		t.Errorf("the retried build ran on %s, the instance whose worker died", third.instance)
 	}
 	testutil.Eventually(t, "instance "+second.instance+", whose worker died, to be discarded", 30*time.Second, func() bool {
-		for _, in := range ts.instances(t, "bb") {
+		for _, in := range ts.instances(t, "buildbot") {
 			if in.ID == second.instance {
 				return in.State == pool.Terminating
 			}
@@ -209,7 +210,7 @@ bootstrap = "builtin:buildbot-worker.sh"
 	m.stop(t)
 	waitReleased(t, ts, third.lease, "by the master's stop")
 	testutil.Eventually(t, "instance "+third.instance+" to be idle after the master stopped", 30*time.Second, func() bool {
-		return ts.countState(t, "bb", pool.Idle) == 1
+		return ts.countState(t, "buildbot", pool.Idle) == 1
 	})
 	// A lease that waited in vain was canceled, not left to take an
 	// instance later.
@@ -272,88 +273,101 @@ func noBytecode() []string {
 }
 
 type buildbotMaster struct {
-	dir  string
-	addr string // of the worker (pb) port, where sendchange goes too
-	cmd  *exec.Cmd
-	done chan error
+	dir            string
+	addr           string // of the worker (pb) port, where sendchange goes too
+	changePassword string
+	cmd            *exec.Cmd
+	done           chan error
 }
 
-// startBuildbotMaster creates a master in dir whose HangarLatentWorkers
-// lease from the Hangar at hangarURL, starts it in the foreground and stops
-// it when the test ends.
-func startBuildbotMaster(t *testing.T, dir, hangarURL, token string) *buildbotMaster {
+// masterExample is the README's master.cfg, which the test runs.
+var masterExample = filepath.Join("..", "..", "ci", "buildbot", "master.cfg.example")
+
+// newBuildbotMasterDir makes a master directory as the example's header
+// says: master.cfg, hangar_buildbot.py next to it, and the token in
+// secrets/hangar-token (0600 in a 0700 directory, as SecretInAFile wants).
+func newBuildbotMasterDir(t *testing.T, dir, cfg, token string) {
 	t.Helper()
 	if out, err := exec.Command(buildbotBin, "create-master", "-q", "--db", "sqlite:///state.sqlite", dir).CombinedOutput(); err != nil {
 		t.Fatalf("buildbot create-master: %v\n%s", err, out)
 	}
-	// sendchange must know the port before the master starts.
-	m := &buildbotMaster{dir: dir, addr: freePort(t), done: make(chan error, 1)}
-	_, port, _ := net.SplitHostPort(m.addr)
-	scriptsDir, err := filepath.Abs(filepath.Join("..", "..", "ci", "buildbot"))
+	module, err := os.ReadFile(filepath.Join("..", "..", "ci", "buildbot", "hangar_buildbot.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(dir, "hangar_buildbot.py"), string(module))
+	writeFile(t, filepath.Join(dir, "master.cfg"), cfg)
+	if token != "" {
+		if err := os.Mkdir(filepath.Join(dir, "secrets"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "secrets", "hangar-token"), []byte(token+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// exampleEnv is the environment master.cfg.example takes its settings
+// from: the one way the test's master differs from the example's.
+func exampleEnv(hangarURL, pbPort, changePassword string) []string {
+	return append(noBytecode(),
+		"HANGAR_URL="+hangarURL,
+		"BUILDBOT_WORKER_PORT=tcp:"+pbPort+":interface=127.0.0.1",
+		"BUILDBOT_MASTER_FQDN=127.0.0.1",
+		// The lease goes back 3s after a build, not 5 minutes.
+		"BUILDBOT_BUILD_WAIT_TIMEOUT=3",
+		"BUILDBOT_CHANGE_PASSWORD="+changePassword)
+}
+
+// startBuildbotMaster creates a master in dir running ci/buildbot's
+// master.cfg.example, whose HangarLatentWorker leases from the Hangar at
+// hangarURL's pool "buildbot", starts it in the foreground and stops it
+// when the test ends. The test appends to the example (never changes it)
+// workers and builders for the failure cases.
+func startBuildbotMaster(t *testing.T, dir, hangarURL, token string) *buildbotMaster {
+	t.Helper()
+	example, err := os.ReadFile(masterExample)
 	if err != nil {
 		t.Fatal(err)
 	}
 	py := func(s string) string { b, _ := json.Marshal(s); return string(b) }
-	cfg := fmt.Sprintf(`# The end-to-end test's master (cmd/hangar/buildbot_test.go).
-import shlex, sys
-sys.path.insert(0, %s)
-from buildbot.plugins import changes, schedulers, steps, util
-from hangar_buildbot import HangarLatentWorker
-
-c = BuildmasterConfig = {}
-c['buildbotNetUsageData'] = None
-c['title'] = 'hangar-e2e'
-c['buildbotURL'] = 'http://127.0.0.1/'
-c['db'] = {'db_url': 'sqlite:///state.sqlite'}
+	cfg := string(example) + fmt.Sprintf(`
+# Appended by cmd/hangar/buildbot_test.go: the logs in the database as
+# text, and workers and builders for the failure cases.
+import shlex
 c['logCompressionMethod'] = 'raw'
-c['protocols'] = {'pb': {'port': 'tcp:%s:interface=127.0.0.1'}}
-c['change_source'] = [changes.PBChangeSource(user='change', passwd='changepw')]
-
-hangar = dict(hangar_url=%s, token=%s, wait='60s', masterFQDN='127.0.0.1', missing_timeout=60)
-c['workers'] = [
-    HangarLatentWorker('hangar-bb', pool='bb', build_wait_timeout=3, **hangar),
-    HangarLatentWorker('hangar-missing', pool='missing', **hangar),
-    HangarLatentWorker('hangar-broken', pool='broken', **dict(hangar, wait='1s')),
+failing = dict(hangar_url=setting('HANGAR_URL'), token=util.Secret('hangar-token'),
+               masterFQDN=setting('BUILDBOT_MASTER_FQDN'))
+c['workers'] += [
+    HangarLatentWorker('hangar-missing', pool='missing', wait='60s', **failing),
+    HangarLatentWorker('hangar-broken', pool='broken', wait='1s', **failing),
 ]
-
-# The step prints when it ran and the instance id from the metadata service
-# (IMDSv2), the way a build on EC2 would ask.
-script = r'''
-started=$(date +%%s.%%N)
-token=$(curl -sfS -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$HANGAR_METADATA_URL/latest/api/token")
-id=$(curl -sfS -H "X-aws-ec2-metadata-token: $token" "$HANGAR_METADATA_URL/latest/meta-data/instance-id")
-echo "hangar-e2e started=$started instance=$id lease=$HANGAR_LEASE_ID"
-test -n "$id"
-'''
-factory = util.BuildFactory([steps.ShellCommand(name='instance-id', command=['bash', '-c', script], haltOnFailure=True)])
 # The first build of this one kills its worker (the step's parent).
-breaker = 'if mkdir ' + shlex.quote(%s) + ' 2>/dev/null; then kill -9 $PPID; sleep 60; fi' + script
-breaker_factory = util.BuildFactory([steps.ShellCommand(name='instance-id', command=['bash', '-c', breaker], haltOnFailure=True)])
-c['builders'] = [
-    util.BuilderConfig(name='instance-id', workernames=['hangar-bb'], factory=factory),
-    util.BuilderConfig(name='breaker', workernames=['hangar-bb'], factory=breaker_factory),
-    util.BuilderConfig(name='no-pool', workernames=['hangar-missing'], factory=factory),
-    util.BuilderConfig(name='broken-pool', workernames=['hangar-broken'], factory=factory),
+breaker = 'if mkdir ' + shlex.quote(%s) + ' 2>/dev/null; then kill -9 $PPID; sleep 60; fi' + where
+breaker_factory = util.BuildFactory([steps.ShellCommand(name='where', command=['bash', '-c', breaker], haltOnFailure=True)])
+c['builders'] += [
+    util.BuilderConfig(name='breaker', workernames=['linux-1'], factory=breaker_factory),
+    util.BuilderConfig(name='no-pool', workernames=['hangar-missing'], factory=c['builders'][0].factory),
+    util.BuilderConfig(name='broken-pool', workernames=['hangar-broken'], factory=c['builders'][0].factory),
 ]
-c['schedulers'] = [
-    schedulers.AnyBranchScheduler(name='main', treeStableTimer=None, builderNames=['instance-id'],
-                                  change_filter=util.ChangeFilter(branch='main')),
-    schedulers.AnyBranchScheduler(name='break', treeStableTimer=None, builderNames=['breaker'],
-                                  change_filter=util.ChangeFilter(branch='break')),
-    schedulers.AnyBranchScheduler(name='nopool', treeStableTimer=None, builderNames=['no-pool'],
-                                  change_filter=util.ChangeFilter(branch='nopool')),
-    schedulers.AnyBranchScheduler(name='broken', treeStableTimer=None, builderNames=['broken-pool'],
-                                  change_filter=util.ChangeFilter(branch='broken')),
+c['schedulers'] += [
+    schedulers.AnyBranchScheduler(name=branch, treeStableTimer=None, builderNames=[builder],
+                                  change_filter=util.ChangeFilter(branch=branch))
+    for branch, builder in [('break', 'breaker'), ('nopool', 'no-pool'), ('broken', 'broken-pool')]
 ]
-`, py(scriptsDir), port, py(hangarURL), py(token), py(filepath.Join(dir, "broken-once")))
-	writeFile(t, filepath.Join(dir, "master.cfg"), cfg)
+`, py(filepath.Join(dir, "broken-once")))
+	newBuildbotMasterDir(t, dir, cfg, token)
+
+	// sendchange must know the port before the master starts.
+	m := &buildbotMaster{dir: dir, addr: freePort(t), changePassword: "changepw-e2e", done: make(chan error, 1)}
+	_, port, _ := net.SplitHostPort(m.addr)
 
 	logFile, err := os.Create(filepath.Join(dir, "stdout.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	m.cmd = exec.Command(buildbotBin, "start", "--nodaemon", dir)
-	m.cmd.Env = noBytecode()
+	m.cmd.Env = exampleEnv(hangarURL, port, m.changePassword)
 	m.cmd.Stdout, m.cmd.Stderr = logFile, logFile
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := m.cmd.Start(); err != nil {
@@ -423,7 +437,7 @@ func (m *buildbotMaster) log() string {
 func (m *buildbotMaster) sendchange(t *testing.T, branch, revision string) {
 	t.Helper()
 	out, err := exec.Command(buildbotBin, "sendchange", "--master", m.addr,
-		"--auth", "change:changepw", "--who", "hangar-test", "--branch", branch, "--revision", revision,
+		"--auth", "change:"+m.changePassword, "--who", "hangar-test", "--branch", branch, "--revision", revision,
 		"--comments", "hangar e2e", "file.txt").CombinedOutput()
 	if err != nil {
 		t.Fatalf("buildbot sendchange: %v\n%s", err, out)
@@ -510,7 +524,7 @@ func (m *buildbotMaster) waitBuild(t *testing.T, ts *testServer, builder string,
 	b.results, b.log = row.Results, row.Log
 	fields := map[string]string{}
 	for _, line := range strings.Split(row.Log, "\n") {
-		if _, rest, ok := strings.Cut(line, "hangar-e2e "); ok {
+		if _, rest, ok := strings.Cut(line, "hangar-example "); ok {
 			for _, f := range strings.Fields(rest) {
 				k, v, _ := strings.Cut(f, "=")
 				fields[k] = v
@@ -551,4 +565,105 @@ func instanceOfLog(log string) string {
 	_, rest, _ := strings.Cut(log, " instance=")
 	id, _, _ := strings.Cut(rest, " ")
 	return id
+}
+
+// `buildbot checkconfig` passes master.cfg.example as the README says to
+// install it, and refuses a HangarLatentWorker with bad arguments with
+// Hangar's messages, each naming the worker.
+func TestBuildbotCheckconfig(t *testing.T) {
+	requireBuildbot(t)
+	example, err := os.ReadFile(masterExample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := exampleEnv("http://127.0.0.1:7878", "9989", "changepw-check")
+	checkconfig := func(dir string) (string, error) {
+		cmd := exec.Command(buildbotBin, "checkconfig", dir)
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+
+	good := filepath.Join(t.TempDir(), "master")
+	newBuildbotMasterDir(t, good, string(example), "tok_checkconfig-0123456789")
+	if out, err := checkconfig(good); err != nil || !strings.Contains(out, "Config file is good!") {
+		t.Errorf("buildbot checkconfig of master.cfg.example: %v\n%s", err, out)
+	}
+
+	bad := filepath.Join(t.TempDir(), "master")
+	newBuildbotMasterDir(t, bad, string(example)+`
+c['workers'].append(HangarLatentWorker('linux-2', hangar_url='hangar.internal:7878', token=util.Secret('hangar-token'), wait='soon'))
+`, "tok_checkconfig-0123456789")
+	out, err := checkconfig(bad)
+	if err == nil {
+		t.Fatalf("buildbot checkconfig passed a HangarLatentWorker without a pool:\n%s", out)
+	}
+	for _, want := range []string{
+		"HangarLatentWorker 'linux-2': hangar_url must be Hangar's http:// or https:// URL, got 'hangar.internal:7878'",
+		"HangarLatentWorker 'linux-2': pool must name a Hangar pool",
+		"HangarLatentWorker 'linux-2': wait: 'soon' is not a duration such as 90s, 10m or 1h30m",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("buildbot checkconfig's output has no %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "Traceback") {
+		t.Errorf("buildbot checkconfig shows a traceback rather than the config errors:\n%s", out)
+	}
+}
+
+// A token given as util.Secret that no secrets provider has stops the
+// master at its start with a message that names the worker and the cure,
+// not an AttributeError. (checkconfig cannot tell: secrets are read only
+// when the master starts.)
+func TestBuildbotMissingSecret(t *testing.T) {
+	requireBuildbot(t)
+	example, err := os.ReadFile(masterExample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, appended, token, want string
+	}{{
+		name:     "no secretsProviders",
+		appended: "\ndel c['secretsProviders']\n",
+		token:    "tok_secret-0123456789",
+		want: "HangarLatentWorker 'linux-1': token: util.Secret('hangar-token') needs c['secretsProviders'] in master.cfg, " +
+			"and it has none; e.g. c['secretsProviders'] = [secrets.SecretInAFile(dirname=...)] with the token in the file hangar-token of that directory",
+	}, {
+		name:  "no token file",
+		token: "", // secrets/ is there, empty
+		want:  "HangarLatentWorker 'linux-1': token: no secrets provider of the master (SecretInAFile) has the secret 'hangar-token'",
+	}} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "master")
+			newBuildbotMasterDir(t, dir, string(example)+c.appended, c.token)
+			if c.token == "" {
+				if err := os.Mkdir(filepath.Join(dir, "secrets"), 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, port, _ := net.SplitHostPort(freePort(t))
+			// The master stops by itself when its start fails; the
+			// timeout only bounds a master that would not.
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, buildbotBin, "start", "--nodaemon", dir)
+			cmd.Env = exampleEnv("http://127.0.0.1:1", port, "changepw-secret")
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+			out, err := cmd.CombinedOutput()
+			b, _ := os.ReadFile(filepath.Join(dir, "twistd.log"))
+			log := string(b)
+			if ctx.Err() != nil {
+				t.Fatalf("the master with a missing secret did not stop: %v\n%s\n%s", err, out, log)
+			}
+			if !strings.Contains(log, c.want) || !strings.Contains(log, "BuildMaster startup failed") {
+				t.Errorf("the master's log has no %q and no failed start:\n%s", c.want, log)
+			}
+			if strings.Contains(log, "AttributeError") {
+				t.Errorf("the master's log has an AttributeError:\n%s", log)
+			}
+		})
+	}
 }
