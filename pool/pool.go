@@ -141,6 +141,9 @@ type poolState struct {
 	copyStatus   string
 	copyFailures int
 	copyRetryAt  time.Time
+	// reconciledAt is when reconcile last applied a listing of its cloud:
+	// an operator's alert tells a stalled reconcile by it.
+	reconciledAt time.Time
 }
 
 // Manager runs every pool.

@@ -54,6 +54,11 @@ func (m *Manager) reconcile(ctx context.Context) {
 		}
 		m.mu.Lock()
 		m.reconcileLocked(prov, list, listedAt)
+		for _, p := range m.pools {
+			if p.provider == prov {
+				p.reconciledAt = listedAt
+			}
+		}
 		m.dispatchLocked()
 		m.unlock()
 		m.sweepCacheVolumes(ctx, prov)

@@ -232,8 +232,15 @@ func (m *Manager) Console(ctx context.Context, id string) ([]byte, error) {
 func (m *Manager) Snapshot() metrics.Snapshot {
 	m.mu.Lock()
 	defer m.unlock()
-	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}, CacheVolumes: map[string]int{}}
+	s := metrics.Snapshot{Instances: map[[2]string]int{}, LeasesActive: map[string]int{}, LeasesPending: map[string]int{}, LaunchBlocked: map[string]bool{}, CacheVolumes: map[string]int{},
+		OldestPending: map[string]time.Duration{}, LongestInState: map[[2]string]time.Duration{}, ReconciledAt: map[string]time.Time{}}
+	now := m.clock.Now()
 	for name, p := range m.pools {
+		s.OldestPending[name] = 0
+		for _, l := range p.queue {
+			s.OldestPending[name] = max(s.OldestPending[name], now.Sub(l.CreatedAt))
+		}
+		s.ReconciledAt[name] = p.reconciledAt
 		s.LeasesActive[name] = 0
 		if p.spec.Cache != nil {
 			s.CacheVolumes[name] = 0
@@ -243,12 +250,15 @@ func (m *Manager) Snapshot() metrics.Snapshot {
 		for st := range transitions {
 			if st.live() {
 				s.Instances[[2]string{name, string(st)}] = 0
+				s.LongestInState[[2]string{name, string(st)}] = 0
 			}
 		}
 	}
 	for _, in := range m.instances {
 		if in.State != Gone {
-			s.Instances[[2]string{in.Pool, string(in.State)}]++
+			k := [2]string{in.Pool, string(in.State)}
+			s.Instances[k]++
+			s.LongestInState[k] = max(s.LongestInState[k], now.Sub(in.Since))
 		}
 		if in.CacheAttached && in.State != Gone {
 			s.CacheVolumes[in.Pool]++
