@@ -63,9 +63,12 @@ type Server struct {
 }
 
 // Handler returns the API's routes: /v1/…, /metrics and /healthz.
-func (s *Server) Handler() http.Handler {
+func (s *Server) Handler() http.Handler { return s.mux() }
+
+// mux builds Handler's routes; Routes lists their patterns.
+func (s *Server) mux() *routeMux {
 	auth := newAuth(s.Tokens)
-	mux := http.NewServeMux()
+	mux := &routeMux{ServeMux: http.NewServeMux()}
 	route := func(pattern, role string, h handlerFunc) {
 		mux.Handle(pattern, s.wrap(auth, role, h))
 	}
@@ -111,6 +114,7 @@ func (s *Server) Handler() http.Handler {
 		mux.Handle("GET /metrics", metrics)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /v1/openapi.yaml", serveOpenAPI) // public: it is documentation
 	return mux
 }
 
