@@ -49,31 +49,6 @@ func TestShippedConfigsValidate(t *testing.T) {
 	}
 }
 
-// The README's cache and bake examples are the shipped example's, which
-// the test above loads: a snippet nobody runs goes stale.
-func TestREADMEExamplesAreShipped(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	example, err := os.ReadFile("ec2.example.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for section, table := range map[string]string{"Build caches": "[pools.linux.cache]", "Baked images": "[pools.linux.bake]"} {
-		_, text, ok := strings.Cut(string(readme), "## "+section+"\n")
-		_, block, ok2 := strings.Cut(text, "```toml\n")
-		block, _, ok3 := strings.Cut(block, "```")
-		if !ok || !ok2 || !ok3 || !strings.Contains(block, table) {
-			t.Errorf("README.md has no toml block with %s in its %s section", table, section)
-			continue
-		}
-		if !strings.Contains(string(example), block) {
-			t.Errorf("README's %s example is not in configs/ec2.example.toml:\n%s", section, block)
-		}
-	}
-}
-
 func TestDefaultsApplied(t *testing.T) {
 	c, err := Parse("hangar.toml", []byte(`
 [server]
