@@ -147,6 +147,7 @@ func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
 	}
 	p.launchFailures++
 	p.launchErr = err.Error()
+	m.launchErrorEvent(p.name, in.name(), p.launchErr)
 	if errors.Is(err, cloud.ErrQuota) {
 		p.blocked = true
 	}
@@ -294,7 +295,11 @@ func (m *Manager) terminateBatches(ctx context.Context, prov cloud.Provider) {
 }
 
 func (m *Manager) reaped(in *Instance, reason Reason) {
-	if m.metrics != nil && reason != "" {
+	if reason == "" {
+		return
+	}
+	m.reapEvent(in, reason)
+	if m.metrics != nil {
 		m.metrics.Reaped.WithLabelValues(in.Pool, string(reason)).Inc()
 	}
 }

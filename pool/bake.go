@@ -239,6 +239,7 @@ func (m *Manager) startCopyLocked(p *poolState, prov cloud.Provider, id string) 
 			backoff := time.Second << min(p.copyFailures, 8)
 			p.copyRetryAt = m.clock.Now().Add(backoff/2 + rand.N(backoff/2+1))
 			p.launchErr = fmt.Sprintf("copying the pool's image: %v", err)
+			m.launchErrorEvent(p.name, "", p.launchErr)
 			p.copyStatus = "copy failed; retrying"
 			m.log.Warn("copying the pool's image failed", "pool", p.name, "image", id, "retry_at", p.copyRetryAt, "err", err)
 			return

@@ -86,6 +86,7 @@ func (m *Manager) attachCacheLocked(in *Instance) {
 		case err != nil:
 			m.log.Warn("cache volume failed; ending the instance", "pool", in.Pool, "instance", in.ID, "err", err)
 			p.launchErr = err.Error()
+			m.launchErrorEvent(p.name, in.name(), p.launchErr)
 			m.terminateLocked(in, ReasonCacheFailed)
 		default:
 			in.CacheAttached = true

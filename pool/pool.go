@@ -187,6 +187,8 @@ type Manager struct {
 	// has one, in memory only (see run.go).
 	runs      map[string]*runOutput
 	maxOutput int
+
+	events eventRing // the last pool events, for GET /v1/events (events.go)
 }
 
 // New restores the pools' state from the store. Call Run to start work.

@@ -64,6 +64,7 @@ func (m *Manager) setState(in *Instance, to State, reason Reason) {
 	now := m.clock.Now()
 	m.account(in, now)
 	m.log.Info("instance state", "pool", in.Pool, "instance", in.name(), "from", in.State, "to", to, "reason", reason)
+	m.stateEvent(in, in.State, to, reason)
 	in.State = to
 	in.Since = now
 	if reason != "" {

@@ -62,7 +62,8 @@ type Server struct {
 	MetricsPublic bool
 }
 
-// Handler returns the API's routes: /v1/…, /metrics and /healthz.
+// Handler returns the API's routes: /v1/…, /metrics, /healthz and the
+// status page, /ui/.
 func (s *Server) Handler() http.Handler { return s.mux() }
 
 // mux builds Handler's routes; Routes lists their patterns.
@@ -88,6 +89,7 @@ func (s *Server) mux() *routeMux {
 	route("GET /v1/instances", RoleLease, s.listInstances)
 	route("POST /v1/instances/{id}/drain", RoleAdmin, s.drain)
 	route("GET /v1/instances/{id}/console", RoleAdmin, s.console)
+	route("GET /v1/events", RoleLease, s.listEvents)
 	route("/v1/", RoleLease, func(r *http.Request, _ pool.Caller) (int, any, error) {
 		return 0, nil, apiError(http.StatusNotFound, "not_found", "no API endpoint %s %s", r.Method, r.URL.Path)
 	})
@@ -113,6 +115,8 @@ func (s *Server) mux() *routeMux {
 		}
 		mux.Handle("GET /metrics", metrics)
 	}
+	mux.Handle("GET /ui/", uiHandler())
+	mux.Handle("GET /ui", http.RedirectHandler("/ui/", http.StatusMovedPermanently))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	mux.HandleFunc("GET /v1/openapi.yaml", serveOpenAPI) // public: it is documentation
 	return mux
@@ -397,6 +401,14 @@ func (s *Server) listInstances(r *http.Request, c pool.Caller) (int, any, error)
 		v = []pool.InstanceView{}
 	}
 	return http.StatusOK, map[string]any{"instances": v}, err
+}
+
+// listEvents answers GET /v1/events?pool=: the last pool events, oldest
+// first. A lease token sees them all, as it sees every instance in GET
+// /v1/instances: they name pools and instances, never a lease or a secret.
+func (s *Server) listEvents(r *http.Request, _ pool.Caller) (int, any, error) {
+	v, err := s.Manager.Events(r.URL.Query().Get("pool"))
+	return http.StatusOK, map[string]any{"events": v}, err
 }
 
 func (s *Server) drain(r *http.Request, c pool.Caller) (int, any, error) {
