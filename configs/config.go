@@ -65,8 +65,10 @@ type Server struct {
 	// it from Listen when the file leaves it empty.
 	PublicURL string `toml:"public_url"`
 	// DataDir holds the store and the local cloud's instances. A relative
-	// path is relative to the process's working directory, not to the config
-	// file, so that `hangar serve` in a checkout keeps its state there.
+	// path is relative to the config file's directory, as every path in a
+	// config is, so that every command given the same file finds the same
+	// state wherever it runs; the embedded default, which has no file, keeps
+	// its .hangar in the working directory.
 	DataDir           string   `toml:"data_dir"`
 	Tokens            []Token  `toml:"tokens"`
 	ReconcileInterval Duration `toml:"reconcile_interval"`
@@ -449,6 +451,10 @@ func (c *Config) derive() {
 	dir := "."
 	if c.Path != "" {
 		dir = filepath.Dir(c.Path)
+	}
+	if c.Path != "" {
+		// The embedded default's .hangar stays relative: to where serve runs.
+		c.Server.DataDir = resolve(dir, c.Server.DataDir)
 	}
 	c.Server.TLSCert = resolve(dir, c.Server.TLSCert)
 	c.Server.TLSKey = resolve(dir, c.Server.TLSKey)

@@ -97,8 +97,10 @@ func (c Config) check(serving bool) []problem {
 	for _, name := range slices.Sorted(maps.Keys(c.Providers)) {
 		k.provider(name, c.Providers[name])
 	}
-	if len(c.Pools) == 0 {
-		k.add("pools", "at least one pool is required")
+	// Providers without pools is a config for `hangar staging`; serve
+	// starts on it and warns.
+	if len(c.Pools) == 0 && len(c.Providers) == 0 {
+		k.add("pools", "no pools and no providers: nothing to serve or stage with")
 	}
 	for _, name := range slices.Sorted(maps.Keys(c.Pools)) {
 		k.pool(name, c.Pools[name])

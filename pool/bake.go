@@ -108,7 +108,7 @@ func (m *Manager) UseImage(ctx context.Context, pool, image string, roll bool) (
 	m.unlock()
 	switch {
 	case p == nil:
-		return 0, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return 0, m.unknownPool(pool)
 	case p.spec.Bake == nil:
 		return 0, fmt.Errorf("%w: pool %s has no [bake]", ErrInvalid, pool)
 	}

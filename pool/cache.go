@@ -460,7 +460,7 @@ func (m *Manager) cacheListing(ctx context.Context, pool string) (cloud.Storage,
 	p := m.pools[pool]
 	m.unlock()
 	if p == nil {
-		return nil, nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return nil, nil, m.unknownPool(pool)
 	}
 	st, ok := storageOf(p)
 	if !ok {
@@ -502,7 +502,7 @@ func (m *Manager) SnapshotCache(ctx context.Context, pool string) (CacheSnapshot
 	m.unlock()
 	switch {
 	case p == nil:
-		return CacheSnapshotView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return CacheSnapshotView{}, m.unknownPool(pool)
 	case p.spec.Cache == nil:
 		return CacheSnapshotView{}, fmt.Errorf("%w: pool %s has no [cache]", ErrNoCache, pool)
 	}

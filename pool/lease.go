@@ -168,6 +168,9 @@ type LeaseView struct {
 	CreatedAt time.Time         `json:"created_at"`
 	ExpiresAt time.Time         `json:"expires_at"`
 	Run       *RunView          `json:"run,omitempty"`
+	// Ahead is, for a pending lease, how many leases of its pool's queue
+	// come before it.
+	Ahead int `json:"ahead,omitempty"`
 }
 
 // LeaseInstance is the part of an instance a lease holder sees.
@@ -255,7 +258,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 	p, ok := m.pools[r.Pool]
 	if !ok {
 		m.unlock()
-		return LeaseView{}, fmt.Errorf("%w %q", ErrUnknownPool, r.Pool)
+		return LeaseView{}, m.unknownPool(r.Pool)
 	}
 	if err := validateRequest(r, p.spec.MaxLeaseTTL); err != nil {
 		m.unlock()
@@ -392,6 +395,9 @@ func (m *Manager) viewLocked(l *Lease) LeaseView {
 	v := LeaseView{ID: l.ID, Pool: l.Pool, Owner: l.Owner, State: l.State, Worker: l.Worker, Labels: l.Labels, CreatedAt: l.CreatedAt, ExpiresAt: l.ExpiresAt}
 	if l.Run != nil {
 		v.Run = &RunView{ID: l.Run.ID}
+	}
+	if p := m.pools[l.Pool]; p != nil && l.State == LeasePending {
+		v.Ahead = max(slices.Index(p.queue, l), 0)
 	}
 	if in, ok := m.instances[l.InstanceKey]; ok && l.InstanceKey != "" {
 		v.Instance = &LeaseInstance{ID: in.ID, PrivateIP: in.PrivateIP, State: in.State, SSHHostKey: in.SSHHostKey}

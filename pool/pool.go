@@ -7,7 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -126,6 +129,11 @@ type poolState struct {
 	spec     Spec
 	provider cloud.Provider
 	queue    []*Lease // pending leases, FIFO
+	// config is min_idle and max_instances as the config file has them;
+	// scaled, that spec's come from `hangar scale` instead (kept in the
+	// store, outliving restarts until `hangar scale --reset`).
+	config PoolLimits
+	scaled bool
 
 	launchFailures int
 	retryAt        time.Time // no launches before this
@@ -236,8 +244,15 @@ func New(opts Options) (*Manager, error) {
 		if !ok {
 			return nil, fmt.Errorf("pool %s: provider %q is not running", name, spec.Provider)
 		}
-		if o, ok := overrides[name]; ok {
+		config := PoolLimits{MinIdle: spec.MinIdle, MaxInstances: spec.MaxInstances}
+		o, scaled := overrides[name]
+		if scaled {
 			spec.MinIdle, spec.MaxInstances = o.MinIdle, o.MaxInstances
+			// Said at every start: otherwise an edited config that
+			// changes nothing is a mystery.
+			m.log.Warn("pool limits scaled at run time override the config; `hangar scale "+name+" --reset` drops them",
+				"pool", name, "min_idle", o.MinIdle, "max_instances", o.MaxInstances,
+				"config_min_idle", config.MinIdle, "config_max_instances", config.MaxInstances)
 		}
 		if spec.ImageFrom != nil && opts.Images == nil {
 			return nil, fmt.Errorf("pool %s: its image is in another region, and nothing copies images", name)
@@ -250,7 +265,7 @@ func New(opts Options) (*Manager, error) {
 		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {
 			return nil, fmt.Errorf("pool %s: %w", name, err)
 		}
-		m.pools[name] = &poolState{name: name, spec: spec, provider: p, cacheSavedAt: m.clock.Now()}
+		m.pools[name] = &poolState{name: name, spec: spec, provider: p, config: config, scaled: scaled, cacheSavedAt: m.clock.Now()}
 	}
 	if err := m.restore(); err != nil {
 		return nil, err
@@ -483,4 +498,14 @@ func randomToken(n int) string {
 		panic("crypto/rand failed: " + err.Error())
 	}
 	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// unknownPool is the error for a pool name that is none of the pools, which
+// it lists. The set of pools is fixed in New, so no lock is needed.
+func (m *Manager) unknownPool(name string) error {
+	names := slices.Sorted(maps.Keys(m.pools))
+	if len(names) == 0 {
+		return fmt.Errorf("%w %q: the config has no pools", ErrUnknownPool, name)
+	}
+	return fmt.Errorf("%w %q (pools: %s)", ErrUnknownPool, name, strings.Join(names, ", "))
 }

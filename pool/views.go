@@ -29,6 +29,16 @@ type PoolView struct {
 	// copy; ImageCopy, what is being done to bring its image here.
 	Image     string `json:"image,omitempty"`
 	ImageCopy string `json:"image_copy,omitempty"`
+	// Scaled says MinIdle and MaxInstances come from `hangar scale`, not
+	// from the config, whose values Config then has.
+	Scaled bool        `json:"scaled,omitempty"`
+	Config *PoolLimits `json:"config,omitempty"`
+}
+
+// PoolLimits are a pool's min_idle and max_instances.
+type PoolLimits struct {
+	MinIdle      int `json:"min_idle"`
+	MaxInstances int `json:"max_instances"`
 }
 
 // InstanceView is an instance as `hangar instances` shows it.
@@ -62,7 +72,11 @@ func (m *Manager) Pools() []PoolView {
 func (m *Manager) poolViewLocked(p *poolState) PoolView {
 	v := PoolView{Name: p.name, Provider: p.spec.Provider, MinIdle: p.spec.MinIdle, MaxInstances: p.spec.MaxInstances,
 		Instances: map[State]int{}, LeasesPending: len(p.queue), LaunchError: p.launchErr, LaunchBlocked: p.blocked,
-		Image: p.bakedImage, ImageCopy: p.copyStatus}
+		Image: p.bakedImage, ImageCopy: p.copyStatus, Scaled: p.scaled}
+	if p.scaled {
+		config := p.config
+		v.Config = &config
+	}
 	for _, in := range m.instances {
 		if in.Pool == p.name && in.State != Gone {
 			v.Instances[in.State]++
@@ -81,14 +95,14 @@ func (m *Manager) poolViewLocked(p *poolState) PoolView {
 }
 
 // Scale changes a pool's min_idle and max_instances at run time. The change
-// is kept in the store and outlives a restart; the config file is not
-// touched.
+// is kept in the store and outlives a restart, overriding the config file
+// (which is not touched) until ResetScale.
 func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances *int) (PoolView, error) {
 	m.mu.Lock()
 	p, ok := m.pools[pool]
 	if !ok {
 		m.unlock()
-		return PoolView{}, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return PoolView{}, m.unknownPool(pool)
 	}
 	newMin, newMax := p.spec.MinIdle, p.spec.MaxInstances
 	if minIdle != nil {
@@ -112,11 +126,31 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 		m.unlock()
 		return PoolView{}, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(problems...))
 	}
-	p.spec.MinIdle, p.spec.MaxInstances = newMin, newMax
-	// A scaled-up pool may launch again even after a quota error.
-	p.blocked = false
+	p.scaled = true
 	m.write(store.Op{Kind: store.Pools, ID: pool, Value: scale{newMin, newMax}})
 	m.log.Info("pool scaled", "pool", pool, "min_idle", newMin, "max_instances", newMax)
+	return m.setLimitsLocked(p, newMin, newMax)
+}
+
+// ResetScale drops a pool's run-time limits: the config's apply again.
+func (m *Manager) ResetScale(ctx context.Context, pool string) (PoolView, error) {
+	m.mu.Lock()
+	p, ok := m.pools[pool]
+	if !ok {
+		m.unlock()
+		return PoolView{}, m.unknownPool(pool)
+	}
+	p.scaled = false
+	m.write(store.Op{Kind: store.Pools, ID: pool}) // a nil value deletes
+	m.log.Info("pool scale reset to the config", "pool", pool, "min_idle", p.config.MinIdle, "max_instances", p.config.MaxInstances)
+	return m.setLimitsLocked(p, p.config.MinIdle, p.config.MaxInstances)
+}
+
+// setLimitsLocked applies new limits, commits and unlocks.
+func (m *Manager) setLimitsLocked(p *poolState, minIdle, maxInstances int) (PoolView, error) {
+	p.spec.MinIdle, p.spec.MaxInstances = minIdle, maxInstances
+	// A scaled-up pool may launch again even after a quota error.
+	p.blocked = false
 	m.timersLocked()
 	m.dispatchLocked()
 	v := m.poolViewLocked(p)
@@ -131,7 +165,7 @@ func (m *Manager) Instances(c Caller, pool string) ([]InstanceView, error) {
 	m.mu.Lock()
 	defer m.unlock()
 	if _, ok := m.pools[pool]; pool != "" && !ok {
-		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return nil, m.unknownPool(pool)
 	}
 	var out []InstanceView
 	for _, in := range m.instances {
@@ -166,7 +200,7 @@ func (m *Manager) Leases(c Caller, pool string, state LeaseState) ([]LeaseView, 
 	m.mu.Lock()
 	defer m.unlock()
 	if _, ok := m.pools[pool]; pool != "" && !ok {
-		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return nil, m.unknownPool(pool)
 	}
 	out := []LeaseView{}
 	for _, l := range m.leases {

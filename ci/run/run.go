@@ -192,6 +192,16 @@ func (r *runner) cutShort(ctx context.Context, leaseID string, code int, why str
 	return r.fail(code, "%s; lease %s released, its instance discarded", why, leaseID)
 }
 
+// cancelPending ends a lease that had no instance yet and returns code.
+// It discards all the same: had an instance come meanwhile, the command
+// would have started on it.
+func (r *runner) cancelPending(ctx context.Context, leaseID string, code int, why string) int {
+	if err := r.release(ctx, leaseID, true); err != nil {
+		return r.fail(code, "%s while waiting for an instance of pool %s; canceling lease %s failed: %v (it ends when it is no longer waited for)", why, r.o.Pool, leaseID, err)
+	}
+	return r.fail(code, "%s while waiting for an instance of pool %s; lease %s canceled", why, r.o.Pool, leaseID)
+}
+
 // interruptedBy returns the exit status and note for a signal.
 func interruptedBy(sig syscall.Signal) (int, string) {
 	return 128 + int(sig), "interrupted by " + SignalNames[sig]
@@ -222,6 +232,9 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 			defer cancel()
 			code, why := interruptedBy(sig)
 			if v, err := r.c.Lease(bg, req); err == nil {
+				if v.State == pool.LeasePending {
+					return v, r.cancelPending(ctx, v.ID, code, why), true
+				}
 				return v, r.cutShort(ctx, v.ID, code, why), true
 			}
 			return v, r.cutShort(ctx, "", code, why), true
@@ -246,7 +259,7 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 		if err != nil {
 			if sig, ok := r.interrupted(); ok {
 				code, why := interruptedBy(sig)
-				return v, r.cutShort(ctx, v.ID, code, why), true
+				return v, r.cancelPending(ctx, v.ID, code, why), true
 			}
 			if !transient(err) {
 				return v, r.cutShort(ctx, v.ID, ExitHangar, fmt.Sprintf("waiting for lease %s: %v", v.ID, err)), true

@@ -237,7 +237,7 @@ func TestRunHangarFailure(t *testing.T) {
 		{"discard with lease", c, Options{Lease: "l-1", Command: []string{"true"}, DiscardOnFailure: true}, "--discard-on-failure needs hangar run to lease"},
 		{"negative wait", c, Options{Pool: "demo", Command: []string{"true"}, Wait: -1}, "must not be negative"},
 		{"unknown pool", c, Options{Pool: "nope", Command: []string{"true"}, Quiet: true}, `asking for an instance of pool nope: unknown pool "nope"`},
-		{"server gone", gone, Options{Pool: "demo", Command: []string{"true"}}, "asking for an instance of pool demo: calling hangar at"},
+		{"server gone", gone, Options{Pool: "demo", Command: []string{"true"}}, "asking for an instance of pool demo: cannot reach Hangar at"},
 	}
 	for _, tc := range cases {
 		code, stdout, stderr := runFake(t, tc.c, tc.o)

@@ -118,7 +118,7 @@ func (m *Manager) copySnapshotViaServers(ctx context.Context, src cloud.Snapshot
 		if err != nil {
 			return fail(err)
 		}
-		opts := RsyncOptions{Progress: m.opts.Progress, Extra: []string{"-H"}}
+		opts := RsyncOptions{Progress: m.opts.Progress, LiveProgress: m.opts.LiveProgress, Extra: []string{"-H"}}
 		if err := RemoteRsync(ctx, c, m.opts.Sudo, []string{from.MountPath + "/"}, toSrv.Endpoint(), to.MountPath+"/", keys, dst.signer, opts); err != nil {
 			return fail(err)
 		}
@@ -127,7 +127,7 @@ func (m *Manager) copySnapshotViaServers(ctx context.Context, src cloud.Snapshot
 		if err != nil {
 			return fail(err)
 		}
-		if _, err := BlockCopy(ctx, c, from.Device, m.opts.Sudo, dc, to.Device, dst.opts.Sudo, m.opts.Progress); err != nil {
+		if _, err := BlockCopy(ctx, c, from.Device, m.opts.Sudo, dc, to.Device, dst.opts.Sudo, m.liveProgress()); err != nil {
 			return fail(err)
 		}
 	}

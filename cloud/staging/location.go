@@ -186,8 +186,8 @@ func (m *Manager) Rsync(ctx context.Context, extra []string, args ...string) err
 	if err != nil {
 		return fmt.Errorf("rsync: %w", err)
 	}
-	opts := RsyncOptions{KeyPath: m.keyPath, KnownHostsPath: m.kh.Path, Extra: extra, Progress: m.opts.Progress}
-	if m.opts.Progress != nil {
+	opts := RsyncOptions{KeyPath: m.keyPath, KnownHostsPath: m.kh.Path, Extra: extra, Progress: m.opts.Progress, LiveProgress: m.opts.LiveProgress}
+	if m.opts.Progress != nil && m.opts.LiveProgress {
 		// rsync's progress line ends in a carriage return, not a newline.
 		defer func() { _, _ = fmt.Fprintln(m.opts.Progress) }()
 	}

@@ -62,9 +62,12 @@ type Options struct {
 	// OtherRegion opens the same cloud in another region, for copies.
 	OtherRegion func(ctx context.Context, region string) (*Manager, error)
 
-	// Progress gets what the person at the terminal should see (rsync
-	// progress, "waiting for …"); nil discards it.
-	Progress io.Writer
+	// Progress gets what the person at the terminal should see ("waiting
+	// for …", rsync's warnings); nil discards it. LiveProgress adds lines
+	// rewritten in place (rsync's and block copies' progress): set it only
+	// when Progress is a terminal.
+	Progress     io.Writer
+	LiveProgress bool
 	Logger   *slog.Logger
 }
 
@@ -313,4 +316,13 @@ func (m *Manager) waitFor(ctx context.Context, what string, timeout time.Duratio
 		}
 		delay = min(delay*2, 5*time.Second)
 	}
+}
+
+// liveProgress is where lines rewritten in place go: Progress when it is a
+// terminal, else nowhere.
+func (m *Manager) liveProgress() io.Writer {
+	if m.opts.LiveProgress {
+		return m.opts.Progress
+	}
+	return nil
 }

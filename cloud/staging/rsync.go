@@ -120,9 +120,12 @@ type RsyncOptions struct {
 	// Delete passes --delete: remove files from the destination that the
 	// sources do not have.
 	Delete bool
-	// Progress, when not nil, receives rsync's progress (--info=progress2)
-	// and warnings as they come; nil keeps rsync quiet.
-	Progress io.Writer
+	// Progress, when not nil, receives rsync's warnings as they come, and
+	// with LiveProgress its progress (--info=progress2: one line rewritten
+	// with carriage returns, which only a terminal shows as meant); nil
+	// keeps rsync quiet.
+	Progress     io.Writer
+	LiveProgress bool
 	// Log, when not nil, gets each rsync command at debug level.
 	Log *slog.Logger
 }
@@ -376,7 +379,7 @@ func commonArgs(opts RsyncOptions) []string {
 	if opts.Delete {
 		args = append(args, "--delete")
 	}
-	if opts.Progress != nil {
+	if opts.Progress != nil && opts.LiveProgress {
 		args = append(args, "--info=progress2")
 	}
 	return append(args, opts.Extra...)

@@ -228,12 +228,22 @@ func TestRsyncPutGetRoundTrip(t *testing.T) {
 	opts.Extra = []string{"-H"}
 	var progress bytes.Buffer
 	opts.Progress = &progress
+	opts.LiveProgress = true
 	if err := staging.Rsync(ctx, opts, locals(src+"/"), e.remote(onServer)); err != nil {
 		t.Fatalf("put: %v", err)
 	}
 	assertSameTree(t, src, onServer)
 	if !strings.Contains(progress.String(), "to-chk=0/") {
 		t.Errorf("progress output %q does not show the end", progress.String())
+	}
+	// Not a terminal: warnings only, no line rewritten with \r.
+	progress.Reset()
+	opts.LiveProgress = false
+	if err := staging.Rsync(ctx, opts, locals(src+"/"), e.remote(filepath.Join(dir, "again"))); err != nil {
+		t.Fatalf("put without live progress: %v", err)
+	}
+	if progress.Len() > 0 {
+		t.Errorf("progress without LiveProgress: %q", progress.String())
 	}
 
 	opts.Progress = nil
@@ -724,7 +734,7 @@ func TestRemoteRsync(t *testing.T) {
 
 	dest := staging.Endpoint{User: dstEnv.srv.User(), Host: "127.0.0.1", Port: dstEnv.srv.Port(), HostKeyAlias: "i-0dest"}
 	keys := []ssh.PublicKey{dstEnv.srv.HostKey()}
-	opts := staging.RsyncOptions{Extra: []string{"-H"}}
+	opts := staging.RsyncOptions{Extra: []string{"-H"}, LiveProgress: true}
 	var progress bytes.Buffer
 	opts.Progress = &progress
 	if err := staging.RemoteRsync(ctx, c, false, []string{src + "/"}, dest, filepath.Join(dir, "copy"), keys, srcEnv.signer, opts); err != nil {
@@ -827,7 +837,7 @@ func TestRemoteRsyncCancel(t *testing.T) {
 	dest := staging.Endpoint{User: dstEnv.srv.User(), Host: "127.0.0.1", Port: dstEnv.srv.Port()}
 	keys := []ssh.PublicKey{dstEnv.srv.HostKey()}
 	started := make(chan struct{}, 1)
-	opts := staging.RsyncOptions{Extra: []string{"--bwlimit=1"}, Progress: writerFunc(func(p []byte) (int, error) {
+	opts := staging.RsyncOptions{Extra: []string{"--bwlimit=1"}, LiveProgress: true, Progress: writerFunc(func(p []byte) (int, error) {
 		select {
 		case started <- struct{}{}:
 		default:

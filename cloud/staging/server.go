@@ -22,8 +22,8 @@ import (
 // Server is a staging server: an instance the manager launched to run
 // commands and copies on, logged into with the manager's key.
 type Server struct {
-	Name     string
-	Instance cloud.Instance
+	Name     string         `json:"name"`
+	Instance cloud.Instance `json:"instance"`
 
 	m *Manager
 	// root is where "/" of the server is on the machine ssh reaches: "" on

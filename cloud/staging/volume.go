@@ -38,20 +38,20 @@ type VolumeSpec struct {
 // Volume is a staging volume: a cloud volume with a name, a filesystem and
 // a mount point on the server it is attached to.
 type Volume struct {
-	Name   string
-	FSType string
-	Mount  string
-	Label  string
-	Cloud  cloud.Volume
+	Name   string       `json:"name"`
+	FSType string       `json:"fs_type"`
+	Mount  string       `json:"mount,omitempty"`
+	Label  string       `json:"label,omitempty"`
+	Cloud  cloud.Volume `json:"cloud"`
 
 	// Where it is on its server once mounted, as ssh sees that machine:
 	// the block device (or the local cloud's file or directory) and the
 	// mount point ("" for raw volumes).
-	Device    string
-	MountPath string
+	Device    string `json:"device,omitempty"`
+	MountPath string `json:"mount_path,omitempty"`
 	// Directory: the cloud's volumes are plain directories (the local
 	// cloud's, but for raw ones), with no blocks to copy.
-	Directory bool
+	Directory bool `json:"directory,omitempty"`
 }
 
 func volumeFrom(v cloud.Volume) *Volume {
@@ -647,7 +647,7 @@ func (m *Manager) DD(ctx context.Context, srcName, dstName string) (int64, error
 	if err != nil {
 		return fail(err)
 	}
-	n, err := BlockCopy(ctx, from, vols[0].Device, m.opts.Sudo, to, vols[1].Device, m.opts.Sudo, m.opts.Progress)
+	n, err := BlockCopy(ctx, from, vols[0].Device, m.opts.Sudo, to, vols[1].Device, m.opts.Sudo, m.liveProgress())
 	if err != nil {
 		return fail(err)
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,7 +31,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err := root.Execute(); err != nil {
 		var st *statusError
 		if errors.As(err, &st) {
-			return st.code // the remote command's own stderr said why
+			if st.say {
+				_, _ = fmt.Fprintln(stderr, "hangar: "+oneLine(err))
+			}
+			return st.code
 		}
 		_, _ = fmt.Fprintln(stderr, "hangar: "+oneLine(err)) // nowhere else to say it
 		return 1
@@ -54,7 +56,16 @@ type globals struct {
 	stderr io.Writer
 }
 
-func (g *globals) client() *api.Client { return &api.Client{BaseURL: g.server, Token: g.token} }
+func (g *globals) client() *api.Client { return &api.Client{BaseURL: serverURL(g.server), Token: g.token} }
+
+// serverURL takes --server localhost:7878 as http://localhost:7878, as
+// curl does.
+func serverURL(s string) string {
+	if strings.Contains(s, "://") {
+		return s
+	}
+	return "http://" + s
+}
 
 func (g *globals) json() bool { return g.output == "json" }
 
@@ -102,6 +113,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 		drainCmd(g), consoleCmd(g), cacheCmd(g), imageCmd(g), userdataCmd(g), configCmd(g), localCmd(g), stagingCmd(g))
 	root.AddCommand(runCmd(g))
 	root.AddCommand(jenkinsCmd(g))
+	root.AddCommand(versionCmd(g))
 	return root
 }
 
@@ -157,67 +169,6 @@ func serveCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func leaseCmd(g *globals) *cobra.Command {
-	var wait, ttl time.Duration
-	var req api.LeaseRequest
-	cmd := &cobra.Command{
-		Use:   "lease POOL",
-		Short: "Lease an instance from a pool",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			req.Pool = args[0]
-			req.Wait = wait.String()
-			if ttl > 0 {
-				req.TTL = ttl.String()
-			}
-			if req.ClientToken == "" {
-				// Retries of this invocation get the same lease, never a
-				// second one held by nobody.
-				req.ClientToken = "hangar-cli-" + rand.Text()
-			}
-			v, err := leaseRetrying(cmd.Context(), g.client(), req)
-			if err != nil {
-				return err
-			}
-			if g.json() {
-				return g.printJSON(v)
-			}
-			if v.State == pool.LeasePending {
-				_, err := fmt.Fprintf(g.stdout, "lease %s is still pending after %s; wait for it with the API (GET /v1/leases/%s?wait=60s) or release it\n", v.ID, wait, v.ID)
-				return err
-			}
-			return printLease(g, v)
-		},
-	}
-	f := cmd.Flags()
-	f.DurationVar(&wait, "wait", 60*time.Second, "how long to wait for an instance")
-	f.DurationVar(&ttl, "ttl", 0, "lease time before it must be renewed (default: the pool's lease_ttl)")
-	f.StringVar(&req.Worker.Name, "worker-name", "", "worker name (default: generated)")
-	f.StringVar(&req.Worker.Master, "master", "", "CI master address host:port handed to the worker")
-	f.StringVar(&req.ClientToken, "client-token", "", "idempotency key: the same key (from the same API token) returns the same lease (default: random per invocation)")
-	return cmd
-}
-
-// leaseRetrying asks for a lease, asking again with the same client token
-// when the request never got an answer (a connection cut, a server
-// restarting): the server then returns the lease it may already have made.
-func leaseRetrying(ctx context.Context, c *api.Client, req api.LeaseRequest) (pool.LeaseView, error) {
-	delay := 250 * time.Millisecond
-	for attempt := 1; ; attempt++ {
-		v, err := c.Lease(ctx, req)
-		var apiErr *api.Error
-		if err == nil || errors.As(err, &apiErr) || attempt == 4 || ctx.Err() != nil {
-			return v, err
-		}
-		select {
-		case <-time.After(delay):
-		case <-ctx.Done():
-			return v, err
-		}
-		delay *= 2
-	}
-}
-
 func leasesCmd(g *globals) *cobra.Command {
 	var poolName, state string
 	cmd := &cobra.Command{
@@ -265,14 +216,21 @@ func releaseCmd(g *globals) *cobra.Command {
 		Short: "Give a leased instance back (or discard it)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := g.client().Release(cmd.Context(), args[0], discard); err != nil {
+			c := g.client()
+			if err := c.Release(cmd.Context(), args[0], discard); err != nil {
 				return err
 			}
 			if !g.json() {
 				_, err := fmt.Fprintf(g.stdout, "released %s\n", args[0])
 				return err
 			}
-			return nil
+			// The lease as it ended: released, or canceled if it was
+			// still pending.
+			v, err := c.GetLease(cmd.Context(), args[0], 0)
+			if err != nil {
+				return fmt.Errorf("released %s, but reading it back failed: %w", args[0], err)
+			}
+			return g.printJSON(v)
 		},
 	}
 	cmd.Flags().BoolVar(&discard, "discard", false, "terminate the instance instead of reusing it")
@@ -301,7 +259,8 @@ func poolsCmd(g *globals) *cobra.Command {
 				if p.ImageCopy != "" {
 					note = strings.TrimSuffix(p.ImageCopy+"; "+note, "; ")
 				}
-				rows = append(rows, []string{p.Name, p.Provider, fmt.Sprint(p.MinIdle), fmt.Sprint(p.MaxInstances),
+				min, max := limits(p)
+				rows = append(rows, []string{p.Name, p.Provider, min, max,
 					countStates(p.Instances), fmt.Sprint(p.LeasesActive), fmt.Sprint(p.LeasesPending), note})
 			}
 			return g.table("POOL\tPROVIDER\tMIN_IDLE\tMAX\tINSTANCES\tLEASED\tPENDING\tLAUNCH_ERROR", rows)
@@ -354,22 +313,36 @@ func orDash(s string) string {
 	return s
 }
 
+const scaleLong = `Change a pool's min_idle and max_instances at run time.
+
+The new limits are kept in the server's store: they outlive restarts and
+override the config's min_idle and max_instances, which then change nothing
+until the override is dropped. hangar pools shows an overridden limit as
+"3 (scaled; config 5)", and serve logs every override when it starts.
+--reset drops the override: the config's limits apply again.`
+
 func scaleCmd(g *globals) *cobra.Command {
 	var minIdle, max int
+	var reset bool
 	cmd := &cobra.Command{
-		Use:   "scale POOL",
-		Short: "Change a pool's min_idle and max_instances at run time",
+		Use:   "scale POOL (--min-idle N | --max N | --reset)",
+		Short: "Change a pool's min_idle and max_instances at run time, over the config's",
+		Long:  scaleLong,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var req api.ScaleRequest
+			req := api.ScaleRequest{Reset: reset}
 			if cmd.Flags().Changed("min-idle") {
 				req.MinIdle = &minIdle
 			}
 			if cmd.Flags().Changed("max") {
 				req.MaxInstances = &max
 			}
-			if req.MinIdle == nil && req.MaxInstances == nil {
-				return errors.New("give --min-idle, --max or both")
+			given := req.MinIdle != nil || req.MaxInstances != nil
+			switch {
+			case reset && given:
+				return errors.New("--reset goes back to the config's limits; give it without --min-idle and --max")
+			case !reset && !given:
+				return errors.New("give --min-idle, --max or both, or --reset")
 			}
 			p, err := g.client().Scale(cmd.Context(), args[0], req)
 			if err != nil {
@@ -378,13 +351,35 @@ func scaleCmd(g *globals) *cobra.Command {
 			if g.json() {
 				return g.printJSON(p)
 			}
-			_, err = fmt.Fprintf(g.stdout, "pool %s: min_idle %d, max_instances %d\n", p.Name, p.MinIdle, p.MaxInstances)
+			min, max := limits(p)
+			_, err = fmt.Fprintf(g.stdout, "pool %s: min_idle %s, max_instances %s\n", p.Name, min, max)
 			return err
 		},
 	}
 	cmd.Flags().IntVar(&minIdle, "min-idle", 0, "warm spares to keep")
 	cmd.Flags().IntVar(&max, "max", 0, "most instances the pool may have")
+	cmd.Flags().BoolVar(&reset, "reset", false, "drop the run-time limits: the config's apply again")
 	return cmd
+}
+
+// limits shows a pool's min_idle and max_instances, and where they differ
+// from the config's because of hangar scale.
+func limits(p pool.PoolView) (minIdle, maxInstances string) {
+	show := func(n, config int) string {
+		switch {
+		case !p.Scaled || p.Config == nil:
+			return fmt.Sprint(n)
+		case n == config:
+			return fmt.Sprintf("%d (scaled)", n)
+		default:
+			return fmt.Sprintf("%d (scaled; config %d)", n, config)
+		}
+	}
+	var c pool.PoolLimits
+	if p.Config != nil {
+		c = *p.Config
+	}
+	return show(p.MinIdle, c.MinIdle), show(p.MaxInstances, c.MaxInstances)
 }
 
 func drainCmd(g *globals) *cobra.Command {

@@ -41,7 +41,7 @@ func TestCLI(t *testing.T) {
 		{[]string{"pools"}, []string{"POOL", "demo", "local", "1 leased"}},
 		{[]string{"instances", "--pool", "demo"}, []string{id, "leased", l.ID}},
 		{[]string{"console", id}, []string{"worker started for lease " + l.ID}},
-		{[]string{"scale", "demo", "--min-idle", "1", "--max", "2"}, []string{"pool demo: min_idle 1, max_instances 2"}},
+		{[]string{"scale", "demo", "--min-idle", "1", "--max", "2"}, []string{"pool demo: min_idle 1 (scaled; config 0), max_instances 2 (scaled; config 3)"}},
 		{[]string{"drain", id}, []string{"instance " + id + " is draining"}},
 		{[]string{"release", l.ID}, []string{"released " + l.ID}},
 	}
@@ -84,7 +84,8 @@ func TestCLIErrors(t *testing.T) {
 		{[]string{srv, "scale", "demo", "--min-idle", "3", "--max", "1"}, "max_instances (1) must be ≥ min_idle (3)"},
 		{[]string{srv, "drain", "i-0000000000000000f"}, "unknown instance"},
 		{[]string{srv, "pools", "-o", "yaml"}, "-o must be table or json"},
-		{[]string{"--server=http://127.0.0.1:1", "pools"}, "calling hangar at http://127.0.0.1:1"},
+		{[]string{"--server=http://127.0.0.1:1", "pools"}, `cannot reach Hangar at http://127.0.0.1:1: is "hangar serve" running? (--server / HANGAR_SERVER)`},
+		{[]string{"--server=127.0.0.1:1", "pools"}, "cannot reach Hangar at http://127.0.0.1:1:"},
 		{[]string{"config", "check", bad}, "bad.toml:2: server.listen"},
 		{[]string{"config", "check", filepath.Join(t.TempDir(), "missing.toml")}, "missing.toml"},
 		{[]string{"userdata", "render", "nope", "--config", bad}, "bad.toml"},

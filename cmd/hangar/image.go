@@ -90,7 +90,7 @@ func withPoolStaging(cmd *cobra.Command, g *globals, path, poolName string, fn f
 	}
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	m, s, err := openStaging(ctx, g, path, pc.Provider)
+	m, s, err := openStaging(ctx, g, path, pc.Provider, "")
 	if err != nil {
 		return err
 	}

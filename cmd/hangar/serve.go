@@ -88,6 +88,9 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	if err := cfg.ValidateServing(); err != nil {
 		return nil, err
 	}
+	if len(cfg.Pools) == 0 {
+		log.Warn("the config has no pools: the API serves, every lease is refused (unknown pool); add a [pools.NAME] table")
+	}
 	tokens, err := apiTokens(cfg)
 	if err != nil {
 		return nil, err
@@ -134,6 +137,8 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	build := buildInfo()
+	metrics.RegisterBuildInfo(reg, build.Version, build.Commit)
 	var mgr *pool.Manager
 	met := metrics.New(reg, func() metrics.Snapshot {
 		if mgr == nil {
@@ -166,7 +171,7 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 
 	mux := http.NewServeMux()
 	mux.Handle("/bootstrap/", bootstrap.Handler(mgr, log))
-	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg, MetricsPublic: cfg.Server.MetricsPublic}).Handler())
+	mux.Handle("/", (&api.Server{Manager: mgr, Log: log, Tokens: tokens, Gatherer: reg, MetricsPublic: cfg.Server.MetricsPublic, Build: build}).Handler())
 	// The server runs until Close, which stops it in order, not until ctx
 	// (the start's) ends: it keeps ctx's values only.
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -29,6 +29,8 @@ import (
 type statusError struct {
 	code int
 	err  error
+	// say: print err too; otherwise whoever failed has said why already.
+	say bool
 }
 
 func (e *statusError) Error() string { return e.err.Error() }
@@ -46,7 +48,7 @@ type stagingSession struct {
 	clouds   []cloud.Provider
 }
 
-func openStaging(ctx context.Context, g *globals, path, provider string) (*staging.Manager, *stagingSession, error) {
+func openStaging(ctx context.Context, g *globals, path, provider, region string) (*staging.Manager, *stagingSession, error) {
 	cfg, err := loadConfig(path)
 	if err != nil {
 		return nil, nil, err
@@ -67,7 +69,10 @@ func openStaging(ctx context.Context, g *globals, path, provider string) (*stagi
 		log:      slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		managers: map[string]*staging.Manager{},
 	}
-	m, err := s.manager(ctx, pc.Region)
+	if region == "" {
+		region = pc.Region
+	}
+	m, err := s.manager(ctx, region)
 	if err != nil {
 		if cerr := s.close(ctx); cerr != nil {
 			_, _ = fmt.Fprintln(g.stderr, "hangar: "+oneLine(cerr))
@@ -115,8 +120,9 @@ func (s *stagingSession) manager(ctx context.Context, region string) (*staging.M
 		OtherRegion: func(ctx context.Context, region string) (*staging.Manager, error) {
 			return s.manager(ctx, region)
 		},
-		Progress: s.g.stderr,
-		Logger:   s.log,
+		Progress:     s.g.stderr,
+		LiveProgress: isTerminal(s.g.stderr),
+		Logger:       s.log,
 	})
 	if err != nil {
 		return nil, err
@@ -150,8 +156,8 @@ func (s *stagingSession) close(ctx context.Context) error {
 // stagingCLI builds `hangar staging`: one constructor per subcommand, all
 // working on a provider of the config through with.
 type stagingCLI struct {
-	g              *globals
-	path, provider string
+	g                      *globals
+	path, provider, region string
 }
 
 func stagingCmd(g *globals) *cobra.Command {
@@ -165,6 +171,7 @@ Locations: vol:NAME:/path, server:NAME:/path, user@host:/path, or a local path
 	}
 	c.PersistentFlags().StringVar(&sc.path, "config", "", "config file (default as for serve)")
 	c.PersistentFlags().StringVar(&sc.provider, "provider", "", "provider of the config to use (default: its only one)")
+	c.PersistentFlags().StringVar(&sc.region, "region", "", "region of the provider to work in (default: the provider's)")
 	put, get, rsync := sc.copyCmds()
 	c.AddCommand(sc.serversCmd(), sc.volumesCmd(), sc.snapshotsCmd(), sc.volumeCmd(), put, get, rsync, sc.ddCmd(),
 		sc.snapshotCmd(), sc.copySnapshotCmd(), sc.copyImageCmd(), sc.sshCmd(), sc.terminateAllCmd())
@@ -181,7 +188,7 @@ func (sc *stagingCLI) with(fn stagingFunc) func(*cobra.Command, []string) error 
 	return func(cmd *cobra.Command, args []string) error {
 		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
-		m, s, err := openStaging(ctx, g, sc.path, sc.provider)
+		m, s, err := openStaging(ctx, g, sc.path, sc.provider, sc.region)
 		if err != nil {
 			return err
 		}
@@ -423,7 +430,10 @@ func toFlag(cmd *cobra.Command, to *string) {
 func (sc *stagingCLI) sshCmd() *cobra.Command {
 	g, with := sc.g, sc.with
 	sshCmd := &cobra.Command{
-		Use: "ssh SERVER [COMMAND…]", Short: "Run a command on a staging server, or open a shell on it", Args: cobra.MinimumNArgs(1),
+		Use: "ssh SERVER [COMMAND [ARG…]]", Short: "Run a command on a staging server, or open a shell on it", Args: cobra.MinimumNArgs(1),
+		Long: `Run a command on a staging server, or open a shell on it. As with ssh,
+everything after SERVER is the command (its flags are its own), joined with
+spaces and run by the server's shell; hangar's own flags go before SERVER.`,
 		RunE: with(func(ctx context.Context, m *staging.Manager, s *stagingSession, args []string) error {
 			srv := m.FindServer(args[0])
 			if srv == nil {
@@ -446,6 +456,8 @@ func (sc *stagingCLI) sshCmd() *cobra.Command {
 			return err
 		}),
 	}
+	// Flags after SERVER belong to the command: hangar staging ssh srv ls -la.
+	sshCmd.Flags().SetInterspersed(false)
 	return sshCmd
 }
 

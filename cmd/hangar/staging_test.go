@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -17,11 +18,9 @@ func stagingConfig(t *testing.T, dir, extra string) string {
 	writeFile(t, path, `[server]
 data_dir = "`+filepath.Join(dir, "data")+`"
 
+# Providers and no pools: a config for staging alone.
 [providers.here]
 type = "local"
-
-[pools.unused]
-provider = "here"
 `+extra)
 	t.Cleanup(func() {
 		terminateAll(t, filepath.Join(dir, "data", "local"))
@@ -89,6 +88,19 @@ func TestStagingCLI(t *testing.T) {
 		t.Fatalf("ssh cat: %s", out)
 	}
 	st(3, "ssh", server, "exit", "3")
+	// Everything after the server is the command, its flags included.
+	if out := st(0, "ssh", server, "ls", "-la", "$HANGAR_ROOT/mnt/Staging/data/tree"); !regexp.MustCompile(`(?m)^-.*hello\.txt$`).MatchString(out) {
+		t.Fatalf("ssh ls -la:\n%s", out)
+	}
+	// Not a terminal: rsync's progress line (carriage returns) stays out.
+	if strings.Contains(st(0, "put", src+"/", "vol:data:/tree2"), "\r") {
+		t.Fatal("put wrote a progress line to a stderr that is not a terminal")
+	}
+	// -o json names fields as the API does.
+	var vols []map[string]any
+	if err := json.Unmarshal([]byte(st(0, "volumes", "-o", "json")), &vols); err != nil || len(vols) != 1 || vols[0]["name"] != "data" || vols[0]["fs_type"] != "ext4" || vols[0]["cloud"] == nil {
+		t.Fatalf("volumes -o json: %v %v", vols, err)
+	}
 
 	snap := strings.TrimSpace(st(0, "snapshot", "data", "--description", "first fill"))
 	snapID := regexp.MustCompile(`snap-[0-9a-f]+`).FindString(snap)
@@ -99,8 +111,12 @@ func TestStagingCLI(t *testing.T) {
 		t.Fatalf("snapshots:\n%s", out)
 	}
 	out = st(0, "copy-snapshot", snapID, "--to", "eu-test")
-	if regexp.MustCompile(`snap-[0-9a-f]+`).FindString(out) == "" {
+	copied := regexp.MustCompile(`snap-[0-9a-f]+`).FindString(out)
+	if copied == "" {
 		t.Fatalf("copy-snapshot printed %q", out)
+	}
+	if out := st(0, "snapshots", "--region", "eu-test"); !strings.Contains(out, copied) || strings.Contains(out, snapID) {
+		t.Fatalf("snapshots --region eu-test (want %s, not %s):\n%s", copied, snapID, out)
 	}
 
 	st(0, "volume", "delete", "data")

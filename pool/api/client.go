@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -62,6 +64,12 @@ func (c *Client) send(ctx context.Context, method, path string, body any) (int, 
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			// Nothing listens there: most often no server at all, or
+			// another address than the one it serves on.
+			return 0, nil, nil, fmt.Errorf("cannot reach Hangar at %s: is \"hangar serve\" running? (--server / HANGAR_SERVER): %w", c.BaseURL, err)
+		}
 		return 0, nil, nil, fmt.Errorf("calling hangar at %s: %w", c.BaseURL, err)
 	}
 	defer func() { _ = resp.Body.Close() }()
@@ -73,6 +81,9 @@ func (c *Client) send(ctx context.Context, method, path string, body any) (int, 
 		e := &Error{Status: resp.StatusCode}
 		if json.Unmarshal(data, e) != nil || e.Message == "" {
 			e.Message, e.Code = fmt.Sprintf("hangar answered %s", resp.Status), "http"
+		}
+		if resp.StatusCode == http.StatusUnauthorized {
+			e.Message += " (give an API token with --token or HANGAR_TOKEN)"
 		}
 		return 0, nil, nil, e
 	}

@@ -60,6 +60,8 @@ type Server struct {
 	// MetricsPublic serves /metrics to callers without a token; otherwise
 	// it takes a token of any role, as soon as there are tokens.
 	MetricsPublic bool
+	// Build is shown by /healthz?verbose.
+	Build BuildInfo
 }
 
 // Handler returns the API's routes: /v1/…, /metrics, /healthz and the
@@ -117,9 +119,30 @@ func (s *Server) mux() *routeMux {
 	}
 	mux.Handle("GET /ui/", uiHandler())
 	mux.Handle("GET /ui", http.RedirectHandler("/ui/", http.StatusMovedPermanently))
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.HandleFunc("GET /v1/openapi.yaml", serveOpenAPI) // public: it is documentation
 	return mux
+}
+
+// BuildInfo says which build of Hangar serves.
+type BuildInfo struct {
+	Version   string `json:"version"`
+	Commit    string `json:"commit"`
+	GoVersion string `json:"go_version"`
+}
+
+// healthz answers "ok", or with ?verbose a JSON object with the build.
+// It takes no token: load balancers and probes call it.
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	if !r.URL.Query().Has("verbose") {
+		_, _ = io.WriteString(w, "ok\n") // a failed write is a client gone
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(struct {
+		Status string    `json:"status"`
+		Build  BuildInfo `json:"build"`
+	}{"ok", s.Build})
 }
 
 type auth struct {
@@ -337,10 +360,12 @@ func (s *Server) listPools(r *http.Request, c pool.Caller) (int, any, error) {
 	return http.StatusOK, map[string]any{"pools": s.Manager.Pools()}, nil
 }
 
-// ScaleRequest is the body of PATCH /v1/pools/{name}.
+// ScaleRequest is the body of PATCH /v1/pools/{name}: new limits, kept
+// across restarts over the config's, or reset to drop them.
 type ScaleRequest struct {
 	MinIdle      *int `json:"min_idle,omitempty"`
 	MaxInstances *int `json:"max_instances,omitempty"`
+	Reset        bool `json:"reset,omitempty"`
 }
 
 func (s *Server) scalePool(r *http.Request, c pool.Caller) (int, any, error) {
@@ -348,8 +373,15 @@ func (s *Server) scalePool(r *http.Request, c pool.Caller) (int, any, error) {
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
 	}
-	if req.MinIdle == nil && req.MaxInstances == nil {
-		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "give min_idle, max_instances or both")
+	given := req.MinIdle != nil || req.MaxInstances != nil
+	switch {
+	case req.Reset && given:
+		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "reset goes back to the config's limits; give it without min_idle and max_instances")
+	case req.Reset:
+		v, err := s.Manager.ResetScale(r.Context(), r.PathValue("name"))
+		return http.StatusOK, v, err
+	case !given:
+		return 0, nil, apiError(http.StatusBadRequest, "bad_request", "give min_idle, max_instances or both, or reset")
 	}
 	v, err := s.Manager.Scale(r.Context(), r.PathValue("name"), req.MinIdle, req.MaxInstances)
 	return http.StatusOK, v, err
