@@ -68,7 +68,7 @@ type Options struct {
 	// when Progress is a terminal.
 	Progress     io.Writer
 	LiveProgress bool
-	Logger   *slog.Logger
+	Logger       *slog.Logger
 }
 
 // Manager provisions and tracks staging servers and volumes in one region

@@ -56,7 +56,9 @@ type globals struct {
 	stderr io.Writer
 }
 
-func (g *globals) client() *api.Client { return &api.Client{BaseURL: serverURL(g.server), Token: g.token} }
+func (g *globals) client() *api.Client {
+	return &api.Client{BaseURL: serverURL(g.server), Token: g.token}
+}
 
 // serverURL takes --server localhost:7878 as http://localhost:7878, as
 // curl does.
