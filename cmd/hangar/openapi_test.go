@@ -122,6 +122,7 @@ func (c *contract) client(base, token string) *api.Client {
 	return &api.Client{BaseURL: base, Token: token, HTTP: &http.Client{Transport: c}}
 }
 
+// RoundTrip checks the request, sends it, and checks the answer.
 func (c *contract) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	what := req.Method + " " + req.URL.RequestURI()
@@ -300,6 +301,9 @@ func TestOpenAPIContract(t *testing.T) {
 	if status, _, body := check.call(ctx, ts.url, "", "GET", "/healthz", ""); status != 200 || string(body) != "ok\n" {
 		t.Errorf("GET /healthz: %d %q", status, body)
 	}
+	if status, _, body := check.call(ctx, ts.url, "", "GET", "/healthz?verbose", ""); status != 200 || !strings.Contains(string(body), `"status":"ok"`) {
+		t.Errorf("GET /healthz?verbose: %d %q", status, body)
+	}
 	if status, _, body := check.call(ctx, ts.url, "", "GET", "/metrics", ""); status != 200 || !strings.Contains(string(body), "hangar_") {
 		t.Errorf("GET /metrics: %d, %d bytes", status, len(body))
 	}
@@ -372,8 +376,8 @@ func TestOpenAPIContract(t *testing.T) {
 	if err := c.Release(ctx, pending[0].ID, false); err != nil {
 		t.Error(err)
 	}
-	if v, err := c.Scale(ctx, "plain", api.ScaleRequest{MaxInstances: new(4)}); err != nil || v.MaxInstances != 4 {
-		t.Errorf("scale back: %+v, %v", v, err)
+	if v, err := c.Scale(ctx, "plain", api.ScaleRequest{Reset: true}); err != nil || v.Scaled || v.MaxInstances == 0 || v.Config != nil {
+		t.Errorf("scale reset: %+v, %v", v, err)
 	}
 
 	// The cache: an instance that served a lease and is idle is
@@ -424,6 +428,10 @@ func TestOpenAPIContract(t *testing.T) {
 		t.Errorf("pools: %+v, %v; want plain on %s", pools, err, img.ID)
 	}
 
+	if status, _, body := check.call(ctx, ts.url, "", "GET", "/v1/events?pool=demo", ""); status != 200 || !strings.Contains(string(body), `"kind": "state"`) {
+		t.Errorf("GET /v1/events: %d %s", status, body)
+	}
+
 	// Bad input: what the document refuses too is sent as breaking it;
 	// what it cannot tell is a 400 it documents all the same.
 	cases := []struct {
@@ -465,6 +473,7 @@ func TestOpenAPIContract(t *testing.T) {
 		{"image of unknown pool", "PUT", "/v1/pools/nope/image", `{"image":"` + img.ID + `"}`, false, 404},
 		{"instances of unknown pool", "GET", "/v1/instances?pool=nope", ``, false, 404},
 		{"drain unknown", "POST", "/v1/instances/i-0000000000000000f/drain", ``, false, 404},
+		{"events of unknown pool", "GET", "/v1/events?pool=nope", ``, false, 404},
 		{"console unknown", "GET", "/v1/instances/i-0000000000000000f/console", ``, false, 404},
 	}
 	for _, tc := range cases {
