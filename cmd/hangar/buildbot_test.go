@@ -17,6 +17,7 @@ import (
 
 	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
+	"github.com/hangar-ci/hangar/pool/api"
 )
 
 // Debian's Buildbot: its entry points run /usr/bin/python3, whatever python3
@@ -665,5 +666,68 @@ func TestBuildbotMissingSecret(t *testing.T) {
 				t.Errorf("the master's log has an AttributeError:\n%s", log)
 			}
 		})
+	}
+}
+
+// A pool whose bootstrap is a file with include lines boots instances that
+// speak the protocol: the repository's own buildbot-worker.sh given by path
+// (its include of generic.sh is the file next to it) reports ready and
+// brings its worker command, as builtin:buildbot-worker.sh does; and a
+// script of one's own that includes a file of its own and
+// builtin:generic.sh runs its worker-command line's worker when leased.
+func TestFileBootstrapIncludes(t *testing.T) {
+	requireBuildbot(t) // buildbot-worker.sh refuses a local cloud without buildbot-worker
+	dir := t.TempDir()
+	repoScript, err := filepath.Abs(filepath.Join("..", "..", "scripts", "bootstrap", "buildbot-worker.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "ci", "lib"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(dir, "ci", "boot.sh"), "#!/bin/bash\n"+
+		"# hangar:worker-command "+workerCommand+"\n"+
+		"# hangar:include lib/hello.sh\n"+
+		"# hangar:include builtin:generic.sh\n")
+	writeFile(t, filepath.Join(dir, "ci", "lib", "hello.sh"), "echo \"hangar-test: lib/hello.sh included\"\n")
+	ts := startTestWith(t, fmt.Sprintf(`
+[server]
+listen = "127.0.0.1:0"
+data_dir = %q
+reconcile_interval = "1s"
+
+[providers.local]
+type = "local"
+
+[pools.bbfile]
+provider = "local"
+min_idle = 1
+max_instances = 1
+boot_timeout = "2m"
+bootstrap = %q
+
+[pools.own]
+provider = "local"
+min_idle = 1
+max_instances = 1
+boot_timeout = "2m"
+bootstrap = %q
+`, filepath.Join(dir, "hangar"), repoScript, filepath.Join(dir, "ci", "boot.sh")), serveOptions{})
+
+	for _, p := range []string{"bbfile", "own"} {
+		testutil.Eventually(t, "pool "+p+"'s instance to report ready", 90*time.Second, func() bool {
+			return ts.countState(t, p, pool.Idle) == 1
+		})
+	}
+	if got, want := ts.cfg.Pools["bbfile"].WorkerCommand, `exec bash "$HANGAR_BUILDBOT_START"`; got != want {
+		t.Errorf("pool bbfile's worker_command = %q, want buildbot-worker.sh's %q", got, want)
+	}
+	v := ts.lease(t, api.LeaseRequest{Pool: "own", Worker: pool.Worker{Name: "w1", Master: "ci.example:9989"}})
+	if env := ts.workerEnv(t, v.Instance.ID); env["HANGAR_WORKER_NAME"] != "w1" || env["HANGAR_LEASE_ID"] != v.ID {
+		t.Errorf("the worker of boot.sh's worker-command line ran with %v", env)
+	}
+	console, err := os.ReadFile(filepath.Join(ts.dataDir, "local", "instances", v.Instance.ID, "console.log"))
+	if err != nil || !strings.Contains(string(console), "hangar-test: lib/hello.sh included") {
+		t.Errorf("console of %s has no line of the included lib/hello.sh (%v):\n%s", v.Instance.ID, err, console)
 	}
 }
