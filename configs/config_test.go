@@ -67,6 +67,7 @@ provider = "local"
 	want := Default()
 	want.Server.Listen = "127.0.0.1:9000"
 	want.Server.PublicURL = "http://127.0.0.1:9000"
+	want.Server.DataDir, _ = filepath.Abs(".hangar") // beside hangar.toml
 	if !reflect.DeepEqual(c.Server, want.Server) {
 		t.Errorf("server = %+v, want %+v", c.Server, want.Server)
 	}
@@ -200,9 +201,9 @@ hangar.toml:5: providers.local.staging.on_exit: must be "stop", "terminate" or "
 hangar.toml:6: providers.local.staging.ready_timeout: must not be negative
 hangar.toml:7: providers.local.staging.user: must be a string, not an integer`,
 	}, {
-		name: "no pools",
-		toml: "[providers.local]\ntype = \"local\"\n",
-		want: "hangar.toml: pools: at least one pool is required",
+		name: "neither pools nor providers",
+		toml: "[server]\nlisten = \"127.0.0.1:7878\"\n",
+		want: "hangar.toml: pools: no pools and no providers: nothing to serve or stage with",
 	}, {
 		name: "pool enums, env, tags, cloud_config",
 		toml: base + `spot = "always"
@@ -403,8 +404,8 @@ token_file = "secrets/a.token"
 	if want := filepath.Join(dir, "secrets", "a.token"); c.Server.Tokens[0].TokenFile != want {
 		t.Errorf("token_file = %q, want %q", c.Server.Tokens[0].TokenFile, want)
 	}
-	if c.Server.DataDir != "state" {
-		t.Errorf("data_dir = %q, want it left relative to the working directory", c.Server.DataDir)
+	if want := filepath.Join(dir, "state"); c.Server.DataDir != want {
+		t.Errorf("data_dir = %q, want %q: relative to the config file", c.Server.DataDir, want)
 	}
 }
 

@@ -88,7 +88,7 @@ func (m *Manager) Events(pool string) ([]Event, error) {
 	m.mu.Lock()
 	defer m.unlock()
 	if _, ok := m.pools[pool]; pool != "" && !ok {
-		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+		return nil, m.unknownPool(pool)
 	}
 	return m.events.list(pool), nil
 }
