@@ -23,6 +23,7 @@ var (
 	dashboardPath  = filepath.Join("..", "..", "configs", "grafana", "hangar.json")
 	alertsPath     = filepath.Join("..", "..", "configs", "prometheus", "alerts.yml")
 	alertTestsPath = filepath.Join("..", "..", "configs", "prometheus", "alerts_test.yml")
+	promConfigPath = filepath.Join("..", "..", "configs", "prometheus", "prometheus.yml")
 	unitPath       = filepath.Join("..", "..", "configs", "systemd", "hangar.service")
 )
 
@@ -186,7 +187,8 @@ func TestDashboardQueriesParse(t *testing.T) {
 }
 
 // TestAlertRules: the rules load, and promtool's unit tests of them pass;
-// every alert is tested both firing and quiet.
+// every alert is tested both firing and quiet; the example Prometheus
+// configuration is valid and loads the rules.
 func TestAlertRules(t *testing.T) {
 	promtool := testutil.NeedTool(t, "promtool", "checks and tests the alert rules; apt-get install prometheus")
 	if out, err := exec.Command(promtool, "check", "rules", alertsPath).CombinedOutput(); err != nil {
@@ -197,10 +199,30 @@ func TestAlertRules(t *testing.T) {
 		t.Errorf("promtool test rules: %v\n%s", err, out)
 	}
 
+	// The example configuration loads them. promtool opens the files it
+	// names: the copy's token file is one of the test's.
 	rules, err := os.ReadFile(alertsPath)
 	if err != nil {
 		t.Fatal(err)
 	}
+	promConfig, err := os.ReadFile(promConfigPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	const tokenPath = "/etc/prometheus/hangar-token"
+	if !strings.Contains(string(promConfig), tokenPath) {
+		t.Fatalf("prometheus.yml no longer reads %s: change the test", tokenPath)
+	}
+	writeFile(t, filepath.Join(dir, "hangar-token"), "a-token-of-the-test")
+	writeFile(t, filepath.Join(dir, "alerts.yml"), string(rules))
+	writeFile(t, filepath.Join(dir, "prometheus.yml"), strings.ReplaceAll(string(promConfig), tokenPath, filepath.Join(dir, "hangar-token")))
+	if out, err := exec.Command(promtool, "check", "config", filepath.Join(dir, "prometheus.yml")).CombinedOutput(); err != nil {
+		t.Errorf("promtool check config on prometheus.yml: %v\n%s", err, out)
+	} else if !strings.Contains(string(out), "SUCCESS: 1 rule files found") {
+		t.Errorf("promtool check config on prometheus.yml did not load alerts.yml:\n%s", out)
+	}
+
 	tests, err := os.ReadFile(alertTestsPath)
 	if err != nil {
 		t.Fatal(err)
