@@ -261,7 +261,7 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	if err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
 	}
-	if err := p.ensureMetadata(); err != nil {
+	if err := p.ensureMetadata(ctx); err != nil {
 		return nil, fmt.Errorf("launching local instances: %w", err)
 	}
 	recs, err := p.store.records(now, 0)
@@ -658,7 +658,7 @@ func (p *Provider) Start(ctx context.Context, ids []string) ([]string, error) {
 		return nil, fmt.Errorf("starting local instances: %w", err)
 	}
 	defer unlock()
-	if err := p.ensureMetadata(); err != nil {
+	if err := p.ensureMetadata(ctx); err != nil {
 		return nil, fmt.Errorf("starting local instances: %w", err)
 	}
 	var done []string

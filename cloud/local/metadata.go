@@ -129,31 +129,31 @@ func (p *Provider) openMetadata(ctx context.Context, addr string) error {
 	}
 	p.md.mu.Lock()
 	defer p.md.mu.Unlock()
-	return p.claimMetadataLocked(target, true)
+	return p.claimMetadataLocked(ctx, target, true)
 }
 
 // ensureMetadata runs before instances boot, with the store's lock held: a
 // process that shares the service checks that it is still there, which
 // takes it over if its owner has gone.
-func (p *Provider) ensureMetadata() error {
+func (p *Provider) ensureMetadata(ctx context.Context) error {
 	p.md.mu.Lock()
 	defer p.md.mu.Unlock()
 	if p.md.ln != nil || p.md.closed {
 		return nil
 	}
-	return p.claimMetadataLocked(p.md.addr, false)
+	return p.claimMetadataLocked(ctx, p.md.addr, false)
 }
 
 // claimMetadataLocked serves target (saving it if save is set), or shares
 // the service of another process of this tree on it, or else listens anew;
 // target "" is no address yet. The caller holds the store's lock and md.mu.
-func (p *Provider) claimMetadataLocked(target string, save bool) error {
+func (p *Provider) claimMetadataLocked(ctx context.Context, target string, save bool) error {
 	if target != "" {
 		ln, err := net.Listen("tcp", target)
 		if err == nil {
 			return p.serveMetadataLocked(ln, save)
 		}
-		perr := p.probeMetadata(target)
+		perr := p.probeMetadata(ctx, target)
 		if perr == nil {
 			if p.md.addr != target {
 				p.log.Info("sharing the metadata service of another process on this directory", "addr", target)
@@ -257,9 +257,9 @@ func (p *Provider) ownsMetadata() bool {
 }
 
 // probeMetadata checks that addr is served by this tree's metadata service.
-func (p *Provider) probeMetadata(addr string) error {
+func (p *Provider) probeMetadata(ctx context.Context, addr string) error {
 	challenge := randHex(16)
-	ctx, cancel := context.WithTimeout(context.Background(), identityProbeTimeout)
+	ctx, cancel := context.WithTimeout(ctx, identityProbeTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+identityPath+"?challenge="+challenge, nil)
 	if err != nil {
