@@ -85,7 +85,9 @@ func lease(parent context.Context, g *globals, o leaseOptions) (pool.LeaseView, 
 	c := g.client()
 	progress := newProgress(g.stderr, o.req.Pool)
 	defer progress.done()
-	step := o.wait
+	// The server holds a request at most pool.MaxWait; a longer --wait
+	// asks again.
+	step := min(o.wait, pool.MaxWait)
 	if progress != nil {
 		step = min(step, progressEvery)
 	}
@@ -117,7 +119,7 @@ func lease(parent context.Context, g *globals, o leaseOptions) (pool.LeaseView, 
 			return v, cancelLease(ctx, c, v, leaseEnd{cirun.ExitNoInstance, fmt.Sprintf("no instance of pool %s within %s", o.req.Pool, o.wait)})
 		}
 		progress.show(ctx, c, v)
-		next, err := c.GetLease(ctx, v.ID, min(left, step, pool.MaxWait))
+		next, err := c.GetLease(ctx, v.ID, min(left, step))
 		if err != nil {
 			if sig := caught(); sig != 0 {
 				return v, cancelLease(ctx, c, v, interruptedBy(sig, o.req.Pool))
