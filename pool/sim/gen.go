@@ -16,25 +16,23 @@ import (
 // GenOptions describes the synthetic load that Generate writes: bursty CI
 // traffic of one team, as pushes that each fan out to a matrix of jobs.
 //
-// The model, in the order Generate draws it:
+// The model: pushes arrive as a non-homogeneous Poisson process. Its rate, in pushes per hour, at a
+// moment whose local hour of day is h on weekday d, is
 //
-//   - Pushes arrive as a non-homogeneous Poisson process. Its rate, in
-//     pushes per hour, at a moment whose local hour of day is h on weekday d,
-//     is
+//	PeakPushesPerHour × week(d) × (NightFactor + (1−NightFactor) × hump(h))
+//	hump(h) = sin²(π (h−WorkStartHour) / (WorkEndHour−WorkStartHour)) within working hours, else 0
+//	week(d) = WeekendFactor on Saturday and Sunday, else 1
 //
-//     PeakPushesPerHour × week(d) × (NightFactor + (1−NightFactor) × sin²(π (h−WorkStartHour)/(WorkEndHour−WorkStartHour)))
+// so the rate is PeakPushesPerHour in the middle of a working day and
+// NightFactor of that at night. Second 0 of the trace is Monday 00:00 UTC;
+// local time is UTC + UTCOffset. Then:
 //
-//     where the sin² term is 0 outside [WorkStartHour, WorkEndHour] and
-//     week(d) is WeekendFactor on Saturday and Sunday, 1 otherwise. So the
-//     rate is PeakPushesPerHour in the middle of a working day, and
-//     NightFactor of that at night. Second 0 of the trace is Monday 00:00
-//     UTC; local time is UTC + UTCOffset.
 //   - Each push is one job with probability SingleJobProb (a lint or docs
 //     workflow), else a matrix of MatrixMin to MatrixMax jobs, uniformly.
 //   - Each job of a push is submitted at the push's moment plus a uniform
 //     delay in [0, Spread]; with Spread 0 the matrix is submitted at once.
-//   - Each job runs for a lognormal duration: MedianDuration × e^(Sigma·Z),
-//     Z standard normal, independently of the others.
+//   - Each job runs for a lognormal duration, MedianDuration × e^(Sigma·Z)
+//     with Z standard normal, independently of the others.
 //   - With Pools, each job goes to one pool, drawn by weight.
 //
 // Arrivals, fan-out and durations come from three random streams derived
