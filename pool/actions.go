@@ -24,7 +24,7 @@ const cloudCallTimeout = 2 * time.Minute
 func (m *Manager) launchLocked(p *poolState) {
 	now := m.clock.Now()
 	in := &Instance{
-		Key:       "h-" + randomToken(12),
+		Key:       "h-" + m.newID(12),
 		Pool:      p.name,
 		State:     Launching,
 		Since:     now,
@@ -354,7 +354,9 @@ func (m *Manager) timersLocked() {
 	now := m.clock.Now()
 	m.leaseTimersLocked(now)
 	idle, live := m.instanceTimersLocked(now)
-	for name, p := range m.pools {
+	for _, name := range m.poolNames {
+		p := m.pools[name]
+		m.autoscaleLocked(p, now)
 		m.reapIdleLocked(p, idle[name], live[name], now)
 		m.unblockLocked(p, now)
 		m.cacheTimerLocked(p, now)
@@ -373,7 +375,7 @@ func (m *Manager) leaseTimersLocked(now time.Time) {
 			m.endLeaseLocked(l, LeaseReleased, false)
 		case l.State == LeasePending && now.After(l.ExpiresAt):
 			m.endLeaseLocked(l, LeaseCanceled, false)
-		case l.State.ended() && now.Sub(l.EndedAt) > endedKept:
+		case l.State.ended() && now.Sub(l.EndedAt) > m.endedKept:
 			m.forgetLeaseLocked(l)
 		}
 	}
@@ -401,7 +403,7 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 		}
 		switch {
 		case in.State == Gone:
-			if now.Sub(in.Since) > endedKept {
+			if now.Sub(in.Since) > m.endedKept {
 				delete(m.instances, in.Key)
 				delete(m.byID, in.ID)
 				m.write(store.Op{Kind: store.Instances, ID: in.Key})
@@ -437,7 +439,8 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 }
 
 // reapIdleLocked ends p's idle instances above max_instances (after a
-// scale-in) and, oldest first, those idle past idle_ttd above min_idle.
+// scale-in) and, oldest first, those idle past idle_ttd above min_idle
+// (an autoscaled pool's own target and TTD: autoscaler.go).
 // Only idle ones: scale-in never takes a busy worker.
 func (m *Manager) reapIdleLocked(p *poolState, idle []*Instance, live int, now time.Time) {
 	bySince(idle, false) // oldest first
@@ -448,7 +451,7 @@ func (m *Manager) reapIdleLocked(p *poolState, idle []*Instance, live int, now t
 		case over > 0:
 			m.terminateLocked(in, ReasonScaleIn)
 			over--
-		case remaining > p.spec.MinIdle && now.Sub(in.Since) > p.spec.IdleTTD:
+		case remaining > p.minIdle() && now.Sub(in.Since) > p.idleTTD():
 			if p.spec.StopWhenIdle && p.provider.Capabilities().StopStart {
 				m.stopLocked(in, ReasonIdleTTD)
 			} else {

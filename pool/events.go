@@ -60,6 +60,9 @@ func (r *eventRing) list(pool string) []Event {
 func (m *Manager) event(e Event) {
 	e.Time = m.clock.Now()
 	m.events.add(e)
+	if sim := m.opts.Simulation; sim != nil && sim.Observe != nil {
+		sim.Observe(e)
+	}
 }
 
 // stateEvent records an instance's transition. Caller holds m.mu.

@@ -53,9 +53,13 @@ func (m *Manager) setLeaseState(l *Lease, to LeaseState) bool {
 		m.illegal("lease", l.ID, string(l.State), string(to))
 		return false
 	}
+	from := l.State
 	l.State = to
 	if to.ended() {
 		l.EndedAt = m.clock.Now()
+	}
+	if from == LeaseActive && to == LeaseReleased {
+		m.leaseReleasedLocked(l)
 	}
 	m.saveLease(l)
 	m.wakeInstance(m.instances[l.InstanceKey])
@@ -272,7 +276,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 	}
 	now := m.clock.Now()
 	l := &Lease{
-		ID:          "l-" + randomToken(12),
+		ID:          "l-" + m.newID(12),
 		Pool:        r.Pool,
 		Owner:       c.Name,
 		State:       LeasePending,
@@ -304,6 +308,7 @@ func (m *Manager) Lease(ctx context.Context, c Caller, r LeaseRequest) (LeaseVie
 		l.waiters++
 	}
 	p.queue = append(p.queue, l)
+	m.leaseRequestedLocked(p, now)
 	m.saveLease(l)
 	m.log.Info("lease requested", "pool", r.Pool, "lease", l.ID, "worker", l.Worker.Name)
 	m.dispatchLocked()
@@ -509,8 +514,8 @@ func removeLease(q []*Lease, l *Lease) []*Lease {
 // starts what the queue and min_idle still need, within max_instances.
 // Caller holds m.mu.
 func (m *Manager) dispatchLocked() {
-	for _, p := range m.pools {
-		m.dispatchPool(p)
+	for _, name := range m.poolNames {
+		m.dispatchPool(m.pools[name])
 	}
 }
 
@@ -547,7 +552,7 @@ func (m *Manager) dispatchPool(p *poolState) {
 		p.queue, idle = p.queue[1:], idle[1:]
 		m.assignLocked(l, in)
 	}
-	need := len(p.queue) + p.spec.MinIdle - len(idle) - len(coming)
+	need := len(p.queue) + p.minIdle() - len(idle) - len(coming)
 	bySince(stopped, true)
 	for need > 0 && len(stopped) > 0 {
 		m.startLocked(stopped[0])
@@ -573,13 +578,17 @@ func (m *Manager) dispatchPool(p *poolState) {
 // next.
 const maxLaunching = 10
 
-// bySince orders instances by when they entered their state.
+// bySince orders instances by when they entered their state, ties by key:
+// the pool's choices depend on its state only, never on map order.
 func bySince(s []*Instance, newestFirst bool) {
 	slices.SortFunc(s, func(a, b *Instance) int {
 		if newestFirst {
-			return b.Since.Compare(a.Since)
+			a, b = b, a
 		}
-		return a.Since.Compare(b.Since)
+		if c := a.Since.Compare(b.Since); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Key, b.Key)
 	})
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"slices"
@@ -58,6 +59,9 @@ type Options struct {
 	// Images copies images between regions for pools whose image is in
 	// another (Spec.ImageFrom); required when there are such pools.
 	Images ImageCopier
+	// Simulation, when set, is for a simulation or a hand-driven test
+	// (sim_hooks.go), never a server.
+	Simulation *Simulation
 }
 
 // Instance is the pool's record of one instance. Key is ours from the moment
@@ -152,6 +156,8 @@ type poolState struct {
 	// reconciledAt is when reconcile last applied a listing of its cloud:
 	// an operator's alert tells a stalled reconcile by it.
 	reconciledAt time.Time
+	// auto sizes its spares when Spec.Autoscale is set (autoscaler.go).
+	auto *autoscaler
 }
 
 // Manager runs every pool.
@@ -166,6 +172,7 @@ type Manager struct {
 
 	mu        sync.Mutex
 	pools     map[string]*poolState
+	poolNames []string             // sorted: pools are visited in this order, the same on every run
 	instances map[string]*Instance // by Key
 	byID      map[string]*Instance // by cloud id
 	byToken   map[string]*Instance // by bootstrap token hash
@@ -197,6 +204,13 @@ type Manager struct {
 	maxOutput int
 
 	events eventRing // the last pool events, for GET /v1/events (events.go)
+
+	// Under a Simulation (sim_hooks.go): cloud calls queued for Settle,
+	// where ids come from, and how long ended records are kept.
+	deferredMu sync.Mutex
+	deferred   []func(context.Context)
+	ids        io.Reader
+	endedKept  time.Duration
 }
 
 // New restores the pools' state from the store. Call Run to start work.
@@ -222,6 +236,7 @@ func New(opts Options) (*Manager, error) {
 		changed:      make(chan struct{}),
 		runs:         map[string]*runOutput{},
 		maxOutput:    MaxOutput,
+		endedKept:    endedKept,
 
 		panicOnIllegal: testing.Testing(),
 	}
@@ -234,8 +249,15 @@ func New(opts Options) (*Manager, error) {
 	if m.tick <= 0 {
 		m.tick = time.Second
 	}
+	if sim := opts.Simulation; sim != nil {
+		m.ids, m.endedKept = sim.IDs, sim.EndedKept
+	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	overrides, err := store.Load[scale](m.store, store.Pools)
+	if err != nil {
+		return nil, err
+	}
+	histories, err := store.Load[*demand](m.store, store.Demand)
 	if err != nil {
 		return nil, err
 	}
@@ -265,12 +287,21 @@ func New(opts Options) (*Manager, error) {
 		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {
 			return nil, fmt.Errorf("pool %s: %w", name, err)
 		}
-		m.pools[name] = &poolState{name: name, spec: spec, provider: p, config: config, scaled: scaled, cacheSavedAt: m.clock.Now()}
+		ps := &poolState{name: name, spec: spec, provider: p, config: config, scaled: scaled, cacheSavedAt: m.clock.Now()}
+		if spec.Autoscale != nil {
+			ps.auto = newAutoscaler(*spec.Autoscale, histories[name], m.clock.Now())
+		}
+		m.pools[name] = ps
 	}
+	m.poolNames = slices.Sorted(maps.Keys(m.pools))
 	if err := m.restore(); err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
+	for _, p := range m.pools {
+		// A restarted pool warms up from its history at once.
+		m.autoscaleLocked(p, m.clock.Now())
+	}
 	repairs := m.synced()
 	m.unlock()
 	if err := repairs.Wait(); err != nil {
@@ -364,6 +395,9 @@ func (m *Manager) revokeTokens(in *Instance) {
 // Run works the pools until ctx ends: it reconciles with the clouds at once
 // and every reconcile interval, and checks timers every tick.
 func (m *Manager) Run(ctx context.Context) {
+	if m.opts.Simulation != nil {
+		panic("pool: Run on a Manager made for a simulation; drive it with Step")
+	}
 	m.resolveBakedImages(ctx, true) // before anything is launched
 	m.reconcile(ctx)
 	m.mu.Lock()
@@ -484,6 +518,13 @@ func (m *Manager) synced() *store.Commit {
 }
 
 func (m *Manager) goAsync(f func(ctx context.Context)) {
+	if m.opts.Simulation != nil {
+		// Made by Settle, in order: the same calls, the same results.
+		m.deferredMu.Lock()
+		m.deferred = append(m.deferred, f)
+		m.deferredMu.Unlock()
+		return
+	}
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()

@@ -34,10 +34,12 @@ const (
 	Leases    Kind = "leases"
 	// Pools holds operators' runtime overrides (hangar scale).
 	Pools Kind = "pools"
-	meta  Kind = "meta"
+	// Demand holds each autoscaled pool's history of its demand.
+	Demand Kind = "demand"
+	meta   Kind = "meta"
 )
 
-var kinds = []Kind{Instances, Leases, Pools, meta}
+var kinds = []Kind{Instances, Leases, Pools, Demand, meta}
 
 // Op is one write: a put of Value (JSON-encoded), or a delete when Value is nil.
 type Op struct {
@@ -46,10 +48,13 @@ type Op struct {
 	Value any
 }
 
-// Store is an open state file.
+// Store is an open state file, or a store in memory (OpenMemory).
 type Store struct {
 	db    *bolt.DB
 	owner string
+	// In memory (db nil): the records, encoded; nil when every write is
+	// discarded.
+	mem map[Kind]map[string][]byte
 
 	mu      sync.Mutex
 	queue   []pending
@@ -140,6 +145,65 @@ func Open(path string) (*Store, error) {
 	return s, nil
 }
 
+// OpenMemory returns a store with no file, for tests and simulations: it
+// holds the records, encoded as a file's would be, for Load. Its commits
+// are done when Commit returns, and its owner id is fixed.
+func OpenMemory() *Store {
+	s := &Store{owner: "hangar-memory", mem: map[Kind]map[string][]byte{}}
+	for _, k := range kinds {
+		s.mem[k] = map[string][]byte{}
+	}
+	return s
+}
+
+// Discard returns a store in memory that keeps nothing: Commit encodes
+// nothing and is done at once, Load finds nothing. For simulations
+// (pool/sim): a million simulated leases need not encode or fsync a
+// million records.
+func Discard() *Store {
+	return &Store{owner: "hangar-memory"}
+}
+
+// doneCommit is every commit of a store in memory that discards.
+var doneCommit = finished(nil)
+
+// commitMemory is Commit on a store in memory.
+func (s *Store) commitMemory(ops []Op) *Commit {
+	if s.mem == nil {
+		return doneCommit
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return finished(errors.New("state store is closed"))
+	}
+	var es []encoded
+	for _, op := range ops {
+		e := encoded{kind: op.Kind, id: op.ID}
+		if op.Value != nil {
+			b, err := json.Marshal(op.Value)
+			if err != nil {
+				return finished(fmt.Errorf("encoding %s %s: %w", op.Kind, op.ID, err))
+			}
+			e.val = b
+		}
+		es = append(es, e)
+	}
+	// Applied whole or not at all, as a file's transaction.
+	for _, e := range es {
+		if e.val == nil {
+			delete(s.mem[e.kind], e.id)
+		} else {
+			s.mem[e.kind][e.id] = e.val
+		}
+	}
+	if len(es) > 0 {
+		s.commits.Add(1)
+		s.rounds.Add(1)
+	}
+	return finished(nil)
+}
+
 // Owner is this store's id. Every instance launched is tagged with it, so a
 // restarted server recognises its own instances and leaves others' alone.
 func (s *Store) Owner() string { return s.owner }
@@ -151,6 +215,9 @@ func (s *Store) Owner() string { return s.owner }
 // barrier: it costs no transaction and no fsync, and is done once
 // everything queued before it is.
 func (s *Store) Commit(ops ...Op) *Commit {
+	if s.db == nil {
+		return s.commitMemory(ops)
+	}
 	p := pending{c: &Commit{done: make(chan struct{})}}
 	for _, op := range ops {
 		e := encoded{kind: op.Kind, id: op.ID}
@@ -231,6 +298,18 @@ func (s *Store) writer() {
 // Load decodes every record of kind into a map by id.
 func Load[T any](s *Store, kind Kind) (map[string]T, error) {
 	out := map[string]T{}
+	if s.db == nil {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for k, v := range s.mem[kind] {
+			var t T
+			if err := json.Unmarshal(v, &t); err != nil {
+				return nil, fmt.Errorf("loading %s: decoding %s %s: %w", kind, kind, k, err)
+			}
+			out[k] = t
+		}
+		return out, nil
+	}
 	err := s.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket([]byte(kind)).ForEach(func(k, v []byte) error {
 			var t T
@@ -256,6 +335,9 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.mu.Unlock()
+	if s.db == nil {
+		return nil
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:

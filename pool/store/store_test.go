@@ -188,3 +188,42 @@ func closeStore(tb testing.TB, s *Store) {
 		tb.Error(err)
 	}
 }
+
+// TestMemoryStore: a store in memory keeps what was committed, deletes
+// included, for Load, as a file does; a discarding one keeps nothing and
+// never fails a commit.
+func TestMemoryStore(t *testing.T) {
+	s := OpenMemory()
+	if err := s.CommitWait(Op{Instances, "a", rec{1, "x"}}, Op{Instances, "b", rec{2, "y"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CommitWait(Op{Instances, "a", nil}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Load[rec](s, Instances)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got["b"] != (rec{2, "y"}) {
+		t.Errorf("instances = %v, want only b", got)
+	}
+	if err := s.CommitWait(Op{Leases, "bad", func() {}}); err == nil {
+		t.Error("a record that cannot be encoded was committed")
+	}
+	if st := s.Stats(); st.Commits != 2 {
+		t.Errorf("stats %+v, want 2 commits", st)
+	}
+	closeStore(t, s)
+	if err := s.CommitWait(Op{Instances, "c", rec{}}); err == nil {
+		t.Error("commit to a closed memory store succeeded")
+	}
+
+	d := Discard()
+	if err := d.CommitWait(Op{Instances, "a", rec{1, "x"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := Load[rec](d, Instances); err != nil || len(got) != 0 {
+		t.Errorf("a discarding store loaded %v, %v; want nothing", got, err)
+	}
+	closeStore(t, d)
+}
