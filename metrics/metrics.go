@@ -51,6 +51,9 @@ type Snapshot struct {
 	// ReconciledAt: pool → when reconcile last applied a listing of its
 	// cloud (zero: not since the start).
 	ReconciledAt map[string]time.Time
+	// AutoscaleTarget: pool → the idle spares it aims at now, for the pools
+	// with min_idle = "auto".
+	AutoscaleTarget map[string]int
 }
 
 // New registers Hangar's collectors on reg. snapshot is called at every
@@ -137,6 +140,8 @@ var (
 		"How long the pool's instance longest in the state has been in it; 0 when none is.", []string{"pool", "state"}, nil)
 	reconciledDesc = prometheus.NewDesc("hangar_reconcile_last_success_timestamp_seconds",
 		"Unix time when reconcile last applied a listing of the pool's cloud; 0 until the first since the start.", []string{"pool"}, nil)
+	autoscaleTargetDesc = prometheus.NewDesc("hangar_autoscale_target_idle",
+		`The idle spares a pool with min_idle = "auto" aims at now.`, []string{"pool"}, nil)
 )
 
 // gauges reads the pool's state at scrape time instead of mirroring it, so
@@ -152,6 +157,7 @@ func (g *gauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- oldestPendingDesc
 	ch <- longestInStateDesc
 	ch <- reconciledDesc
+	ch <- autoscaleTargetDesc
 }
 
 func (g *gauges) Collect(ch chan<- prometheus.Metric) {
@@ -187,6 +193,9 @@ func (g *gauges) Collect(ch chan<- prometheus.Metric) {
 			v = float64(at.UnixNano()) / 1e9
 		}
 		ch <- prometheus.MustNewConstMetric(reconciledDesc, prometheus.GaugeValue, v, p)
+	}
+	for p, n := range s.AutoscaleTarget {
+		ch <- prometheus.MustNewConstMetric(autoscaleTargetDesc, prometheus.GaugeValue, float64(n), p)
 	}
 }
 

@@ -48,6 +48,20 @@ type Spec struct {
 	// ImageFrom, when set, is where the pool's image is, in another region
 	// (Launch.Image is then empty): the pool launches from its copy.
 	ImageFrom *ImageSource
+	// Autoscale, when set, makes the pool size its warm spares and their
+	// idle TTD itself, from the demand it sees (min_idle = "auto";
+	// autoscale.go): MinIdle is then ignored, and IdleTTD only bounds the
+	// TTD it computes.
+	Autoscale *AutoscaleSpec
+}
+
+// AutoscaleSpec is what a pool that sizes its spares itself aims at.
+type AutoscaleSpec struct {
+	// TargetWaitP95 is the wait for an instance that at most 5% of lease
+	// requests may exceed.
+	TargetWaitP95 time.Duration
+	// MaxIdle caps the spares, whatever the demand.
+	MaxIdle int
 }
 
 // CacheSpec is a pool's build cache.

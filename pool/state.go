@@ -70,6 +70,9 @@ func (m *Manager) setState(in *Instance, to State, reason Reason) {
 	if reason != "" {
 		in.Reason = reason
 	}
+	if to == Idle && reason == ReasonReady {
+		m.bootObservedLocked(in)
+	}
 	m.saveInstance(in)
 	m.wakeInstance(in)
 	m.notify()

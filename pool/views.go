@@ -33,6 +33,21 @@ type PoolView struct {
 	// from the config, whose values Config then has.
 	Scaled bool        `json:"scaled,omitempty"`
 	Config *PoolLimits `json:"config,omitempty"`
+	// Autoscale is set for a pool with min_idle = "auto": MinIdle is then
+	// its current target, and this says why.
+	Autoscale *AutoscaleView `json:"autoscale,omitempty"`
+}
+
+// AutoscaleView is an autoscaled pool's current target and its grounds.
+type AutoscaleView struct {
+	TargetIdle     int     `json:"target_idle"`
+	IdleTTDSeconds float64 `json:"idle_ttd_s"`
+	RatePerMinute  float64 `json:"rate_per_min"`
+	BootSeconds    float64 `json:"boot_s"`
+	// Reason is what `hangar pools` shows: "rate 2.1/min, boot 58s".
+	Reason        string  `json:"reason"`
+	TargetWaitP95 float64 `json:"target_wait_p95_s"`
+	MaxIdle       int     `json:"max_idle"`
 }
 
 // PoolLimits are a pool's min_idle and max_instances.
@@ -77,6 +92,12 @@ func (m *Manager) poolViewLocked(p *poolState) PoolView {
 		config := p.config
 		v.Config = &config
 	}
+	if a := p.auto; a != nil {
+		d := a.decision
+		v.MinIdle = d.TargetIdle
+		v.Autoscale = &AutoscaleView{TargetIdle: d.TargetIdle, IdleTTDSeconds: d.IdleTTD.Seconds(), RatePerMinute: d.Rate * 60,
+			BootSeconds: d.Boot.Seconds(), Reason: d.Reason, TargetWaitP95: a.spec.TargetWaitP95.Seconds(), MaxIdle: a.spec.MaxIdle}
+	}
 	for _, in := range m.instances {
 		if in.Pool == p.name && in.State != Gone {
 			v.Instances[in.State]++
@@ -103,6 +124,11 @@ func (m *Manager) Scale(ctx context.Context, pool string, minIdle, maxInstances 
 	if !ok {
 		m.unlock()
 		return PoolView{}, m.unknownPool(pool)
+	}
+	if minIdle != nil && p.auto != nil {
+		m.unlock()
+		return PoolView{}, fmt.Errorf(`%w: pool %s sizes its spares itself (min_idle = "auto"); scale its max_instances, `+
+			`or set its [pools.%s.autoscale] max_idle or a number for min_idle in the config`, ErrInvalid, pool, pool)
 	}
 	newMin, newMax := p.spec.MinIdle, p.spec.MaxInstances
 	if minIdle != nil {
@@ -280,6 +306,12 @@ func (m *Manager) Snapshot() metrics.Snapshot {
 			s.CacheVolumes[name] = 0
 		}
 		s.LeasesPending[name] = len(p.queue)
+		if p.auto != nil {
+			if s.AutoscaleTarget == nil {
+				s.AutoscaleTarget = map[string]int{}
+			}
+			s.AutoscaleTarget[name] = p.auto.decision.TargetIdle
+		}
 		s.LaunchBlocked[name] = p.blocked
 		for st := range transitions {
 			if st.live() {

@@ -1,0 +1,146 @@
+package pool
+
+import (
+	"math"
+	"slices"
+	"time"
+
+	"github.com/hangar-ci/hangar/pool/store"
+)
+
+// autoscaleEvery is how often an autoscaled pool's target is recomputed
+// at most: a tick is a second, and the estimates move over minutes.
+const autoscaleEvery = 5 * time.Second
+
+// autoscaler is an autoscaled pool's history and its latest decision.
+type autoscaler struct {
+	spec      AutoscaleSpec
+	demand    *demand
+	decision  AutoscaleDecision
+	decidedAt time.Time
+	// savedAt is the minute (unix minutes) of the last write of demand;
+	// dirty, that it changed since.
+	savedAt int64
+	dirty   bool
+}
+
+// newAutoscaler starts p's autoscaler from its stored history, if any.
+func newAutoscaler(spec AutoscaleSpec, stored *demand, now time.Time) *autoscaler {
+	a := &autoscaler{spec: spec, demand: stored, savedAt: math.MinInt64}
+	if !stored.usable() {
+		a.demand = newDemand(now)
+	}
+	a.demand.quietAt = math.MinInt64
+	a.savedAt = floorDiv(now.Unix(), 60)
+	return a
+}
+
+// minIdle is the idle spares p keeps: the autoscaler's target, or min_idle.
+func (p *poolState) minIdle() int {
+	if p.auto != nil {
+		return p.auto.decision.TargetIdle
+	}
+	return p.spec.MinIdle
+}
+
+// idleTTD is how long an idle instance above minIdle is kept.
+func (p *poolState) idleTTD() time.Duration {
+	if p.auto != nil {
+		return p.auto.decision.IdleTTD
+	}
+	return p.spec.IdleTTD
+}
+
+// leaseRequestedLocked counts a new lease request in p's history.
+func (m *Manager) leaseRequestedLocked(p *poolState, now time.Time) {
+	if p.auto != nil {
+		p.auto.demand.arrival(now)
+		p.auto.dirty = true
+	}
+}
+
+// bootObservedLocked counts in's boot, launch (or start) to ready, in its
+// pool's history.
+func (m *Manager) bootObservedLocked(in *Instance) {
+	p := m.pools[in.Pool]
+	if p == nil || p.auto == nil || in.ReadyAt.IsZero() {
+		return
+	}
+	from := in.LaunchedAt
+	if from.IsZero() || in.ReadyAt.Before(from) {
+		// Its ready report beat the launch call's answer.
+		from = in.IntentAt
+	}
+	if b := in.ReadyAt.Sub(from); b >= 0 {
+		p.auto.demand.observeBoot(b)
+		p.auto.dirty = true
+	}
+}
+
+// leaseReleasedLocked counts how long l held its instance, for the
+// releases expected soon.
+func (m *Manager) leaseReleasedLocked(l *Lease) {
+	p := m.pools[l.Pool]
+	if p == nil || p.auto == nil || l.AssignedAt.IsZero() {
+		return
+	}
+	p.auto.demand.observeLease(l.EndedAt.Sub(l.AssignedAt))
+	p.auto.dirty = true
+}
+
+// autoscaleLocked recomputes p's target when it is due, and writes p's
+// history when it changed and a minute has passed since the last write
+// (in the transaction of the decision under way).
+func (m *Manager) autoscaleLocked(p *poolState, now time.Time) {
+	a := p.auto
+	if a == nil {
+		return
+	}
+	if a.decidedAt.IsZero() || now.Sub(a.decidedAt) >= autoscaleEvery || now.Before(a.decidedAt) {
+		a.decision = DecideAutoscale(m.autoscaleInputLocked(p, now))
+		a.decidedAt = now
+	}
+	if minute := floorDiv(now.Unix(), 60); a.dirty && minute > a.savedAt {
+		a.savedAt, a.dirty = minute, false
+		m.write(store.Op{Kind: store.Demand, ID: p.name, Value: a.demand})
+	}
+}
+
+// autoscaleInputLocked gathers p's estimates.
+func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInput {
+	d := p.auto.demand
+	p50, p90 := d.bootQuantiles()
+	in := AutoscaleInput{
+		RecentRate:    d.recentRate(now),
+		HistoryRate:   d.historyRate(now),
+		QuietRate:     d.quietRate(now),
+		Dispersion:    d.dispersion(now),
+		BootP50:       p50,
+		BootP90:       p90,
+		TargetWaitP95: p.auto.spec.TargetWaitP95,
+		MaxIdle:       p.auto.spec.MaxIdle,
+		MaxInstances:  p.spec.MaxInstances,
+		IdleTTD:       p.spec.IdleTTD,
+	}
+	for _, inst := range m.instances {
+		if inst.Pool != p.name || !inst.State.live() {
+			continue
+		}
+		switch inst.State {
+		case Idle, Launching, Booting, Starting, Stopped:
+		default:
+			in.Busy++
+		}
+	}
+	var ages []time.Duration
+	for _, l := range m.leases {
+		if l.Pool == p.name && l.State == LeaseActive {
+			ages = append(ages, now.Sub(l.AssignedAt))
+		}
+	}
+	// Summed in one order: floats summed in map order could round
+	// differently from run to run.
+	slices.Sort(ages)
+	in.ExpectedFrees = d.expectedFrees(ages, PlanningWindow(p90, in.TargetWaitP95))
+	return in
+}
