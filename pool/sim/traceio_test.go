@@ -6,8 +6,11 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -102,5 +105,106 @@ func TestOpenTraceErrors(t *testing.T) {
 	_, err = io.ReadAll(rc)
 	if !errors.Is(err, io.ErrUnexpectedEOF) || !strings.Contains(err.Error(), truncated) {
 		t.Errorf("truncated gzip: error %v, want one naming the file, wrapping io.ErrUnexpectedEOF", err)
+	}
+}
+
+// parseShippedTrace reads a trace as `hangar simulate` must accept it: a
+// header, then rows of finite, non-negative numbers sorted by submit_s,
+// with a pool on every row when the header has the column. It returns the
+// number of rows.
+func parseShippedTrace(t *testing.T, path string) int {
+	t.Helper()
+	rc, err := OpenTrace(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = rc.Close() }() // only read here
+	data, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSuffix(string(data), "\n"), "\n")
+	header := lines[0]
+	if header != "submit_s,duration_s" && header != "submit_s,duration_s,pool" {
+		t.Fatalf("%s: header %q", path, header)
+	}
+	fields := strings.Count(header, ",") + 1
+	last := 0.0
+	for i, l := range lines[1:] {
+		f := strings.Split(l, ",")
+		if len(f) != fields {
+			t.Fatalf("%s:%d: %q: %d fields, want %d", path, i+2, l, len(f), fields)
+		}
+		submit, err1 := strconv.ParseFloat(f[0], 64)
+		duration, err2 := strconv.ParseFloat(f[1], 64)
+		if err := errors.Join(err1, err2); err != nil {
+			t.Fatalf("%s:%d: %v", path, i+2, err)
+		}
+		if math.IsInf(submit, 0) || math.IsInf(duration, 0) || math.IsNaN(submit) || math.IsNaN(duration) || submit < 0 || duration <= 0 {
+			t.Fatalf("%s:%d: %q: want a finite submit_s >= 0 and duration_s > 0", path, i+2, l)
+		}
+		if submit < last {
+			t.Fatalf("%s:%d: %q: submitted before the row above", path, i+2, l)
+		}
+		if fields == 3 && f[2] == "" {
+			t.Fatalf("%s:%d: %q: no pool", path, i+2, l)
+		}
+		last = submit
+	}
+	return len(lines) - 1
+}
+
+// TestShippedTraces: every trace under traces/ reads, is small enough to
+// keep in the repository (gzipped when over a megabyte), and is described
+// in traces/README.md; synthetic.csv is what the generator writes with its
+// defaults, so neither can drift from the other.
+func TestShippedTraces(t *testing.T) {
+	readme, err := os.ReadFile("traces/README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir("traces")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var traces []string
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".csv") && !strings.HasSuffix(name, ".csv.gz") {
+			continue
+		}
+		traces = append(traces, name)
+		t.Run(name, func(t *testing.T) {
+			info, err := e.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info.Size() > 2<<20 || (info.Size() > 1<<20 && !strings.HasSuffix(name, ".gz")) {
+				t.Errorf("%d bytes: a shipped trace is at most 2 MB, gzipped over 1 MB", info.Size())
+			}
+			if !bytes.Contains(readme, []byte("`"+name+"`")) {
+				t.Errorf("traces/README.md does not describe it")
+			}
+			if n := parseShippedTrace(t, filepath.Join("traces", name)); n < 1000 {
+				t.Errorf("%d rows: too few to judge a policy by", n)
+			}
+		})
+	}
+	for _, want := range []string{"synthetic.csv", "bitcoin-core.csv"} {
+		if !slices.Contains(traces, want) {
+			t.Errorf("traces/ has %v, not %s", traces, want)
+		}
+	}
+
+	shipped, err := os.ReadFile("traces/synthetic.csv")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	if err := Generate(DefaultGenOptions(), &b); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b.Bytes(), shipped) {
+		t.Errorf("traces/synthetic.csv (%d bytes) is not what Generate writes with DefaultGenOptions (%d bytes): regenerate it with the command in traces/README.md", len(shipped), b.Len())
 	}
 }
