@@ -476,6 +476,7 @@ func TestRsyncCancel(t *testing.T) {
 	// the transfer is under way.
 	opts := e.rsyncOptions()
 	opts.Extra = []string{"--bwlimit=1"}
+	opts.LiveProgress = true // its progress line says the transfer is under way
 	started := make(chan struct{}, 1)
 	opts.Progress = writerFunc(func(p []byte) (int, error) {
 		select {
