@@ -119,14 +119,14 @@ func PlanningWindow(bootP90, targetWait time.Duration) time.Duration {
 }
 
 // DecideAutoscale sizes the spares (see the model above).
-func DecideAutoscale(in AutoscaleInput) AutoscaleDecision {
+func DecideAutoscale(in AutoscaleInput) (d AutoscaleDecision) {
 	rate := max(in.RecentRate, in.HistoryRate, 0)
-	d := AutoscaleDecision{Rate: rate, Boot: in.BootP50}
+	d = AutoscaleDecision{Rate: rate, Boot: in.BootP50}
 	d.IdleTTD = max(in.BootP50, time.Second)
 	if in.IdleTTD > 0 {
 		d.IdleTTD = min(d.IdleTTD, in.IdleTTD)
 	}
-	notes := []string{"rate " + perMinute(rate) + "/min", "boot " + in.BootP50.Round(time.Second).String()}
+	notes := []string{"rate " + perMinute(rate) + "/min", "boot " + seconds(in.BootP50)}
 	defer func() { d.Reason = strings.Join(notes, ", ") }()
 
 	w := PlanningWindow(in.BootP90, in.TargetWaitP95)
@@ -226,4 +226,17 @@ func perMinute(perSecond float64) string {
 	default:
 		return strconv.FormatFloat(v, 'g', 2, 64)
 	}
+}
+
+// seconds shows a boot time: "58s", "119s", "2m30s", "5m".
+func seconds(d time.Duration) string {
+	d = d.Round(time.Second)
+	if d < 2*time.Minute {
+		return strconv.Itoa(int(d/time.Second)) + "s"
+	}
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	return s
 }

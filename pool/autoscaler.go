@@ -106,6 +106,17 @@ func (m *Manager) autoscaleLocked(p *poolState, now time.Time) {
 	}
 }
 
+// saveDemandLocked writes every history changed since its last write: at
+// Close, so that a restart loses none of it.
+func (m *Manager) saveDemandLocked() {
+	for _, p := range m.pools {
+		if a := p.auto; a != nil && a.dirty {
+			a.dirty = false
+			m.write(store.Op{Kind: store.Demand, ID: p.name, Value: a.demand})
+		}
+	}
+}
+
 // autoscaleInputLocked gathers p's estimates.
 func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInput {
 	d := p.auto.demand

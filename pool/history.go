@@ -212,7 +212,8 @@ func (d *demand) historyRate(now time.Time) float64 {
 	default:
 		return 0
 	}
-	from, to := d.Buckets.index(now.Add(-back-historyBefore)), d.Buckets.index(now.Add(-back+historyAfter))
+	from := d.Buckets.index(now.Add(-back - historyBefore))
+	to := from + int64((historyBefore+historyAfter)/bucketWidth) - 1
 	n := d.Buckets.sum(from, to)
 	return float64(n) / (float64(to-from+1) * float64(d.Buckets.WidthS))
 }

@@ -429,6 +429,7 @@ func (m *Manager) Close() error {
 	m.cancel()
 	m.wg.Wait()
 	m.mu.Lock()
+	m.saveDemandLocked()
 	last := m.synced()
 	m.mu.Unlock()
 	return last.Wait()

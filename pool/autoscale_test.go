@@ -1,0 +1,235 @@
+package pool
+
+import (
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+// perMin is a rate of n a minute, a second.
+func perMin(n float64) float64 { return n / 60 }
+
+// The arithmetic of DecideAutoscale, case by case, as buildkite-agent-scaler
+// tests its own. The expected spares were computed apart from this code
+// (Python, from lgamma): S = Q97(arrivals in boot − target) + 1 − ⌊frees⌋.
+func TestDecideAutoscale(t *testing.T) {
+	base := AutoscaleInput{
+		BootP50: time.Minute, BootP90: time.Minute, Dispersion: 1,
+		TargetWaitP95: 5 * time.Second, MaxIdle: 20, MaxInstances: 100, IdleTTD: 10 * time.Minute,
+	}
+	for _, tc := range []struct {
+		name   string
+		mod    func(*AutoscaleInput)
+		target int
+		ttd    time.Duration
+		reason string
+	}{{
+		name:   "no demand keeps no spares",
+		mod:    func(in *AutoscaleInput) {},
+		target: 0, ttd: time.Minute, reason: "rate 0/min, boot 60s",
+	}, {
+		// Poisson(2.1/60·55 = 1.925): P(N ≤ 5) = 0.9856 is the first ≥ 0.97.
+		name:   "smooth demand",
+		mod:    func(in *AutoscaleInput) { in.RecentRate = perMin(2.1) },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "bursty demand of the same rate needs more",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 4 },
+		target: 10, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "very bursty",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 10 },
+		target: 15, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "dispersion under 1 reads as Poisson",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 0.3 },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		// One request in ten minutes: another within the 55 s before it
+		// has taken the one spare 8.8% of the time, more than 3%.
+		name:   "a trickle still wants spares without a history",
+		mod:    func(in *AutoscaleInput) { in.RecentRate = perMin(0.1) },
+		target: 2, ttd: time.Minute, reason: "rate 0.1/min, boot 60s",
+	}, {
+		name:   "the history's rate anticipates a rush the recent rate has not seen",
+		mod:    func(in *AutoscaleInput) { in.HistoryRate = perMin(2.1) },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "the higher of recent and history",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.HistoryRate = perMin(2.1), perMin(0.1) },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "at or below the history's quiet rate, no spares",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.QuietRate = perMin(2.1), perMin(2.1) },
+		target: 0, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, quiet",
+	}, {
+		name:   "above the quiet rate, spares",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.QuietRate = perMin(2.1), perMin(2) },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		// Poisson(2.1/60·30 = 1.05): Q97 = 3.
+		name:   "a longer target wait needs fewer",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.TargetWaitP95 = perMin(2.1), 30*time.Second },
+		target: 4, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "a target wait of a boot needs none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.TargetWaitP95 = perMin(100), time.Minute },
+		target: 0, ttd: time.Minute, reason: "rate 100/min, boot 60s, boot within target",
+	}, {
+		name:   "a target wait beyond a boot needs none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.TargetWaitP95 = perMin(100), 5*time.Minute },
+		target: 0, ttd: time.Minute, reason: "rate 100/min, boot 60s, boot within target",
+	}, {
+		// Poisson(2.1/60·115 = 4.025): Q97 = 8.
+		name: "spares plan for the slow boots, the TTD for the typical",
+		mod: func(in *AutoscaleInput) {
+			in.RecentRate, in.BootP50, in.BootP90 = perMin(2.1), 30*time.Second, 2*time.Minute
+		},
+		target: 9, ttd: 30 * time.Second, reason: "rate 2.1/min, boot 30s",
+	}, {
+		name:   "releases expected soon stand in for spares",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.ExpectedFrees = perMin(2.1), 2.9 },
+		target: 4, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, 2 freeing",
+	}, {
+		name:   "releases covering the demand leave no spares",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.ExpectedFrees = perMin(2.1), 10 },
+		target: 0, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, 10 freeing",
+	}, {
+		name:   "less than one release expected counts none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.ExpectedFrees = perMin(2.1), 0.99 },
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "a huge rate is capped at max_idle",
+		mod:    func(in *AutoscaleInput) { in.RecentRate = perMin(100000) },
+		target: 20, ttd: time.Minute, reason: "rate 100000/min, boot 60s, max_idle",
+	}, {
+		name:   "max_idle of 0 keeps none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.MaxIdle = perMin(60), 0 },
+		target: 0, ttd: time.Minute, reason: "rate 60/min, boot 60s, max_idle",
+	}, {
+		name:   "max_instances less the busy ones caps it",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.MaxInstances, in.Busy = perMin(2.1), 10, 7 },
+		target: 3, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, max_instances",
+	}, {
+		name:   "a pool busier than max_instances keeps none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.MaxInstances, in.Busy = perMin(2.1), 4, 6 },
+		target: 0, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, max_instances",
+	}, {
+		name: "idle_ttd bounds the TTD",
+		mod: func(in *AutoscaleInput) {
+			in.BootP50, in.BootP90, in.IdleTTD = 5*time.Minute, 5*time.Minute, 2*time.Minute
+		},
+		target: 0, ttd: 2 * time.Minute, reason: "rate 0/min, boot 5m",
+	}, {
+		name:   "no idle_ttd: the boot alone",
+		mod:    func(in *AutoscaleInput) { in.BootP50, in.BootP90, in.IdleTTD = 5*time.Minute, 5*time.Minute, 0 },
+		target: 0, ttd: 5 * time.Minute, reason: "rate 0/min, boot 5m",
+	}, {
+		name:   "an instant boot still keeps an idle instance a second",
+		mod:    func(in *AutoscaleInput) { in.BootP50, in.BootP90 = 0, 0 },
+		target: 0, ttd: time.Second, reason: "rate 0/min, boot 0s",
+	}, {
+		name:   "a negative rate is none",
+		mod:    func(in *AutoscaleInput) { in.RecentRate = -1 },
+		target: 0, ttd: time.Minute, reason: "rate 0/min, boot 60s",
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := base
+			tc.mod(&in)
+			got := DecideAutoscale(in)
+			if got.TargetIdle != tc.target || got.IdleTTD != tc.ttd || got.Reason != tc.reason {
+				t.Errorf("DecideAutoscale = target %d, ttd %s, reason %q; want %d, %s, %q",
+					got.TargetIdle, got.IdleTTD, got.Reason, tc.target, tc.ttd, tc.reason)
+			}
+		})
+	}
+}
+
+// More demand never asks for fewer spares, nor burstier demand, nor a
+// slower boot, nor a stricter target.
+func TestDecideAutoscaleMonotone(t *testing.T) {
+	base := AutoscaleInput{BootP50: time.Minute, BootP90: time.Minute, Dispersion: 1,
+		TargetWaitP95: 5 * time.Second, MaxIdle: 1000, MaxInstances: 10000}
+	spares := func(mod func(*AutoscaleInput)) int {
+		in := base
+		mod(&in)
+		return DecideAutoscale(in).TargetIdle
+	}
+	prev := 0
+	for r := 0.0; r <= 600; r += 0.5 {
+		s := spares(func(in *AutoscaleInput) { in.RecentRate = perMin(r) })
+		if s < prev {
+			t.Fatalf("rate %.1f/min: %d spares, fewer than %d at a lower rate", r, s, prev)
+		}
+		prev = s
+	}
+	prev = 0
+	for d := 1.0; d <= 60; d += 0.25 {
+		s := spares(func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(5), d })
+		if s < prev {
+			t.Fatalf("dispersion %.2f: %d spares, fewer than %d when smoother", d, s, prev)
+		}
+		prev = s
+	}
+	prev = math.MaxInt
+	for w := time.Duration(0); w <= 2*time.Minute; w += time.Second {
+		s := spares(func(in *AutoscaleInput) { in.RecentRate, in.TargetWaitP95 = perMin(5), w })
+		if s > prev {
+			t.Fatalf("target %s: %d spares, more than %d for a stricter target", w, s, prev)
+		}
+		prev = s
+	}
+	prev = 0
+	for b := time.Duration(0); b <= 5*time.Minute; b += 5 * time.Second {
+		s := spares(func(in *AutoscaleInput) { in.RecentRate, in.BootP90 = perMin(5), b })
+		if s < prev {
+			t.Fatalf("boot %s: %d spares, fewer than %d for a faster boot", b, s, prev)
+		}
+		prev = s
+	}
+}
+
+// arrivalsQuantile against quantiles computed apart (Python, summing the
+// pmf from lgamma), exact up to exactBelow, within 1% above it.
+func TestArrivalsQuantile(t *testing.T) {
+	for _, tc := range []struct {
+		mu, d float64
+		want  int
+	}{
+		{0, 1, 0}, {-3, 1, 0}, {math.NaN(), 1, 0},
+		{0.5, 1, 2}, {0.5, 2, 3}, {0.5, 5, 4},
+		{3, 1, 7}, {3, 2, 9}, {3, 5, 13},
+		{399, 1, 437}, {399, 2, 453}, {399, 5, 487},
+		{401, 1, 439}, {401, 2, 456}, {401, 5, 489},
+		{1000, 1, 1060}, {1000, 2, 1085}, {1000, 5, 1137},
+		{5000, 1, 5133}, {5000, 2, 5189}, {5000, 5, 5301},
+	} {
+		got := arrivalsQuantile(tc.mu, tc.d, 0.97)
+		tol := 0
+		if tc.mu > exactBelow {
+			tol = int(math.Ceil(float64(tc.want) / 100))
+		}
+		if got < tc.want-tol || got > tc.want+tol {
+			t.Errorf("arrivalsQuantile(%v, %v, 0.97) = %d, want %d (±%d)", tc.mu, tc.d, got, tc.want, tol)
+		}
+	}
+}
+
+func TestAutoscaleReasonFormat(t *testing.T) {
+	for _, tc := range []struct {
+		rate float64
+		boot time.Duration
+		want string
+	}{
+		{perMin(0.033), 58 * time.Second, "rate 0.033/min, boot 58s"},
+		{perMin(2.14), 58400 * time.Millisecond, "rate 2.1/min, boot 58s"},
+		{perMin(12.6), 119 * time.Second, "rate 13/min, boot 119s"},
+		{perMin(1), 150 * time.Second, "rate 1.0/min, boot 2m30s"},
+	} {
+		got := DecideAutoscale(AutoscaleInput{RecentRate: tc.rate, BootP50: tc.boot, BootP90: tc.boot, TargetWaitP95: time.Hour}).Reason
+		if !strings.HasPrefix(got, tc.want) {
+			t.Errorf("reason %q, want it to start %q", got, tc.want)
+		}
+	}
+}

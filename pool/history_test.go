@@ -1,0 +1,242 @@
+package pool
+
+import (
+	"encoding/json"
+	"math"
+	"testing"
+	"time"
+)
+
+// t0 is a Monday 09:00 UTC, on a minute and a ten-minute boundary.
+var t0 = time.Date(2026, 3, 2, 9, 0, 0, 0, time.UTC)
+
+func TestCountRing(t *testing.T) {
+	r := newCountRing(time.Minute, 5, t0)
+	r.add(t0)
+	r.add(t0.Add(30 * time.Second))
+	r.add(t0.Add(time.Minute))
+	r.add(t0.Add(-time.Minute)) // late, but within the ring
+	r.add(t0.Add(-10 * time.Minute))
+	i := r.index(t0)
+	if got := r.sum(i-1, i+1); got != 4 {
+		t.Errorf("sum around t0 = %d, want 4 (the one 10 minutes before is older than the ring)", got)
+	}
+	if got := r.sum(i, i); got != 2 {
+		t.Errorf("sum of t0's minute = %d, want 2", got)
+	}
+	// Five buckets: with i+4 the newest, t0's is the oldest kept.
+	r.advance(i + 4)
+	if got := r.sum(i-10, i+10); got != 3 {
+		t.Errorf("at t0+4m, sum = %d, want 3 (t0's and t0+1m's)", got)
+	}
+	r.advance(i + 5)
+	if got := r.sum(i-10, i+10); got != 1 {
+		t.Errorf("at t0+5m, sum = %d, want 1 (t0+1m's)", got)
+	}
+	r.advance(i + 100)
+	if got := r.sum(i-200, i+200); got != 0 {
+		t.Errorf("after 100 minutes, sum = %d, want 0", got)
+	}
+	// Times before 1970 index down, not toward zero.
+	if got := r.index(time.Unix(-1, 0)); got != -1 {
+		t.Errorf("index of 1969-12-31T23:59:59 = %d, want -1", got)
+	}
+}
+
+func TestRecentRateAndDispersion(t *testing.T) {
+	d := newDemand(t0)
+	// Two hours of 3 a minute, evenly spread.
+	for m := range 120 {
+		for k := range 3 {
+			d.arrival(t0.Add(time.Duration(m)*time.Minute + time.Duration(k)*20*time.Second))
+		}
+	}
+	now := t0.Add(120 * time.Minute)
+	if got := d.recentRate(now) * 60; math.Abs(got-3) > 0.01 {
+		t.Errorf("steady 3/min: recent rate %.3f/min", got)
+	}
+	if got := d.dispersion(now); got != 1 {
+		t.Errorf("steady 3/min: dispersion %.3f, want 1", got)
+	}
+	// Then a burst of 30 in one minute: the short window sees it at once.
+	for range 30 {
+		d.arrival(now.Add(10 * time.Second))
+	}
+	now = now.Add(time.Minute)
+	if got := d.recentRate(now) * 60; got < 6 {
+		t.Errorf("after a burst of 30: recent rate %.2f/min, want the 5-minute window's (≥ 6)", got)
+	}
+	if got := d.dispersion(now.Add(time.Minute)); got < 5 {
+		t.Errorf("after a burst of 30: dispersion %.2f, want well above 1", got)
+	}
+	// Silence: the long window forgets the burst over half an hour.
+	later := now.Add(25 * time.Minute)
+	if got := d.recentRate(later) * 60; got <= 0 || got > 2 {
+		t.Errorf("25 minutes of silence: rate %.2f/min, want the burst's trace in the half hour (0, 2]", got)
+	}
+	if got := d.recentRate(now.Add(40 * time.Minute)); got != 0 {
+		t.Errorf("40 minutes of silence: rate %.3f/s, want 0", got)
+	}
+}
+
+// A young history is not diluted by time before it began.
+func TestRecentRateOfAYoungHistory(t *testing.T) {
+	d := newDemand(t0)
+	for k := range 4 {
+		d.arrival(t0.Add(time.Duration(k) * 30 * time.Second))
+	}
+	if got := d.recentRate(t0.Add(2*time.Minute)) * 60; math.Abs(got-2) > 0.01 {
+		t.Errorf("4 requests in the first 2 minutes: %.3f/min, want 2", got)
+	}
+}
+
+func TestHistoryRate(t *testing.T) {
+	d := newDemand(t0.Add(-time.Hour))
+	// A rush of 60 a minute every day from 09:00 to 09:30, quiet otherwise.
+	rush := func(day int) {
+		for m := range 30 {
+			for range 60 {
+				d.arrival(t0.Add(time.Duration(day)*24*time.Hour + time.Duration(m)*time.Minute))
+			}
+		}
+	}
+	rush(0)
+	if got := d.historyRate(t0.Add(12 * time.Hour)); got != 0 {
+		t.Errorf("half a day in: history rate %v, want none yet", got)
+	}
+	// The next day at 08:50, the window 08:40–09:10 of the day before holds
+	// ten minutes of the rush: 600 requests in 30 minutes.
+	if got := d.historyRate(t0.Add(24*time.Hour-10*time.Minute)) * 60; math.Abs(got-20) > 0.01 {
+		t.Errorf("a day in, 08:50: %.2f/min, want 20 (yesterday's rush ahead)", got)
+	}
+	rush(1)
+	// At 12:00 nothing happened then yesterday.
+	if got := d.historyRate(t0.Add(27 * time.Hour)); got != 0 {
+		t.Errorf("a day in, 12:00: %v, want 0", got)
+	}
+	for day := 2; day < 7; day++ {
+		rush(day)
+	}
+	// Seven days in, last week's day is read: day 0's rush, not day 6's
+	// (which had none at 12:00 either).
+	if got := d.historyRate(t0.Add(7*24*time.Hour-10*time.Minute)) * 60; math.Abs(got-20) > 0.01 {
+		t.Errorf("seven days in, 08:50: %.2f/min, want 20", got)
+	}
+	rush(7)
+	// A week and a day in: day 1's, still in the ring.
+	if got := d.historyRate(t0.Add(8*24*time.Hour-10*time.Minute)) * 60; math.Abs(got-20) > 0.01 {
+		t.Errorf("eight days in, 08:50: %.2f/min, want 20", got)
+	}
+}
+
+func TestQuietRate(t *testing.T) {
+	d := newDemand(t0)
+	// Over a day: each hour's first ten minutes see 100 requests, each
+	// other ten minutes 1. The whole buckets since the start hold 125
+	// requests in quiet buckets of 2525 in all: 4.95%, more than
+	// quietShare; all quiet buckets have the same count, so none is quiet.
+	for h := range 25 {
+		for k := range 6 {
+			n := 1
+			if k == 0 {
+				n = 100
+			}
+			for range n {
+				d.arrival(t0.Add(time.Duration(h)*time.Hour + time.Duration(k)*10*time.Minute))
+			}
+		}
+	}
+	if got := d.quietRate(t0.Add(23 * time.Hour)); got != 0 {
+		t.Errorf("less than a day of history: quiet rate %v, want 0 (unknown)", got)
+	}
+	if got := d.quietRate(t0.Add(25 * time.Hour)); got != 0 {
+		t.Errorf("quiet buckets holding 4.95%% of requests: quiet rate %v, want 0", got)
+	}
+
+	// Make the busy buckets busier: the quiet ones now hold 125 of 7325,
+	// 1.7%.
+	d = newDemand(t0)
+	for h := range 25 {
+		for k := range 6 {
+			n := 1
+			if k == 0 {
+				n = 300
+			}
+			for range n {
+				d.arrival(t0.Add(time.Duration(h)*time.Hour + time.Duration(k)*10*time.Minute))
+			}
+		}
+	}
+	if got := d.quietRate(t0.Add(25*time.Hour)) * 600; got != 1 {
+		t.Errorf("quiet buckets holding 1.7%% of requests: quiet rate %v a bucket, want 1", got)
+	}
+}
+
+func TestBootQuantilesAndFrees(t *testing.T) {
+	d := newDemand(t0)
+	if p50, p90 := d.bootQuantiles(); p50 != defaultBoot || p90 != defaultBoot {
+		t.Errorf("no boots seen: %s, %s; want the default %s", p50, p90, defaultBoot)
+	}
+	for i := 1; i <= 100; i++ {
+		d.observeBoot(time.Duration(i) * time.Second)
+	}
+	// Only the last 32 are kept: 69s … 100s.
+	if p50, p90 := d.bootQuantiles(); p50 != 84*time.Second || p90 != 97*time.Second {
+		t.Errorf("boots 69..100s: p50 %s, p90 %s; want 84s, 97s", p50, p90)
+	}
+
+	if got := d.expectedFrees([]time.Duration{time.Minute}, time.Minute); got != 0 {
+		t.Errorf("no lease durations seen: frees %v, want 0", got)
+	}
+	// Leases last 1..10 minutes, evenly.
+	for i := 1; i <= 10; i++ {
+		d.observeLease(time.Duration(i) * time.Minute)
+	}
+	for _, tc := range []struct {
+		ages []time.Duration
+		w    time.Duration
+		want float64
+	}{
+		{[]time.Duration{0}, time.Minute, 0.1},                         // of 10 longer than 0, 1 ends within a minute
+		{[]time.Duration{9*time.Minute + time.Second}, time.Minute, 1}, // the one longer ends within
+		{[]time.Duration{5 * time.Minute}, 2 * time.Minute, 0.4},       // of 6,7,8,9,10: 6 and 7
+		{[]time.Duration{11 * time.Minute}, time.Minute, 0},            // older than any seen
+		{[]time.Duration{0, 5 * time.Minute}, 2 * time.Minute, 0.2 + 0.4},
+		{[]time.Duration{0}, 0, 0},
+	} {
+		if got := d.expectedFrees(tc.ages, tc.w); math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("expectedFrees(%v, %s) = %v, want %v", tc.ages, tc.w, got, tc.want)
+		}
+	}
+}
+
+// The stored record reads back as the same history; one of another shape
+// (an older version's) is not used.
+func TestDemandRecord(t *testing.T) {
+	d := newDemand(t0)
+	for k := range 50 {
+		d.arrival(t0.Add(time.Duration(k) * 37 * time.Second))
+	}
+	d.observeBoot(42 * time.Second)
+	d.observeLease(7 * time.Minute)
+	b, err := json.Marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back *demand
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	a := newAutoscaler(AutoscaleSpec{}, back, t0.Add(time.Hour))
+	now := t0.Add(40 * time.Minute)
+	if a.demand.Start != t0 || a.demand.recentRate(now) != d.recentRate(now) || len(a.demand.BootS) != 1 || len(a.demand.LeaseS) != 1 {
+		t.Errorf("restored history differs: %+v", a.demand)
+	}
+	back.Minutes.Counts = back.Minutes.Counts[:10]
+	if a := newAutoscaler(AutoscaleSpec{}, back, t0.Add(time.Hour)); a.demand.Start != t0.Add(time.Hour) {
+		t.Errorf("a record of another shape was used: start %s", a.demand.Start)
+	}
+	if a := newAutoscaler(AutoscaleSpec{}, nil, t0); a.demand == nil || a.demand.Start != t0 {
+		t.Errorf("no record: %+v", a.demand)
+	}
+}
