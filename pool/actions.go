@@ -405,6 +405,9 @@ func (m *Manager) instanceTimersLocked(now time.Time) (idle map[string][]*Instan
 		case in.State == Gone:
 			if now.Sub(in.Since) > m.endedKept {
 				delete(m.instances, in.Key)
+				if p != nil {
+					p.count[Gone]--
+				}
 				delete(m.byID, in.ID)
 				m.write(store.Op{Kind: store.Instances, ID: in.Key})
 			}

@@ -520,30 +520,29 @@ func (m *Manager) dispatchLocked() {
 }
 
 func (m *Manager) dispatchPool(p *poolState) {
-	var idle, coming, stopped []*Instance
-	live, launching := 0, 0
-	for _, in := range m.instances {
-		if in.Pool != p.name || !in.State.live() {
-			continue
-		}
-		live++
-		if in.State == Launching {
-			launching++
-		}
-		switch {
-		case in.State == Idle && in.refresh == nil:
+	// Counted, not walked: a busy pool dispatches at every lease, release
+	// and ready report.
+	c := p.count
+	// Releasing ones are idle as soon as their worker stops.
+	coming := c[Launching] + c[Booting] + c[Starting] + c[Releasing]
+	if len(p.queue) == 0 && p.minIdle()-c[Idle]-coming <= 0 {
+		return // nothing to hand out, and enough for min_idle
+	}
+	idle := make([]*Instance, 0, len(p.idle))
+	for _, in := range p.idle {
+		if in.refresh == nil {
 			idle = append(idle, in)
-		case in.State == Idle, in.State == Launching, in.State == Booting, in.State == Starting, in.State == Releasing:
-			// Idle ones whose cache is being snapshotted are idle again
-			// in a moment.
-			// Releasing ones are idle as soon as their worker stops.
-			coming = append(coming, in)
-		case in.State == Stopped:
-			if in.op == OpNone {
-				stopped = append(stopped, in)
-			}
+		} else {
+			coming++ // its cache is being snapshotted: idle again in a moment
 		}
 	}
+	live := 0
+	for st, n := range c {
+		if st.live() {
+			live += n
+		}
+	}
+	launching := c[Launching]
 	// Most recently idle first: the others age toward idle_ttd and the
 	// reaper can shrink the pool.
 	bySince(idle, true)
@@ -552,12 +551,20 @@ func (m *Manager) dispatchPool(p *poolState) {
 		p.queue, idle = p.queue[1:], idle[1:]
 		m.assignLocked(l, in)
 	}
-	need := len(p.queue) + p.minIdle() - len(idle) - len(coming)
-	bySince(stopped, true)
-	for need > 0 && len(stopped) > 0 {
-		m.startLocked(stopped[0])
-		stopped = stopped[1:]
-		need--
+	need := len(p.queue) + p.minIdle() - len(idle) - coming
+	if need > 0 && c[Stopped] > 0 {
+		var stopped []*Instance
+		for _, in := range m.instances {
+			if in.Pool == p.name && in.State == Stopped && in.op == OpNone {
+				stopped = append(stopped, in)
+			}
+		}
+		bySince(stopped, true)
+		for need > 0 && len(stopped) > 0 {
+			m.startLocked(stopped[0])
+			stopped = stopped[1:]
+			need--
+		}
 	}
 	now := m.clock.Now()
 	if need <= 0 || p.blocked || now.Before(p.retryAt) || p.spec.ImageFrom != nil && p.bakedImage == "" {

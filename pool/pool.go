@@ -153,6 +153,11 @@ type poolState struct {
 	copyStatus   string
 	copyFailures int
 	copyRetryAt  time.Time
+	// count is its instances by state and idle its idle ones by key,
+	// kept by index, setState and the forgetting of gone ones, so that a
+	// dispatch need not walk every instance (dispatchPool).
+	count map[State]int
+	idle  map[string]*Instance
 	// reconciledAt is when reconcile last applied a listing of its cloud:
 	// an operator's alert tells a stalled reconcile by it.
 	reconciledAt time.Time
@@ -287,7 +292,8 @@ func New(opts Options) (*Manager, error) {
 		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {
 			return nil, fmt.Errorf("pool %s: %w", name, err)
 		}
-		ps := &poolState{name: name, spec: spec, provider: p, config: config, scaled: scaled, cacheSavedAt: m.clock.Now()}
+		ps := &poolState{name: name, spec: spec, provider: p, config: config, scaled: scaled, cacheSavedAt: m.clock.Now(),
+			count: map[State]int{}, idle: map[string]*Instance{}}
 		if spec.Autoscale != nil {
 			ps.auto = newAutoscaler(*spec.Autoscale, histories[name], m.clock.Now())
 		}
@@ -368,6 +374,12 @@ func (m *Manager) restore() error {
 
 func (m *Manager) index(in *Instance) {
 	m.instances[in.Key] = in
+	if p := m.pools[in.Pool]; p != nil {
+		p.count[in.State]++
+		if in.State == Idle {
+			p.idle[in.Key] = in
+		}
+	}
 	if in.ID != "" {
 		m.byID[in.ID] = in
 	}

@@ -65,6 +65,14 @@ func (m *Manager) setState(in *Instance, to State, reason Reason) {
 	m.account(in, now)
 	m.log.Info("instance state", "pool", in.Pool, "instance", in.name(), "from", in.State, "to", to, "reason", reason)
 	m.stateEvent(in, in.State, to, reason)
+	if p := m.pools[in.Pool]; p != nil {
+		p.count[in.State]--
+		p.count[to]++
+		delete(p.idle, in.Key)
+		if to == Idle {
+			p.idle[in.Key] = in
+		}
+	}
 	in.State = to
 	in.Since = now
 	if reason != "" {
