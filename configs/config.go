@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -246,7 +247,7 @@ type Pool struct {
 	Spot               string          `toml:"spot"`           // "off" | "prefer" | "only"
 	MetadataOptions    MetadataOptions `toml:"metadata_options"`
 
-	MinIdle      int      `toml:"min_idle"`
+	MinIdle      MinIdle  `toml:"min_idle"`
 	MaxInstances int      `toml:"max_instances"`
 	IdleTTD      Duration `toml:"idle_ttd"`
 	BootTimeout  Duration `toml:"boot_timeout"`
@@ -286,6 +287,70 @@ type Pool struct {
 	// Bake, when the file has a [pools.NAME.bake] table, lets `hangar image
 	// bake` make images for this pool, which it then launches from.
 	Bake *Bake `toml:"bake"`
+
+	// Autoscale is the [pools.NAME.autoscale] table of a pool with
+	// min_idle = "auto" (each needs the other).
+	Autoscale *Autoscale `toml:"autoscale"`
+}
+
+// MinIdle is a pool's min_idle: a number of warm spares, or "auto" for a
+// pool that sizes them itself from the demand it sees.
+type MinIdle struct {
+	N    int
+	Auto bool
+}
+
+// decodeTOML takes an integer or the string "auto".
+func (m *MinIdle) decodeTOML(v any) error {
+	switch v := v.(type) {
+	case int64:
+		if v != int64(int(v)) {
+			return fmt.Errorf("%d is out of range", v)
+		}
+		*m = MinIdle{N: int(v)}
+	case string:
+		if v != "auto" {
+			return fmt.Errorf(`must be an integer or "auto", not %q`, v)
+		}
+		*m = MinIdle{Auto: true}
+	default:
+		return fmt.Errorf(`must be an integer or "auto", not %s`, tomlType(v))
+	}
+	return nil
+}
+
+// String is min_idle as the file writes it.
+func (m MinIdle) String() string {
+	if m.Auto {
+		return `"auto"`
+	}
+	return strconv.Itoa(m.N)
+}
+
+// Autoscale is what a pool with min_idle = "auto" aims at.
+type Autoscale struct {
+	// TargetWaitP95 is the wait for an instance that at most 5% of lease
+	// requests may exceed.
+	TargetWaitP95 Duration `toml:"target_wait_p95"`
+	// MaxIdle caps the spares; unset, it is max_instances up to
+	// DefaultMaxIdle (MaxIdleOf).
+	MaxIdle *int `toml:"max_idle"`
+}
+
+// DefaultMaxIdle is the most spares an autoscaled pool keeps when its
+// max_idle is not set (and max_instances is higher).
+const DefaultMaxIdle = 20
+
+func (a *Autoscale) setDefaults() {
+	a.TargetWaitP95 = Duration{5 * time.Second}
+}
+
+// MaxIdleOf is the pool's max_idle, set or defaulted.
+func (p Pool) MaxIdleOf() int {
+	if p.Autoscale != nil && p.Autoscale.MaxIdle != nil {
+		return *p.Autoscale.MaxIdle
+	}
+	return min(DefaultMaxIdle, p.MaxInstances)
 }
 
 // Bake is how a pool's images are baked: Script runs as root on a staging

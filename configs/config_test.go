@@ -24,7 +24,7 @@ func TestShippedConfigsValidate(t *testing.T) {
 	if !ok || demo.Provider != "local" || c.Providers["local"].Type != "local" {
 		t.Fatalf("local.toml has no demo pool on a local provider: %+v", c)
 	}
-	if demo.MinIdle != 1 || demo.MaxInstances != 4 || demo.IdleTTD.Duration != 5*time.Minute ||
+	if demo.MinIdle != (MinIdle{N: 1}) || demo.MaxInstances != 4 || demo.IdleTTD.Duration != 5*time.Minute ||
 		demo.BootTimeout.Duration != 2*time.Minute || demo.Bootstrap != "builtin:generic.sh" {
 		t.Errorf("demo pool = %+v", demo)
 	}

@@ -97,6 +97,12 @@ func (d *decoder) mismatch(key, want string, v any) {
 // fields are matched by their toml tag; map and slice elements whose type
 // has setDefaults start from their defaults.
 func (d *decoder) value(key string, v any, rv reflect.Value) {
+	if u, ok := rv.Addr().Interface().(valueDecoder); ok {
+		if err := u.decodeTOML(v); err != nil {
+			d.fail(key, "%v", err)
+		}
+		return
+	}
 	if u, ok := rv.Addr().Interface().(encoding.TextUnmarshaler); ok {
 		s, ok := v.(string)
 		if !ok {
@@ -199,6 +205,10 @@ func (d *decoder) value(key string, v any, rv reflect.Value) {
 		panic("configs: cannot decode into " + rv.Type().String())
 	}
 }
+
+// valueDecoder is a type that reads any TOML value itself: one that may be
+// written as an integer or a word (min_idle = 2 or "auto").
+type valueDecoder interface{ decodeTOML(v any) error }
 
 func setDefaults(rv reflect.Value) {
 	if d, ok := rv.Addr().Interface().(interface{ setDefaults() }); ok {

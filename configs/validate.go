@@ -377,14 +377,15 @@ func (k *checker) pool(name string, p Pool) {
 	}
 	k.notNegative(f("root_volume_gb"), int64(p.RootVolumeGB))
 
-	k.notNegative(f("min_idle"), int64(p.MinIdle))
+	k.notNegative(f("min_idle"), int64(p.MinIdle.N))
 	switch {
 	case p.MaxInstances < 1:
 		k.add(f("max_instances"), "must be ≥ 1")
-	case p.MaxInstances < p.MinIdle:
-		k.pair(f("max_instances"), fmt.Sprintf("must be ≥ min_idle (%d)", p.MinIdle),
+	case p.MaxInstances < p.MinIdle.N:
+		k.pair(f("max_instances"), fmt.Sprintf("must be ≥ min_idle (%d)", p.MinIdle.N),
 			f("min_idle"), fmt.Sprintf("must be ≤ max_instances (%d)", p.MaxInstances))
 	}
+	k.autoscale(key, p)
 	k.positive(f("idle_ttd"), p.IdleTTD)
 	k.positive(f("boot_timeout"), p.BootTimeout)
 	k.positive(f("lease_ttl"), p.LeaseTTL)
@@ -496,6 +497,35 @@ func isLoopback(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// autoscale checks that min_idle = "auto" and an autoscale table come
+// together, and the table's values.
+func (k *checker) autoscale(key string, p Pool) {
+	f := func(name string) string { return join(key, name) }
+	a := p.Autoscale
+	switch {
+	case p.MinIdle.Auto && a == nil:
+		k.add(f("min_idle"), `"auto" needs a [%s] table (target_wait_p95, max_idle)`, f("autoscale"))
+		return
+	case !p.MinIdle.Auto && a != nil:
+		k.add(f("autoscale"), `is only used with min_idle = "auto"`)
+		return
+	case a == nil:
+		return
+	}
+	t := f("autoscale")
+	k.notNegative(join(t, "target_wait_p95"), int64(a.TargetWaitP95.Duration))
+	if a.MaxIdle == nil {
+		return
+	}
+	switch n := *a.MaxIdle; {
+	case n < 0:
+		k.add(join(t, "max_idle"), "must not be negative")
+	case n > p.MaxInstances && p.MaxInstances >= 1:
+		k.pair(join(t, "max_idle"), fmt.Sprintf("must be ≤ max_instances (%d)", p.MaxInstances),
+			f("max_instances"), fmt.Sprintf("must be ≥ autoscale.max_idle (%d)", n))
+	}
 }
 
 // short writes 24h rather than time.Duration's 24h0m0s.

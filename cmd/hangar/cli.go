@@ -365,7 +365,8 @@ func scaleCmd(g *globals) *cobra.Command {
 }
 
 // limits shows a pool's min_idle and max_instances, and where they differ
-// from the config's because of hangar scale.
+// from the config's because of hangar scale. An autoscaled pool's min_idle
+// is its current target and why: "auto: 4 (rate 2.1/min, boot 58s)".
 func limits(p pool.PoolView) (minIdle, maxInstances string) {
 	show := func(n, config int) string {
 		switch {
@@ -381,7 +382,11 @@ func limits(p pool.PoolView) (minIdle, maxInstances string) {
 	if p.Config != nil {
 		c = *p.Config
 	}
-	return show(p.MinIdle, c.MinIdle), show(p.MaxInstances, c.MaxInstances)
+	minIdle, maxInstances = show(p.MinIdle, c.MinIdle), show(p.MaxInstances, c.MaxInstances)
+	if a := p.Autoscale; a != nil {
+		minIdle = fmt.Sprintf("auto: %d (%s)", a.TargetIdle, a.Reason)
+	}
+	return minIdle, maxInstances
 }
 
 func drainCmd(g *globals) *cobra.Command {

@@ -16,7 +16,7 @@ import (
 func poolSpec(name string, pc configs.Pool) pool.Spec {
 	spec := pool.Spec{
 		Provider:       pc.Provider,
-		MinIdle:        pc.MinIdle,
+		MinIdle:        pc.MinIdle.N,
 		MaxInstances:   pc.MaxInstances,
 		MaxUses:        pc.MaxUses,
 		IdleTTD:        pc.IdleTTD.Duration,
@@ -56,6 +56,9 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 	}
 	if b := pc.Bake; b != nil {
 		spec.Bake = &pool.BakeSpec{Keep: b.Keep}
+	}
+	if a := pc.Autoscale; a != nil && pc.MinIdle.Auto {
+		spec.Autoscale = &pool.AutoscaleSpec{TargetWaitP95: a.TargetWaitP95.Duration, MaxIdle: pc.MaxIdleOf()}
 	}
 	if c := pc.Cache; c != nil {
 		spec.Cache = &pool.CacheSpec{Name: cmp.Or(c.Volume, name), SizeGB: c.SizeGB, Mount: c.Mount, Keep: c.Keep, Refresh: c.Refresh.Duration}
