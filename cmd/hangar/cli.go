@@ -116,6 +116,7 @@ func newRoot(stdout, stderr io.Writer) *cobra.Command {
 	root.AddCommand(runCmd(g))
 	root.AddCommand(jenkinsCmd(g))
 	root.AddCommand(versionCmd(g))
+	root.AddCommand(simulateCmd(g))
 	return root
 }
 

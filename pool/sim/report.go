@@ -252,20 +252,57 @@ func optBool(p *bool) string {
 // WriteTable prints the report for a person: the named policies, then,
 // with a grid, its Pareto frontier only.
 func (r Report) WriteTable(w io.Writer) error {
+	if _, err := fmt.Fprintf(w, "%d jobs, boot %ss; oracle (clairvoyant, zero wait): %s instance-hours\n\n", r.Jobs, num(r.BootS), num(r.Oracle.InstanceHours)); err != nil {
+		return err
+	}
+	var named, grid, front []PolicyReport
+	for _, p := range r.Policies {
+		switch {
+		case p.Name != "grid":
+			named = append(named, p)
+		case p.Pareto != nil && *p.Pareto:
+			front = append(front, p)
+			fallthrough
+		default:
+			grid = append(grid, p)
+		}
+	}
+	if err := writeRows(w, named); err != nil {
+		return err
+	}
+	if len(grid) == 0 {
+		return nil
+	}
+	if _, err := fmt.Fprintf(w, "\nPareto frontier of the grid (%d of %d fixed min_idle × idle_ttd points; instance-hours vs p95 wait):\n", len(front), len(grid)); err != nil {
+		return err
+	}
+	sortByCost(front)
+	if err := writeRows(w, front); err != nil {
+		return err
+	}
+	for _, p := range named {
+		verdict := "on or beyond the grid's frontier"
+		if !*p.Pareto {
+			verdict = "dominated by a fixed grid point (fewer instance-hours and a shorter p95 wait)"
+		}
+		if _, err := fmt.Fprintf(w, "%s: %s\n", p.Name, verdict); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeRows(w io.Writer, ps []PolicyReport) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%d jobs, boot %ss; oracle (clairvoyant, zero wait): %s instance-hours\n\n", r.Jobs, num(r.BootS), num(r.Oracle.InstanceHours))
 	b.WriteString("POLICY\tMIN_IDLE\tIDLE_TTD\tWAIT_P50\tWAIT_P95\tWAIT_P99\tWAIT_MAX\tINSTANCE_H\tIDLE_H\tBOOT_H\tLAUNCHES\tVS_ORACLE\tP95_VS_ON_DEMAND\n")
-	var grid, front []PolicyReport
-	row := func(p PolicyReport) {
-		ttd := "auto"
+	for _, p := range ps {
+		ttd, minIdle, vsOD := "auto", "auto", "-"
 		if p.IdleTTDS != nil {
 			ttd = fmtSeconds(*p.IdleTTDS)
 		}
-		minIdle := "auto"
 		if p.MinIdle != nil {
 			minIdle = strconv.Itoa(*p.MinIdle)
 		}
-		vsOD := "-"
 		if p.P95VsOnDemand != nil {
 			vsOD = fmt.Sprintf("%.3f", *p.P95VsOnDemand)
 		}
@@ -273,42 +310,11 @@ func (r Report) WriteTable(w io.Writer) error {
 			fmtSeconds(p.WaitP50S), fmtSeconds(p.WaitP95S), fmtSeconds(p.WaitP99S), fmtSeconds(p.WaitMaxS),
 			p.InstanceHours, p.IdleHours, p.BootHours, p.Launches, p.VsOracle, vsOD)
 	}
-	for _, p := range r.Policies {
-		if p.Name == "grid" {
-			grid = append(grid, p)
-			if p.Pareto != nil && *p.Pareto {
-				front = append(front, p)
-			}
-			continue
-		}
-		row(p)
-	}
-	if len(grid) > 0 {
-		fmt.Fprintf(&b, "\t\t\t\t\t\t\t\t\t\t\t\t\nPareto frontier of the grid (%d of %d fixed min_idle × idle_ttd points; instance-hours vs p95 wait):\t\t\t\t\t\t\t\t\t\t\t\t\n", len(front), len(grid))
-		sortByCost(front)
-		for _, p := range front {
-			row(p)
-		}
-	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	if _, err := io.WriteString(tw, b.String()); err != nil {
 		return err
 	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	for _, p := range r.Policies {
-		if p.Name != "grid" && p.Pareto != nil {
-			verdict := "on or beyond the grid's frontier"
-			if !*p.Pareto {
-				verdict = "dominated by a fixed grid point (fewer instance-hours and a shorter p95 wait)"
-			}
-			if _, err := fmt.Fprintf(w, "%s: %s\n", p.Name, verdict); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
+	return tw.Flush()
 }
 
 func sortByCost(ps []PolicyReport) {
