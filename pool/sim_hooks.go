@@ -58,7 +58,9 @@ func (m *Manager) Settle(ctx context.Context) {
 		f := m.deferred[0]
 		m.deferred = m.deferred[1:]
 		m.deferredMu.Unlock()
-		f(m.ctx)
+		// The calls run under the manager's context, as those Run's
+		// goroutines make do: a caller's ctx must not cut one short.
+		f(m.ctx) //nolint:contextcheck // see above
 	}
 	m.wg.Wait()
 }
