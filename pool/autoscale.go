@@ -23,28 +23,37 @@ import (
 // requests made before t-(B-T) (ready by t+T) all count; only the requests
 // of the last W = B-T are ahead of it and not yet replaced. It therefore
 // waits longer than T exactly when the N requests made in the W before it
-// have taken all S+F instances: N ≥ S+F. By PASTA (Poisson arrivals see
-// time averages) N is distributed as the arrivals in any window of length
-// W: Poisson with mean λW, or, for CI's bursty arrivals (a push fans out to
-// a matrix of jobs), negative binomial with the same mean and the variance
-// D·λW, D being the index of dispersion of the per-minute counts. The share
-// of requests waiting longer than T is then P(N ≥ S+F), and the smallest S
-// with P(N ≤ S+F-1) ≥ p is
+// have taken all S+F instances: N ≥ S+F. CI requests come in pushes (a
+// push fans out to a matrix of jobs, all requested at once), so N is the
+// requests of the other pushes of the last W, X, plus those ahead of it in
+// its own push, Y. Pushes arrive as a Poisson process (by PASTA, a push
+// sees the pool as it is on average), so X is compound Poisson: νW pushes
+// expected, sizes drawn from the pool's latest pushes. Y is the place of a
+// request in its push: a request is more likely to be in a big push (the
+// size drawn by requests, not by pushes: P(B = b)·b/E[B]) and anywhere in
+// it alike, so P(Y = j) = P(B > j)/E[B]. The share of requests waiting
+// longer than T is then P(N ≥ S+F), and the smallest S with
+// P(N ≤ S+F-1) ≥ p is
 //
-//	S = Q_p(N) + 1 - F.
+//	S = Q_p(X + Y) + 1 - F.
+//
+// Pushes of one request make X Poisson and Y 0: the textbook case. Pushes
+// of many make Y the larger part: however rare the pushes, a matrix of 12
+// needs 12 spares to start at once.
 //
 // Consequences: when T ≥ B, W ≤ 0 and no request ever waits longer than T
 // (at most a boot), so S = 0. Any demand at all asks for one spare
-// (Q_p = 0, S = 1): with none, every request waits a whole boot.
+// (Q_p ≥ 0, S ≥ 1): with none, every request waits a whole boot.
 //
 // The quantile. p95 is over all of a pool's requests, not every moment's,
 // and a spare kept through the night for the rare job costs more
 // instance-hours than all the day's spares. So the pool spends part of the
-// 5% where spares are dearest: when the current rate is at or below the
-// QuietRate, the rate of the history's quietest stretches that together
-// saw quietShare (2%) of the requests, it keeps no spares and those
-// requests wait a boot. Everywhere else it sizes with p = 0.97; in all,
-// at most 0.02 + 0.98·0.03 < 5% of requests wait longer than T.
+// 5% where spares are dearest: when the rate of the last half hour and the
+// history's rate for now are both at or below the QuietRate, it keeps no
+// spares and those requests wait a boot. The QuietRate is read from the
+// history: the half-hour rate below which quietShare (2%) of the requests
+// came. Everywhere else it sizes with p = 0.97; in all, at most
+// 0.02 + 0.98·0.03 < 5% of requests wait longer than T.
 //
 // The TTD. An idle instance above the target costs its idle time; ending
 // it and booting another when one is needed costs a boot (billed as much
@@ -60,12 +69,10 @@ const (
 	// spareQuantile is the share of the other requests to be served within
 	// the target wait.
 	spareQuantile = 0.97
-	// maxDispersion bounds the index of dispersion: a few huge bursts in a
-	// short window must not ask for max_idle forever.
-	maxDispersion = 50
-	// exactBelow is the mean up to which quantiles are summed exactly; above
-	// it, e^-mean underflows and the normal approximation is close anyway.
-	exactBelow = 400
+	// maxPushes is the pushes expected in a window beyond which the
+	// quantile is not summed (e^-νW would underflow): the spares needed
+	// are then beyond any max_idle.
+	maxPushes = 700
 )
 
 // AutoscaleInput is what the pool knows of its demand, the estimates in.
@@ -76,12 +83,15 @@ type AutoscaleInput struct {
 	// met before it shows in the recent rate.
 	RecentRate  float64
 	HistoryRate float64
-	// QuietRate: a rate at or below it is of the history's quietest
-	// stretches (see above); 0: not known yet.
+	// HalfHourRate is the rate of the last half hour alone; with the
+	// HistoryRate it tells a quiet time (see above).
+	HalfHourRate float64
+	// QuietRate: rates at or below it are of the history's quietest
+	// times (see above); 0: not known yet.
 	QuietRate float64
-	// Dispersion is the variance over the mean of the per-minute request
-	// counts (1 or less: Poisson).
-	Dispersion float64
+	// Batches are the sizes of the latest pushes, requests that came
+	// together (a CI matrix); none: one at a time.
+	Batches []int
 	// BootP50 and BootP90 are quantiles of the pool's observed boot times
 	// (launch to ready): the TTD weighs the typical one, the spares plan
 	// for a slow one.
@@ -136,12 +146,14 @@ func DecideAutoscale(in AutoscaleInput) (d AutoscaleDecision) {
 	case w <= 0:
 		notes = append(notes, "boot within target")
 		return d
-	case in.QuietRate > 0 && rate <= in.QuietRate:
+	case in.QuietRate > 0 && max(in.HalfHourRate, in.HistoryRate) <= in.QuietRate:
 		notes = append(notes, "quiet")
 		return d
 	}
 	frees := math.Floor(max(in.ExpectedFrees, 0))
-	s := arrivalsQuantile(rate*w.Seconds(), in.Dispersion, spareQuantile) + 1 - int(frees)
+	// Past this, the quantile is only clamped: not worth summing.
+	limit := max(in.MaxIdle, 0) + int(frees) + 1
+	s := aheadQuantile(rate*w.Seconds(), in.Batches, spareQuantile, limit) + 1 - int(frees)
 	if frees >= 1 {
 		notes = append(notes, fmt.Sprintf("%d freeing", int(frees)))
 	}
@@ -158,59 +170,66 @@ func DecideAutoscale(in AutoscaleInput) (d AutoscaleDecision) {
 	return d
 }
 
-// arrivalsQuantile is the smallest k with P(N ≤ k) ≥ p, N counting the
-// arrivals of a window: mean mu, variance dispersion·mu; Poisson for a
-// dispersion of 1 or less, negative binomial above.
-func arrivalsQuantile(mu, dispersion, p float64) int {
-	if mu <= 0 || math.IsNaN(mu) {
+// aheadQuantile is the smallest k with P(X + Y ≤ k) ≥ p, or limit when
+// that is larger: X counts the requests of the other pushes of a window in
+// which mu requests are expected, Y those ahead of a request in its own
+// push (see the model above); pushes have the sizes of batches (none: one
+// request each).
+func aheadQuantile(mu float64, batches []int, p float64, limit int) int {
+	if !(mu > 0) || limit <= 0 {
 		return 0
 	}
-	dispersion = min(max(dispersion, 1), maxDispersion)
-	if math.IsNaN(dispersion) {
-		dispersion = 1
-	}
-	if mu > exactBelow {
-		k := math.Ceil(mu + normalQuantile(p)*math.Sqrt(dispersion*mu))
-		return int(min(k, math.MaxInt32))
-	}
-	var pk float64       // P(N = k)
-	var next func(k int) // moves pk from P(N = k-1) to P(N = k)
-	if dispersion < 1+1e-9 {
-		pk = math.Exp(-mu)
-		next = func(k int) { pk *= mu / float64(k) }
+	// f is the pushes' size distribution. A size over limit+1 counts as
+	// limit+1: that it is over is all the quantile needs.
+	top := limit + 1
+	f := make([]float64, top+1)
+	if len(batches) == 0 {
+		f[1] = 1
 	} else {
-		// Successes r and success probability q with mean r(1-q)/q = mu
-		// and variance mu/q = dispersion·mu.
-		q := 1 / dispersion
-		r := mu / (dispersion - 1)
-		pk = math.Pow(q, r)
-		next = func(k int) { pk *= (float64(k) - 1 + r) / float64(k) * (1 - q) }
-	}
-	cdf := pk
-	k := 0
-	// The tail is summed term by term; the bound only guards against a
-	// rounding error keeping cdf a hair under p for ever.
-	for cdf < p && k < 1_000_000 {
-		k++
-		next(k)
-		cdf += pk
-	}
-	return k
-}
-
-// normalQuantile is the standard normal's p-quantile, by bisection on erf:
-// called with a constant p, it needs no speed.
-func normalQuantile(p float64) float64 {
-	lo, hi := -10.0, 10.0
-	for range 100 {
-		mid := (lo + hi) / 2
-		if 0.5*math.Erfc(-mid/math.Sqrt2) < p {
-			lo = mid
-		} else {
-			hi = mid
+		for _, b := range batches {
+			f[min(max(b, 1), top)]++
+		}
+		for k := range f {
+			f[k] /= float64(len(batches))
 		}
 	}
-	return (lo + hi) / 2
+	mean := 0.0
+	for k, fk := range f {
+		mean += float64(k) * fk
+	}
+	pushes := mu / mean
+	if pushes > maxPushes {
+		return limit
+	}
+	// y[j] = P(Y = j) = P(B > j)/E[B].
+	y := make([]float64, top)
+	above := 1.0
+	for j := range y {
+		above -= f[j]
+		y[j] = above / mean
+	}
+	// x[n] = P(X = n), by Panjer's recursion for a compound Poisson sum:
+	// x[0] = e^-ν, x[n] = ν/n · Σ k·f[k]·x[n-k].
+	x := make([]float64, 0, limit+1)
+	cdf := 0.0
+	for n := 0; n <= limit; n++ {
+		if n == 0 {
+			x = append(x, math.Exp(-pushes))
+		} else {
+			v := 0.0
+			for k := 1; k <= min(n, top); k++ {
+				v += float64(k) * f[k] * x[n-k]
+			}
+			x = append(x, pushes/float64(n)*v)
+		}
+		for j := 0; j <= min(n, top-1); j++ {
+			cdf += x[n-j] * y[j]
+		}
+		if cdf >= p {
+			return n
+		}
+	}
+	return limit
 }
 
 // perMinute shows a rate a second as a short number a minute.

@@ -12,10 +12,12 @@ func perMin(n float64) float64 { return n / 60 }
 
 // The arithmetic of DecideAutoscale, case by case, as buildkite-agent-scaler
 // tests its own. The expected spares were computed apart from this code
-// (Python, from lgamma): S = Q97(arrivals in boot − target) + 1 − ⌊frees⌋.
+// (Python: the compound Poisson count summed over the number of pushes,
+// convolved with the place in a push): S = Q97(requests ahead within
+// boot − target) + 1 − ⌊frees⌋.
 func TestDecideAutoscale(t *testing.T) {
 	base := AutoscaleInput{
-		BootP50: time.Minute, BootP90: time.Minute, Dispersion: 1,
+		BootP50: time.Minute, BootP90: time.Minute,
 		TargetWaitP95: 5 * time.Second, MaxIdle: 20, MaxInstances: 100, IdleTTD: 10 * time.Minute,
 	}
 	for _, tc := range []struct {
@@ -34,17 +36,25 @@ func TestDecideAutoscale(t *testing.T) {
 		mod:    func(in *AutoscaleInput) { in.RecentRate = perMin(2.1) },
 		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
 	}, {
-		name:   "bursty demand of the same rate needs more",
-		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 4 },
-		target: 10, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
-	}, {
-		name:   "very bursty",
-		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 10 },
-		target: 15, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
-	}, {
-		name:   "dispersion under 1 reads as Poisson",
-		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(2.1), 0.3 },
+		name:   "pushes of one request are the same",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(2.1), []int{1, 1, 1, 1} },
 		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "pushes of five requests of the same rate need more",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(2.1), []int{5, 5, 5} },
+		target: 13, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "single jobs and matrices",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(2.1), []int{1, 1, 3, 7, 12} },
+		target: 19, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "big matrices ask for more than max_idle",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(2.1), []int{1, 12} },
+		target: 20, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, max_idle",
+	}, {
+		name:   "a trickle of matrices of 8 needs 8",
+		mod:    func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(0.1), []int{8, 8} },
+		target: 8, ttd: time.Minute, reason: "rate 0.1/min, boot 60s",
 	}, {
 		// One request in ten minutes: another within the 55 s before it
 		// has taken the one spare 8.8% of the time, more than 3%.
@@ -60,12 +70,22 @@ func TestDecideAutoscale(t *testing.T) {
 		mod:    func(in *AutoscaleInput) { in.RecentRate, in.HistoryRate = perMin(2.1), perMin(0.1) },
 		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
 	}, {
-		name:   "at or below the history's quiet rate, no spares",
-		mod:    func(in *AutoscaleInput) { in.RecentRate, in.QuietRate = perMin(2.1), perMin(2.1) },
+		name: "the last half hour and the history at or below the quiet rate: no spares",
+		mod: func(in *AutoscaleInput) {
+			in.RecentRate, in.HalfHourRate, in.HistoryRate, in.QuietRate = perMin(2.1), perMin(0.5), perMin(0.4), perMin(0.5)
+		},
 		target: 0, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, quiet",
 	}, {
-		name:   "above the quiet rate, spares",
-		mod:    func(in *AutoscaleInput) { in.RecentRate, in.QuietRate = perMin(2.1), perMin(2) },
+		name: "the last half hour above the quiet rate: spares",
+		mod: func(in *AutoscaleInput) {
+			in.RecentRate, in.HalfHourRate, in.QuietRate = perMin(2.1), perMin(2.1), perMin(2)
+		},
+		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name: "the history above the quiet rate: spares",
+		mod: func(in *AutoscaleInput) {
+			in.HalfHourRate, in.HistoryRate, in.QuietRate = 0, perMin(2.1), perMin(2)
+		},
 		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
 	}, {
 		// Poisson(2.1/60·30 = 1.05): Q97 = 3.
@@ -149,7 +169,7 @@ func TestDecideAutoscale(t *testing.T) {
 // More demand never asks for fewer spares, nor burstier demand, nor a
 // slower boot, nor a stricter target.
 func TestDecideAutoscaleMonotone(t *testing.T) {
-	base := AutoscaleInput{BootP50: time.Minute, BootP90: time.Minute, Dispersion: 1,
+	base := AutoscaleInput{BootP50: time.Minute, BootP90: time.Minute,
 		TargetWaitP95: 5 * time.Second, MaxIdle: 1000, MaxInstances: 10000}
 	spares := func(mod func(*AutoscaleInput)) int {
 		in := base
@@ -165,10 +185,10 @@ func TestDecideAutoscaleMonotone(t *testing.T) {
 		prev = s
 	}
 	prev = 0
-	for d := 1.0; d <= 60; d += 0.25 {
-		s := spares(func(in *AutoscaleInput) { in.RecentRate, in.Dispersion = perMin(5), d })
+	for b := 1; b <= 60; b++ {
+		s := spares(func(in *AutoscaleInput) { in.RecentRate, in.Batches = perMin(5), []int{1, b} })
 		if s < prev {
-			t.Fatalf("dispersion %.2f: %d spares, fewer than %d when smoother", d, s, prev)
+			t.Fatalf("pushes of 1 and %d: %d spares, fewer than %d for smaller ones", b, s, prev)
 		}
 		prev = s
 	}
@@ -190,28 +210,26 @@ func TestDecideAutoscaleMonotone(t *testing.T) {
 	}
 }
 
-// arrivalsQuantile against quantiles computed apart (Python, summing the
-// pmf from lgamma), exact up to exactBelow, within 1% above it.
-func TestArrivalsQuantile(t *testing.T) {
+// aheadQuantile against quantiles computed apart (Python, summing the
+// compound Poisson count over the number of pushes).
+func TestAheadQuantile(t *testing.T) {
 	for _, tc := range []struct {
-		mu, d float64
-		want  int
+		mu      float64
+		batches []int
+		limit   int
+		want    int
 	}{
-		{0, 1, 0}, {-3, 1, 0}, {math.NaN(), 1, 0},
-		{0.5, 1, 2}, {0.5, 2, 3}, {0.5, 5, 4},
-		{3, 1, 7}, {3, 2, 9}, {3, 5, 13},
-		{399, 1, 437}, {399, 2, 453}, {399, 5, 487},
-		{401, 1, 439}, {401, 2, 456}, {401, 5, 489},
-		{1000, 1, 1060}, {1000, 2, 1085}, {1000, 5, 1137},
-		{5000, 1, 5133}, {5000, 2, 5189}, {5000, 5, 5301},
+		{0, nil, 100, 0}, {-3, nil, 100, 0}, {math.NaN(), nil, 100, 0}, {1, nil, 0, 0},
+		{0.5, nil, 100, 2}, {3, nil, 100, 7}, {3, []int{1}, 100, 7},
+		{1.925, []int{5}, 100, 12}, {1.925, []int{1, 12}, 100, 22}, {1.925, []int{1, 1, 3, 7, 12}, 100, 18},
+		{2.1 / 60 * 115, nil, 100, 8},
+		// Clamped at the limit: not summed further.
+		{1.925, []int{1, 12}, 10, 10}, {3, nil, 5, 5},
+		// Far more pushes than can be summed.
+		{1e6, nil, 50, 50},
 	} {
-		got := arrivalsQuantile(tc.mu, tc.d, 0.97)
-		tol := 0
-		if tc.mu > exactBelow {
-			tol = int(math.Ceil(float64(tc.want) / 100))
-		}
-		if got < tc.want-tol || got > tc.want+tol {
-			t.Errorf("arrivalsQuantile(%v, %v, 0.97) = %d, want %d (±%d)", tc.mu, tc.d, got, tc.want, tol)
+		if got := aheadQuantile(tc.mu, tc.batches, 0.97, tc.limit); got != tc.want {
+			t.Errorf("aheadQuantile(%v, %v, 0.97, %d) = %d, want %d", tc.mu, tc.batches, tc.limit, got, tc.want)
 		}
 	}
 }

@@ -125,7 +125,8 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 		RecentRate:    d.recentRate(now),
 		HistoryRate:   d.historyRate(now),
 		QuietRate:     d.quietRate(now),
-		Dispersion:    d.dispersion(now),
+		HalfHourRate:  d.rateOver(now, recentLong),
+		Batches:       d.batches(),
 		BootP50:       p50,
 		BootP90:       p90,
 		TargetWaitP95: p.auto.spec.TargetWaitP95,
@@ -133,14 +134,11 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 		MaxInstances:  p.spec.MaxInstances,
 		IdleTTD:       p.spec.IdleTTD,
 	}
-	for _, inst := range m.instances {
-		if inst.Pool != p.name || !inst.State.live() {
-			continue
-		}
-		switch inst.State {
-		case Idle, Launching, Booting, Starting, Stopped:
+	for st, n := range p.count {
+		switch {
+		case !st.live(), st == Idle, st == Launching, st == Booting, st == Starting, st == Stopped:
 		default:
-			in.Busy++
+			in.Busy += n
 		}
 	}
 	var ages []time.Duration

@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"cmp"
 	"math"
 	"slices"
 	"sort"
@@ -21,6 +22,10 @@ const (
 	historyBuckets = 8*24*6 + 6 // eight days and an hour
 	bootSamples    = 32
 	holdSamples    = 64
+	pushSamples    = 64
+	// pushGap: requests this close to the one before are of one push (a
+	// CI matrix is requested within seconds).
+	pushGap = 10 * time.Second
 	// defaultBoot is planned for until the pool has seen a boot.
 	defaultBoot = time.Minute
 	// recentShort and recentLong are the windows of the recent rate: the
@@ -114,6 +119,12 @@ type demand struct {
 	Buckets countRing `json:"buckets"`
 	BootS   []float64 `json:"boot_s,omitempty"`  // the latest boots, oldest first
 	LeaseS  []float64 `json:"lease_s,omitempty"` // the latest released leases' durations
+	// Pushes are the sizes of the latest pushes, requests that came
+	// within pushGap of the one before; Open is the size so far of the
+	// one under way, whose latest request came at LastAt.
+	Pushes []int     `json:"pushes,omitempty"`
+	Open   int       `json:"open,omitempty"`
+	LastAt time.Time `json:"last_at,omitzero"`
 
 	// quiet caches quietRate for the newest bucket it was computed at.
 	quiet   float64
@@ -140,6 +151,24 @@ func (d *demand) advance(now time.Time) {
 func (d *demand) arrival(t time.Time) {
 	d.Minutes.add(t)
 	d.Buckets.add(t)
+	if d.Open > 0 && t.Sub(d.LastAt) <= pushGap {
+		d.Open++
+	} else {
+		if d.Open > 0 {
+			d.Pushes = keepLast(d.Pushes, d.Open, pushSamples)
+		}
+		d.Open = 1
+	}
+	d.LastAt = t
+}
+
+// batches are the latest pushes' sizes, the one under way included (as
+// big as it is so far).
+func (d *demand) batches() []int {
+	if d.Open == 0 {
+		return d.Pushes
+	}
+	return append(slices.Clip(d.Pushes), d.Open)
 }
 
 func (d *demand) observeBoot(b time.Duration) { d.BootS = keepLast(d.BootS, b.Seconds(), bootSamples) }
@@ -148,7 +177,7 @@ func (d *demand) observeLease(l time.Duration) {
 	d.LeaseS = keepLast(d.LeaseS, l.Seconds(), holdSamples)
 }
 
-func keepLast(s []float64, v float64, n int) []float64 {
+func keepLast[T any](s []T, v T, n int) []T {
 	if len(s) >= n {
 		s = append(s[:0], s[len(s)-n+1:]...)
 	}
@@ -156,45 +185,22 @@ func keepLast(s []float64, v float64, n int) []float64 {
 }
 
 // recentRate is requests a second: the higher of the last five minutes'
-// rate and the last half hour's, each over no more time than the history
-// has.
+// rate and the last half hour's.
 func (d *demand) recentRate(now time.Time) float64 {
+	return max(d.rateOver(now, recentShort), d.rateOver(now, recentLong))
+}
+
+// rateOver is requests a second over the last w (whole minutes and the
+// one under way), or over no more time than the history has.
+func (d *demand) rateOver(now time.Time, w time.Duration) float64 {
 	d.advance(now)
 	cur := d.Minutes.index(now)
 	into := now.Sub(time.Unix(cur*d.Minutes.WidthS, 0))
 	span := max(now.Sub(d.Start), time.Minute)
-	rate := 0.0
-	for _, w := range []time.Duration{recentShort, recentLong} {
-		k := int64(w / time.Minute)
-		n := d.Minutes.sum(cur-k+1, cur)
-		over := min(time.Duration(k-1)*time.Minute+into, span)
-		rate = max(rate, float64(n)/max(over.Seconds(), 1))
-	}
-	return rate
-}
-
-// dispersion is the variance over the mean of the per-minute counts of the
-// last half hour's whole minutes (1 until there are five such minutes).
-func (d *demand) dispersion(now time.Time) float64 {
-	d.advance(now)
-	cur := d.Minutes.index(now)
-	first := max(cur-int64(recentLong/time.Minute), d.Minutes.index(d.Start)+1)
-	n := cur - first
-	if n < 5 {
-		return 1
-	}
-	var sum, sq float64
-	for i := first; i < cur; i++ {
-		c := float64(*d.Minutes.slot(i))
-		sum += c
-		sq += c * c
-	}
-	mean := sum / float64(n)
-	if mean <= 0 {
-		return 1
-	}
-	variance := (sq - sum*mean) / float64(n-1)
-	return min(max(variance/mean, 1), maxDispersion)
+	k := int64(w / time.Minute)
+	n := d.Minutes.sum(cur-k+1, cur)
+	over := min(time.Duration(k-1)*time.Minute+into, span)
+	return float64(n) / max(over.Seconds(), 1)
 }
 
 // historyRate is the rate a week ago, from ten minutes before this time to
@@ -218,10 +224,11 @@ func (d *demand) historyRate(now time.Time) float64 {
 	return float64(n) / (float64(to-from+1) * float64(d.Buckets.WidthS))
 }
 
-// quietRate is the rate, a second, of the quietest ten-minute buckets of
-// the history that together saw at most quietShare of its requests: at or
-// below it, the pool keeps no spares (autoscale.go). 0 until the history
-// has a day.
+// quietRate is the half-hour rate, a second, at or below which the
+// history saw at most quietShare of its requests: at or below it, the
+// pool keeps no spares (autoscale.go). Each ten-minute bucket's requests
+// count at the rate of the half hour around it, as a request sees the
+// rate of its time. 0 until the history has a day.
 func (d *demand) quietRate(now time.Time) float64 {
 	d.advance(now)
 	if d.Buckets.Last == d.quietAt {
@@ -234,26 +241,32 @@ func (d *demand) quietRate(now time.Time) float64 {
 	}
 	// Whole buckets only, since the history began.
 	first := max(d.Buckets.Last-int64(len(d.Buckets.Counts))+1, d.Buckets.index(d.Start)+1)
-	counts := make([]int32, 0, d.Buckets.Last-first)
-	var total int64
-	for i := first; i < d.Buckets.Last; i++ {
-		c := *d.Buckets.slot(i)
-		counts = append(counts, c)
-		total += int64(c)
+	last := d.Buckets.Last - 1
+	type rated struct {
+		halfHour int64 // requests in the half hour around the bucket
+		requests int64
 	}
-	slices.Sort(counts)
+	var rs []rated
+	var total int64
+	for i := first; i <= last; i++ {
+		if c := int64(*d.Buckets.slot(i)); c > 0 {
+			rs = append(rs, rated{d.Buckets.sum(max(i-1, first), min(i+1, last)), c})
+			total += c
+		}
+	}
+	slices.SortFunc(rs, func(a, b rated) int { return cmp.Compare(a.halfHour, b.halfHour) })
 	budget := quietShare * float64(total)
 	var seen int64
-	for i := 0; i < len(counts); {
+	for i := 0; i < len(rs); {
 		j := i
-		for j < len(counts) && counts[j] == counts[i] {
-			seen += int64(counts[j])
+		for j < len(rs) && rs[j].halfHour == rs[i].halfHour {
+			seen += rs[j].requests
 			j++
 		}
 		if float64(seen) > budget {
 			break
 		}
-		d.quiet = float64(counts[i]) / float64(d.Buckets.WidthS)
+		d.quiet = float64(rs[i].halfHour) / float64(3*d.Buckets.WidthS)
 		i = j
 	}
 	return d.quiet

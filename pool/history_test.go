@@ -3,6 +3,7 @@ package pool
 import (
 	"encoding/json"
 	"math"
+	"slices"
 	"testing"
 	"time"
 )
@@ -43,7 +44,7 @@ func TestCountRing(t *testing.T) {
 	}
 }
 
-func TestRecentRateAndDispersion(t *testing.T) {
+func TestRecentRateAndPushes(t *testing.T) {
 	d := newDemand(t0)
 	// Two hours of 3 a minute, evenly spread.
 	for m := range 120 {
@@ -55,8 +56,8 @@ func TestRecentRateAndDispersion(t *testing.T) {
 	if got := d.recentRate(now) * 60; math.Abs(got-3) > 0.01 {
 		t.Errorf("steady 3/min: recent rate %.3f/min", got)
 	}
-	if got := d.dispersion(now); got != 1 {
-		t.Errorf("steady 3/min: dispersion %.3f, want 1", got)
+	if b := d.batches(); len(b) != pushSamples+1 || slices.Max(b) != 1 {
+		t.Errorf("steady 3/min, 20s apart: pushes %v, want the last %d and the one under way, of 1 each", b, pushSamples)
 	}
 	// Then a burst of 30 in one minute: the short window sees it at once.
 	for range 30 {
@@ -66,8 +67,15 @@ func TestRecentRateAndDispersion(t *testing.T) {
 	if got := d.recentRate(now) * 60; got < 6 {
 		t.Errorf("after a burst of 30: recent rate %.2f/min, want the 5-minute window's (≥ 6)", got)
 	}
-	if got := d.dispersion(now.Add(time.Minute)); got < 5 {
-		t.Errorf("after a burst of 30: dispersion %.2f, want well above 1", got)
+	if b := d.batches(); len(b) != pushSamples+1 || b[len(b)-1] != 30 || b[len(b)-2] != 1 {
+		t.Errorf("after a burst of 30: pushes end %v, want …, 1, 30", b[len(b)-3:])
+	}
+	// Requests 10s apart are one push; 11s apart, two.
+	d.arrival(now)
+	d.arrival(now.Add(10 * time.Second))
+	d.arrival(now.Add(21 * time.Second))
+	if b := d.batches(); b[len(b)-3] != 30 || b[len(b)-2] != 2 || b[len(b)-1] != 1 {
+		t.Errorf("pushes end %v, want 30, 2, 1", b[len(b)-3:])
 	}
 	// Silence: the long window forgets the burst over half an hour.
 	later := now.Add(25 * time.Minute)
@@ -130,45 +138,39 @@ func TestHistoryRate(t *testing.T) {
 }
 
 func TestQuietRate(t *testing.T) {
-	d := newDemand(t0)
-	// Over a day: each hour's first ten minutes see 100 requests, each
-	// other ten minutes 1. The whole buckets since the start hold 125
-	// requests in quiet buckets of 2525 in all: 4.95%, more than
-	// quietShare; all quiet buckets have the same count, so none is quiet.
-	for h := range 25 {
-		for k := range 6 {
-			n := 1
-			if k == 0 {
-				n = 100
+	// A day: twelve quiet hours of 1 request each ten minutes, then 13
+	// busy ones of perBucket; the history starts at t0, so its first,
+	// partial bucket is left out.
+	day := func(perBucket int) *demand {
+		d := newDemand(t0)
+		for b := range 150 {
+			n := perBucket
+			if b < 72 {
+				n = 1
 			}
 			for range n {
-				d.arrival(t0.Add(time.Duration(h)*time.Hour + time.Duration(k)*10*time.Minute))
+				d.arrival(t0.Add(time.Duration(b) * 10 * time.Minute))
 			}
 		}
+		return d
 	}
-	if got := d.quietRate(t0.Add(23 * time.Hour)); got != 0 {
+	if got := day(20).quietRate(t0.Add(23 * time.Hour)); got != 0 {
 		t.Errorf("less than a day of history: quiet rate %v, want 0 (unknown)", got)
 	}
-	if got := d.quietRate(t0.Add(25 * time.Hour)); got != 0 {
-		t.Errorf("quiet buckets holding 4.95%% of requests: quiet rate %v, want 0", got)
-	}
-
-	// Make the busy buckets busier: the quiet ones now hold 125 of 7325,
-	// 1.7%.
-	d = newDemand(t0)
-	for h := range 25 {
-		for k := range 6 {
-			n := 1
-			if k == 0 {
-				n = 300
-			}
-			for range n {
-				d.arrival(t0.Add(time.Duration(h)*time.Hour + time.Duration(k)*10*time.Minute))
-			}
+	for _, tc := range []struct {
+		perBucket int
+		want      float64 // requests in the half hour
+	}{
+		// 71 quiet requests of 1,631: 4.4%, too many. Only the first
+		// bucket's, whose half hour has only it and the next (2), fit.
+		{20, 2},
+		// 71 of 4,751: 1.5%, and the last quiet bucket's (1+1+60) too;
+		// the next, the first busy one's (1+60+60), would pass 2%.
+		{60, 62},
+	} {
+		if got := day(tc.perBucket).quietRate(t0.Add(25*time.Hour)) * 1800; math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("busy buckets of %d: quiet rate %v a half hour, want %v", tc.perBucket, got, tc.want)
 		}
-	}
-	if got := d.quietRate(t0.Add(25*time.Hour)) * 600; got != 1 {
-		t.Errorf("quiet buckets holding 1.7%% of requests: quiet rate %v a bucket, want 1", got)
 	}
 }
 
