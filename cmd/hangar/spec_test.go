@@ -78,8 +78,11 @@ func TestAutoscaledPoolServed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	_ = resp.Body.Close() // read to the end already
+	if err != nil {
+		t.Fatal(err)
+	}
 	if got, ok := parseExposition(t, string(body)).samples[`hangar_autoscale_target_idle{pool="demo"}`]; !ok || got != 0 {
 		t.Errorf("hangar_autoscale_target_idle{pool=\"demo\"} = %v (exported: %v)", got, ok)
 	}

@@ -518,8 +518,12 @@ func (e *engine) account(st *instState) {
 // the lease's holder learning it has it (it claims it).
 func (e *engine) assigned(st *instState, now time.Duration) {
 	a, err := e.m.Assignment(e.ctx, st.key, bootstrap.Poll{})
-	if err != nil || a.State != bootstrap.AssignAssigned {
-		e.fail(fmt.Errorf("instance %s leased, but its poll is answered %q, %v", st.id, a.State, err))
+	if err != nil {
+		e.fail(fmt.Errorf("instance %s leased, polling for its assignment: %w", st.id, err))
+		return
+	}
+	if a.State != bootstrap.AssignAssigned {
+		e.fail(fmt.Errorf("instance %s leased, but its poll is answered %q", st.id, a.State))
 		return
 	}
 	j, ok := e.byLease[a.LeaseID]
@@ -541,8 +545,12 @@ func (e *engine) assigned(st *instState, now time.Duration) {
 // polls again with none.
 func (e *engine) released(st *instState) {
 	a, err := e.m.Assignment(e.ctx, st.key, bootstrap.Poll{Current: st.lease})
-	if err != nil || a.State != bootstrap.AssignReleased {
-		e.fail(fmt.Errorf("instance %s released, but its poll is answered %q, %v", st.id, a.State, err))
+	if err != nil {
+		e.fail(fmt.Errorf("instance %s released, polling with its lease: %w", st.id, err))
+		return
+	}
+	if a.State != bootstrap.AssignReleased {
+		e.fail(fmt.Errorf("instance %s released, but its poll is answered %q", st.id, a.State))
 		return
 	}
 	st.lease = ""
