@@ -75,6 +75,11 @@ wait at all.`,
 			o := sim.Options{Pools: map[string]pool.Spec{}, Seed: seed}
 			for _, name := range names {
 				o.Pools[name] = poolSpec(name, cfg.Pools[name])
+				// A pool far smaller than the trace's load measures its
+				// queue, not its warm pool: say so before the numbers do.
+				if peak, most := trace.Peak(name), o.Pools[name].MaxInstances; most < peak {
+					_, _ = fmt.Fprintf(g.stderr, "hangar: pool %s: max_instances %d is below the %d jobs the trace runs at once at its peak; its waits are mostly queueing behind busy instances (raise max_instances in the config to compare warm pools)\n", name, most, peak)
+				}
 			}
 			if o.Boot, err = simBoot(cfg, names, bootFlag, bootDist); err != nil {
 				return err

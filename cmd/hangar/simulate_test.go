@@ -169,3 +169,15 @@ func TestSimulateBadInput(t *testing.T) {
 		})
 	}
 }
+
+// A pool smaller than the trace's load is said to measure its queue.
+func TestSimulateWarnsOfASmallPool(t *testing.T) {
+	f := simFiles(t, map[string]string{
+		"hangar.toml": simConfig,
+		"trace.csv":   "submit_s,duration_s,pool\n0,60,mac\n1,60,mac\n2,60,mac\n0,60,linux\n",
+	})
+	_, stderr, code := runSim(t, "--config", f["hangar.toml"], "--trace", f["trace.csv"], "--policy", "config")
+	if code != 0 || !strings.Contains(stderr, "pool mac: max_instances 2 is below the 3 jobs the trace runs at once") || strings.Contains(stderr, "pool linux") {
+		t.Errorf("exit %d, stderr %q", code, stderr)
+	}
+}

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"encoding/csv"
 	"errors"
 	"fmt"
@@ -152,4 +153,28 @@ func (t Trace) Pools() []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// Peak is the most jobs of pool that would run at once if each started
+// when it was submitted: the instances the trace needs at its busiest.
+func (t Trace) Peak(pool string) int {
+	type edge struct {
+		at    time.Duration
+		delta int
+	}
+	var edges []edge
+	for _, j := range t.Jobs {
+		if j.Pool == pool {
+			edges = append(edges, edge{j.Submit, 1}, edge{j.Submit + j.Duration, -1})
+		}
+	}
+	// Ends before starts at the same moment: an instance freed then is
+	// free for a job submitted then.
+	slices.SortFunc(edges, func(a, b edge) int { return cmp.Or(cmp.Compare(a.at, b.at), cmp.Compare(a.delta, b.delta)) })
+	peak, now := 0, 0
+	for _, e := range edges {
+		now += e.delta
+		peak = max(peak, now)
+	}
+	return peak
 }

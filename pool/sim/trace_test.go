@@ -70,3 +70,18 @@ func TestReadBootDist(t *testing.T) {
 		}
 	}
 }
+
+func TestPeak(t *testing.T) {
+	s := time.Second
+	tr := Trace{Jobs: []Job{
+		{Submit: 0, Duration: 10 * s, Pool: "a"},
+		{Submit: 5 * s, Duration: 10 * s, Pool: "a"},
+		{Submit: 10 * s, Duration: 1 * s, Pool: "a"}, // starts as the first ends
+		{Submit: 6 * s, Duration: 1 * s, Pool: "b"},
+	}}
+	for pool, want := range map[string]int{"a": 2, "b": 1, "c": 0} {
+		if got := tr.Peak(pool); got != want {
+			t.Errorf("Peak(%q) = %d, want %d", pool, got, want)
+		}
+	}
+}
