@@ -81,7 +81,8 @@ const progressEvery = time.Second
 // lease asks for a lease and waits for it, canceling it when the wait runs
 // out (unless o.keepPending) or a signal comes.
 func lease(parent context.Context, g *globals, o leaseOptions) (pool.LeaseView, error) {
-	ctx, caught := withSignals(parent)
+	ctx, caught, stop := withSignals(parent)
+	defer stop()
 	c := g.client()
 	progress := newProgress(g.stderr, o.req.Pool)
 	defer progress.done()
@@ -145,9 +146,10 @@ func lease(parent context.Context, g *globals, o leaseOptions) (pool.LeaseView, 
 	return v, nil
 }
 
-// withSignals returns a context that SIGINT and SIGTERM end, and a function
-// telling which one did (0: none).
-func withSignals(parent context.Context) (context.Context, func() syscall.Signal) {
+// withSignals returns a context that SIGINT and SIGTERM end, a function
+// telling which one did (0: none), and stop, which gives the signals back
+// (Ctrl-C after hangar lease is done is the shell's again).
+func withSignals(parent context.Context) (ctx context.Context, caught func() syscall.Signal, stop func()) {
 	ctx, cancel := context.WithCancel(parent)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
@@ -163,8 +165,7 @@ func withSignals(parent context.Context) (context.Context, func() syscall.Signal
 		}
 		signal.Stop(sigs)
 	}()
-	context.AfterFunc(parent, cancel)
-	return ctx, func() syscall.Signal {
+	caught = func() syscall.Signal {
 		if ctx.Err() == nil {
 			return 0
 		}
@@ -172,6 +173,11 @@ func withSignals(parent context.Context) (context.Context, func() syscall.Signal
 		<-done // got is written before done closes
 		return got
 	}
+	stop = func() {
+		cancel()
+		<-done
+	}
+	return ctx, caught, stop
 }
 
 // leaseEnd is why hangar lease gives up, and its exit status.
