@@ -70,7 +70,11 @@ type Server struct {
 	// config is, so that every command given the same file finds the same
 	// state wherever it runs; the embedded default, which has no file, keeps
 	// its .hangar in the working directory.
-	DataDir           string   `toml:"data_dir"`
+	DataDir string `toml:"data_dir"`
+	// OldDataDir is where a relative data_dir was before it was relative
+	// to the config file (the working directory's), when that is another
+	// place: serve refuses to start afresh beside a store left there.
+	OldDataDir        string   `toml:"-"`
 	Tokens            []Token  `toml:"tokens"`
 	ReconcileInterval Duration `toml:"reconcile_interval"`
 	// OrphanGrace is how long an instance tagged as ours but unknown to the
@@ -519,7 +523,11 @@ func (c *Config) derive() {
 	}
 	if c.Path != "" {
 		// The embedded default's .hangar stays relative: to where serve runs.
-		c.Server.DataDir = resolve(dir, c.Server.DataDir)
+		rel := c.Server.DataDir
+		c.Server.DataDir = resolve(dir, rel)
+		if old, err := filepath.Abs(rel); err == nil && !filepath.IsAbs(rel) && old != c.Server.DataDir {
+			c.Server.OldDataDir = old
+		}
 	}
 	c.Server.TLSCert = resolve(dir, c.Server.TLSCert)
 	c.Server.TLSKey = resolve(dir, c.Server.TLSKey)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
@@ -374,5 +375,29 @@ func TestJSONFieldNames(t *testing.T) {
 		api.ImageAnswer{}, api.BuildInfo{}, staging.Server{}, staging.Volume{}, cloud.Snapshot{}, cloud.Image{}} {
 		ty := reflect.TypeOf(v)
 		walk(ty.String(), ty)
+	}
+}
+
+// A store left where a relative data_dir used to point (the working
+// directory) stops serve from starting afresh beside it.
+func TestOldDataDirRefused(t *testing.T) {
+	dir, work := t.TempDir(), t.TempDir()
+	cfgPath := filepath.Join(dir, "hangar.toml")
+	writeFile(t, cfgPath, testTOML("state", "demo", ""))
+	t.Chdir(work)
+	if err := os.MkdirAll(filepath.Join(work, "state"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(work, "state", "hangar.db"), "")
+	cfg, err := loadConfig(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = startServer(t.Context(), cfg, serveOptions{Logger: slog.New(slog.DiscardHandler)})
+	if err == nil || !strings.Contains(err.Error(), "but the store is in "+filepath.Join(work, "state")) {
+		t.Fatalf("serve beside an old store: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state")); !os.IsNotExist(err) {
+		t.Errorf("serve made the new data_dir anyway: %v", err)
 	}
 }

@@ -125,6 +125,10 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		_ = ln.Close()
 		return nil, fmt.Errorf("resolving data dir: %w", err)
 	}
+	if err := checkOldDataDir(cfg.Server); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.Server.DataDir, 0o700); err != nil {
 		_ = ln.Close()
 		return nil, fmt.Errorf("creating data dir: %w", err)
@@ -298,4 +302,22 @@ func (s *server) closeParts(ctx context.Context) error {
 		errs = append(errs, s.store.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// checkOldDataDir refuses to start with an empty store where an older
+// Hangar, which took a relative data_dir from the working directory, left
+// one: starting afresh would leave that store's instances running, owned
+// by nobody, and its leases lost.
+func checkOldDataDir(s configs.Server) error {
+	if s.OldDataDir == "" {
+		return nil
+	}
+	exists := func(dir string) bool {
+		_, err := os.Stat(filepath.Join(dir, "hangar.db"))
+		return err == nil
+	}
+	if exists(s.OldDataDir) && !exists(s.DataDir) {
+		return fmt.Errorf("data_dir is relative to the config file now, so it is %s, but the store is in %s (relative to the working directory, as it used to be): move that directory to %s, or give data_dir as an absolute path", s.DataDir, s.OldDataDir, s.DataDir)
+	}
+	return nil
 }
