@@ -153,7 +153,7 @@ func (p *Provider) claimMetadataLocked(ctx context.Context, target string, save 
 		if err == nil {
 			return p.serveMetadataLocked(ln, save)
 		}
-		perr := p.probeMetadata(ctx, target)
+		perr := p.probeMetadataPatiently(ctx, target)
 		if perr == nil {
 			if p.md.addr != target {
 				p.log.Info("sharing the metadata service of another process on this directory", "addr", target)
@@ -256,6 +256,27 @@ func (p *Provider) ownsMetadata() bool {
 	return p.md.ln != nil
 }
 
+// errNotThisService is a probe answered, but not by this tree's service.
+var errNotThisService = errors.New("not this directory's metadata service")
+
+// probeMetadataPatiently is probeMetadata, asked again when no answer came
+// (an owner slow under load): only an answer that is wrong makes the
+// service move, and with it every later instance's URL.
+func (p *Provider) probeMetadataPatiently(ctx context.Context, addr string) error {
+	var err error
+	for attempt, pause := 1, 200*time.Millisecond; ; attempt, pause = attempt+1, pause*2 {
+		err = p.probeMetadata(ctx, addr)
+		if err == nil || errors.Is(err, errNotThisService) || attempt == 3 {
+			return err
+		}
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return err
+		}
+	}
+}
+
 // probeMetadata checks that addr is served by this tree's metadata service.
 func (p *Provider) probeMetadata(ctx context.Context, addr string) error {
 	challenge := randHex(16)
@@ -280,10 +301,10 @@ func (p *Provider) probeMetadata(ctx context.Context, addr string) error {
 		return fmt.Errorf("probing %s: %w", addr, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("probing %s: %s", addr, resp.Status)
+		return fmt.Errorf("probing %s: %s: %w", addr, resp.Status, errNotThisService)
 	}
 	if !hmac.Equal(body, []byte(identityProof(p.md.secret, addr, challenge))) {
-		return fmt.Errorf("probing %s: wrong proof of identity", addr)
+		return fmt.Errorf("probing %s: wrong proof of identity: %w", addr, errNotThisService)
 	}
 	return nil
 }
