@@ -70,24 +70,6 @@ func TestDecideAutoscale(t *testing.T) {
 		mod:    func(in *AutoscaleInput) { in.RecentRate, in.HistoryRate = perMin(2.1), perMin(0.1) },
 		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
 	}, {
-		name: "the last half hour and the history at or below the quiet rate: no spares",
-		mod: func(in *AutoscaleInput) {
-			in.RecentRate, in.HalfHourRate, in.HistoryRate, in.QuietRate = perMin(2.1), perMin(0.5), perMin(0.4), perMin(0.5)
-		},
-		target: 0, ttd: time.Minute, reason: "rate 2.1/min, boot 60s, quiet",
-	}, {
-		name: "the last half hour above the quiet rate: spares",
-		mod: func(in *AutoscaleInput) {
-			in.RecentRate, in.HalfHourRate, in.QuietRate = perMin(2.1), perMin(2.1), perMin(2)
-		},
-		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
-	}, {
-		name: "the history above the quiet rate: spares",
-		mod: func(in *AutoscaleInput) {
-			in.HalfHourRate, in.HistoryRate, in.QuietRate = 0, perMin(2.1), perMin(2)
-		},
-		target: 6, ttd: time.Minute, reason: "rate 2.1/min, boot 60s",
-	}, {
 		// Poisson(2.1/60·30 = 1.05): Q97 = 3.
 		name:   "a longer target wait needs fewer",
 		mod:    func(in *AutoscaleInput) { in.RecentRate, in.TargetWaitP95 = perMin(2.1), 30*time.Second },
@@ -163,6 +145,77 @@ func TestDecideAutoscale(t *testing.T) {
 					got.TargetIdle, got.IdleTTD, got.Reason, tc.target, tc.ttd, tc.reason)
 			}
 		})
+	}
+}
+
+// The idle rule: spares while the last request is at most ActiveFor old,
+// planned for at least the ActiveRate; none, on purpose, after.
+func TestDecideAutoscaleIdle(t *testing.T) {
+	base := AutoscaleInput{
+		BootP50: time.Minute, BootP90: time.Minute,
+		TargetWaitP95: 5 * time.Second, MaxIdle: 20, MaxInstances: 100,
+		ActiveFor: 2 * time.Hour, ActiveRate: perMin(2.1),
+	}
+	for _, tc := range []struct {
+		name       string
+		mod        func(*AutoscaleInput)
+		target     int
+		deliberate bool
+		reason     string
+	}{{
+		// The windows are empty half an hour after a push; the rate
+		// while spares are kept is planned for: as "smooth demand".
+		name:   "within ActiveFor, the active rate",
+		mod:    func(in *AutoscaleInput) { in.Since = 30 * time.Minute },
+		target: 6, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "at ActiveFor, still",
+		mod:    func(in *AutoscaleInput) { in.Since = 2 * time.Hour },
+		target: 6, reason: "rate 2.1/min, boot 60s",
+	}, {
+		// At the active rate of 0.1/min it would be 2 ("a trickle").
+		name: "a higher windowed rate wins",
+		mod: func(in *AutoscaleInput) {
+			in.Since, in.RecentRate, in.ActiveRate = time.Minute, perMin(2.1), perMin(0.1)
+		},
+		target: 6, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name:   "past ActiveFor: idle, whatever the history says",
+		mod:    func(in *AutoscaleInput) { in.Since, in.HistoryRate = 3*time.Hour+59*time.Second, perMin(2.1) },
+		target: 0, deliberate: true, reason: "rate 2.1/min, boot 60s, idle 3h0m",
+	}, {
+		name:   "past ActiveFor with no other rate: idle too",
+		mod:    func(in *AutoscaleInput) { in.Since = 150 * time.Minute },
+		target: 0, deliberate: true, reason: "rate 0/min, boot 60s, idle 2h30m",
+	}, {
+		name:   "ActiveFor not known yet: the windowed rates alone",
+		mod:    func(in *AutoscaleInput) { in.ActiveFor, in.Since, in.RecentRate = 0, 10*time.Hour, perMin(0.1) },
+		target: 2, reason: "rate 0.1/min, boot 60s",
+	}, {
+		name:   "ActiveFor not known yet, no demand",
+		mod:    func(in *AutoscaleInput) { in.ActiveFor, in.Since = 0, time.Minute },
+		target: 0, reason: "rate 0/min, boot 60s",
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := base
+			tc.mod(&in)
+			got := DecideAutoscale(in)
+			if got.TargetIdle != tc.target || got.Deliberate != tc.deliberate || got.Reason != tc.reason {
+				t.Errorf("DecideAutoscale = target %d, deliberate %v, reason %q; want %d, %v, %q",
+					got.TargetIdle, got.Deliberate, got.Reason, tc.target, tc.deliberate, tc.reason)
+			}
+		})
+	}
+}
+
+// The idle rule spends what the late budget leaves of the misses.
+func TestIdleShare(t *testing.T) {
+	for _, tc := range []struct{ missed, want float64 }{
+		{-1, startIdleShare}, {0, lateBudget}, {0.01, lateBudget - 0.01}, {lateBudget, 0}, {0.2, 0},
+	} {
+		if got := IdleShare(tc.missed); math.Abs(got-tc.want) > 1e-12 {
+			t.Errorf("IdleShare(%v) = %v, want %v", tc.missed, got, tc.want)
+		}
 	}
 }
 

@@ -30,7 +30,6 @@ func newAutoscaler(spec AutoscaleSpec, stored *demand, now time.Time) *autoscale
 	if !stored.usable() {
 		a.demand = newDemand(now)
 	}
-	a.demand.quietAt = math.MinInt64
 	a.savedAt = floorDiv(now.Unix(), 60)
 	return a
 }
@@ -55,6 +54,7 @@ func (p *poolState) idleTTD() time.Duration {
 func (m *Manager) leaseRequestedLocked(p *poolState, now time.Time) {
 	if p.auto != nil {
 		p.auto.demand.arrival(now)
+		p.auto.demand.requested(p.auto.decision.Deliberate)
 		p.auto.dirty = true
 	}
 }
@@ -85,6 +85,7 @@ func (m *Manager) leaseReleasedLocked(l *Lease) {
 		return
 	}
 	p.auto.demand.observeLease(l.EndedAt.Sub(l.AssignedAt))
+	p.auto.demand.served(l.AssignedAt.Sub(l.CreatedAt) > p.auto.spec.TargetWaitP95)
 	p.auto.dirty = true
 }
 
@@ -124,9 +125,8 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 	in := AutoscaleInput{
 		RecentRate:    d.recentRate(now),
 		HistoryRate:   d.historyRate(now),
-		QuietRate:     d.quietRate(now),
-		HalfHourRate:  d.rateOver(now, recentLong),
 		Batches:       d.batches(),
+		Since:         max(now.Sub(d.LastAt), 0),
 		BootP50:       p50,
 		BootP90:       p90,
 		TargetWaitP95: p.auto.spec.TargetWaitP95,
@@ -141,6 +141,7 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 			in.Busy += n
 		}
 	}
+	in.ActiveFor, in.ActiveRate = d.activeFor(IdleShare(d.missedShare()))
 	var ages []time.Duration
 	for _, l := range m.leases {
 		if l.Pool == p.name && l.State == LeaseActive {

@@ -259,3 +259,36 @@ func TestScaleAutoscaledPool(t *testing.T) {
 		t.Errorf("scale --max on an autoscaled pool: %+v, %v", v, err)
 	}
 }
+
+// The pool counts its requests' outcomes: every request, those that waited
+// longer than the target (at their release), and the quiets between its
+// pushes; the idle rule reads them.
+func TestAutoscaleCountsOutcomes(t *testing.T) {
+	h := newAutoHarness(t, nil)
+	d := newAutoDriver(h, 90*time.Second, 3*time.Minute)
+	// A request every 30 s for 20 minutes, then time for all to end.
+	d.run(20*time.Minute, 30*time.Second)
+	d.run(10*time.Minute, 0)
+	late := 0
+	for _, w := range d.waits {
+		if w > 5*time.Second {
+			late++
+		}
+	}
+	if late == 0 || late == len(d.waits) || len(d.waits) != 40 {
+		t.Fatalf("waits %v: want 40, some of them late", d.waits)
+	}
+	h.m.mu.Lock()
+	dm := *h.m.pools["demo"].auto.demand
+	h.m.unlock()
+	// Each count decays by 1/outcomeMemory a request: 40 requests count
+	// a little under 40.
+	if dm.Requests < 39 || dm.Requests > 40 || dm.Late < float64(late)-1 || dm.Late > float64(late) || dm.Deliberate != 0 {
+		t.Errorf("requests %.2f, late %.2f, deliberate %.2f; want about 40, %d, 0", dm.Requests, dm.Late, dm.Deliberate, late)
+	}
+	// One request a push, 30 s apart: 38 closed pushes after a quiet of
+	// 30 s (the first had none), the last still open.
+	if len(dm.Gaps) != 38 || dm.Gaps[0] != (gapSample{30, 1}) || dm.Gaps[37] != (gapSample{30, 1}) {
+		t.Errorf("gaps %v, want 38 of 30 s", dm.Gaps)
+	}
+}

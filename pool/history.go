@@ -23,6 +23,12 @@ const (
 	bootSamples    = 32
 	holdSamples    = 64
 	pushSamples    = 64
+	// gapSamples is how many pushes' gaps are kept: enough that the
+	// quantile of the quiet before the latest requests (activeFor) rests
+	// on a few hundred pushes, some days of a small project's CI.
+	gapSamples = 256
+	// minGaps is how many gaps it takes to read activeFor.
+	minGaps = 16
 	// pushGap: requests this close to the one before are of one push (a
 	// CI matrix is requested within seconds).
 	pushGap = 10 * time.Second
@@ -38,6 +44,10 @@ const (
 	// are booted before a daily rush, not during it.
 	historyBefore = 10 * time.Minute
 	historyAfter  = 20 * time.Minute
+	// outcomeMemory is about how many of the latest requests missedShare
+	// weighs; minOutcomes, how many it takes to read it.
+	outcomeMemory = 1000
+	minOutcomes   = 200
 	// minHolds is how many lease durations it takes to expect releases.
 	minHolds = 5
 )
@@ -110,6 +120,13 @@ func floorDiv(a, b int64) int64 {
 	return q
 }
 
+// gapSample is one push as activeFor weighs it: the quiet before it, in
+// seconds, and its requests.
+type gapSample struct {
+	S float64 `json:"s"`
+	N int     `json:"n"`
+}
+
 // demand is one pool's history, as stored.
 type demand struct {
 	// Start is when the history begins: rates are not diluted by time
@@ -125,15 +142,24 @@ type demand struct {
 	Pushes []int     `json:"pushes,omitempty"`
 	Open   int       `json:"open,omitempty"`
 	LastAt time.Time `json:"last_at,omitzero"`
+	// Gaps are the latest pushes' sizes with the quiet before each, from
+	// the latest request of the push before to its first; OpenGapS is the
+	// one under way's (-1: it is the first).
+	Gaps     []gapSample `json:"gaps,omitempty"`
+	OpenGapS float64     `json:"open_gap_s,omitempty"`
 
-	// quiet caches quietRate for the newest bucket it was computed at.
-	quiet   float64
-	quietAt int64
+	// Requests, Deliberate and Late count requests with a memory of about
+	// outcomeMemory of them: all of them, those that came while the pool
+	// kept no spares on purpose (idle, autoscale.go), and those
+	// that waited longer than the target (counted at their release).
+	Requests   float64 `json:"requests,omitempty"`
+	Deliberate float64 `json:"deliberate,omitempty"`
+	Late       float64 `json:"late,omitempty"`
 }
 
 func newDemand(now time.Time) *demand {
 	return &demand{Start: now, Minutes: newCountRing(time.Minute, minuteBuckets, now),
-		Buckets: newCountRing(bucketWidth, historyBuckets, now), quietAt: math.MinInt64}
+		Buckets: newCountRing(bucketWidth, historyBuckets, now)}
 }
 
 // usable reports whether a stored record can be read as this version's.
@@ -156,6 +182,12 @@ func (d *demand) arrival(t time.Time) {
 	} else {
 		if d.Open > 0 {
 			d.Pushes = keepLast(d.Pushes, d.Open, pushSamples)
+			if d.OpenGapS >= 0 {
+				d.Gaps = keepLast(d.Gaps, gapSample{d.OpenGapS, d.Open}, gapSamples)
+			}
+			d.OpenGapS = max(t.Sub(d.LastAt).Seconds(), 0)
+		} else {
+			d.OpenGapS = -1
 		}
 		d.Open = 1
 	}
@@ -169,6 +201,36 @@ func (d *demand) batches() []int {
 		return d.Pushes
 	}
 	return append(slices.Clip(d.Pushes), d.Open)
+}
+
+// requested counts a request's outcome so far: whether it came while the
+// pool kept no spares on purpose.
+func (d *demand) requested(deliberate bool) {
+	d.Requests = decay(d.Requests, true)
+	d.Deliberate = decay(d.Deliberate, deliberate)
+}
+
+// served counts whether a request waited longer than the target.
+func (d *demand) served(late bool) { d.Late = decay(d.Late, late) }
+
+func decay(n float64, one bool) float64 {
+	n *= 1 - 1.0/outcomeMemory
+	if one {
+		n++
+	}
+	return n
+}
+
+// missedShare is the share of the latest requests that waited longer than
+// the target though they came while the pool meant to serve them at once:
+// what its sizing misses (back-to-back pushes within a boot, pushes larger
+// than the spares), which the idle rule must leave room for.
+// -1 until minOutcomes requests are counted.
+func (d *demand) missedShare() float64 {
+	if d.Requests < minOutcomes {
+		return -1
+	}
+	return max(d.Late-d.Deliberate, 0) / d.Requests
 }
 
 func (d *demand) observeBoot(b time.Duration) { d.BootS = keepLast(d.BootS, b.Seconds(), bootSamples) }
@@ -224,52 +286,53 @@ func (d *demand) historyRate(now time.Time) float64 {
 	return float64(n) / (float64(to-from+1) * float64(d.Buckets.WidthS))
 }
 
-// quietRate is the half-hour rate, a second, at or below which the
-// history saw at most quietShare of its requests: at or below it, the
-// pool keeps no spares (autoscale.go). Each ten-minute bucket's requests
-// count at the rate of the half hour around it, as a request sees the
-// rate of its time. 0 until the history has a day.
-func (d *demand) quietRate(now time.Time) float64 {
-	d.advance(now)
-	if d.Buckets.Last == d.quietAt {
-		return d.quiet
+// activeFor is how long after a request the pool keeps spares: the
+// shortest quiet such that the requests that came after a longer one were
+// at most share of all, among the latest pushes (the one under way
+// included, as big as it is so far); and the rate of requests over the
+// time spares were so kept, a second. 0, 0 until minGaps pushes are known.
+//
+// A push is likelier to come soon after another (CI pushes come in
+// working sessions), so the spares kept a while after each request serve
+// the most requests for their cost, and those kept through long quiets
+// the fewest: these are the requests to let wait (autoscale.go).
+func (d *demand) activeFor(share float64) (time.Duration, float64) {
+	gaps := d.Gaps
+	if d.Open > 0 && d.OpenGapS >= 0 {
+		gaps = append(slices.Clip(gaps), gapSample{d.OpenGapS, d.Open})
 	}
-	d.quietAt = d.Buckets.Last
-	d.quiet = 0
-	if now.Sub(d.Start) < 24*time.Hour {
-		return 0
+	if len(gaps) < minGaps {
+		return 0, 0
 	}
-	// Whole buckets only, since the history began.
-	first := max(d.Buckets.Last-int64(len(d.Buckets.Counts))+1, d.Buckets.index(d.Start)+1)
-	last := d.Buckets.Last - 1
-	type rated struct {
-		halfHour int64 // requests in the half hour around the bucket
-		requests int64
+	s := slices.Clone(gaps)
+	slices.SortFunc(s, func(a, b gapSample) int { return cmp.Or(cmp.Compare(b.S, a.S), cmp.Compare(a.N, b.N)) })
+	total := 0
+	for _, g := range s {
+		total += g.N
 	}
-	var rs []rated
-	var total int64
-	for i := first; i <= last; i++ {
-		if c := int64(*d.Buckets.slot(i)); c > 0 {
-			rs = append(rs, rated{d.Buckets.sum(max(i-1, first), min(i+1, last)), c})
-			total += c
-		}
-	}
-	slices.SortFunc(rs, func(a, b rated) int { return cmp.Compare(a.halfHour, b.halfHour) })
-	budget := quietShare * float64(total)
-	var seen int64
-	for i := 0; i < len(rs); {
-		j := i
-		for j < len(rs) && rs[j].halfHour == rs[i].halfHour {
-			seen += rs[j].requests
-			j++
-		}
-		if float64(seen) > budget {
+	// From the longest quiet down: the requests after quiets longer than
+	// s[i].S may wait while they stay within the share.
+	late := 0
+	tau := s[0].S
+	for i, g := range s {
+		if float64(late+g.N) > share*float64(total) {
+			tau = g.S
 			break
 		}
-		d.quiet = float64(rs[i].halfHour) / float64(3*d.Buckets.WidthS)
-		i = j
+		late += g.N
+		if i == len(s)-1 {
+			tau = 0
+		}
 	}
-	return d.quiet
+	kept := 0.0
+	for _, g := range s {
+		kept += min(g.S, tau)
+	}
+	rate := 0.0
+	if kept > 0 {
+		rate = float64(total-late) / kept
+	}
+	return time.Duration(math.Ceil(tau)) * time.Second, rate
 }
 
 // bootQuantiles are the median and 90th percentile of the latest boots

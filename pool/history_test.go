@@ -137,40 +137,102 @@ func TestHistoryRate(t *testing.T) {
 	}
 }
 
-func TestQuietRate(t *testing.T) {
-	// A day: twelve quiet hours of 1 request each ten minutes, then 13
-	// busy ones of perBucket; the history starts at t0, so its first,
-	// partial bucket is left out.
-	day := func(perBucket int) *demand {
+// activeFor reads the quiets before the latest pushes: the spares are kept
+// long enough after a request that only share of the requests came after
+// a longer quiet.
+func TestActiveFor(t *testing.T) {
+	// pushes plays pushes of the given sizes (requests a second apart)
+	// after the given quiets, from the latest request of the one before.
+	pushes := func(quiets []time.Duration, sizes []int) *demand {
 		d := newDemand(t0)
-		for b := range 150 {
-			n := perBucket
-			if b < 72 {
-				n = 1
-			}
-			for range n {
-				d.arrival(t0.Add(time.Duration(b) * 10 * time.Minute))
+		at := t0
+		for i, q := range quiets {
+			at = at.Add(q)
+			for k := range sizes[i] {
+				if k > 0 {
+					at = at.Add(time.Second)
+				}
+				d.arrival(at)
 			}
 		}
 		return d
 	}
-	if got := day(20).quietRate(t0.Add(23 * time.Hour)); got != 0 {
-		t.Errorf("less than a day of history: quiet rate %v, want 0 (unknown)", got)
+	// 20 pushes of 5 after quiets of 1..20 minutes; the first push's quiet
+	// (from nothing) is not one. 95 requests came after a quiet.
+	quiets := make([]time.Duration, 21)
+	sizes := make([]int, 21)
+	for i := range quiets {
+		quiets[i], sizes[i] = time.Duration(i)*time.Minute, 5
+	}
+	d := pushes(quiets, sizes)
+	if n := len(d.Gaps); n != 19 || d.Gaps[0] != (gapSample{60, 5}) || d.OpenGapS != 1200 || d.Open != 5 {
+		t.Fatalf("gaps %v, open %d after %vs; want 19 closed from 60s, the last of 5 after 1200s", d.Gaps, d.Open, d.OpenGapS)
 	}
 	for _, tc := range []struct {
-		perBucket int
-		want      float64 // requests in the half hour
+		share float64
+		want  time.Duration
+		rate  float64 // requests over the time spares are kept, a minute
 	}{
-		// 71 quiet requests of 1,631: 4.4%, too many. Only the first
-		// bucket's, whose half hour has only it and the next (2), fit.
-		{20, 2},
-		// 71 of 4,751: 1.5%, and the last quiet bucket's (1+1+60) too;
-		// the next, the first busy one's (1+60+60), would pass 2%.
-		{60, 62},
+		// None may wait: spares until the longest quiet, all 100 served
+		// over 1+2+…+20 = 210 minutes.
+		{0, 20 * time.Minute, 100.0 / 210},
+		// 5 of 100 may: the push after 20 minutes waits; spares for 19
+		// minutes after a request serve 95 over 1+…+19 + 19 = 209.
+		{0.05, 19 * time.Minute, 95.0 / 209},
+		// 14 of 100 may: two pushes (10), not three.
+		{0.14, 18 * time.Minute, 90.0 / (171 + 2*18)},
 	} {
-		if got := day(tc.perBucket).quietRate(t0.Add(25*time.Hour)) * 1800; math.Abs(got-tc.want) > 1e-9 {
-			t.Errorf("busy buckets of %d: quiet rate %v a half hour, want %v", tc.perBucket, got, tc.want)
+		got, rate := d.activeFor(tc.share)
+		if got != tc.want || math.Abs(rate*60-tc.rate) > 1e-9 {
+			t.Errorf("activeFor(%v) = %s, %.4f/min; want %s, %.4f/min", tc.share, got, rate*60, tc.want, tc.rate)
 		}
+	}
+	// Fewer than minGaps pushes tell nothing.
+	if got, rate := pushes(quiets[:minGaps], sizes).activeFor(0.05); got != 0 || rate != 0 {
+		t.Errorf("%d pushes, %d quiets: activeFor %s, %v; want 0, 0", minGaps, minGaps-1, got, rate)
+	}
+	// Only the latest gapSamples are kept.
+	d = newDemand(t0)
+	for k := range gapSamples + 10 {
+		d.arrival(t0.Add(time.Duration(k) * time.Hour))
+	}
+	if len(d.Gaps) != gapSamples {
+		t.Errorf("%d gaps kept, want %d", len(d.Gaps), gapSamples)
+	}
+}
+
+// The outcomes: the share of requests missed though the pool meant to
+// serve them is the late ones less those that came while it kept no
+// spares on purpose, with a memory of about outcomeMemory requests.
+func TestMissedShare(t *testing.T) {
+	d := newDemand(t0)
+	for k := range minOutcomes - 1 {
+		d.requested(k%10 == 0)
+		d.served(k%10 == 0 || k%10 == 1)
+	}
+	if got := d.missedShare(); got != -1 {
+		t.Errorf("%d requests: missed share %v, want -1 (not yet known)", minOutcomes-1, got)
+	}
+	// One in ten came while idle, two in ten waited: one in ten missed.
+	for k := range 5000 {
+		d.requested(k%10 == 0)
+		d.served(k%10 == 0 || k%10 == 1)
+	}
+	if got := d.missedShare(); math.Abs(got-0.1) > 0.005 {
+		t.Errorf("missed share %v, want about 0.1", got)
+	}
+	// None late for a long while: the old misses are forgotten.
+	for range 7 * outcomeMemory {
+		d.requested(false)
+		d.served(false)
+	}
+	if got := d.missedShare(); got > 0.001 {
+		t.Errorf("missed share %v after %d requests served at once, want about 0", got, 7*outcomeMemory)
+	}
+	// More deliberate waits than late ones (served by a release): none missed.
+	d.Late, d.Deliberate = 1, 50
+	if got := d.missedShare(); got != 0 {
+		t.Errorf("missed share %v, want 0", got)
 	}
 }
 
@@ -221,6 +283,10 @@ func TestDemandRecord(t *testing.T) {
 	}
 	d.observeBoot(42 * time.Second)
 	d.observeLease(7 * time.Minute)
+	for k := range 300 {
+		d.requested(k%7 == 0)
+		d.served(k%5 == 0)
+	}
 	b, err := json.Marshal(d)
 	if err != nil {
 		t.Fatal(err)
@@ -233,6 +299,13 @@ func TestDemandRecord(t *testing.T) {
 	now := t0.Add(40 * time.Minute)
 	if a.demand.Start != t0 || a.demand.recentRate(now) != d.recentRate(now) || len(a.demand.BootS) != 1 || len(a.demand.LeaseS) != 1 {
 		t.Errorf("restored history differs: %+v", a.demand)
+	}
+	// The quiets and the outcomes too: a restart keeps ActiveFor and what
+	// the sizing missed.
+	gotFor, gotRate := a.demand.activeFor(0.05)
+	wantFor, wantRate := d.activeFor(0.05)
+	if gotFor != wantFor || gotRate != wantRate || wantFor == 0 || a.demand.missedShare() != d.missedShare() || d.missedShare() <= 0 {
+		t.Errorf("restored activeFor %s, %v, missed %v; want %s, %v, %v", gotFor, gotRate, a.demand.missedShare(), wantFor, wantRate, d.missedShare())
 	}
 	back.Minutes.Counts = back.Minutes.Counts[:10]
 	if a := newAutoscaler(AutoscaleSpec{}, back, t0.Add(time.Hour)); a.demand.Start != t0.Add(time.Hour) {
