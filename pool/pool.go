@@ -308,6 +308,14 @@ func New(opts Options) (*Manager, error) {
 		// A restarted pool warms up from its history at once.
 		m.autoscaleLocked(p, m.clock.Now())
 	}
+	// A removed pool's history goes with it. (A pool set back to a fixed
+	// min_idle keeps its own: its counts age out, and a return to auto
+	// starts from what is left.)
+	for name := range histories {
+		if m.pools[name] == nil {
+			m.write(store.Op{Kind: store.Demand, ID: name})
+		}
+	}
 	repairs := m.synced()
 	m.unlock()
 	if err := repairs.Wait(); err != nil {
