@@ -144,7 +144,7 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 	in.ActiveFor, in.ActiveRate = d.activeFor(IdleShare(d.missedShare()))
 	var ages []time.Duration
 	for _, l := range m.leases {
-		if l.Pool == p.name && l.State == LeaseActive {
+		if l.Pool == p.name && l.State == LeaseActive && m.returnsToPoolLocked(p, l) {
 			ages = append(ages, now.Sub(l.AssignedAt))
 		}
 	}
@@ -153,4 +153,15 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 	slices.Sort(ages)
 	in.ExpectedFrees = d.expectedFrees(ages, PlanningWindow(p90, in.TargetWaitP95))
 	return in
+}
+
+// returnsToPoolLocked says whether l's instance comes back idle when l
+// ends, as far as the pool knows now: not one draining or at max_uses,
+// which end with their lease and free nothing.
+func (m *Manager) returnsToPoolLocked(p *poolState, l *Lease) bool {
+	in, ok := m.instances[l.InstanceKey]
+	if !ok || in.State != Leased {
+		return false
+	}
+	return p.spec.MaxUses == 0 || in.Uses < p.spec.MaxUses
 }

@@ -24,6 +24,8 @@ type autoDriver struct {
 	assigned map[string]time.Time // lease → first seen active
 	instance map[string]string    // lease → its instance's id
 	waits    []time.Duration      // of every lease assigned
+	// singleUse: instances end with their lease (max_uses = 1).
+	singleUse bool
 }
 
 func newAutoHarness(t *testing.T, mod func(*Spec)) *harness {
@@ -64,7 +66,9 @@ func (d *autoDriver) step(dt time.Duration, request bool) {
 		}
 		if at, ok := d.assigned[id]; ok && now.Sub(at) >= d.hold {
 			h.release(id, false)
-			h.cleanRelease(d.instance[id], id)
+			if !d.singleUse { // a single-use instance is ended, not released
+				h.cleanRelease(d.instance[id], id)
+			}
 			continue
 		}
 		keep = append(keep, id)
@@ -290,5 +294,23 @@ func TestAutoscaleCountsOutcomes(t *testing.T) {
 	// 30 s (the first had none), the last still open.
 	if len(dm.Gaps) != 38 || dm.Gaps[0] != (gapSample{30, 1}) || dm.Gaps[37] != (gapSample{30, 1}) {
 		t.Errorf("gaps %v, want 38 of 30 s", dm.Gaps)
+	}
+}
+
+// Leases whose instances end with them (max_uses reached) free nothing:
+// the spares are not cut for them.
+func TestAutoscaleFreesOnlyReturningInstances(t *testing.T) {
+	reason := func(maxUses int) string {
+		h := newAutoHarness(t, func(s *Spec) { s.MaxUses = maxUses })
+		d := newAutoDriver(h, 90*time.Second, 3*time.Minute)
+		d.singleUse = maxUses == 1
+		d.run(20*time.Minute, 30*time.Second)
+		return h.autoscale().Reason
+	}
+	if r := reason(0); !strings.Contains(r, "freeing") {
+		t.Errorf("reused instances: reason %q, want leases expected to free some", r)
+	}
+	if r := reason(1); strings.Contains(r, "freeing") {
+		t.Errorf("single-use instances: reason %q, want none counted as freeing", r)
 	}
 }
