@@ -22,6 +22,8 @@ type autoscaler struct {
 	// dirty, that it changed since.
 	savedAt int64
 	dirty   bool
+	// allowed is the idle share in force, counted with each request.
+	allowed float64
 }
 
 // newAutoscaler starts p's autoscaler from its stored history, if any.
@@ -54,7 +56,7 @@ func (p *poolState) idleTTD() time.Duration {
 func (m *Manager) leaseRequestedLocked(p *poolState, now time.Time) {
 	if p.auto != nil {
 		p.auto.demand.arrival(now)
-		p.auto.demand.requested(p.auto.decision.Deliberate)
+		p.auto.demand.requested(p.auto.decision.Deliberate, p.auto.allowed)
 		p.auto.dirty = true
 	}
 }
@@ -141,7 +143,12 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 			in.Busy += n
 		}
 	}
-	in.ActiveFor, in.ActiveRate = d.activeFor(IdleShare(d.missedShare()))
+	share := IdleShare(d.missedShare())
+	in.ActiveFor, in.ActiveRate = d.activeFor(share)
+	p.auto.allowed = 0
+	if in.ActiveFor > 0 {
+		p.auto.allowed = share
+	}
 	var ages []time.Duration
 	for _, l := range m.leases {
 		if l.Pool == p.name && l.State == LeaseActive && m.returnsToPoolLocked(p, l) {

@@ -155,6 +155,11 @@ type demand struct {
 	Requests   float64 `json:"requests,omitempty"`
 	Deliberate float64 `json:"deliberate,omitempty"`
 	Late       float64 `json:"late,omitempty"`
+	// Allowed sums, with the same memory, the idle share in force at each
+	// request: the late requests the idle rule was allotted. What idling
+	// really cost is in Late; taking Allowed rather than Deliberate from it
+	// feeds an idle rule that overspends its share back into the budget.
+	Allowed float64 `json:"allowed,omitempty"`
 }
 
 func newDemand(now time.Time) *demand {
@@ -205,8 +210,9 @@ func (d *demand) batches() []int {
 
 // requested counts a request's outcome so far: whether it came while the
 // pool kept no spares on purpose.
-func (d *demand) requested(deliberate bool) {
+func (d *demand) requested(deliberate bool, allowed float64) {
 	d.Requests = decay(d.Requests, true)
+	d.Allowed = d.Allowed*(1-1.0/outcomeMemory) + allowed
 	d.Deliberate = decay(d.Deliberate, deliberate)
 }
 
@@ -230,7 +236,7 @@ func (d *demand) missedShare() float64 {
 	if d.Requests < minOutcomes {
 		return -1
 	}
-	return max(d.Late-d.Deliberate, 0) / d.Requests
+	return max(d.Late-d.Allowed, 0) / d.Requests
 }
 
 func (d *demand) observeBoot(b time.Duration) { d.BootS = keepLast(d.BootS, b.Seconds(), bootSamples) }

@@ -202,20 +202,21 @@ func TestActiveFor(t *testing.T) {
 }
 
 // The outcomes: the share of requests missed though the pool meant to
-// serve them is the late ones less those that came while it kept no
-// spares on purpose, with a memory of about outcomeMemory requests.
+// serve them is the late ones less what the idle rule was allotted, with a
+// memory of about outcomeMemory requests.
 func TestMissedShare(t *testing.T) {
 	d := newDemand(t0)
 	for k := range minOutcomes - 1 {
-		d.requested(k%10 == 0)
+		d.requested(k%10 == 0, 0.1)
 		d.served(k%10 == 0 || k%10 == 1)
 	}
 	if got := d.missedShare(); got != -1 {
 		t.Errorf("%d requests: missed share %v, want -1 (not yet known)", minOutcomes-1, got)
 	}
-	// One in ten came while idle, two in ten waited: one in ten missed.
+	// One in ten allotted to idling (and idling cost just that), two in
+	// ten waited: one in ten missed.
 	for k := range 5000 {
-		d.requested(k%10 == 0)
+		d.requested(k%10 == 0, 0.1)
 		d.served(k%10 == 0 || k%10 == 1)
 	}
 	if got := d.missedShare(); math.Abs(got-0.1) > 0.005 {
@@ -223,16 +224,30 @@ func TestMissedShare(t *testing.T) {
 	}
 	// None late for a long while: the old misses are forgotten.
 	for range 7 * outcomeMemory {
-		d.requested(false)
+		d.requested(false, 0)
 		d.served(false)
 	}
 	if got := d.missedShare(); got > 0.001 {
 		t.Errorf("missed share %v after %d requests served at once, want about 0", got, 7*outcomeMemory)
 	}
-	// More deliberate waits than late ones (served by a release): none missed.
-	d.Late, d.Deliberate = 1, 50
+	// More allotted than late (served by a release): none missed.
+	d.Late, d.Allowed = 1, 50
 	if got := d.missedShare(); got != 0 {
 		t.Errorf("missed share %v, want 0", got)
+	}
+}
+
+// Idling that costs more than its allotment shows as missed, so the budget
+// left for it shrinks: 1% allotted, 3% of requests waited on purpose.
+func TestMissedShareCountsWhatIdlingCost(t *testing.T) {
+	d := newDemand(t0)
+	for k := range 5000 {
+		deliberate := k%100 < 3
+		d.requested(deliberate, 0.01)
+		d.served(deliberate)
+	}
+	if got := d.missedShare(); got < 0.018 || got > 0.022 {
+		t.Errorf("missed share %v, want about 0.02 (3%% late, 1%% allotted)", got)
 	}
 }
 
@@ -284,7 +299,7 @@ func TestDemandRecord(t *testing.T) {
 	d.observeBoot(42 * time.Second)
 	d.observeLease(7 * time.Minute)
 	for k := range 300 {
-		d.requested(k%7 == 0)
+		d.requested(k%7 == 0, 0.02)
 		d.served(k%5 == 0)
 	}
 	b, err := json.Marshal(d)
