@@ -261,7 +261,7 @@ func (r *runner) leaseAndWait(ctx context.Context) (v pool.LeaseView, code int, 
 				code, why := interruptedBy(sig)
 				return v, r.cancelPending(ctx, v.ID, code, why), true
 			}
-			if !transient(err) {
+			if !Transient(err) {
 				return v, r.cutShort(ctx, v.ID, ExitHangar, fmt.Sprintf("waiting for lease %s: %v", v.ID, err)), true
 			}
 			sleepCtx(ctx, time.Second) // a signal is seen at the next turn
@@ -316,7 +316,7 @@ func (r *runner) stream(ctx context.Context, v pool.LeaseView) (code int, over b
 				code, why := interruptedBy(sig)
 				return r.cutShort(ctx, v.ID, code, why), true
 			}
-			if !transient(err) {
+			if !Transient(err) {
 				return r.lost(ctx, v.ID, err), true
 			}
 			// The server may be restarting; the run goes on meanwhile.
@@ -370,7 +370,7 @@ func (r *runner) renew(ctx context.Context, v pool.LeaseView) {
 			return
 		case <-t.C:
 			if _, err := r.c.Renew(ctx, v.ID); err != nil && ctx.Err() == nil {
-				if !transient(err) {
+				if !Transient(err) {
 					return // the output stream says why
 				}
 				_, _ = fmt.Fprintf(r.stderr, "hangar: renewing lease %s: %v\n", v.ID, err)
@@ -379,8 +379,9 @@ func (r *runner) renew(ctx context.Context, v pool.LeaseView) {
 	}
 }
 
-// transient: an error the next try may not have (no answer, or a 5xx).
-func transient(err error) bool {
+// Transient: an error the next try may not have (no answer, or a 5xx),
+// and not a request given up on by its own caller.
+func Transient(err error) bool {
 	var ae *api.Error
 	if errors.As(err, &ae) {
 		return ae.Status >= http.StatusInternalServerError

@@ -125,7 +125,7 @@ func lease(parent context.Context, g *globals, o leaseOptions) (pool.LeaseView, 
 			if sig := caught(); sig != 0 {
 				return v, cancelLease(ctx, c, v, interruptedBy(sig, o.req.Pool))
 			}
-			if !transientErr(err) {
+			if !cirun.Transient(err) {
 				return v, err
 			}
 			select {
@@ -205,13 +205,6 @@ func cancelLease(ctx context.Context, c *api.Client, v pool.LeaseView, end lease
 		return &statusError{say: true, code: code, err: fmt.Errorf("%s; canceling lease %s failed: %w (it ends when it is no longer waited for)", why, v.ID, err)}
 	}
 	return &statusError{say: true, code: code, err: fmt.Errorf("%s; lease %s %s", why, v.ID, ended)}
-}
-
-// transientErr: the server could not be reached or answered 5xx; asking
-// again may work.
-func transientErr(err error) bool {
-	var e *api.Error
-	return !errors.As(err, &e) || e.Status >= 500
 }
 
 // leaseRetrying asks for a lease, asking again with the same client token
