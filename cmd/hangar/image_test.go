@@ -187,6 +187,10 @@ func TestBakedImageCopiedToAnotherRegion(t *testing.T) {
 		t.Fatal("no pool far")
 		return pool.PoolView{}
 	}
+	// Run looks for the image as it starts, after the API answers.
+	testutil.Eventually(t, "far to wait for a baked image", 30*time.Second, func() bool {
+		return strings.Contains(far().ImageCopy, "waiting for pool build to have a baked image")
+	})
 	if p := far(); p.Image != "" || !strings.Contains(p.ImageCopy, "waiting for pool build to have a baked image") {
 		t.Errorf("far before any bake: %+v", p)
 	}
