@@ -91,6 +91,18 @@ type Instance struct {
 	Image      string            `json:"image,omitempty"`
 	Tags       map[string]string `json:"tags,omitempty"`
 	LaunchedAt time.Time         `json:"launched_at"`
+	// LaunchIndex is the instance's place in the launch that started it
+	// (0..n-1 for a launch of n; EC2's amiLaunchIndex). A batch of
+	// instances started by one call shares one user-data, and the pool
+	// tells them apart by it.
+	LaunchIndex int `json:"launch_index"`
+}
+
+// Noter is implemented by providers that have something an operator
+// should see next to their pools, such as a filter the cloud refused and
+// the fallback in use. `hangar pools` prints each note.
+type Noter interface {
+	Notes() []string
 }
 
 // LaunchSpec says what to launch.
