@@ -136,6 +136,28 @@ type Backend interface {
 	// Exit records the exit status of run of lease, under the same rule.
 	// Reporting the same status again is not an error.
 	Exit(ctx context.Context, instance, lease string, run, code int) error
+	// AuthenticateBatch maps a live batch enrollment token's hash to the
+	// pool whose instances it may enroll, or returns ErrUnauthorized. A
+	// batch token opens only the script and enroll routes.
+	AuthenticateBatch(tokenHash string) (pool string, err error)
+	// Enroll gives an instance of a batch its own bootstrap token, once:
+	// the instance id must be one the cloud returned for the batch (or
+	// lists under its intent tag) and not enrolled before (see
+	// docs/plan-issue14.md §2). ErrEnrollPending while the launch has not
+	// answered yet; ErrUnauthorized for every refusal.
+	Enroll(ctx context.Context, batchTokenHash string, e Enrollment) (token string, err error)
+}
+
+// Enrollment is what an instance of a batched launch presents.
+type Enrollment struct {
+	InstanceID string
+	// EnrollKey is a random value the instance keeps: presenting it again
+	// recovers an answer that was lost, and nothing else does.
+	EnrollKey string
+	// Document and Signature are the cloud's signed instance identity,
+	// when the pool asks for it (identity = "signed").
+	Document, Signature []byte
+	RemoteAddr          string
 }
 
 var (
@@ -144,6 +166,9 @@ var (
 	// ErrNotCurrent: an instance wrote to a run that is not, or is no
 	// longer, one of its current lease's.
 	ErrNotCurrent = errors.New("not a run under way on this instance's current lease")
+	// ErrEnrollPending: the batch's launch has not answered yet, so the
+	// instance id cannot be checked; ask again shortly.
+	ErrEnrollPending = errors.New("the launch of this batch has not answered yet")
 )
 
 // BrokenMarker goes into a run's output where an upload broke off: what

@@ -62,6 +62,14 @@ func (f *fakeBackend) Exit(ctx context.Context, instance, lease string, run, cod
 	return nil
 }
 
+func (f *fakeBackend) AuthenticateBatch(string) (string, error) {
+	return "", ErrUnauthorized
+}
+
+func (f *fakeBackend) Enroll(context.Context, string, Enrollment) (string, error) {
+	return "", ErrUnauthorized
+}
+
 func (f *fakeBackend) outputString() string {
 	f.mu.Lock()
 	defer f.mu.Unlock()

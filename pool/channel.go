@@ -33,6 +33,17 @@ func (m *Manager) Authenticate(tokenHash string) (string, error) {
 	return in.Key, nil
 }
 
+// AuthenticateBatch implements bootstrap.Backend. Batched launches are not
+// built yet (issue 14): no batch token is ever valid.
+func (m *Manager) AuthenticateBatch(tokenHash string) (string, error) {
+	return "", bootstrap.ErrUnauthorized
+}
+
+// Enroll implements bootstrap.Backend; see AuthenticateBatch.
+func (m *Manager) Enroll(ctx context.Context, batchTokenHash string, e bootstrap.Enrollment) (string, error) {
+	return "", bootstrap.ErrUnauthorized
+}
+
 func (m *Manager) instanceLocked(key string) (*Instance, error) {
 	in, ok := m.instances[key]
 	if !ok || m.byToken[in.TokenHash] != in {
