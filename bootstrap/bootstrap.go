@@ -145,7 +145,19 @@ type Backend interface {
 	// lists under its intent tag) and not enrolled before (see
 	// docs/plan-issue14.md §2). ErrEnrollPending while the launch has not
 	// answered yet; ErrUnauthorized for every refusal.
+	//
+	// The handler logs each refusal with the error Enroll returned, so
+	// that error says why (wrapping ErrUnauthorized) and never holds a
+	// token.
 	Enroll(ctx context.Context, batchTokenHash string, e Enrollment) (token string, err error)
+}
+
+// PoolScripter is implemented by a Backend whose batch tokens open the
+// script route: PoolScript returns the bootstrap script of a pool by name,
+// as AuthenticateBatch returned it. Without it, the script route refuses
+// batch tokens like any unknown token.
+type PoolScripter interface {
+	PoolScript(ctx context.Context, pool string) ([]byte, error)
 }
 
 // Enrollment is what an instance of a batched launch presents.
@@ -191,7 +203,8 @@ const MaxWait = 5 * time.Minute
 func Handler(b Backend, log *slog.Logger) http.Handler {
 	h := &handler{b: b, log: log}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /bootstrap/v1/script", h.auth(h.script))
+	mux.HandleFunc("GET /bootstrap/v1/script", h.script)
+	mux.HandleFunc("POST /bootstrap/v1/enroll", h.enroll)
 	mux.HandleFunc("POST /bootstrap/v1/ready", h.auth(h.ready))
 	mux.HandleFunc("GET /bootstrap/v1/assignment", h.auth(h.assignment))
 	mux.HandleFunc("POST /bootstrap/v1/heartbeat", h.auth(h.heartbeat))
@@ -254,8 +267,30 @@ func (h *handler) fail(w http.ResponseWriter, instance, what string, err error) 
 	http.Error(w, msg, status)
 }
 
-func (h *handler) script(w http.ResponseWriter, r *http.Request, instance string) {
-	body, err := h.b.Script(r.Context(), instance)
+// script serves the pool's bootstrap script to an instance, or to an
+// instance of a batched launch that has not enrolled yet: it fetches the
+// script with the batch token, and the script enrolls.
+func (h *handler) script(w http.ResponseWriter, r *http.Request) {
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || token == "" {
+		http.Error(w, "missing bootstrap token", http.StatusUnauthorized)
+		return
+	}
+	hash := HashToken(token)
+	var body []byte
+	instance, err := h.b.Authenticate(hash)
+	if err == nil {
+		body, err = h.b.Script(r.Context(), instance)
+	} else {
+		ps, ok := h.b.(PoolScripter)
+		pool, berr := h.b.AuthenticateBatch(hash)
+		if !ok || berr != nil {
+			http.Error(w, ErrUnauthorized.Error(), http.StatusUnauthorized)
+			return
+		}
+		instance = "(not enrolled) of pool " + pool
+		body, err = ps.PoolScript(r.Context(), pool)
+	}
 	if err != nil {
 		h.fail(w, instance, "script", err)
 		return

@@ -3,6 +3,8 @@ package bootstrap
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -30,6 +32,7 @@ type fakeBackend struct {
 	output   bytes.Buffer
 	exited   bool
 	exitCode int
+	enrolls  []Enrollment
 }
 
 func (f *fakeBackend) OpenOutput(ctx context.Context, instance, lease string, run int) (io.Writer, error) {
@@ -62,12 +65,47 @@ func (f *fakeBackend) Exit(ctx context.Context, instance, lease string, run, cod
 	return nil
 }
 
-func (f *fakeBackend) AuthenticateBatch(string) (string, error) {
+// The fake's batch token is "batch-token", of pool "p1"; Enroll answers by
+// instance id (see fakeEnroll).
+func (f *fakeBackend) AuthenticateBatch(hash string) (string, error) {
+	if hash == HashToken("batch-token") {
+		return "p1", nil
+	}
 	return "", ErrUnauthorized
 }
 
-func (f *fakeBackend) Enroll(context.Context, string, Enrollment) (string, error) {
-	return "", ErrUnauthorized
+// Instance ids the fake's Enroll knows: it issues a token to the first, asks
+// to wait for the second, refuses the third and fails on the fourth.
+const (
+	idEnrolls = "i-0123456789abcdef0"
+	idPending = "i-00000000"
+	idRefused = "i-11111111"
+	idBroken  = "i-22222222"
+	// issuedToken has a quote, so that the answer's quoting shows.
+	issuedToken = "issued'token"
+)
+
+func (f *fakeBackend) Enroll(ctx context.Context, hash string, e Enrollment) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if hash != HashToken("batch-token") {
+		return "", ErrUnauthorized
+	}
+	f.enrolls = append(f.enrolls, e)
+	switch e.InstanceID {
+	case idEnrolls:
+		return issuedToken, nil
+	case idPending:
+		return "", ErrEnrollPending
+	case idRefused:
+		return "", fmt.Errorf("%w: reused_id", ErrUnauthorized)
+	default:
+		return "", errors.New("store is down")
+	}
+}
+
+func (f *fakeBackend) PoolScript(ctx context.Context, pool string) ([]byte, error) {
+	return []byte("#!/bin/bash\necho script of " + pool + "\n"), nil
 }
 
 func (f *fakeBackend) outputString() string {
