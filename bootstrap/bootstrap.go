@@ -5,9 +5,12 @@
 //
 // Every call carries the instance's bootstrap token as a bearer token. Only a
 // hash of it is kept; it is bound to one instance and dies with it, and a
-// released answer may replace it (Assignment.NewToken). The
-// assignment is written as shell assignments, each value quoted by
-// shell.Quote, so that a bash-and-curl bootstrap can source it.
+// released answer may replace it (Assignment.NewToken). An instance of a
+// batched launch starts with its batch's enrollment token instead, which
+// opens only the script and enroll routes: enroll exchanges it, with the
+// instance's id, for the instance's own token. Assignments and the enroll
+// answer are written as shell assignments, each value quoted by
+// shell.Quote, so that a bash-and-curl bootstrap can source them.
 package bootstrap
 
 import (
