@@ -6,7 +6,10 @@
 //
 // User-data is readable by anything on the instance and by anyone allowed to
 // call DescribeInstanceAttribute, so it carries only the per-instance
-// bootstrap token, never a worker password.
+// bootstrap token, never a worker password. A batched launch's user-data,
+// shared by all its instances, carries the batch's enrollment token instead
+// (Params.Enroll): each instance trades it, once, for a token of its own,
+// and it dies once all have.
 //
 // The rendered script honours three variables of the environment it runs in;
 // cloud-init never sets them, they exist for tests and the local provider:
@@ -67,7 +70,21 @@ type Params struct {
 	// HANGAR_CACHE_MOUNT and HANGAR_CACHE_DEVICE for the bootstrap, which
 	// mounts the volume before it reports ready.
 	Cache *Cache
+	// Enroll: the user-data is a batch's, shared by every instance of one
+	// launch, and BootstrapToken is the batch's enrollment token, not an
+	// instance's. Exported as HANGAR_ENROLL=1: the bootstrap enrolls
+	// (POST /bootstrap/v1/enroll with its instance id) to get a token of
+	// its own before anything else.
+	Enroll bool
+	// Identity is "" or IdentitySigned (only with Enroll): exported as
+	// HANGAR_IDENTITY, it has the bootstrap send the cloud's signed
+	// instance identity document with its enrollment.
+	Identity string
 }
+
+// IdentitySigned asks enrolling instances for the cloud's signed instance
+// identity document.
+const IdentitySigned = "signed"
 
 // Cache says where the bootstrap finds and mounts the cache volume.
 type Cache struct {
@@ -140,6 +157,12 @@ func (p Params) validate() error {
 		if !cacheDeviceRE.MatchString(c.Device) {
 			errs = append(errs, fmt.Errorf("cache device %q: want /dev/sd[f-p]", c.Device))
 		}
+	}
+	switch {
+	case p.Identity != "" && p.Identity != IdentitySigned:
+		errs = append(errs, fmt.Errorf("identity: unknown identity %q (want %q or nothing)", p.Identity, IdentitySigned))
+	case p.Identity != "" && !p.Enroll:
+		errs = append(errs, errors.New("identity: only an enrolling (batch) user-data sends one"))
 	}
 	switch p.Format {
 	case "", FormatScript, FormatCloudConfig:
@@ -258,6 +281,12 @@ func renderScript(p Params) string {
 	fmt.Fprintf(&b, "export HANGAR_URL=%s\n", shell.Quote(strings.TrimRight(p.HangarURL, "/")))
 	fmt.Fprintf(&b, "export HANGAR_POOL=%s\n", shell.Quote(p.Pool))
 	fmt.Fprintf(&b, "export HANGAR_BOOTSTRAP_TOKEN=%s\n", shell.Quote(p.BootstrapToken))
+	if p.Enroll {
+		b.WriteString("export HANGAR_ENROLL=1\n")
+		if p.Identity != "" {
+			fmt.Fprintf(&b, "export HANGAR_IDENTITY=%s\n", shell.Quote(p.Identity))
+		}
+	}
 	if c := p.Cache; c != nil {
 		fmt.Fprintf(&b, "export HANGAR_CACHE_MOUNT=%s\n", shell.Quote(c.Mount))
 		fmt.Fprintf(&b, "export HANGAR_CACHE_DEVICE=%s\n", shell.Quote(c.Device))

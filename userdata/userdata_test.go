@@ -65,6 +65,12 @@ func withEnv(p Params, env map[string]string) Params {
 	return p
 }
 
+// enrolling makes p a batch's user-data, with identity.
+func enrolling(p Params, identity string) Params {
+	p.Enroll, p.Identity = true, identity
+	return p
+}
+
 func mustRender(t *testing.T, p Params) []byte {
 	t.Helper()
 	b, err := Render(p)
@@ -86,6 +92,9 @@ func TestRenderGolden(t *testing.T) {
 		{"mime.golden", testParams(FormatMIME)},
 		{"mime-script-only.golden", func() Params { p := testParams(FormatMIME); p.CloudConfig = ""; return p }()},
 		{"mime-b64.golden", withEnv(testParams(FormatMIME), map[string]string{"UTF8": "héllo ✓"})},
+		{"script-enroll.golden", enrolling(testParams(FormatScript), "")},
+		{"script-enroll-signed.golden", enrolling(testParams(FormatScript), IdentitySigned)},
+		{"cloud-config-enroll-signed.golden", enrolling(testParams(FormatCloudConfig), IdentitySigned)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.golden, func(t *testing.T) {
@@ -165,6 +174,16 @@ bootstrap token: empty`,
 			name:   "cloud config without mime",
 			params: Params{Pool: "p", HangarURL: "http://h", BootstrapToken: "t", Format: FormatCloudConfig, CloudConfig: userCloudConfig},
 			want:   `cloud config: only the "mime" format can carry one`,
+		},
+		{
+			name:   "unknown identity",
+			params: Params{Pool: "p", HangarURL: "http://h", BootstrapToken: "t", Enroll: true, Identity: "pkcs7"},
+			want:   `identity: unknown identity "pkcs7" (want "signed" or nothing)`,
+		},
+		{
+			name:   "identity without enroll",
+			params: Params{Pool: "p", HangarURL: "http://h", BootstrapToken: "t", Identity: IdentitySigned},
+			want:   `identity: only an enrolling (batch) user-data sends one`,
 		},
 		{
 			name:   "cloud config without header",
@@ -273,5 +292,31 @@ func TestMIMEBoundaryAvoidsContent(t *testing.T) {
 	got := renderMIME(parts)
 	if !strings.Contains(got, `boundary="===============hangar2=="`) {
 		t.Errorf("boundary does not skip the two in the content:\n%s", got)
+	}
+}
+
+// TestRenderEnroll: a batch's user-data exports HANGAR_ENROLL=1 (and the
+// identity asked for) next to the batch token, and is otherwise the same
+// script as an instance's; an instance's exports neither.
+func TestRenderEnroll(t *testing.T) {
+	plain := string(mustRender(t, testParams(FormatScript)))
+	for _, c := range []struct {
+		identity string
+		want     string
+	}{
+		{"", "export HANGAR_ENROLL=1\n"},
+		{IdentitySigned, "export HANGAR_ENROLL=1\nexport HANGAR_IDENTITY='signed'\n"},
+	} {
+		got := string(mustRender(t, enrolling(testParams(FormatScript), c.identity)))
+		token := "export HANGAR_BOOTSTRAP_TOKEN='" + testToken + "'\n"
+		if !strings.Contains(got, token+c.want+"export EXAMPLE=") {
+			t.Errorf("identity %q: the script does not export %q after the token:\n%s", c.identity, c.want, got)
+		}
+		if strings.Replace(got, c.want, "", 1) != plain {
+			t.Errorf("identity %q: the script differs from an instance's by more than %q", c.identity, c.want)
+		}
+	}
+	if strings.Contains(plain, "HANGAR_ENROLL") || strings.Contains(plain, "HANGAR_IDENTITY") {
+		t.Errorf("an instance's user-data speaks of enrollment:\n%s", plain)
 	}
 }
