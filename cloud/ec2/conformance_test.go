@@ -55,6 +55,40 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+// TestConformanceRefusedFilters runs the contract against a cloud that
+// answers DescribeInstances' client-token filter with an HTML 500, with
+// capacity errors on the first instance type and 30% of all requests
+// throttled. One provider serves every case, so the refusal must be found
+// and logged once, and every multi-offering launch must still work.
+func TestConformanceRefusedFilters(t *testing.T) {
+	hermetic(t)
+	srv := newServer(t, ec2test.Options{BootDelay: 300 * time.Millisecond, StopDelay: 300 * time.Millisecond})
+	srv.RefuseFilter("client-token", ec2test.HTML500)
+	srv.SetCapacity(func(typ, zone, market string) string {
+		if typ == "t3.small" {
+			return "InsufficientInstanceCapacity"
+		}
+		return ""
+	})
+	srv.Throttle("", 0.3)
+	var logs logLines
+	p := newProvider(t, srv, func(o *Options) { o.Logger = logs.logger() })
+	cloudtest.Run(t, func(t *testing.T) cloud.Provider {
+		return noConsole{p}
+	}, cloudtest.Options{Image: ec2test.DefaultImageID, InstanceTypes: []string{"t3.small", "t3a.small"}, Wait: time.Minute})
+	t.Cleanup(func() {
+		if n := logs.count(refusedLog); n != 1 {
+			t.Errorf("the refused filter was logged %d times, want once:\n%s", n, logs.buf.String())
+		}
+		if len(p.Notes()) != 1 {
+			t.Errorf("Notes() = %q, want the refused client-token filter", p.Notes())
+		}
+		if srv.Errors()["DescribeInstances/HTML500"] == 0 {
+			t.Error("no HTML 500 was answered; the test did not test a refused filter")
+		}
+	})
+}
+
 // noConsole hides the console of a cloud whose instances print nothing.
 type noConsole struct{ *Provider }
 

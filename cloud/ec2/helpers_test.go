@@ -125,6 +125,11 @@ type faultyTransport struct {
 	// reject answers requests whose body contains a key with an EC2 error
 	// instead of sending them: a cloud that lacks a parameter.
 	reject map[string]string // body substring → error code
+	// down, when it says so, answers the action with an HTML 500 instead
+	// of sending it: a cloud that is down behind its web server.
+	down func(action string) bool
+	// bodies holds every request's body, in order.
+	bodies []string
 }
 
 func newFaultyTransport() *faultyTransport {
@@ -145,7 +150,17 @@ func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	f.mu.Lock()
 	f.seen[action]++
+	f.bodies = append(f.bodies, string(body))
 	n := f.seen[action]
+	if f.down != nil && f.down(action) {
+		f.mu.Unlock()
+		page := "<html><head><title>502 Bad Gateway</title></head><body><hr></body></html>"
+		return &http.Response{
+			StatusCode: http.StatusBadGateway, Status: "502 Bad Gateway", Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			Header: http.Header{"Content-Type": {"text/html"}}, Body: io.NopCloser(strings.NewReader(page)),
+			ContentLength: int64(len(page)), Request: r,
+		}, nil
+	}
 	lose := f.lose != nil && f.lose(action, n)
 	var code string
 	for sub, c := range f.reject {
@@ -175,10 +190,46 @@ func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	return nil, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
 }
 
+// sent counts the requests of action whose body contains sub.
+func (f *faultyTransport) sent(action, sub string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, b := range f.bodies {
+		if strings.Contains(b, "Action="+action+"&") && strings.Contains(b, sub) {
+			n++
+		}
+	}
+	return n
+}
+
 func (f *faultyTransport) count(action string) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.seen[action]
+}
+
+// logLines keeps what a logger wrote, for tests that count log lines.
+type logLines struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logLines) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(b)
+}
+
+// count returns how many lines contain sub.
+func (l *logLines) count(sub string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.buf.String(), sub)
+}
+
+func (l *logLines) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
 // launchSpec is a minimal spec for ec2test's default image.

@@ -156,17 +156,16 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	if spec.RootVolumeGB > 0 && img.RootDevice == "" {
 		return nil, fmt.Errorf("launching ec2 instances: image %s has no root device to resize", img.ID)
 	}
-	if len(offers) > 1 && !p.noTokenFilter.Load() {
+	if len(offers) > 1 {
 		// An earlier call (before a crash, or one whose answer was lost)
 		// may have launched on an offering this call would not reach
-		// first: asking EC2 for every offering's token is the only way to
-		// know, and it is one cheap, filtered Describe.
-		found, err := p.launchedEarlier(ctx, spec.ClientToken, offers)
+		// first. With one offering, its token alone finds such a launch.
+		found, err := p.findEarlier(ctx, spec, offers)
 		if err != nil {
-			return nil, err
+			return nil, wrapErr("looking for an earlier launch", err)
 		}
 		if len(found) > 0 {
-			return found, nil
+			return p.replay(ctx, spec, img, offers, found, n)
 		}
 	}
 
@@ -239,8 +238,16 @@ func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img i
 			// This token launched before with other parameters: a
 			// restarted pool retrying an intent renders new user-data.
 			// The instance of that launch is the one this intent gets.
-			if found, ferr := p.launchedEarlier(ctx, spec.ClientToken, []offering{o}); ferr == nil && len(found) > 0 {
-				return found, nil
+			if found, ferr := p.findEarlier(ctx, spec, []offering{o}); ferr == nil {
+				var mine []cloud.Instance
+				for _, f := range found {
+					if tok := aws.ToString(f.ClientToken); tok == aws.ToString(in.ClientToken) || tok == "" && launchedOn(f, o) {
+						mine = append(mine, toInstance(f))
+					}
+				}
+				if len(mine) > 0 {
+					return mine, nil
+				}
 			}
 		}
 		if !uncertain(err) || round >= launchRounds || ctx.Err() != nil {
@@ -276,43 +283,154 @@ func (p *Provider) launched(insts []types.Instance, tags map[string]string) []cl
 // maxFilterValues is the most values EC2 takes in one filter.
 const maxFilterValues = 200
 
-// launchedEarlier returns the instances already launched under any of the
-// launch's offering tokens.
-func (p *Provider) launchedEarlier(ctx context.Context, launchToken string, offers []offering) ([]cloud.Instance, error) {
+// findEarlier returns the instances an earlier attempt of this launch
+// started on any of offers: by the hangar:intent tag first, which every
+// EC2-compatible cloud we know serves and which finds every offering in
+// one call, then by the offerings' client tokens. A filter the cloud does
+// not serve is skipped (filters.go); with neither, nothing is found.
+func (p *Provider) findEarlier(ctx context.Context, spec cloud.LaunchSpec, offers []offering) ([]types.Instance, error) {
+	controlOK := false
+	if intent := spec.Tags[cloud.TagIntent]; intent != "" {
+		found, refused, err := p.earlierByTag(ctx, intent)
+		if err != nil {
+			return nil, err
+		}
+		if len(found) > 0 {
+			return found, nil
+		}
+		controlOK = !refused
+	}
+	return p.earlierByToken(ctx, spec.ClientToken, offers, controlOK)
+}
+
+// earlierByTag returns the instances tagged with the launch's intent.
+func (p *Provider) earlierByTag(ctx context.Context, intent string) (_ []types.Instance, refused bool, _ error) {
+	in := &ec2.DescribeInstancesInput{
+		Filters: []types.Filter{
+			{Name: aws.String("instance-state-name"), Values: allStates},
+			{Name: aws.String("tag:" + cloud.TagIntent), Values: []string{literal(intent)}},
+		},
+		MaxResults: aws.Int32(pageSize),
+	}
+	var out []types.Instance
+	for {
+		page, refused, err := p.describeWith(ctx, p.tagFilter, in, false)
+		if err != nil || refused {
+			return nil, refused, err
+		}
+		for _, r := range page.Reservations {
+			for _, inst := range r.Instances {
+				// A cloud that ignores the filter must not pass strangers
+				// off as this launch's instances.
+				if tagValue(inst.Tags, cloud.TagIntent) == intent {
+					out = append(out, inst)
+				}
+			}
+		}
+		next := aws.ToString(page.NextToken)
+		if next == "" || next == aws.ToString(in.NextToken) {
+			return out, false, nil
+		}
+		in.NextToken = aws.String(next)
+	}
+}
+
+// earlierByToken returns the instances launched under any of the launch's
+// offering tokens.
+func (p *Provider) earlierByToken(ctx context.Context, launchToken string, offers []offering, controlOK bool) ([]types.Instance, error) {
 	tokens := make([]string, len(offers))
 	for i, o := range offers {
 		tokens[i] = clientToken(launchToken, o)
 	}
-	var out []cloud.Instance
+	var out []types.Instance
 	for chunk := range slices.Chunk(tokens, maxFilterValues) {
-		pages := ec2.NewDescribeInstancesPaginator(p.api, &ec2.DescribeInstancesInput{
+		in := &ec2.DescribeInstancesInput{
 			Filters:    []types.Filter{{Name: aws.String("client-token"), Values: chunk}},
 			MaxResults: aws.Int32(pageSize),
-		})
-		for pages.HasMorePages() {
-			page, err := pages.NextPage(ctx)
-			if err != nil && filterRefused(err) {
-				// Some EC2-compatible clouds lack the filter. Launching
-				// anyway keeps the pool working; a launch retried after a
-				// crash may then start a second instance, which the pool's
-				// reconcile ends as an orphan.
-				p.log.Warn("this cloud cannot look up launches by client token; a retried launch may start a second instance", "err", err)
-				p.noTokenFilter.Store(true)
-				return nil, nil
+		}
+		for {
+			page, refused, err := p.describeWith(ctx, p.tokenFilter, in, controlOK)
+			if refused {
+				// Launching anyway keeps the pool working; a launch
+				// retried after a crash may then start a second
+				// instance, which the pool's reconcile ends as an orphan.
+				return out, nil
 			}
 			if err != nil {
-				return nil, wrapErr("looking for an earlier launch by client token", err)
+				return nil, err
 			}
 			for _, r := range page.Reservations {
-				for _, in := range r.Instances {
-					// A cloud that ignores the filter must not pass
-					// strangers off as this launch's instances.
-					if slices.Contains(chunk, aws.ToString(in.ClientToken)) {
-						out = append(out, toInstance(in))
+				for _, inst := range r.Instances {
+					if slices.Contains(chunk, aws.ToString(inst.ClientToken)) {
+						out = append(out, inst)
 					}
 				}
 			}
+			next := aws.ToString(page.NextToken)
+			if next == "" || next == aws.ToString(in.NextToken) {
+				break
+			}
+			in.NextToken = aws.String(next)
 		}
+	}
+	return out, nil
+}
+
+func tagValue(tags []types.Tag, key string) string {
+	for _, t := range tags {
+		if aws.ToString(t.Key) == key {
+			return aws.ToString(t.Value)
+		}
+	}
+	return ""
+}
+
+// offeringOf finds the offering found instances were launched on: by
+// their client token, or, on a cloud that does not echo tokens, by type,
+// place and market. ok is false for instances of another token.
+func offeringOf(launchToken string, offers []offering, found []types.Instance) (offering, bool) {
+	for _, in := range found {
+		tok := aws.ToString(in.ClientToken)
+		for _, o := range offers {
+			if tok != "" && tok == clientToken(launchToken, o) {
+				return o, true
+			}
+			if tok == "" && launchedOn(in, o) {
+				return o, true
+			}
+		}
+	}
+	return offering{}, false
+}
+
+// launchedOn reports whether in has offering o's type, place and market.
+func launchedOn(in types.Instance, o offering) bool {
+	zone := ""
+	if in.Placement != nil {
+		zone = aws.ToString(in.Placement.AvailabilityZone)
+	}
+	spot := in.InstanceLifecycle == types.InstanceLifecycleTypeSpot
+	return string(in.InstanceType) == o.Type && spot == o.Spot &&
+		(o.Subnet == "" || aws.ToString(in.SubnetId) == o.Subnet) &&
+		(o.Zone == "" || zone == o.Zone)
+}
+
+// replay answers a launch an earlier attempt made: it sends that
+// offering's RunInstances again with its token, which EC2 answers with
+// the launch's full list even while listings lag behind it. When the
+// offering is not known or the replay fails, what the lookup found is
+// the answer.
+func (p *Provider) replay(ctx context.Context, spec cloud.LaunchSpec, img image, offers []offering, found []types.Instance, n int) ([]cloud.Instance, error) {
+	if o, ok := offeringOf(spec.ClientToken, offers, found); ok {
+		insts, err := p.runOffering(ctx, spec, img, o, n)
+		if len(insts) > 0 {
+			return insts, err
+		}
+		p.log.Info("replaying an earlier launch failed; answering with what the lookup found", "offering", o.String(), "err", err)
+	}
+	out := make([]cloud.Instance, len(found))
+	for i, in := range found {
+		out[i] = toInstance(in)
 	}
 	return out, nil
 }

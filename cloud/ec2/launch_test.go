@@ -265,8 +265,8 @@ func TestLaunchUnknownOutcome(t *testing.T) {
 }
 
 // TestLaunchWithoutTokenFilter: on a cloud that lacks DescribeInstances'
-// client-token filter, launches still work, and stop asking after the
-// first refusal.
+// client-token filter, launches still work (finding earlier launches by
+// tag), and stop asking the filter after the first refusal.
 func TestLaunchWithoutTokenFilter(t *testing.T) {
 	hermetic(t)
 	srv := newServer(t, ec2test.Options{})
@@ -279,8 +279,11 @@ func TestLaunchWithoutTokenFilter(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := ft.count("DescribeInstances"); got != 1 {
-		t.Errorf("%d DescribeInstances, want 1 (refused once, then not asked)", got)
+	if got := ft.sent("DescribeInstances", "client-token"); got != 1 {
+		t.Errorf("client-token asked %d times, want 1 (refused once, then not asked)", got)
+	}
+	if got := ft.count("DescribeInstances"); got != 3 {
+		t.Errorf("%d DescribeInstances, want 3 (a tag lookup each, one refused client-token lookup)", got)
 	}
 }
 

@@ -7,7 +7,10 @@
 //
 //   - launches are idempotent (EC2's ClientToken, one per offering derived
 //     from the launch intent's token), so a retry after a timeout or a
-//     crash never starts a second instance;
+//     crash never starts a second instance, and an earlier attempt is
+//     found by its hangar:intent tag (then by client token) on whichever
+//     offering it landed; a lookup filter the cloud cannot serve is found
+//     out in a second and skipped (filters.go, Notes);
 //   - capacity errors fall back through the ordered instance types, subnets
 //     or zones and markets, and a failed offering is skipped for a while;
 //   - every request waits on a client-side token bucket sized from AWS's
@@ -27,7 +30,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -125,9 +127,10 @@ type Provider struct {
 	// unsure holds the client tokens of launches whose outcome was never
 	// learned.
 	unsure *recentLaunches
-	// noTokenFilter is set once the cloud refused DescribeInstances'
-	// client-token filter.
-	noTokenFilter atomic.Bool
+	// tagFilter and tokenFilter are what the provider knows of
+	// DescribeInstances' hangar:intent and client-token filters on this
+	// cloud (filters.go).
+	tagFilter, tokenFilter *filterProbe
 	// testPageSize is Options.pageSize.
 	testPageSize int32
 }
@@ -223,6 +226,8 @@ func New(ctx context.Context, opts Options) (*Provider, error) {
 		offerings:    newOfferingMemory(opts.CapacityRetry, now),
 		recent:       &recentLaunches{now: now, at: map[string]time.Time{}},
 		unsure:       &recentLaunches{now: now, at: map[string]time.Time{}},
+		tagFilter:    &filterProbe{name: "tag:" + cloud.TagIntent},
+		tokenFilter:  &filterProbe{name: "client-token"},
 	}, nil
 }
 

@@ -188,6 +188,9 @@ type state struct {
 	quotaMax  int
 	quotaCode string
 	hideFor   time.Duration
+	// refused maps a DescribeInstances filter name (or "tag:" for every
+	// tag filter) to how the server refuses it.
+	refused map[string]RefuseMode
 }
 
 // region is one EC2 region: every instance, volume, snapshot, image and key
@@ -218,6 +221,7 @@ func (st *state) init(opts Options) {
 	st.errs = map[string]int{}
 	st.throttles = map[string]*throttle{}
 	st.buckets = map[string]*bucket{}
+	st.refused = map[string]RefuseMode{}
 	st.regions = map[string]*region{}
 	for _, name := range opts.Regions {
 		rg := &region{
@@ -366,6 +370,67 @@ func (s *Server) HideNewFor(d time.Duration) {
 	defer s.mu.Unlock()
 	s.hideFor = d
 }
+
+// RefuseMode is how a server refuses a DescribeInstances filter it is told
+// not to serve: see RefuseFilter.
+type RefuseMode int
+
+const (
+	// Serve the filter (the default).
+	Serve RefuseMode = iota
+	// Refuse400 answers InvalidParameterValue with HTTP 400, as EC2 does for
+	// a filter it does not know.
+	Refuse400
+	// HTML500 answers HTTP 500 with an HTML page, as some EC2-compatible
+	// clouds and emulators do for what they do not implement: no EC2 error
+	// code, and a body no XML decoder can read. Errors counts it as
+	// "DescribeInstances/HTML500".
+	HTML500
+)
+
+// RefuseFilter makes DescribeInstances refuse every request that uses the
+// filter name ("client-token", "tag:hangar:intent"; "tag:" means every
+// tag filter) as mode says, to play a cloud that lacks it. Serve restores
+// it.
+func (s *Server) RefuseFilter(name string, mode RefuseMode) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if mode == Serve {
+		delete(s.refused, name)
+		return
+	}
+	s.refused[name] = mode
+}
+
+// refusal returns the error for a request using filters, or nil.
+func (s *Server) refusal(filters []filter) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range filters {
+		mode := s.refused[f.name]
+		if mode == Serve && strings.HasPrefix(f.name, "tag:") {
+			mode = s.refused["tag:"]
+		}
+		switch mode {
+		case Refuse400:
+			return errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
+		case HTML500:
+			return errHTML500
+		}
+	}
+	return nil
+}
+
+// errHTML500 makes serveHTTP answer with htmlPage.
+var errHTML500 = errors.New("ec2test: refused with an HTML page")
+
+// htmlPage is what a web server in front of a cloud sends when the cloud
+// fails: HTML, and not well-formed XML either (<meta> and <hr> are never
+// closed), so that no XML decoder reads it.
+const htmlPage = `<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>500 Internal Server Error</title></head>
+<body><h1>500 Internal Server Error</h1><hr><p>The server encountered an internal error.</p></body></html>
+`
 
 // AddImage adds an image to the default region, or replaces the one with
 // its id (DefaultImageID included). Defaults are as documented on Image.
@@ -793,6 +858,9 @@ func (s *Server) describeInstances(_ context.Context, rg *region, q query) (resp
 		if !strings.HasPrefix(f.name, "tag:") && !slices.Contains(instanceFilters, f.name) {
 			return nil, errorf("InvalidParameterValue", "The filter '%s' is invalid", f.name)
 		}
+	}
+	if err := s.refusal(filters); err != nil {
+		return nil, err
 	}
 	limit, paged, err := q.int("MaxResults")
 	if err != nil {

@@ -40,6 +40,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"math"
@@ -350,6 +351,14 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) writeError(w http.ResponseWriter, action, requestID string, err error) {
+	if errors.Is(err, errHTML500) {
+		s.countError(action, "HTML500")
+		w.Header().Set("Content-Type", "text/html")
+		w.Header().Set("Content-Length", strconv.Itoa(len(htmlPage)))
+		w.WriteHeader(http.StatusInternalServerError)
+		_, _ = io.WriteString(w, htmlPage)
+		return
+	}
 	var ae *apiError
 	if !errors.As(err, &ae) {
 		ae = errorf("InternalError", "An internal error has occurred: %v", err)

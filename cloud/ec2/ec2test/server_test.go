@@ -1,7 +1,10 @@
 package ec2test
 
 import (
+	"encoding/xml"
+	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -529,5 +532,61 @@ func TestRateLimitBucket(t *testing.T) {
 	s.throttled("DescribeAvailabilityZones")
 	if !s.throttled("DescribeAvailabilityZones") {
 		t.Error("server did not throttle beyond its bucket")
+	}
+}
+
+// RefuseFilter refuses DescribeInstances with a filter as a cloud that
+// lacks it does: a 400 code, or an HTML 500 no XML decoder reads.
+func TestRefuseFilter(t *testing.T) {
+	t.Parallel()
+	s := newServer(t, Options{})
+	tagged := []string{"TagSpecification.1.ResourceType", "instance", "TagSpecification.1.Tag.1.Key", "hangar:intent", "TagSpecification.1.Tag.1.Value", "k1"}
+	run(t, s, 1, append([]string{"ClientToken", "tok-1"}, tagged...)...)
+	byToken := []string{"Filter.1.Name", "client-token", "Filter.1.Value.1", "tok-1"}
+	byTag := []string{"Filter.1.Name", "tag:hangar:intent", "Filter.1.Value.1", "k1"}
+
+	s.RefuseFilter("client-token", Refuse400)
+	wantError(t, call(t, s, "DescribeInstances", byToken...), 400, "InvalidParameterValue")
+	if got := mustCall(t, s, "DescribeInstances", byTag...).instanceIDs(); len(got) != 1 {
+		t.Errorf("the tag filter found %v with client-token refused, want one instance", got)
+	}
+
+	s.RefuseFilter("client-token", HTML500)
+	form := url.Values{"Action": {"DescribeInstances"}, "Version": {apiVersion}}
+	for i := 0; i < len(byToken); i += 2 {
+		form.Add(byToken[i], byToken[i+1])
+	}
+	req, err := http.NewRequest(http.MethodPost, s.URL(), strings.NewReader(form.Encode()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Authorization", testAuth)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 500 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
+		t.Errorf("HTML500 answered HTTP %d %s, want 500 text/html", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	var anything struct{}
+	if err := xml.Unmarshal(body, &anything); err == nil {
+		t.Errorf("the HTML 500 body is well-formed XML; a cloud's error page is not:\n%s", body)
+	}
+	if n := s.Errors()["DescribeInstances/HTML500"]; n != 1 {
+		t.Errorf("Errors() counted %d HTML 500s, want 1", n)
+	}
+
+	s.RefuseFilter("tag:", Refuse400)
+	wantError(t, call(t, s, "DescribeInstances", byTag...), 400, "InvalidParameterValue")
+	s.RefuseFilter("tag:", Serve)
+	s.RefuseFilter("client-token", Serve)
+	if got := mustCall(t, s, "DescribeInstances", byToken...).instanceIDs(); len(got) != 1 {
+		t.Errorf("client-token served again found %v, want one instance", got)
 	}
 }
