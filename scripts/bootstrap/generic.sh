@@ -34,6 +34,12 @@
 #                                  output upload has finished)
 #   401, 403 or 404 to ready or assignment: Hangar no longer knows this
 #   instance, so the script stops its worker and exits 1.
+#   POST /bootstrap/v1/enroll      (HANGAR_ENROLL=1, before anything else; see
+#                                  "Enrollment" below) form: instance_id,
+#                                  enroll_key, and with HANGAR_IDENTITY=signed
+#                                  document and signature; 200:
+#                                  HANGAR_BOOTSTRAP_TOKEN='...', this
+#                                  instance's own token
 #
 # The worker command must stay in the foreground (buildbot-worker start
 # --nodaemon): a worker that calls setsid itself escapes being stopped.
@@ -79,6 +85,21 @@
 # instance. To snapshot an idle instance's cache (a refresh) it answers
 # sync-cache: the script flushes it and polls with cache=synced.
 #
+# Enrollment: the user-data of a batched launch is shared by all its
+# instances, so its token (HANGAR_BOOTSTRAP_TOKEN) is the batch's enrollment
+# token, and HANGAR_ENROLL=1 says so. Unless the token file already holds a
+# token that descends from it (an earlier boot enrolled), the script reads
+# the instance id from the metadata service (HANGAR_METADATA_URL, default
+# http://169.254.169.254, IMDSv2 where it can), and with HANGAR_IDENTITY=signed
+# also the instance identity document and its /signature, and enrolls with
+# them and STATE/enroll-key (64 random hex digits, 0600, kept so that a retry
+# whose answer was lost is recognised). Hangar answers with the instance's own
+# token, which is saved with the batch token's hash as its ORIGIN, and from
+# then on everything goes as above. An answer 503 (the launch has not
+# answered yet), another 5xx or none is asked again, for up to ten minutes
+# (HANGAR_ENROLL_TIMEOUT seconds); a 401 (Hangar does not take this instance
+# id for this batch, or the batch token is dead) ends the script with status 1.
+#
 # HANGAR_SSH_HOST_KEY_FILE overrides the host key's path, and
 # HANGAR_STATE_DIR the STATE directory, for tests.
 
@@ -114,12 +135,152 @@ save_token() {
 	fi
 }
 
+# read_answer FILE NAME... sets answer_NAME, for each NAME, as the answer in
+# FILE sets NAME. It sources the file in one subshell for all of them, so
+# that neither the password nor the lease's env ever enter this shell, and
+# so that an answer costs one fork, not one a field.
+read_answer() {
+	local file=$1 name i=0 values=()
+	shift
+	mapfile -d '' -t values < <(
+		# shellcheck disable=SC1090
+		. "$file" && for name in "$@"; do printf '%s\0' "${!name-}"; done
+	)
+	for name in "$@"; do
+		printf -v "answer_$name" '%s' "${values[i]-}"
+		i=$((i + 1))
+	done
+}
+
+# enroll_key prints this instance's enroll key, made (0600) at its first
+# enrollment and kept, with no line break (curl sends the file as it is).
+enroll_key() {
+	local file=$state_dir/enroll-key key="" tmp
+	[ ! -f "$file" ] || key=$(<"$file")
+	if ! [[ $key =~ ^[0-9a-f]{64}$ ]]; then
+		key=$(head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n') &&
+			[[ $key =~ ^[0-9a-f]{64}$ ]] &&
+			tmp=$(umask 077 && mktemp "$state_dir/.enroll-key.XXXXXXXXXX") || return 1
+		if ! printf '%s' "$key" >"$tmp" || ! mv -f "$tmp" "$file"; then
+			rm -f "$tmp"
+			return 1
+		fi
+	fi
+	printf '%s' "$file"
+}
+
+imds=${HANGAR_METADATA_URL:-http://169.254.169.254}
+imds_token=""
+
+# imds_get PATH prints the metadata at latest/PATH, with an IMDSv2 token
+# when the service issues one (IMDSv1 otherwise).
+imds_get() {
+	if [ -z "$imds_token" ]; then
+		imds_token=$(curl -fsS --connect-timeout 2 --max-time 5 -X PUT \
+			-H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$imds/latest/api/token" 2>/dev/null) || imds_token=""
+	fi
+	if [ -n "$imds_token" ]; then
+		printf 'X-aws-ec2-metadata-token: %s\n' "$imds_token" |
+			curl -fsS --connect-timeout 2 --max-time 10 -H @- "$imds/latest/$1"
+	else
+		curl -fsS --connect-timeout 2 --max-time 10 "$imds/latest/$1"
+	fi
+}
+
+# enroll trades the batch token in HANGAR_BOOTSTRAP_TOKEN for this
+# instance's own, which it sets answer_HANGAR_BOOTSTRAP_TOKEN to (see
+# "Enrollment" above). It exits the script when Hangar refuses or time is up.
+enroll() {
+	local id="" key_file answer code wait=1 identity=() what
+	local deadline=$((SECONDS + ${HANGAR_ENROLL_TIMEOUT:-600}))
+	if ! key_file=$(enroll_key); then
+		log "cannot create the enroll key in $state_dir"
+		exit 1
+	fi
+	if ! answer=$(umask 077 && mktemp "$state_dir/.enroll-answer.XXXXXXXXXX"); then
+		log "cannot create a temporary file in $state_dir"
+		exit 1
+	fi
+	while :; do
+		code=""
+		if [ -z "$id" ] && ! { id=$(imds_get meta-data/instance-id) && [[ $id =~ ^i-[0-9a-f]{8,17}$ ]]; }; then
+			id=""
+			what="reading the instance id from the metadata service at $imds failed"
+		elif [ "${HANGAR_IDENTITY-}" = signed ] && [ ${#identity[@]} = 0 ] && ! {
+			imds_get dynamic/instance-identity/document >"$state_dir/identity-document" &&
+				imds_get dynamic/instance-identity/signature >"$state_dir/identity-signature"
+		}; then
+			what="reading the signed instance identity from the metadata service at $imds failed"
+		else
+			if [ "${HANGAR_IDENTITY-}" = signed ]; then
+				identity=(--data-urlencode "document@$state_dir/identity-document" --data-urlencode "signature@$state_dir/identity-signature")
+			fi
+			code=$(printf 'Authorization: Bearer %s\n' "$HANGAR_BOOTSTRAP_TOKEN" |
+				curl -sS --connect-timeout 10 --max-time 30 -H @- -o "$answer" -w '%{http_code}' \
+					--data-urlencode "instance_id=$id" --data-urlencode "enroll_key@$key_file" "${identity[@]}" \
+					"$HANGAR_URL/bootstrap/v1/enroll")
+			case $code in
+			200)
+				read_answer "$answer" HANGAR_BOOTSTRAP_TOKEN
+				rm -f "$answer"
+				log "enrolled instance $id with Hangar"
+				return 0
+				;;
+			401)
+				rm -f "$answer"
+				log "enrollment refused for instance $id"
+				exit 1
+				;;
+			503) what="Hangar cannot enroll instance $id yet (HTTP 503)" wait=2 ;;
+			5?? | 000) what="enrolling instance $id failed (HTTP $code)" ;;
+			*)
+				rm -f "$answer"
+				log "Hangar answered HTTP $code to the enrollment of instance $id; giving up"
+				exit 1
+				;;
+			esac
+		fi
+		if ((SECONDS + wait > deadline)); then
+			rm -f "$answer"
+			log "giving up: $what, for ${SECONDS}s"
+			exit 1
+		fi
+		log "$what; retrying in ${wait}s"
+		sleep "$wait"
+		# Hangar asks again in 2s when the launch has not answered; any
+		# other failure backs off.
+		if [ "$code" = 503 ]; then wait=2; else wait=$((wait < 15 ? wait * 2 : 30)); fi
+	done
+}
+
 if [ -n "${HANGAR_BOOTSTRAP_TOKEN:-}" ]; then
 	# -m for the last directory only: the others are /var and /var/lib.
 	# shellcheck disable=SC2174
 	if ! mkdir -p -m 0700 "$state_dir" || ! chmod 0700 "$state_dir"; then
 		log "cannot create $state_dir, where the bootstrap token is kept"
 		exit 1
+	fi
+	# A batch token is traded for this instance's own, once: a token saved
+	# by an earlier boot that descends from it is this instance's already.
+	if [ "${HANGAR_ENROLL-}" = 1 ]; then
+		if ! batch=$(printf '%s' "$HANGAR_BOOTSTRAP_TOKEN" | sha256sum); then
+			log "cannot hash the batch token"
+			exit 1
+		fi
+		batch=${batch%% *}
+		if { read -r origin saved <"$token_file" && [ -n "$saved" ] &&
+			{ [ "$saved" = "$HANGAR_BOOTSTRAP_TOKEN" ] || [ "$origin" = "$batch" ]; }; } 2>/dev/null; then
+			HANGAR_BOOTSTRAP_TOKEN=$saved
+		else
+			answer_HANGAR_BOOTSTRAP_TOKEN=""
+			enroll
+			if ! save_token "$batch" "$answer_HANGAR_BOOTSTRAP_TOKEN"; then
+				log "cannot save the bootstrap token Hangar issued in $token_file"
+				exit 1
+			fi
+			HANGAR_BOOTSTRAP_TOKEN=$answer_HANGAR_BOOTSTRAP_TOKEN
+		fi
+		unset batch origin saved answer_HANGAR_BOOTSTRAP_TOKEN
 	fi
 	# The user-data passes the saved token itself when it descends from
 	# its own; any other is an original, which starts a new line.
@@ -213,23 +374,6 @@ become() {
 	export HOME=$home USER=$user LOGNAME=$user
 	cd -- "$home" 2>/dev/null || cd /
 	exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"
-}
-
-# read_answer FILE NAME... sets answer_NAME, for each NAME, as the answer in
-# FILE sets NAME. It sources the file in one subshell for all of them, so
-# that neither the password nor the lease's env ever enter this shell, and
-# so that an answer costs one fork, not one a field.
-read_answer() {
-	local file=$1 name i=0 values=()
-	shift
-	mapfile -d '' -t values < <(
-		# shellcheck disable=SC1090
-		. "$file" && for name in "$@"; do printf '%s\0' "${!name-}"; done
-	)
-	for name in "$@"; do
-		printf -v "answer_$name" '%s' "${values[i]-}"
-		i=$((i + 1))
-	done
 }
 
 delay=1
