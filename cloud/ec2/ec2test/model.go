@@ -184,7 +184,11 @@ type state struct {
 	errs      map[string]int
 	throttles map[string]*throttle
 	buckets   map[string]*bucket
+	// resources are the instance buckets of RateLimitResource, by action.
+	resources map[string]*bucket
 	capacity  func(instanceType, zone, market string) string
+	// capacityCount is SetCapacityCount's function.
+	capacityCount func(instanceType, zone, market string) int
 	quotaMax  int
 	quotaCode string
 	hideFor   time.Duration
@@ -221,6 +225,7 @@ func (st *state) init(opts Options) {
 	st.errs = map[string]int{}
 	st.throttles = map[string]*throttle{}
 	st.buckets = map[string]*bucket{}
+	st.resources = map[string]*bucket{}
 	st.refused = map[string]RefuseMode{}
 	st.regions = map[string]*region{}
 	for _, name := range opts.Regions {
@@ -304,19 +309,60 @@ func (s *Server) RateLimit(action string, burst int, perSecond float64) {
 	s.buckets[action] = &bucket{capacity: float64(burst), tokens: float64(burst), rate: perSecond, at: time.Now()}
 }
 
+// RateLimitResource gives action the resource token bucket EC2 keeps next
+// to its request bucket, counting instances rather than requests: burst
+// instances at once, refilled at perSecond. RunInstances is charged for
+// the instances a launch starts, TerminateInstances, StopInstances and
+// StartInstances for the instances whose state they change; a call the
+// bucket cannot pay for answers RequestLimitExceeded and acts on none, as
+// on AWS (RunInstances: 1,000, refilled 2/s; TerminateInstances: 1,000 at
+// 20/s). A replayed launch (same ClientToken) starts nothing and costs
+// nothing. perSecond <= 0 removes the limit.
+func (s *Server) RateLimitResource(action string, burst int, perSecond float64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if perSecond <= 0 {
+		delete(s.resources, action)
+		return
+	}
+	s.resources[action] = &bucket{capacity: float64(burst), tokens: float64(burst), rate: perSecond, at: time.Now()}
+}
+
 type bucket struct {
 	capacity, tokens, rate float64
 	at                     time.Time
 }
 
-func (b *bucket) take(now time.Time) bool {
+func (b *bucket) take(now time.Time) bool { return b.takeN(now, 1) }
+
+// takeN takes n tokens if the bucket holds them.
+func (b *bucket) takeN(now time.Time, n float64) bool {
 	b.tokens = math.Min(b.capacity, b.tokens+now.Sub(b.at).Seconds()*b.rate)
 	b.at = now
-	if b.tokens < 1 {
+	if b.tokens < n {
 		return false
 	}
-	b.tokens--
+	b.tokens -= n
 	return true
+}
+
+// chargeResource takes n instances from action's resource bucket, if it
+// has one; refund gives back what was not used.
+func (s *Server) chargeResource(action string, n int) (refund func(unused int), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.resources[action]
+	if b == nil || n <= 0 {
+		return func(int) {}, nil
+	}
+	if !b.takeN(time.Now(), float64(n)) {
+		return nil, errorf("RequestLimitExceeded", "Request limit exceeded.")
+	}
+	return func(unused int) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		b.tokens = math.Min(b.capacity, b.tokens+float64(unused))
+	}, nil
 }
 
 func (s *Server) throttled(action string) bool {
@@ -349,6 +395,37 @@ func (s *Server) SetCapacity(f func(instanceType, zone, market string) (code str
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.capacity = f
+}
+
+// SetCapacityCount installs f, asked before every launch: how many
+// instances of the offering EC2 can start now (negative: any number). As
+// on EC2, a launch gets as many as there are, up to MaxCount, if that is
+// at least its MinCount, and fails with InsufficientInstanceCapacity
+// otherwise. nil removes the limit. Starts of stopped instances are not
+// counted.
+func (s *Server) SetCapacityCount(f func(instanceType, zone, market string) int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.capacityCount = f
+}
+
+// capacityFor is how many of maxCount the offering can start, asked
+// outside mu so that f may call the Server.
+func (s *Server) capacityFor(rg *region, req *runRequest) (int, error) {
+	s.mu.Lock()
+	f := s.capacityCount
+	s.mu.Unlock()
+	if f == nil {
+		return req.maxCount, nil
+	}
+	c := f(req.typ, req.zone, req.market)
+	if c < 0 {
+		return req.maxCount, nil
+	}
+	if c < req.minCount {
+		return 0, s.capacityError(rg, "InsufficientInstanceCapacity", req.typ, req.zone, req.market)
+	}
+	return min(c, req.maxCount), nil
 }
 
 // SetQuota fails launches and starts with code ("InstanceLimitExceeded" or
@@ -681,7 +758,15 @@ func (s *Server) runInstances(ctx context.Context, rg *region, q query) (respons
 	if err := s.checkCapacity(rg, req.typ, req.zone, req.market); err != nil {
 		return nil, err
 	}
-	n, err := s.quota(rg, req.minCount, req.maxCount)
+	maxCount, err := s.capacityFor(rg, req)
+	if err != nil {
+		return nil, err
+	}
+	n, err := s.quota(rg, req.minCount, maxCount)
+	if err != nil {
+		return nil, err
+	}
+	refund, err := s.chargeResource("RunInstances", n)
 	if err != nil {
 		return nil, err
 	}
@@ -704,6 +789,7 @@ func (s *Server) runInstances(ctx context.Context, rg *region, q query) (respons
 			spec.Spot = "only"
 		}
 		insts, err := b.Launch(ctx, spec, n)
+		refund(n - len(insts))
 		if len(insts) == 0 {
 			if err == nil {
 				err = errors.New("backend launched nothing")
@@ -1060,7 +1146,7 @@ func (s *Server) terminateInstances(ctx context.Context, rg *region, q query) (r
 			return in.state, nil
 		}
 		return shuttingDown, nil
-	}, cloud.Provider.Terminate)
+	}, "TerminateInstances", cloud.Provider.Terminate)
 }
 
 func (s *Server) stopInstances(ctx context.Context, rg *region, q query) (response, error) {
@@ -1077,7 +1163,7 @@ func (s *Server) stopInstances(ctx context.Context, rg *region, q query) (respon
 			return 0, errorf("IncorrectInstanceState", "This instance '%s' is not in a state from which it can be stopped.", in.id)
 		}
 		return stopping, nil
-	}, cloud.Provider.Stop)
+	}, "StopInstances", cloud.Provider.Stop)
 }
 
 func (s *Server) startInstances(ctx context.Context, rg *region, q query) (response, error) {
@@ -1092,14 +1178,14 @@ func (s *Server) startInstances(ctx context.Context, rg *region, q query) (respo
 			return pending, nil
 		}
 		return 0, errorf("IncorrectInstanceState", "The instance '%s' is not in a state from which it can be started.", in.id)
-	}, cloud.Provider.Start)
+	}, "StartInstances", cloud.Provider.Start)
 }
 
 // transition runs Terminate-, Stop- or StartInstances: decide every
 // instance's next state (one refusal fails the whole call, as on EC2), tell
 // the backend outside the lock, then record what the backend did.
 func (s *Server) transition(ctx context.Context, rg *region, q query, next func(*instance) (int, error),
-	backend func(cloud.Provider, context.Context, []string) ([]string, error)) (response, error) {
+	action string, backend func(cloud.Provider, context.Context, []string) ([]string, error)) (response, error) {
 	ids, err := q.instanceIDs()
 	if err != nil {
 		return nil, err
@@ -1127,10 +1213,15 @@ func (s *Server) transition(ctx context.Context, rg *region, q query, next func(
 			return nil, err
 		}
 	}
+	refund, err := s.chargeResource(action, len(moving))
+	if err != nil {
+		return nil, err
+	}
 	done := moving
 	var backendErr error
 	if b := s.opts.Backend; b != nil && len(moving) > 0 {
 		done, backendErr = backend(b, ctx, moving)
+		refund(len(moving) - len(done))
 	}
 
 	s.mu.Lock()

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -588,5 +589,70 @@ func TestRefuseFilter(t *testing.T) {
 	s.RefuseFilter("client-token", Serve)
 	if got := mustCall(t, s, "DescribeInstances", byToken...).instanceIDs(); len(got) != 1 {
 		t.Errorf("client-token served again found %v, want one instance", got)
+	}
+}
+
+// RateLimitResource charges the instances a call acts on to a bucket of
+// its own, as AWS's resource rate limits do: a launch or terminate the
+// bucket cannot pay for is throttled and does nothing; a replayed launch
+// and a terminate of what is already ending cost nothing.
+func TestResourceBucket(t *testing.T) {
+	t.Parallel()
+	s := newServer(t, Options{})
+	s.RateLimitResource("RunInstances", 10, 0.001)
+	s.RateLimitResource("TerminateInstances", 3, 0.001)
+	first := run(t, s, 6, "ClientToken", "rb-1").instanceIDs()
+	wantError(t, call(t, s, "RunInstances", "ImageId", DefaultImageID, "MinCount", "5", "MaxCount", "5"), 503, "RequestLimitExceeded")
+	if s.Running() != 6 {
+		t.Fatalf("%d running after a throttled launch, want 6", s.Running())
+	}
+	if again := run(t, s, 6, "ClientToken", "rb-1").instanceIDs(); !slices.Equal(again, first) {
+		t.Errorf("replay returned %v, want %v", again, first)
+	}
+	run(t, s, 4) // what is left: the replay was free
+	wantError(t, call(t, s, "RunInstances", "ImageId", DefaultImageID, "MinCount", "1", "MaxCount", "1"), 503, "RequestLimitExceeded")
+	if n := s.Errors()["RunInstances/RequestLimitExceeded"]; n != 2 {
+		t.Errorf("Errors() counted %d resource throttles, want 2", n)
+	}
+
+	ids := func(list []string) []string {
+		var kv []string
+		for i, id := range list {
+			kv = append(kv, "InstanceId."+strconv.Itoa(i+1), id)
+		}
+		return kv
+	}
+	wantError(t, call(t, s, "TerminateInstances", ids(first[:4])...), 503, "RequestLimitExceeded")
+	mustCall(t, s, "TerminateInstances", ids(first[:3])...)
+	mustCall(t, s, "TerminateInstances", ids(first[:3])...) // already ending: free
+	if s.Running() != 7 {
+		t.Errorf("%d running, want 7", s.Running())
+	}
+
+	s.RateLimitResource("RunInstances", 0, 0)
+	run(t, s, 20)
+}
+
+// SetCapacityCount starts as many as the offering has, at least MinCount,
+// and otherwise fails the launch.
+func TestMinCountPartial(t *testing.T) {
+	t.Parallel()
+	s := newServer(t, Options{})
+	s.SetCapacityCount(func(typ, zone, market string) int {
+		if typ == "t3.small" {
+			return 3
+		}
+		return -1
+	})
+	r := mustCall(t, s, "RunInstances", "ImageId", DefaultImageID, "InstanceType", "t3.small", "MinCount", "1", "MaxCount", "5")
+	if len(r.instanceIDs()) != 3 {
+		t.Errorf("launched %d of MaxCount 5 with room for 3, want 3", len(r.instanceIDs()))
+	}
+	if got := r.root.texts("instancesSet/item/amiLaunchIndex"); !slices.Equal(got, []string{"0", "1", "2"}) {
+		t.Errorf("amiLaunchIndex %v, want 0, 1, 2", got)
+	}
+	wantError(t, call(t, s, "RunInstances", "ImageId", DefaultImageID, "InstanceType", "t3.small", "MinCount", "4", "MaxCount", "5"), 500, "InsufficientInstanceCapacity")
+	if n := len(run(t, s, 5, "InstanceType", "t3a.small").instanceIDs()); n != 5 {
+		t.Errorf("launched %d of an unlimited offering, want 5", n)
 	}
 }
