@@ -259,6 +259,10 @@ type Pool struct {
 	MaxLeaseTTL  Duration `toml:"max_lease_ttl"` // the most a client may ask for
 	MaxUses      int      `toml:"max_uses"`      // 0: unlimited
 	OnIdle       string   `toml:"on_idle"`       // "terminate" | "stop"
+	// LaunchBatch is how many instances one launch call may start, all
+	// booting with one user-data that holds a batch enrollment token
+	// (1..1000; 1 gives each instance its own call and token).
+	LaunchBatch int `toml:"launch_batch"`
 
 	// Bootstrap is "builtin:NAME", a file path (resolved against the config
 	// file's directory) or an https:// URL.
@@ -459,6 +463,9 @@ func (p *Pool) setDefaults() {
 	p.Bootstrap = "builtin:generic.sh"
 	p.UserDataFormat = "script"
 	p.ClaimTimeout = Duration{2 * time.Minute}
+	// 1 until the instance side of enrollment (the /enroll route and
+	// generic.sh) ships: a batch's instances cannot enroll without it.
+	p.LaunchBatch = 1
 }
 
 // Load reads and validates the config file at path. It reads a token's

@@ -87,6 +87,7 @@ provider = "local"
 		Bootstrap:       "builtin:generic.sh",
 		UserDataFormat:  "script",
 		ClaimTimeout:    Duration{2 * time.Minute},
+		LaunchBatch:     1,
 	}
 	if got := c.Pools["a"]; !reflect.DeepEqual(got, wantPool) {
 		t.Errorf("pool = %+v\nwant   %+v", got, wantPool)
@@ -304,6 +305,12 @@ hangar.toml:17: server.tokens[2]: name is required
 hangar.toml:17: server.tokens[2]: role is required ("lease" or "admin")
 hangar.toml:17: server.tokens[2]: one of token_env, token_file or token is required`,
 	}, {
+		name: "launch_batch out of range",
+		toml: base + "launch_batch = 0\n[pools.big]\nprovider = \"local\"\nlaunch_batch = 1001\n[pools.word]\nprovider = \"local\"\nlaunch_batch = \"50\"\n",
+		want: `hangar.toml:5: pools.demo.launch_batch: must be between 1 and 1000
+hangar.toml:8: pools.big.launch_batch: must be between 1 and 1000
+hangar.toml:11: pools.word.launch_batch: must be an integer, not a string`,
+	}, {
 		name: "inline tokens, unknown key and bad type in the second one",
 		toml: base + `[server]
 tokens = [
@@ -343,6 +350,7 @@ local.toml (embedded): pools.demo.idle_ttd: must be positive
 local.toml (embedded): pools.demo.boot_timeout: must be positive
 local.toml (embedded): pools.demo.lease_ttl: must be positive
 local.toml (embedded): pools.demo.max_lease_ttl: must be positive
+local.toml (embedded): pools.demo.launch_batch: must be between 1 and 1000
 local.toml (embedded): pools.demo.on_idle: must be "terminate" or "stop", not ""
 local.toml (embedded): pools.demo.bootstrap: must not be empty
 local.toml (embedded): pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not ""

@@ -344,6 +344,10 @@ func (k *checker) imageSource(key string, p Pool) {
 	}
 }
 
+// MaxLaunchBatch is the most instances one launch call may start: EC2's
+// instance bucket holds 1,000.
+const MaxLaunchBatch = 1000
+
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)
 	before := len(k.problems)
@@ -395,6 +399,9 @@ func (k *checker) pool(name string, p Pool) {
 			f("max_lease_ttl"), fmt.Sprintf("must be ≥ lease_ttl (%s)", short(p.LeaseTTL.Duration)))
 	}
 	k.notNegative(f("max_uses"), int64(p.MaxUses))
+	if p.LaunchBatch < 1 || p.LaunchBatch > MaxLaunchBatch {
+		k.add(f("launch_batch"), "must be between 1 and %d", MaxLaunchBatch)
+	}
 	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
 	if c := p.Cache; c != nil {
 		k.cache(f("cache"), *c)

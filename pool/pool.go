@@ -106,6 +106,18 @@ type Instance struct {
 	CacheVolume   string `json:"cache_volume,omitempty"`
 	CacheAttached bool   `json:"cache_attached,omitempty"`
 
+	// Batch is the key of the batch it was launched in, and Slot its place
+	// there (batch.go); "" for an instance launched on its own. A slot has
+	// no token until it enrolls: EnrolledAt is then set, EnrollKeyHash is
+	// the hash of the key it enrolled with, and TokenUsed says whether
+	// the token issued has been presented since (an answer lost before
+	// that may be issued again, to the same key only).
+	Batch         string    `json:"batch,omitempty"`
+	Slot          int       `json:"slot,omitempty"`
+	EnrolledAt    time.Time `json:"enrolled_at,omitzero"`
+	EnrollKeyHash string    `json:"enroll_key_hash,omitempty"`
+	TokenUsed     bool      `json:"token_used,omitempty"`
+
 	accounted time.Time     // instance-seconds accounted up to here
 	op        Op            // the cloud call under way for it, if any
 	refresh   *cacheRefresh // a snapshot of its cache asked while it is idle (cache.go)
@@ -181,8 +193,12 @@ type Manager struct {
 	instances map[string]*Instance // by Key
 	byID      map[string]*Instance // by cloud id
 	byToken   map[string]*Instance // by bootstrap token hash
-	leases    map[string]*Lease
-	byClient  map[string]*Lease // by clientKey
+	// batches are the launches of several instances in one call, by key;
+	// byBatchToken the live ones by the hashes of their enrollment tokens.
+	batches      map[string]*Batch
+	byBatchToken map[string]*Batch
+	leases       map[string]*Lease
+	byClient     map[string]*Lease // by clientKey
 	// orphans and halting remember, per cloud id, since when reconcile has
 	// seen an instance unknown to the store, or one the cloud says is
 	// terminating; entries go when a listing no longer shows it so.
@@ -232,6 +248,8 @@ func New(opts Options) (*Manager, error) {
 		instances:    map[string]*Instance{},
 		byID:         map[string]*Instance{},
 		byToken:      map[string]*Instance{},
+		batches:      map[string]*Batch{},
+		byBatchToken: map[string]*Batch{},
 		leases:       map[string]*Lease{},
 		byClient:     map[string]*Lease{},
 		orphans:      map[string]seenSince{},
@@ -338,6 +356,10 @@ func (m *Manager) restore() error {
 	if err != nil {
 		return err
 	}
+	batches, err := store.Load[*Batch](m.store, store.Batches)
+	if err != nil {
+		return err
+	}
 	now := m.clock.Now()
 	m.restoredAt = now
 	for _, in := range insts {
@@ -353,7 +375,11 @@ func (m *Manager) restore() error {
 	for _, l := range leases {
 		m.leases[l.ID] = l
 	}
+	for _, b := range batches {
+		m.indexBatch(b)
+	}
 	m.repairLocked()
+	m.repairBatchesLocked()
 	var pending []*Lease
 	for _, l := range leases {
 		if l.ClientToken != "" {
@@ -376,7 +402,7 @@ func (m *Manager) restore() error {
 			p.queue = append(p.queue, l)
 		}
 	}
-	m.log.Info("restored state", "instances", len(insts), "leases", len(leases), "pending", len(pending))
+	m.log.Info("restored state", "instances", len(insts), "leases", len(leases), "batches", len(batches), "pending", len(pending))
 	return nil
 }
 

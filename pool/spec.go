@@ -24,6 +24,16 @@ type Spec struct {
 	// StopWhenIdle stops instances idle past IdleTTD instead of ending
 	// them, where the provider can.
 	StopWhenIdle bool
+	// LaunchBatch is how many instances one launch call may start (0 reads
+	// as 1). Above 1, or with Identity "signed", instances are launched in
+	// batches that share one user-data holding a batch enrollment token;
+	// each instance enrolls with its instance id for its own bootstrap
+	// token (batch.go). 1 launches one instance per call, each with its
+	// own token in its user-data.
+	LaunchBatch int
+	// Identity is "signed" when an enrolling instance must present the
+	// cloud's signed identity document; "" or "none" otherwise.
+	Identity string
 
 	// Bootstrap is where the bootstrap script comes from (bootstrap.Scripts).
 	Bootstrap      string

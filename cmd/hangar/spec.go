@@ -25,6 +25,7 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 		MaxLeaseTTL:    pc.MaxLeaseTTL.Duration,
 		ClaimTimeout:   pc.ClaimTimeout.Duration,
 		StopWhenIdle:   pc.OnIdle == "stop",
+		LaunchBatch:    pc.LaunchBatch,
 		Bootstrap:      pc.Bootstrap,
 		WorkerCommand:  pc.WorkerCommand,
 		CleanupCommand: pc.CleanupCommand,

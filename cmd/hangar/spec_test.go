@@ -95,3 +95,26 @@ func TestAutoscaledPoolServed(t *testing.T) {
 		t.Errorf("scale --max on an autoscaled pool: %d %q %q", code, out, errOut)
 	}
 }
+
+// launch_batch maps to pool.Spec.LaunchBatch; unset, it is 1.
+func TestPoolSpecLaunchBatch(t *testing.T) {
+	cfg, err := configs.Parse("hangar.toml", []byte(`
+[providers.local]
+type = "local"
+[pools.one]
+provider = "local"
+[pools.many]
+provider = "local"
+launch_batch = 50
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := poolOptions(cfg)
+	if got := o.Pools["one"].LaunchBatch; got != 1 {
+		t.Errorf("one: launch_batch %d, want 1", got)
+	}
+	if got := o.Pools["many"].LaunchBatch; got != 50 {
+		t.Errorf("many: launch_batch %d, want 50", got)
+	}
+}

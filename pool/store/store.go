@@ -1,6 +1,7 @@
 // Package store keeps Hangar's durable state in a bbolt file: instances
 // (including launch intents: an instance record written before the cloud is
-// asked to launch it), leases and the store's owner id.
+// asked to launch it), batches of instances launched by one call, leases and
+// the store's owner id.
 //
 // Writes go through Commit, which appends them to one ordered queue. A single
 // writer goroutine drains the queue into one bbolt transaction per round and
@@ -36,10 +37,14 @@ const (
 	Pools Kind = "pools"
 	// Demand holds each autoscaled pool's history of its demand.
 	Demand Kind = "demand"
-	meta   Kind = "meta"
+	// Batches holds launches of several instances in one cloud call: the
+	// batch's intent (its slots are instances) and its enrollment token's
+	// hash (pool/batch.go).
+	Batches Kind = "batches"
+	meta    Kind = "meta"
 )
 
-var kinds = []Kind{Instances, Leases, Pools, Demand, meta}
+var kinds = []Kind{Instances, Leases, Pools, Demand, Batches, meta}
 
 // Op is one write: a put of Value (JSON-encoded), or a delete when Value is nil.
 type Op struct {
