@@ -37,6 +37,7 @@ package local
 import (
 	"context"
 	"crypto/rand"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"io"
@@ -116,6 +117,9 @@ type Provider struct {
 	mu     sync.Mutex
 	keys   map[string]string // metadata key → instance id, a cache
 	lastGC time.Time
+	// identityKey and identityCert are the tree's, once read (identity.go).
+	identityKey  *rsa.PrivateKey
+	identityCert []byte
 }
 
 var _ cloud.Provider = (*Provider)(nil)
@@ -276,6 +280,9 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	ids := make([]string, n)
 	for i := range planned {
 		planned[i] = p.newRecord(spec, src, now, usedIPs)
+		// In the record, so that a replay after a partial launch (whose
+		// token then lists fewer ids) gives each the same index.
+		planned[i].LaunchIndex = i
 		ids[i] = planned[i].ID
 	}
 	// Written before any instance exists, so that a retry after a crash here

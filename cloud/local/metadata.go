@@ -363,6 +363,10 @@ func (p *Provider) serveMetadata(w http.ResponseWriter, req *http.Request) {
 		http.Error(w, "unauthorized", http.StatusUnauthorized)
 		return
 	}
+	if name, ok := strings.CutPrefix(path, "latest/dynamic/instance-identity/"); ok {
+		p.serveIdentity(w, req, r, name)
+		return
+	}
 	if path == "latest/user-data" {
 		b, err := os.ReadFile(filepath.Join(p.store.instanceDir(r.ID), "user-data"))
 		if err != nil || len(b) == 0 {

@@ -29,6 +29,7 @@ import (
 //	lock                      flock(2) serializing mutations across processes
 //	metadata.addr             last address of the metadata service
 //	metadata.secret           proves a service on that address is this tree's
+//	identity.key, identity.pem  signs instance identity documents (identity.go)
 //	instances/<id>/instance.json
 //	instances/<id>/user-data  raw, served by the metadata service
 //	instances/<id>/parts/     what the boot wrapper runs (*.sh) or prints
@@ -88,6 +89,8 @@ type record struct {
 	// Stop or Terminate finishes.
 	HaltingSince time.Time `json:"halting_since,omitzero"`
 	TerminatedAt time.Time `json:"terminated_at,omitzero"`
+	// LaunchIndex is the instance's place in its launch (cloud.Instance).
+	LaunchIndex int `json:"launch_index,omitempty"`
 }
 
 func (r *record) instance(now time.Time) cloud.Instance {
@@ -100,14 +103,15 @@ func (r *record) instance(now time.Time) cloud.Instance {
 		tags[k] = v
 	}
 	return cloud.Instance{
-		ID:         r.ID,
-		State:      st,
-		PrivateIP:  r.PrivateIP,
-		Type:       r.Type,
-		Zone:       r.Zone,
-		Image:      r.Image,
-		Tags:       tags,
-		LaunchedAt: r.LaunchedAt,
+		ID:          r.ID,
+		State:       st,
+		PrivateIP:   r.PrivateIP,
+		Type:        r.Type,
+		Zone:        r.Zone,
+		Image:       r.Image,
+		Tags:        tags,
+		LaunchedAt:  r.LaunchedAt,
+		LaunchIndex: r.LaunchIndex,
 	}
 }
 
