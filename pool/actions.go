@@ -108,7 +108,13 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 		return
 	}
 	p.launchFailures, p.launchErr, p.blocked = 0, "", false
-	c := got[0]
+	m.launchedLocked(in, got[0])
+	m.dispatchLocked()
+}
+
+// launchedLocked gives the intent in the instance c the cloud started for
+// it. Caller holds m.mu.
+func (m *Manager) launchedLocked(in *Instance, c cloud.Instance) {
 	in.ID, in.PrivateIP, in.Type, in.Zone, in.LaunchedAt = c.ID, c.PrivateIP, c.Type, c.Zone, m.clock.Now()
 	m.byID[in.ID] = in
 	if in.State == Terminating {
@@ -121,17 +127,22 @@ func (m *Manager) launch(ctx context.Context, p *poolState, in *Instance) {
 		m.setState(in, Booting, ReasonLaunched)
 	}
 	m.attachCacheLocked(in)
-	m.dispatchLocked()
 }
 
 func (m *Manager) tags(p *poolState, in *Instance) map[string]string {
+	return m.intentTags(p, in.Key)
+}
+
+// intentTags are the tags of a launch for intent (an instance's key, or a
+// batch's).
+func (m *Manager) intentTags(p *poolState, intent string) map[string]string {
 	t := map[string]string{}
 	for k, v := range p.spec.Launch.Tags {
 		t[k] = v
 	}
 	t[cloud.TagPool] = p.name
 	t[cloud.TagOwner] = m.store.Owner()
-	t[cloud.TagIntent] = in.Key
+	t[cloud.TagIntent] = intent
 	return t
 }
 
@@ -140,22 +151,28 @@ func (m *Manager) tags(p *poolState, in *Instance) map[string]string {
 // reached (a retry storm would not raise the quota).
 func (m *Manager) launchFailedLocked(p *poolState, in *Instance, err error) {
 	in.op = OpNone
+	m.launchBackoffLocked(p, in.Key, err)
+	m.setState(in, Gone, ReasonLaunchFailed)
+	m.revokeTokens(in)
+}
+
+// launchBackoffLocked records a failed launch call of p for intent (an
+// instance's key or a batch's) and backs the pool off.
+func (m *Manager) launchBackoffLocked(p *poolState, intent string, err error) {
 	class := cloud.ErrorClass(err)
-	m.log.Warn("launch failed", "pool", p.name, "intent", in.Key, "class", class, "err", err)
+	m.log.Warn("launch failed", "pool", p.name, "intent", intent, "class", class, "err", err)
 	if m.metrics != nil {
 		m.metrics.LaunchErrors.WithLabelValues(p.name, class).Inc()
 	}
 	p.launchFailures++
 	p.launchErr = err.Error()
-	m.launchErrorEvent(p.name, in.name(), p.launchErr)
+	m.launchErrorEvent(p.name, intent, p.launchErr)
 	if errors.Is(err, cloud.ErrQuota) {
 		p.blocked = true
 	}
 	backoff := time.Second << min(p.launchFailures, 8) // up to 256s
 	backoff = backoff/2 + rand.N(backoff/2+1)
 	p.retryAt = m.clock.Now().Add(backoff)
-	m.setState(in, Gone, ReasonLaunchFailed)
-	m.revokeTokens(in)
 }
 
 // startLocked boots a stopped instance again.
@@ -331,7 +348,7 @@ func (m *Manager) resumeLocked() {
 		}
 		switch in.State {
 		case Launching:
-			if in.op == OpNone {
+			if in.op == OpNone && in.Batch == "" { // a batch's slots: resumeBatchesLocked
 				in.op = OpLaunch
 				m.goAsync(func(ctx context.Context) { m.launch(ctx, p, in) })
 			}
@@ -346,6 +363,7 @@ func (m *Manager) resumeLocked() {
 			m.attachCacheLocked(in)
 		}
 	}
+	m.resumeBatchesLocked()
 }
 
 // timersLocked acts on what the clock says is due, in named steps. Caller
@@ -354,6 +372,7 @@ func (m *Manager) timersLocked() {
 	now := m.clock.Now()
 	m.leaseTimersLocked(now)
 	idle, live := m.instanceTimersLocked(now)
+	m.batchTimersLocked(now)
 	for _, name := range m.poolNames {
 		p := m.pools[name]
 		m.autoscaleLocked(p, now)

@@ -22,6 +22,7 @@ func newFakeClock() *fakeClock { return testutil.NewFakeClock() }
 type fakeCall struct {
 	Op          string // launch | list | terminate | stop | start | console
 	ClientToken string
+	N           int // instances asked for, of a launch
 	IDs         []string
 	Err         error
 }
@@ -47,6 +48,12 @@ type fakeCloud struct {
 	calls     []fakeCall
 	failNext  map[string][]error // consumed one per call
 	failAll   map[string]error   // every call until cleared
+	// short, when positive, is how many instances the next launches start
+	// at most: the rest fail with ErrCapacity, as a partial EC2 launch.
+	short int
+	// reverseIndex gives a launch's instances their launch indexes in
+	// reverse order of their ids.
+	reverseIndex bool
 	// beforeLaunch runs before the cloud acts on a Launch; an error refuses
 	// the launch. afterLaunch runs once the instances exist; an error loses
 	// the answer (the instances stay). Both run without the fake's lock.
@@ -117,7 +124,7 @@ func (f *fakeCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([
 	if before != nil {
 		if err := before(ctx, spec); err != nil {
 			f.mu.Lock()
-			f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, Err: err})
+			f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, Err: err})
 			f.mu.Unlock()
 			return nil, err
 		}
@@ -125,10 +132,10 @@ func (f *fakeCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([
 
 	f.mu.Lock()
 	out, err := f.launchLocked(spec, n)
-	f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, IDs: cloudIDs(out), Err: err})
+	f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, IDs: cloudIDs(out), Err: err})
 	after := f.afterLaunch
 	f.mu.Unlock()
-	if err != nil {
+	if len(out) == 0 {
 		return nil, err
 	}
 	if after != nil {
@@ -136,7 +143,23 @@ func (f *fakeCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([
 			return nil, err
 		}
 	}
-	return out, nil
+	return out, err // a partial launch: those started, and why not the rest
+}
+
+// Short makes the next launches start at most n instances each (0: no
+// limit); the rest fail for want of capacity.
+func (f *fakeCloud) Short(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.short = n
+}
+
+// ReverseIndexes gives launched instances launch indexes in reverse
+// order of their ids, so that answer order and index order differ.
+func (f *fakeCloud) ReverseIndexes() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.reverseIndex = true
 }
 
 func (f *fakeCloud) launchLocked(spec cloud.LaunchSpec, n int) ([]cloud.Instance, error) {
@@ -165,18 +188,28 @@ func (f *fakeCloud) launchLocked(spec cloud.LaunchSpec, n int) ([]cloud.Instance
 		zone = spec.Zones[0]
 	}
 	var out []cloud.Instance
-	for range n {
+	var short error
+	if f.short > 0 && n > f.short {
+		short = fmt.Errorf("launching fake instances: %d of %d started: %w", f.short, n, cloud.ErrCapacity)
+		n = f.short
+	}
+	for i := range n {
 		f.seq++
+		index := i
+		if f.reverseIndex {
+			index = n - 1 - i
+		}
 		in := &fakeInstance{
 			Instance: cloud.Instance{
-				ID:         fmt.Sprintf("i-%04d", f.seq),
-				State:      cloud.StateRunning,
-				PrivateIP:  fmt.Sprintf("10.0.0.%d", f.seq),
-				Type:       typ,
-				Zone:       zone,
-				Image:      spec.Image,
-				Tags:       maps.Clone(spec.Tags),
-				LaunchedAt: f.clock.Now(),
+				ID:          fmt.Sprintf("i-%04d", f.seq),
+				State:       cloud.StateRunning,
+				PrivateIP:   fmt.Sprintf("10.0.0.%d", f.seq),
+				Type:        typ,
+				Zone:        zone,
+				Image:       spec.Image,
+				Tags:        maps.Clone(spec.Tags),
+				LaunchedAt:  f.clock.Now(),
+				LaunchIndex: index,
 			},
 			UserData:    slices.Clone(spec.UserData),
 			ClientToken: spec.ClientToken,
@@ -185,7 +218,7 @@ func (f *fakeCloud) launchLocked(spec cloud.LaunchSpec, n int) ([]cloud.Instance
 		f.tokens[spec.ClientToken] = append(f.tokens[spec.ClientToken], in.ID)
 		out = append(out, f.copyOf(in))
 	}
-	return out, nil
+	return out, short
 }
 
 func (f *fakeCloud) copyOf(in *fakeInstance) cloud.Instance {

@@ -571,6 +571,19 @@ func (m *Manager) dispatchPool(p *poolState) {
 		// An image from elsewhere not copied here yet: leases wait for it.
 		return
 	}
+	if p.spec.batched() {
+		// Calls are counted, not instances: a batch of 50 is one call.
+		// Its slots count as live at once, so neither the store nor the
+		// cloud (asked for at most max_instances − live) ever exceeds
+		// max_instances.
+		for need > 0 && live < p.spec.MaxInstances && p.launchCalls < maxLaunchCalls {
+			k := batchSize(p, need, p.spec.MaxInstances-live)
+			m.launchBatchLocked(p, k)
+			need -= k
+			live += k
+		}
+		return
+	}
 	for ; need > 0 && live < p.spec.MaxInstances && launching < maxLaunching; need-- {
 		m.launchLocked(p)
 		live++
@@ -582,8 +595,12 @@ func (m *Manager) dispatchPool(p *poolState) {
 // scale-out waits here rather than in the provider's rate limiter, where it
 // would run into its call timeout (at EC2's 2 RunInstances a second, 500
 // queued calls take four minutes). Each launch that returns dispatches the
-// next.
-const maxLaunching = 10
+// next. A pool that launches one instance per call counts its launching
+// instances; one that launches batches, its calls (maxLaunchCalls).
+const (
+	maxLaunching   = 10
+	maxLaunchCalls = maxLaunching
+)
 
 // bySince orders instances by when they entered their state, ties by key:
 // the pool's choices depend on its state only, never on map order.

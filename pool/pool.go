@@ -151,6 +151,9 @@ type poolState struct {
 	config PoolLimits
 	scaled bool
 
+	// launchCalls are its batches' launch calls under way or about to be
+	// (batch.go); dispatch keeps them under maxLaunchCalls.
+	launchCalls    int
 	launchFailures int
 	retryAt        time.Time // no launches before this
 	launchErr      string    // last launch error, shown in hangar pools

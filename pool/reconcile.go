@@ -80,6 +80,22 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 		}
 		in := m.instances[c.Tags[cloud.TagIntent]]
 		gone := c.State == cloud.StateTerminated || c.State == cloud.StateTerminating
+		var batch *Batch
+		if in == nil {
+			// Tagged with a batch's key: its slot, or a free one.
+			var wait bool
+			in, batch, wait = m.batchOfLocked(c)
+			if wait {
+				continue // the batch's call is under way; its answer names it
+			}
+			if batch != nil && in == nil && !gone {
+				// More instances than the batch has slots: the
+				// cloud ignored the idempotency token.
+				orphans[c.ID] = true
+				m.orphanLocked(prov, c, now.Add(-m.opts.OrphanGrace))
+				continue
+			}
+		}
 		if in == nil || m.pools[in.Pool] == nil || m.pools[in.Pool].provider != prov {
 			if !gone {
 				orphans[c.ID] = true
@@ -96,6 +112,9 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 				m.setState(in, Booting, ReasonAdopted)
 			}
 			m.saveInstance(in)
+			if batch != nil {
+				m.adoptedLocked(batch)
+			}
 		}
 		if in.ID == "" {
 			// Its launch call is under way; the answer will name it.

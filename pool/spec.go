@@ -99,6 +99,31 @@ func (s Spec) userData(pool, publicURL, token string) ([]byte, error) {
 	return userdata.Render(p)
 }
 
+// batched reports whether the pool launches in batches with enrollment
+// rather than one instance per call with its token in its user-data.
+func (s Spec) batched() bool { return s.LaunchBatch > 1 || s.Identity == "signed" }
+
+// launchBatch is how many instances one launch call may start.
+func (s Spec) launchBatch() int { return max(1, s.LaunchBatch) }
+
+// batchUserData renders what every instance of a batch boots with: the
+// batch's enrollment token, which only enrolls (channel.go's Enroll).
+func (s Spec) batchUserData(pool, publicURL, token string) ([]byte, error) {
+	p := s.UserData
+	p.Pool, p.HangarURL, p.BootstrapToken = pool, publicURL, token
+	if s.Cache != nil {
+		p.Cache = &userdata.Cache{Mount: s.Cache.Mount, Device: cacheDevice}
+	}
+	markEnroll(&p, s.Identity)
+	return userdata.Render(p)
+}
+
+// markEnroll makes p a batch's user-data, whose token must be exchanged at
+// enrollment. A seam until userdata.Params has Enroll and Identity (issue
+// 14, part 3): then it sets them; until then it renders the plain
+// user-data, and a batched pool's instances cannot enroll on their own.
+func markEnroll(p *userdata.Params, identity string) {}
+
 // RenderUserData renders what an instance of the pool would boot with, with
 // a placeholder token, for `hangar userdata render`.
 func RenderUserData(s Spec, pool, publicURL string) ([]byte, error) {

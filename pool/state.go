@@ -136,6 +136,7 @@ const (
 	ReasonNone             Reason = ""
 	ReasonLaunched         Reason = "launched"
 	ReasonLaunchFailed     Reason = "launch_failed"
+	ReasonLaunchShort      Reason = "launch_short" // a batch's slot the cloud started no instance for (a partial batch)
 	ReasonAdopted          Reason = "adopted"
 	ReasonReady            Reason = "ready"
 	ReasonLeased           Reason = "leased"
