@@ -3,6 +3,8 @@ package bootstrap
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/cloud/identity"
 	"github.com/hangar-ci/hangar/scripts"
 )
 
@@ -121,15 +124,13 @@ type fakeIMDS struct {
 	v1        bool // no tokens: IMDSv1 only
 	failFirst int  // the first reads of the instance id answer 500
 
-	mu       sync.Mutex
-	reads    []string // paths read, with "(no token)" when one was missing
-	document string
+	mu        sync.Mutex
+	reads     []string // paths read, with "(no token)" when one was missing
+	document  string
+	signature string
 }
 
-const (
-	imdsToken     = "imds-token-AQAEAA"
-	imdsSignature = "c2lnbmF0dXJl\nb2YgdGhlIGRvY3VtZW50\n"
-)
+const imdsToken = "imds-token-AQAEAA"
 
 func (m *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	m.mu.Lock()
@@ -160,7 +161,7 @@ func (m *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/latest/dynamic/instance-identity/document":
 		_, _ = io.WriteString(w, m.document)
 	case "/latest/dynamic/instance-identity/signature":
-		_, _ = io.WriteString(w, imdsSignature)
+		_, _ = io.WriteString(w, m.signature)
 	default:
 		http.NotFound(w, r)
 	}
@@ -229,6 +230,7 @@ func enrollRun(t *testing.T, dir string, hangar, imds *httptest.Server, token st
 // with the issued token, which it saves as descending from the batch token,
 // so that the user-data run again after a stop and start enrolls no more.
 func TestGenericEnroll(t *testing.T) {
+	doc, sig, verifier := signedIdentity(t)
 	for _, c := range []*struct {
 		name        string
 		imds        fakeIMDS         // v1 and failFirst
@@ -255,7 +257,7 @@ func TestGenericEnroll(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			c.imds.document = `{"instanceId" : "` + enrollInstanceID + `", "region" : "local"}`
+			c.imds.document, c.imds.signature = doc, sig
 			imds := httptest.NewServer(&c.imds)
 			defer imds.Close()
 			var logs syncBuffer
@@ -297,8 +299,11 @@ func TestGenericEnroll(t *testing.T) {
 				if e.InstanceID != enrollInstanceID || e.EnrollKey != string(key) {
 					t.Errorf("enrollment %d: instance %q, key %q; want %q and the saved key %q", i, e.InstanceID, e.EnrollKey, enrollInstanceID, key)
 				}
-				if c.signed && (string(e.Document) != c.imds.document || string(e.Signature) != imdsSignature) {
+				if c.signed && (string(e.Document) != doc || string(e.Signature) != sig) {
 					t.Errorf("enrollment %d: document %q, signature %q; want what the metadata service served", i, e.Document, e.Signature)
+				}
+				if _, err := verifier.Verify("local", e.Document, e.Signature); c.signed && err != nil {
+					t.Errorf("enrollment %d: the identity does not verify: %v", i, err)
 				}
 				if !c.signed && (e.Document != nil || e.Signature != nil) {
 					t.Errorf("enrollment %d sent an identity unasked", i)
@@ -340,4 +345,32 @@ func TestGenericEnroll(t *testing.T) {
 			}
 		})
 	}
+}
+
+// signedIdentity returns an identity document of enrollInstanceID as EC2
+// serves it (indented JSON; here with a final line break, which must reach
+// Hangar too), its signature (base64 cut in lines) and a verifier for it.
+func signedIdentity(t *testing.T) (doc, sig string, v *identity.Verifier) {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := identity.Document{InstanceID: enrollInstanceID, Region: "local", AccountID: "000000000000"}.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d = append(d, '\n')
+	s, err := identity.Sign(key, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := identity.SelfSigned(key, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err = identity.FromPEM(cert); err != nil {
+		t.Fatal(err)
+	}
+	return string(d), string(s[:64]) + "\n" + string(s[64:]) + "\n", v
 }
