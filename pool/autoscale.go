@@ -56,19 +56,24 @@ import (
 // requests, which then wait a boot. While it keeps spares, it plans for at
 // least the rate its requests came at while spares were kept (ActiveRate):
 // between pushes far apart the windowed rates fall to nothing, and the
-// spares with them, just before the next push.
+// spares with them, just before the next push. When not even the requests
+// after the longest quiet seen fit in the share, the quiets cannot say
+// where to stop, and the pool keeps spares for twice the longest: in its
+// first days the next quiet is often the longest yet. Until it has seen
+// enough quiets to read ActiveFor at all, it plans for at least its rate
+// since its history began.
 //
-// The share is what the late budget (4%, a margin under the 5%) leaves
+// The share is what the late budget (3.5%, a margin under the 5%) leaves
 // once the pool has counted what its sizing misses: the requests that
 // waited longer than T though they came while it meant to serve them.
 // Those misses are not only the quantile's 3% (p = 0.97): a push that
 // comes within a boot of another finds the spares taken and their
 // replacements booting, which no spares kept before the first could avoid
 // but twice as many. Where pushes come back to back that often, as on
-// Bitcoin Core's CI (one job in twenty), the budget is spent before the
-// idle rule has any, and the pool keeps spares through every quiet; where
-// the sizing meets its quantile, the idle rule drops the spares through
-// the nights and weekends.
+// Bitcoin Core's CI (one job in twenty), the budget is often spent before
+// the idle rule has any, and the pool keeps spares through every quiet up
+// to twice the longest; where the sizing meets its quantile, the idle rule
+// drops the spares through the nights and weekends.
 //
 // The TTD. An idle instance above the target costs its idle time; ending
 // it and booting another when one is needed costs a boot (billed as much
@@ -79,8 +84,9 @@ import (
 // when the gap is shorter than a boot). The config's idle_ttd bounds it.
 const (
 	// lateBudget is the share of requests the pool lets wait longer than
-	// the target: 5%, less a margin.
-	lateBudget = 0.04
+	// the target: 5%, less a margin for what the feedback (missedShare)
+	// learns late: a storm of pushes, the first days.
+	lateBudget = 0.035
 	// startIdleShare is the share the idle rule spends until the pool has
 	// measured what its sizing misses.
 	startIdleShare = 0.02
@@ -104,7 +110,10 @@ type AutoscaleInput struct {
 	// Since is the time since the latest request; ActiveFor, how long
 	// after a request spares are kept (0: not known yet, always);
 	// ActiveRate, the rate of requests while they were so kept, a second:
-	// planned for while they are (see the idle rule above).
+	// planned for while they are (see the idle rule above). Until ActiveFor
+	// is known, ActiveRate is the rate since the history began: a young
+	// pool's windowed rates fall to nothing in its first quiet of half an
+	// hour, and it cannot tell that quiet from a night yet.
 	Since      time.Duration
 	ActiveFor  time.Duration
 	ActiveRate float64
@@ -163,8 +172,7 @@ func PlanningWindow(bootP90, targetWait time.Duration) time.Duration {
 // DecideAutoscale sizes the spares (see the model above).
 func DecideAutoscale(in AutoscaleInput) (d AutoscaleDecision) {
 	rate := max(in.RecentRate, in.HistoryRate, 0)
-	active := in.ActiveFor > 0 && in.Since <= in.ActiveFor
-	if active {
+	if in.ActiveFor == 0 || in.Since <= in.ActiveFor {
 		rate = max(rate, in.ActiveRate)
 	}
 	d = AutoscaleDecision{Rate: rate, Boot: in.BootP50}

@@ -188,12 +188,22 @@ func TestDecideAutoscaleIdle(t *testing.T) {
 		mod:    func(in *AutoscaleInput) { in.Since = 150 * time.Minute },
 		target: 0, deliberate: true, reason: "rate 0/min, boot 60s, idle 2h30m",
 	}, {
-		name:   "ActiveFor not known yet: the windowed rates alone",
-		mod:    func(in *AutoscaleInput) { in.ActiveFor, in.Since, in.RecentRate = 0, 10*time.Hour, perMin(0.1) },
+		// ActiveRate is then the rate since the history began: a young
+		// pool's first long quiet may be a coffee break, not a night.
+		name: "ActiveFor not known yet: the rate since the history began",
+		mod: func(in *AutoscaleInput) {
+			in.ActiveFor, in.Since, in.RecentRate, in.ActiveRate = 0, 10*time.Hour, 0, perMin(2.1)
+		},
+		target: 6, reason: "rate 2.1/min, boot 60s",
+	}, {
+		name: "ActiveFor not known yet: a higher windowed rate wins",
+		mod: func(in *AutoscaleInput) {
+			in.ActiveFor, in.Since, in.RecentRate, in.ActiveRate = 0, time.Minute, perMin(0.1), perMin(0.01)
+		},
 		target: 2, reason: "rate 0.1/min, boot 60s",
 	}, {
 		name:   "ActiveFor not known yet, no demand",
-		mod:    func(in *AutoscaleInput) { in.ActiveFor, in.Since = 0, time.Minute },
+		mod:    func(in *AutoscaleInput) { in.ActiveFor, in.Since, in.ActiveRate = 0, time.Minute, 0 },
 		target: 0, reason: "rate 0/min, boot 60s",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {

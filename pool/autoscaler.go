@@ -148,6 +148,8 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 	p.auto.allowed = 0
 	if in.ActiveFor > 0 {
 		p.auto.allowed = share
+	} else {
+		in.ActiveRate = d.rateSinceStart(now)
 	}
 	var ages []time.Duration
 	for _, l := range m.leases {

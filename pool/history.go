@@ -271,6 +271,16 @@ func (d *demand) rateOver(now time.Time, w time.Duration) float64 {
 	return float64(n) / max(over.Seconds(), 1)
 }
 
+// rateSinceStart is requests a second since the history began, over at
+// most the eight days it keeps.
+func (d *demand) rateSinceStart(now time.Time) float64 {
+	d.advance(now)
+	last := d.Buckets.index(now)
+	first := max(d.Buckets.index(d.Start), last-int64(len(d.Buckets.Counts))+1)
+	span := now.Sub(time.Unix(first*d.Buckets.WidthS, 0))
+	return float64(d.Buckets.sum(first, last)) / max(span.Seconds(), 60)
+}
+
 // historyRate is the rate a week ago, from ten minutes before this time to
 // twenty after, once the history is that old; before, a day ago; 0 before
 // that.
@@ -319,10 +329,17 @@ func (d *demand) activeFor(share float64) (time.Duration, float64) {
 	// From the longest quiet down: the requests after quiets longer than
 	// s[i].S may wait while they stay within the share.
 	late := 0
-	tau := s[0].S
+	// When not even the requests after the longest quiet fit in the share,
+	// the sample cannot say how long a quiet to bridge: a young history
+	// has not seen its nights yet, and the next quiet is often the
+	// longest so far. Bridge twice the longest, so that demand that stops
+	// for good still lets the spares go.
+	tau := 2 * s[0].S
 	for i, g := range s {
 		if float64(late+g.N) > share*float64(total) {
-			tau = g.S
+			if i > 0 {
+				tau = g.S
+			}
 			break
 		}
 		late += g.N

@@ -98,6 +98,29 @@ func TestRecentRateOfAYoungHistory(t *testing.T) {
 	}
 }
 
+// Before the pool knows its quiets it plans for its rate since its history
+// began, over at most the days the history keeps.
+func TestRateSinceStart(t *testing.T) {
+	d := newDemand(t0)
+	for k := range 60 {
+		d.arrival(t0.Add(time.Duration(k) * time.Minute))
+	}
+	if got := d.rateSinceStart(t0.Add(2*time.Hour)) * 60; math.Abs(got-0.5) > 1e-9 {
+		t.Errorf("60 requests in 2 hours: %.3f/min, want 0.5", got)
+	}
+	young := newDemand(t0)
+	young.arrival(t0)
+	if got := young.rateSinceStart(t0.Add(10 * time.Second)); got != 1.0/60 {
+		t.Errorf("1 request in 10 seconds: %v/s, want it over a minute at least", got)
+	}
+	// Nine days on, the first day's requests have left the history.
+	d.arrival(t0.Add(9 * 24 * time.Hour))
+	span := time.Duration(historyBuckets-1)*bucketWidth + 5*time.Minute
+	if got, want := d.rateSinceStart(t0.Add(9*24*time.Hour+5*time.Minute)), 1/span.Seconds(); math.Abs(got-want) > 1e-12 {
+		t.Errorf("nine days on: %v/s, want one request over the history's %s", got, span)
+	}
+}
+
 func TestHistoryRate(t *testing.T) {
 	d := newDemand(t0.Add(-time.Hour))
 	// A rush of 60 a minute every day from 09:00 to 09:30, quiet otherwise.
@@ -173,9 +196,11 @@ func TestActiveFor(t *testing.T) {
 		want  time.Duration
 		rate  float64 // requests over the time spares are kept, a minute
 	}{
-		// None may wait: spares until the longest quiet, all 100 served
-		// over 1+2+…+20 = 210 minutes.
-		{0, 20 * time.Minute, 100.0 / 210},
+		// None may wait, nor can 4 of 100 (not one push): the sample
+		// does not say how long a quiet to bridge, so twice the longest,
+		// all 100 served over 1+2+…+20 = 210 minutes.
+		{0, 40 * time.Minute, 100.0 / 210},
+		{0.04, 40 * time.Minute, 100.0 / 210},
 		// 5 of 100 may: the push after 20 minutes waits; spares for 19
 		// minutes after a request serve 95 over 1+…+19 + 19 = 209.
 		{0.05, 19 * time.Minute, 95.0 / 209},
