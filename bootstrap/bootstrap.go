@@ -149,9 +149,8 @@ type Backend interface {
 	// docs/plan-issue14.md §2). ErrEnrollPending while the launch has not
 	// answered yet; ErrUnauthorized for every refusal.
 	//
-	// The handler logs each refusal with the error Enroll returned, so
-	// that error says why (wrapping ErrUnauthorized) and never holds a
-	// token.
+	// Enroll logs its own refusals, with why; the handler logs those it
+	// makes itself (no batch token, or one AuthenticateBatch refused).
 	Enroll(ctx context.Context, batchTokenHash string, e Enrollment) (token string, err error)
 }
 

@@ -32,21 +32,21 @@ const enrollRefused = "enrollment refused"
 // HANGAR_BOOTSTRAP_TOKEN='…', which the bootstrap sources.
 func (h *handler) enroll(w http.ResponseWriter, r *http.Request) {
 	remote := r.RemoteAddr
-	refuse := func(pool, id, why string, err error) {
-		// Never the token; the instance id and where the call came from
-		// are what an operator needs to find the culprit.
-		h.log.Warn("enrollment refused", "pool", pool, "instance_id", id, "remote", remote, "reason", why, "err", err)
+	// Refusals of the token itself; the backend logs its own. Never the
+	// token: where the call came from is what finds the culprit.
+	refuse := func(why string, err error) {
+		h.log.Warn("enrollment refused", "remote", remote, "reason", why, "err", err)
 		http.Error(w, enrollRefused, http.StatusUnauthorized)
 	}
 	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || token == "" {
-		refuse("", "", "no batch token", nil)
+		refuse("no batch token", nil)
 		return
 	}
 	hash := HashToken(token)
 	pool, err := h.b.AuthenticateBatch(hash)
 	if err != nil {
-		refuse("", "", "unknown or dead batch token", err)
+		refuse("unknown or dead batch token", err)
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxForm)
@@ -68,7 +68,8 @@ func (h *handler) enroll(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "the launch of this instance has not answered yet; ask again", http.StatusServiceUnavailable)
 		return
 	case errors.Is(err, ErrUnauthorized):
-		refuse(pool, e.InstanceID, "refused by the pool", err)
+		// The backend has logged it, with why.
+		http.Error(w, enrollRefused, http.StatusUnauthorized)
 		return
 	case err != nil:
 		h.log.Error("enrollment failed", "pool", pool, "instance_id", e.InstanceID, "remote", remote, "err", err)
