@@ -26,6 +26,7 @@ type Metrics struct {
 	APICalls        *prometheus.CounterVec   // provider, action, code: each HTTP call a provider makes
 	APISeconds      *prometheus.HistogramVec // provider, action
 	StoreRepairs    *prometheus.CounterVec   // kind: what restore found broken and mended
+	Enrollments     *prometheus.CounterVec   // pool, result: enrollments of batched launches' instances
 	// IllegalTransitions counts refused state transitions by machine
 	// (instance, lease): bugs, each also logged at error.
 	IllegalTransitions *prometheus.CounterVec
@@ -104,6 +105,10 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Name: "hangar_store_repairs_total",
 			Help: "Records restore found inconsistent (a torn write, an older version's state) and mended, by kind.",
 		}, []string{"kind"}),
+		Enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_enrollments_total",
+			Help: "Enrollments of instances of batched launches by pool and result: ok, pending (the launch had not answered), or the reason refused.",
+		}, []string{"pool", "result"}),
 		IllegalTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_illegal_transitions_total",
 			Help: "State transitions refused as illegal, by state machine: each one is a bug, logged at error.",
@@ -122,7 +127,7 @@ func New(reg prometheus.Registerer, snapshot func() Snapshot) *Metrics {
 			Help: "Size of the pool's latest cache snapshot (its volume's size).",
 		}, []string{"pool"}),
 	}
-	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs, m.IllegalTransitions,
+	reg.MustRegister(m.LeaseWait, m.BootSeconds, m.CloudCalls, m.CloudSeconds, m.Reaped, m.InstanceSeconds, m.LaunchErrors, m.APICalls, m.APISeconds, m.StoreRepairs, m.Enrollments, m.IllegalTransitions,
 		m.CacheSnapshots, m.CacheSnapshotSeconds, m.CacheSnapshotBytes)
 	reg.MustRegister(&gauges{snapshot: snapshot})
 	return m

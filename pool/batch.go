@@ -46,6 +46,15 @@ type Batch struct {
 
 	token    string // the enrollment token, kept only until the user-data is rendered
 	inFlight bool   // its launch call is under way (or about to be)
+	// deadHashes are the hashes its token had before it died: still in
+	// m.byBatchToken, so that a refusal names the batch, until the batch
+	// is forgotten.
+	deadHashes []string
+}
+
+// live reports whether b's enrollment token still enrolls at now.
+func (b *Batch) live(now time.Time) bool {
+	return b.TokenHash != "" && (b.Deadline.IsZero() || !now.After(b.Deadline))
 }
 
 // answered reports whether the cloud has named b's instances.
@@ -67,15 +76,12 @@ func (m *Manager) indexBatch(b *Batch) {
 }
 
 // killBatchToken ends b's enrollment token (every hash it had): no
-// instance enrolls with it from now on. Caller holds m.mu.
+// instance enrolls with it from now on (Batch.live). Caller holds m.mu.
 func (m *Manager) killBatchToken(b *Batch, why string) {
 	if b.TokenHash == "" {
 		return
 	}
-	delete(m.byBatchToken, b.TokenHash)
-	for _, h := range b.EarlierTokenHashes {
-		delete(m.byBatchToken, h)
-	}
+	b.deadHashes = append(append(b.deadHashes, b.TokenHash), b.EarlierTokenHashes...)
 	b.TokenHash, b.EarlierTokenHashes = "", nil
 	m.saveBatch(b)
 	m.log.Info("batch enrollment token dead", "pool", b.Pool, "batch", b.Key, "why", why)
@@ -498,6 +504,9 @@ func (m *Manager) batchTimersLocked(now time.Time) {
 				}
 			}
 			if !remaining {
+				for _, h := range b.deadHashes {
+					delete(m.byBatchToken, h)
+				}
 				delete(m.batches, b.Key)
 				m.write(store.Op{Kind: store.Batches, ID: b.Key})
 			}

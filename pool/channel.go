@@ -2,7 +2,9 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/hangar-ci/hangar/bootstrap"
 )
@@ -21,6 +23,12 @@ func (m *Manager) Authenticate(tokenHash string) (string, error) {
 		saved.Wait() //nolint:errcheck // refused either way; a failed write is reported to whoever made it
 		return "", bootstrap.ErrUnauthorized
 	}
+	if in.Batch != "" && !in.TokenUsed && tokenHash == in.TokenHash {
+		// Its enrollment's answer arrived: it can no longer be issued
+		// again (enrollLocked).
+		in.TokenUsed = true
+		m.saveInstance(in)
+	}
 	if tokenHash == in.NextTokenHash {
 		// The instance has the token it was sent: the old one dies.
 		m.revokeTokens(in)
@@ -33,15 +41,149 @@ func (m *Manager) Authenticate(tokenHash string) (string, error) {
 	return in.Key, nil
 }
 
-// AuthenticateBatch implements bootstrap.Backend. Batched launches are not
-// built yet (issue 14): no batch token is ever valid.
+// AuthenticateBatch implements bootstrap.Backend: a live batch token opens
+// the script and enroll routes, nothing else.
 func (m *Manager) AuthenticateBatch(tokenHash string) (string, error) {
-	return "", bootstrap.ErrUnauthorized
+	m.mu.Lock()
+	defer m.unlock()
+	b, ok := m.byBatchToken[tokenHash]
+	if !ok || !b.live(m.clock.Now()) {
+		return "", bootstrap.ErrUnauthorized
+	}
+	return b.Pool, nil
 }
 
-// Enroll implements bootstrap.Backend; see AuthenticateBatch.
+// Reasons an enrollment is refused: in the log and the metric, never in
+// the answer.
+const (
+	enrollDeadToken = "dead_token"  // unknown, dead, or past the batch's deadline
+	enrollOther     = "other_batch" // the id is an instance of another batch, or of none
+	enrollUnknown   = "unknown_id"  // the id is no instance of the batch, which has all of its
+	enrollReused    = "reused_id"   // the instance enrolled before, with another key or a used token
+	enrollEnded     = "ended"       // the instance is ending or gone
+	enrollNoKey     = "no_enroll_key"
+	enrollIdentity  = "bad_identity" // signed identity: no document, a bad signature, or not this instance's
+)
+
+// identitySkew is how much earlier than its batch's intent an instance's
+// identity document may say it started: clocks differ. Much earlier means
+// another machine's document.
+const identitySkew = 5 * time.Minute
+
+// Enroll implements bootstrap.Backend: an instance of a batch presents the
+// batch token and its instance id, and gets its own bootstrap token, once.
+// The token is on disk (its hash, with the enrollment) before it is
+// answered: an instance told a token that a crash forgot could never
+// bootstrap, and could not enroll again either.
 func (m *Manager) Enroll(ctx context.Context, batchTokenHash string, e bootstrap.Enrollment) (string, error) {
-	return "", bootstrap.ErrUnauthorized
+	// A signature is checked before the lock: it costs an RSA verify.
+	m.mu.Lock()
+	var check *IdentityCheck
+	var intentAt time.Time
+	if b := m.byBatchToken[batchTokenHash]; b != nil {
+		if p := m.pools[b.Pool]; p != nil && p.spec.Identity == "signed" {
+			check, intentAt = p.spec.SignedIdentity, b.IntentAt
+		}
+	}
+	m.unlock()
+	idErr := errors.New("identity not checked")
+	if check != nil {
+		idErr = checkIdentity(check, e, intentAt)
+	}
+
+	m.mu.Lock()
+	token, b, reason, err := m.enrollLocked(batchTokenHash, e, idErr)
+	pool, batch := "", ""
+	if b != nil {
+		pool, batch = b.Pool, b.Key
+	}
+	result := "ok"
+	switch {
+	case reason != "":
+		result = reason
+		args := []any{"pool", pool, "batch", batch, "instance", e.InstanceID, "reason", reason, "remote", e.RemoteAddr}
+		if reason == enrollIdentity {
+			args = append(args, "err", idErr)
+		}
+		m.log.Warn("enrollment refused", args...)
+	case errors.Is(err, bootstrap.ErrEnrollPending):
+		result = "pending"
+	}
+	m.enrolled(pool, result)
+	saved := m.synced()
+	m.unlock()
+	if err != nil {
+		return "", err
+	}
+	if err := saved.Wait(); err != nil {
+		return "", fmt.Errorf("saving the enrollment of %s: %w", e.InstanceID, err)
+	}
+	return token, nil
+}
+
+// enrolled counts an enrollment's outcome.
+func (m *Manager) enrolled(pool, result string) {
+	if m.metrics != nil && m.metrics.Enrollments != nil {
+		m.metrics.Enrollments.WithLabelValues(pool, result).Inc()
+	}
+}
+
+// enrollLocked decides an enrollment: a token, or why not (reason, with
+// ErrUnauthorized), or ErrEnrollPending. idErr is what the identity check
+// found, nil if the document was checked and good. Caller holds m.mu.
+func (m *Manager) enrollLocked(hash string, e bootstrap.Enrollment, idErr error) (token string, b *Batch, reason string, err error) {
+	now := m.clock.Now()
+	refuse := func(why string) (string, *Batch, string, error) {
+		return "", b, why, bootstrap.ErrUnauthorized
+	}
+	b = m.byBatchToken[hash]
+	if b == nil || !b.live(now) {
+		return refuse(enrollDeadToken)
+	}
+	if e.EnrollKey == "" {
+		return refuse(enrollNoKey)
+	}
+	p := m.pools[b.Pool]
+	if p == nil {
+		return refuse(enrollDeadToken) // a batch of a pool no longer configured
+	}
+	if p.spec.Identity == "signed" && idErr != nil {
+		return refuse(enrollIdentity)
+	}
+	in := m.byID[e.InstanceID]
+	switch {
+	case in != nil && in.Batch != b.Key:
+		return refuse(enrollOther)
+	case in == nil && (b.inFlight || m.freeSlotLocked(b) != nil):
+		// The launch has not named all of its instances yet (its call
+		// is under way, or a restart cut it off): this may be one.
+		return "", b, "", bootstrap.ErrEnrollPending
+	case in == nil:
+		return refuse(enrollUnknown)
+	case in.State == Terminating || in.State == Gone:
+		return refuse(enrollEnded)
+	}
+	keyHash := bootstrap.HashToken(e.EnrollKey)
+	if !in.EnrolledAt.IsZero() {
+		if in.EnrollKeyHash != keyHash || in.TokenUsed {
+			return refuse(enrollReused)
+		}
+		// The same instance again, before it used what it was told:
+		// the answer was lost. The earlier token dies.
+		m.log.Info("enrollment answered again", "pool", in.Pool, "batch", b.Key, "instance", in.ID)
+		m.revokeTokens(in)
+	}
+	token = randomToken(32)
+	in.TokenHash = bootstrap.HashToken(token)
+	in.EarlierTokenHashes, in.NextTokenHash = nil, ""
+	in.EnrolledAt, in.EnrollKeyHash = now, keyHash
+	in.LastSeen = now
+	m.byToken[in.TokenHash] = in
+	m.saveInstance(in)
+	if m.batchDone(b) {
+		m.killBatchToken(b, "every slot enrolled or gone")
+	}
+	return token, b, "", nil
 }
 
 func (m *Manager) instanceLocked(key string) (*Instance, error) {
@@ -283,6 +425,28 @@ func (m *Manager) Heartbeat(ctx context.Context, key string, hb bootstrap.Heartb
 		// Best effort: a run already ended or gone is no error of the
 		// heartbeat's, which has done its work (LastSeen) either way.
 		_ = m.exitLocked(in, hb.LeaseID, hb.RunID, hb.RunExitCode)
+	}
+	return nil
+}
+
+// checkIdentity checks that e's identity document is signed by the cloud,
+// is of the provider's region (and account, when set), names the instance
+// enrolling, and is of a machine started for a batch this recent.
+func checkIdentity(c *IdentityCheck, e bootstrap.Enrollment, intentAt time.Time) error {
+	if len(e.Document) == 0 {
+		return errors.New("no identity document")
+	}
+	d, err := c.Verifier.Verify(c.Region, e.Document, e.Signature)
+	if err != nil {
+		return err
+	}
+	switch {
+	case d.InstanceID != e.InstanceID:
+		return fmt.Errorf("the document is of instance %q", d.InstanceID)
+	case c.Account != "" && d.AccountID != c.Account:
+		return fmt.Errorf("the document is of account %q", d.AccountID)
+	case d.PendingTime.Before(intentAt.Add(-identitySkew)):
+		return fmt.Errorf("the document's instance started at %s, before its batch was meant (%s)", d.PendingTime.Format(time.RFC3339), intentAt.Format(time.RFC3339))
 	}
 	return nil
 }

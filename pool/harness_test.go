@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"path/filepath"
 	"slices"
@@ -30,6 +31,8 @@ type harness struct {
 	metrics *metrics.Metrics
 	// quiet, when set before open, leaves the Manager's log out.
 	quiet bool
+	// logs, when set before open, also gets the Manager's log.
+	logs io.Writer
 
 	runCancel context.CancelFunc
 	runDone   chan struct{}
@@ -91,7 +94,11 @@ func (h *harness) open() {
 		h.t.Fatal(err)
 	}
 	h.store = s
-	log := slog.New(slog.NewTextHandler(h.t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	out := h.t.Output()
+	if h.logs != nil {
+		out = io.MultiWriter(out, h.logs)
+	}
+	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	if h.quiet {
 		log = slog.New(slog.DiscardHandler)
 	}

@@ -308,6 +308,9 @@ func New(opts Options) (*Manager, error) {
 		if _, ok := cloud.StorageOf(p); spec.Cache != nil && !ok {
 			return nil, fmt.Errorf("pool %s: a cache needs volumes, and provider %q has none", name, spec.Provider)
 		}
+		if spec.Identity == "signed" && (spec.SignedIdentity == nil || spec.SignedIdentity.Verifier == nil) {
+			return nil, fmt.Errorf("pool %s: signed identity needs a certificate to check documents with", name)
+		}
 		// Render once now so that a pool whose user-data can never be
 		// rendered fails at start, not at its first launch.
 		if _, err := spec.userData(name, opts.PublicURL, "probe-token"); err != nil {

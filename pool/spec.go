@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/cloud/identity"
 	"github.com/hangar-ci/hangar/userdata"
 )
 
@@ -32,8 +33,10 @@ type Spec struct {
 	// own token in its user-data.
 	LaunchBatch int
 	// Identity is "signed" when an enrolling instance must present the
-	// cloud's signed identity document; "" or "none" otherwise.
-	Identity string
+	// cloud's signed identity document, checked by SignedIdentity; "" or
+	// "none" otherwise.
+	Identity       string
+	SignedIdentity *IdentityCheck
 
 	// Bootstrap is where the bootstrap script comes from (bootstrap.Scripts).
 	Bootstrap      string
@@ -63,6 +66,16 @@ type Spec struct {
 	// autoscale.go): MinIdle is then ignored, and IdleTTD only bounds the
 	// TTD it computes.
 	Autoscale *AutoscaleSpec
+}
+
+// IdentityCheck is how a pool with signed identity checks an enrolling
+// instance's identity document.
+type IdentityCheck struct {
+	Verifier *identity.Verifier
+	// Region is the provider's: a document of another region is refused.
+	Region string
+	// Account, when set, is the only account whose documents are taken.
+	Account string
 }
 
 // AutoscaleSpec is what a pool that sizes its spares itself aims at.
@@ -119,10 +132,13 @@ func (s Spec) batchUserData(pool, publicURL, token string) ([]byte, error) {
 }
 
 // markEnroll makes p a batch's user-data, whose token must be exchanged at
-// enrollment. A seam until userdata.Params has Enroll and Identity (issue
-// 14, part 3): then it sets them; until then it renders the plain
-// user-data, and a batched pool's instances cannot enroll on their own.
-func markEnroll(p *userdata.Params, identity string) {}
+// enrollment (with the signed identity document, for identity "signed").
+func markEnroll(p *userdata.Params, identity string) {
+	p.Enroll = true
+	if identity == "signed" {
+		p.Identity = userdata.IdentitySigned
+	}
+}
 
 // RenderUserData renders what an instance of the pool would boot with, with
 // a placeholder token, for `hangar userdata render`.
