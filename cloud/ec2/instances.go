@@ -102,6 +102,9 @@ func toInstance(in types.Instance) cloud.Instance {
 		PublicIP:  aws.ToString(in.PublicIpAddress),
 		Type:      string(in.InstanceType),
 		Image:     aws.ToString(in.ImageId),
+		// The instance's place in its launch; the pool matches a batch's
+		// instances to their slots by it.
+		LaunchIndex: int(aws.ToInt32(in.AmiLaunchIndex)),
 	}
 	if in.State != nil {
 		out.State = stateOf(in.State.Name)

@@ -182,6 +182,13 @@ func (p *Provider) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 		if err == nil {
 			return insts, nil
 		}
+		if len(insts) > 0 {
+			// Started short: the offering ran out, so the next launch
+			// starts on the next one.
+			p.log.Info("offering started fewer instances than asked; trying the next offering first for a while", "offering", o.String(), "asked", n, "started", len(insts))
+			p.offerings.fail(o)
+			return insts, err
+		}
 		if !errors.Is(err, cloud.ErrCapacity) {
 			return nil, err
 		}
@@ -218,6 +225,20 @@ func (e *capacityError) Error() string {
 
 func (e *capacityError) Unwrap() []error { return append([]error{cloud.ErrCapacity}, e.errs...) }
 
+// shortError says that a launch started fewer instances than asked: EC2
+// had no more of the offering (MinCount is 1). It is a capacity error, so
+// that the pool launches the rest on another offering.
+type shortError struct {
+	asked, started int
+	o              offering
+}
+
+func (e *shortError) Error() string {
+	return fmt.Sprintf("launching %d %s: EC2 started only %d (no capacity for the rest)", e.asked, e.o, e.started)
+}
+
+func (e *shortError) Unwrap() error { return cloud.ErrCapacity }
+
 // runOffering launches on one offering, asking again with the same token
 // while the outcome is unknown. When it gives up not knowing, it remembers
 // the token for Launch.
@@ -232,7 +253,11 @@ func (p *Provider) runOffering(ctx context.Context, spec cloud.LaunchSpec, img i
 	for round := 1; ; round++ {
 		out, err := p.api.RunInstances(ctx, in)
 		if err == nil {
-			return p.launched(out.Instances, spec.Tags), nil
+			insts := p.launched(out.Instances, spec.Tags)
+			if len(insts) < n {
+				return insts, &shortError{asked: n, started: len(insts), o: o}
+			}
+			return insts, nil
 		}
 		if errorCode(err) == "IdempotentParameterMismatch" {
 			// This token launched before with other parameters: a
@@ -449,9 +474,12 @@ func runInput(spec cloud.LaunchSpec, img image, o offering, n int) *ec2.RunInsta
 	in := &ec2.RunInstancesInput{
 		ImageId:      aws.String(img.ID),
 		InstanceType: types.InstanceType(o.Type),
-		MinCount:     aws.Int32(int32(n)),
-		MaxCount:     aws.Int32(int32(n)),
-		ClientToken:  aws.String(clientToken(spec.ClientToken, o)),
+		// As many as the offering has, at least one: a batch that starts
+		// short is still a start, and the pool launches the rest
+		// elsewhere (see shortError).
+		MinCount:    aws.Int32(1),
+		MaxCount:    aws.Int32(int32(n)),
+		ClientToken: aws.String(clientToken(spec.ClientToken, o)),
 	}
 	if len(spec.UserData) > 0 {
 		in.UserData = aws.String(base64.StdEncoding.EncodeToString(spec.UserData))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"sync"
 	"time"
@@ -206,6 +207,32 @@ func requestLimit(limits RateLimits, action string) Bucket {
 	}
 }
 
+// tokens is what the bucket holds now, debt negative.
+func (b *tokenBucket) available() float64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.refill()
+	return b.tokens
+}
+
+// headroomWindow is how long a launch may wait on the instance bucket
+// before it is too big: LaunchHeadroom counts its refill.
+const headroomWindow = 60 * time.Second
+
+// LaunchHeadroom is how many instances launches can start now without
+// waiting more than a minute on the client's instance bucket (AWS's
+// resource rate limit for RunInstances): its tokens plus a minute of
+// refill. A pool sizes its batches by it, so that after a burst of 1,000
+// instances batches shrink instead of timing out in the wait. Without an
+// instance bucket it is math.MaxInt32.
+func (p *Provider) LaunchHeadroom() int {
+	b := p.limits.resourceBucket("RunInstances")
+	if b == nil || b.rate <= 0 {
+		return math.MaxInt32
+	}
+	return max(0, int(b.available()+headroomWindow.Seconds()*b.rate))
+}
+
 // resourceCost is how many instances a call acts on, for the resource
 // buckets.
 func resourceCost(params any) int {
@@ -241,10 +268,14 @@ func (m resourceLimit) HandleInitialize(ctx context.Context, in middleware.Initi
 		return middleware.InitializeOutput{}, middleware.Metadata{}, waitCanceled("instance", action, err)
 	}
 	out, md, err := next.HandleInitialize(ctx, in)
-	if errorCode(err) != "" {
+	switch res, _ := out.Result.(*ec2.RunInstancesOutput); {
+	case errorCode(err) != "":
 		// EC2 answered no: it acted on no instance, so it charged none.
 		// (After an error without an answer it may have.)
 		b.giveBack(cost)
+	case err == nil && res != nil && float64(len(res.Instances)) < cost:
+		// A launch that started short was charged what it started.
+		b.giveBack(cost - float64(len(res.Instances)))
 	}
 	return out, md, err
 }

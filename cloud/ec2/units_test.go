@@ -143,8 +143,8 @@ func TestRunInput(t *testing.T) {
 	if got := aws.ToString(in.UserData); got != "IyEvYmluL2Jhc2gKZWNobyBoaQo=" {
 		t.Errorf("UserData = %q, want base64 of the script", got)
 	}
-	if aws.ToInt32(in.MinCount) != 2 || aws.ToInt32(in.MaxCount) != 2 {
-		t.Errorf("MinCount, MaxCount = %d, %d; want 2, 2 (all or nothing)", aws.ToInt32(in.MinCount), aws.ToInt32(in.MaxCount))
+	if aws.ToInt32(in.MinCount) != 1 || aws.ToInt32(in.MaxCount) != 2 {
+		t.Errorf("MinCount, MaxCount = %d, %d; want 1, 2 (what the offering has)", aws.ToInt32(in.MinCount), aws.ToInt32(in.MaxCount))
 	}
 	if got := aws.ToString(in.ClientToken); got != clientToken("intent-1", o) {
 		t.Errorf("ClientToken = %q, want the offering's derived token", got)

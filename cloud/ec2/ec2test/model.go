@@ -126,6 +126,8 @@ type Instance struct {
 	HTTPTokens       string // "optional" (EC2's default) or "required"
 	HopLimit         int
 	LaunchTime       time.Time
+	// LaunchIndex is the instance's place in its launch (amiLaunchIndex).
+	LaunchIndex int
 }
 
 type instance struct {
@@ -189,9 +191,9 @@ type state struct {
 	capacity  func(instanceType, zone, market string) string
 	// capacityCount is SetCapacityCount's function.
 	capacityCount func(instanceType, zone, market string) int
-	quotaMax  int
-	quotaCode string
-	hideFor   time.Duration
+	quotaMax      int
+	quotaCode     string
+	hideFor       time.Duration
 	// refused maps a DescribeInstances filter name (or "tag:" for every
 	// tag filter) to how the server refuses it.
 	refused map[string]RefuseMode
@@ -620,6 +622,7 @@ func (r *Region) Instances() []Instance {
 			Tags: maps.Clone(in.tags), VolumeTags: maps.Clone(in.volumeTags),
 			UserData: slices.Clone(in.userData), RootVolumeGB: in.rootGB,
 			HTTPTokens: in.httpTokens, HopLimit: in.hopLimit, LaunchTime: in.launched,
+			LaunchIndex: in.launchIndex,
 		})
 	}
 	return out

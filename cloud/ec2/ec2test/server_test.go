@@ -651,6 +651,11 @@ func TestMinCountPartial(t *testing.T) {
 	if got := r.root.texts("instancesSet/item/amiLaunchIndex"); !slices.Equal(got, []string{"0", "1", "2"}) {
 		t.Errorf("amiLaunchIndex %v, want 0, 1, 2", got)
 	}
+	for i, in := range s.Instances() {
+		if in.LaunchIndex != i {
+			t.Errorf("Instances()[%d].LaunchIndex = %d", i, in.LaunchIndex)
+		}
+	}
 	wantError(t, call(t, s, "RunInstances", "ImageId", DefaultImageID, "InstanceType", "t3.small", "MinCount", "4", "MaxCount", "5"), 500, "InsufficientInstanceCapacity")
 	if n := len(run(t, s, 5, "InstanceType", "t3a.small").instanceIDs()); n != 5 {
 		t.Errorf("launched %d of an unlimited offering, want 5", n)
