@@ -184,6 +184,7 @@ type state struct {
 	ipSeq     int
 	calls     map[string]int
 	errs      map[string]int
+	timeline  map[string][]Span
 	throttles map[string]*throttle
 	buckets   map[string]*bucket
 	// resources are the instance buckets of RateLimitResource, by action.
@@ -225,6 +226,7 @@ func defaultZones(region string) []string {
 func (st *state) init(opts Options) {
 	st.calls = map[string]int{}
 	st.errs = map[string]int{}
+	st.timeline = map[string][]Span{}
 	st.throttles = map[string]*throttle{}
 	st.buckets = map[string]*bucket{}
 	st.resources = map[string]*bucket{}
@@ -632,6 +634,32 @@ func (s *Server) countCall(action string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.calls[action]++
+}
+
+// Span is one request as the server handled it: when it arrived, when
+// the answer was written, and its error code ("" for success).
+type Span struct {
+	Start, End time.Time
+	Code       string
+}
+
+// maxSpans bounds each action's timeline; later requests are not kept.
+const maxSpans = 1 << 16
+
+// Timeline returns the requests of action in the order they ended, at
+// most the first 65,536: what a benchmark measures API time by.
+func (s *Server) Timeline(action string) []Span {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.timeline[action])
+}
+
+func (s *Server) recordSpan(action string, sp Span) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.timeline[action]) < maxSpans {
+		s.timeline[action] = append(s.timeline[action], sp)
+	}
 }
 
 func (s *Server) countError(action, code string) {

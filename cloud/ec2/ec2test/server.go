@@ -1,7 +1,11 @@
 // Package ec2test is an EC2 Query API server for tests. It answers the
 // actions Hangar uses with EC2's own XML, so that the real aws-sdk-go-v2 (or
 // boto3) client can be pointed at it, and it injects the faults real EC2
-// produces: throttling, capacity and quota errors, eventual consistency.
+// produces: throttling (request and instance buckets), capacity and quota
+// errors, eventual consistency, and those of EC2-compatible clouds: a
+// filter refused with a 400 or an HTML 500 (RefuseFilter). It signs
+// instance identity documents (IdentityDocument) and keeps a timeline of
+// requests (Timeline) for benchmarks.
 //
 // For a client under test:
 //   - Give the SDK URL() as its endpoint, one of the server's regions
@@ -35,6 +39,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	"crypto/rsa"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/xml"
@@ -109,6 +114,9 @@ type Options struct {
 	// ImageDelay is how long a created, registered or copied image stays
 	// pending; it also waits for its snapshots to complete. Default 0.
 	ImageDelay time.Duration
+	// IdentityKey signs the instances' identity documents
+	// (IdentityDocument); nil: a key made on first use.
+	IdentityKey *rsa.PrivateKey
 }
 
 // Server is a running EC2 test endpoint on 127.0.0.1. It is safe for
@@ -118,6 +126,11 @@ type Server struct {
 	log  *slog.Logger
 	hs   *httptest.Server
 	state
+
+	// identityMu guards idKey and idCert, made on first use (identity.go).
+	identityMu sync.Mutex
+	idKey      *rsa.PrivateKey
+	idCert     []byte
 }
 
 // New starts a server. Close it when done.
@@ -341,23 +354,26 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// a client timeout must not cancel backend work halfway.
 		return a.serve(s, context.WithoutCancel(r.Context()), rg, q)
 	}()
+	code := ""
 	if err != nil {
-		s.writeError(w, name, requestID, err)
+		code = s.writeError(w, name, requestID, err)
 	} else {
 		resp.setRequestID(requestID)
 		s.writeXML(w, http.StatusOK, resp, xml.Name{Space: namespace, Local: name + "Response"})
 	}
+	s.recordSpan(name, Span{Start: start, End: time.Now(), Code: code})
 	s.log.Debug("ec2test request", "action", name, "err", err, "took", time.Since(start))
 }
 
-func (s *Server) writeError(w http.ResponseWriter, action, requestID string, err error) {
+// writeError answers err and returns the code it counted.
+func (s *Server) writeError(w http.ResponseWriter, action, requestID string, err error) string {
 	if errors.Is(err, errHTML500) {
 		s.countError(action, "HTML500")
 		w.Header().Set("Content-Type", "text/html")
 		w.Header().Set("Content-Length", strconv.Itoa(len(htmlPage)))
 		w.WriteHeader(http.StatusInternalServerError)
 		_, _ = io.WriteString(w, htmlPage)
-		return
+		return "HTML500"
 	}
 	var ae *apiError
 	if !errors.As(err, &ae) {
@@ -368,6 +384,7 @@ func (s *Server) writeError(w http.ResponseWriter, action, requestID string, err
 		Errors:    []errorXML{{Code: ae.Code, Message: ae.Message}},
 		RequestID: requestID,
 	}, xml.Name{Local: "Response"})
+	return ae.Code
 }
 
 func (s *Server) writeXML(w http.ResponseWriter, status int, v any, root xml.Name) {

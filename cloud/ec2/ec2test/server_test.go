@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hangar-ci/hangar/cloud/identity"
 )
 
 func TestRequestChecks(t *testing.T) {
@@ -659,5 +661,71 @@ func TestMinCountPartial(t *testing.T) {
 	wantError(t, call(t, s, "RunInstances", "ImageId", DefaultImageID, "InstanceType", "t3.small", "MinCount", "4", "MaxCount", "5"), 500, "InsufficientInstanceCapacity")
 	if n := len(run(t, s, 5, "InstanceType", "t3a.small").instanceIDs()); n != 5 {
 		t.Errorf("launched %d of an unlimited offering, want 5", n)
+	}
+}
+
+// IdentityDocument is what the instance would read from its metadata
+// service, signed so that the server's certificate verifies it.
+func TestIdentityDocumentVerifies(t *testing.T) {
+	t.Parallel()
+	s := newServer(t, Options{})
+	id := run(t, s, 1, "InstanceType", "t3.small", "SubnetId", "subnet-us-east-1b").instanceIDs()[0]
+	doc, sig, err := s.IdentityDocument(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := s.IdentityCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := identity.FromPEM(cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := v.Verify("us-east-1", doc, sig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := s.Instances()[0]
+	if d.InstanceID != id || d.InstanceType != "t3.small" || d.AvailabilityZone != "us-east-1b" || d.AccountID != "123456789012" ||
+		d.PrivateIP != in.PrivateIP || d.ImageID != DefaultImageID || !d.PendingTime.Equal(in.LaunchTime.UTC().Truncate(time.Second)) {
+		t.Errorf("document %+v does not describe the instance %+v", d, in)
+	}
+	if _, err := v.Verify("eu-west-1", doc, sig); err == nil {
+		t.Error("a us-east-1 document verified for eu-west-1")
+	}
+	tampered := []byte(strings.Replace(string(doc), id, "i-0123456789abcdef0", 1))
+	if _, err := v.Verify("us-east-1", tampered, sig); err == nil {
+		t.Error("a document naming another instance verified under the first one's signature")
+	}
+	if _, _, err := s.IdentityDocument("i-00000000000000000"); err == nil {
+		t.Error("a document for an unknown instance")
+	}
+}
+
+// Timeline keeps each request's arrival, end and code, per action.
+func TestTimeline(t *testing.T) {
+	t.Parallel()
+	s := newServer(t, Options{})
+	before := time.Now()
+	run(t, s, 2)
+	s.Throttle("RunInstances", 1)
+	call(t, s, "RunInstances", "ImageId", DefaultImageID, "MinCount", "1", "MaxCount", "1")
+	mustCall(t, s, "DescribeInstances")
+	after := time.Now()
+	spans := s.Timeline("RunInstances")
+	if len(spans) != 2 || spans[0].Code != "" || spans[1].Code != "RequestLimitExceeded" {
+		t.Fatalf("Timeline(RunInstances) = %+v, want a success then a throttle", spans)
+	}
+	for _, sp := range spans {
+		if sp.Start.Before(before) || sp.End.Before(sp.Start) || sp.End.After(after) {
+			t.Errorf("span %+v is not within the calls (%v to %v)", sp, before, after)
+		}
+	}
+	if !spans[0].End.Before(spans[1].Start) && !spans[0].End.Equal(spans[1].Start) {
+		t.Errorf("spans out of order: %+v", spans)
+	}
+	if n := len(s.Timeline("DescribeInstances")); n != 1 {
+		t.Errorf("%d DescribeInstances spans, want 1", n)
 	}
 }
