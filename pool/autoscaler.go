@@ -1,8 +1,10 @@
 package pool
 
 import (
+	"cmp"
 	"math"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/hangar-ci/hangar/pool/store"
@@ -24,6 +26,12 @@ type autoscaler struct {
 	dirty   bool
 	// allowed is the idle share in force, counted with each request.
 	allowed float64
+	// held are the pool's active leases in the order they were assigned
+	// (and some that ended since, dropped at the next decision), once
+	// heldKnown: kept by leaseChangedLocked so that a decision need not
+	// walk every lease of every pool.
+	held      []*Lease
+	heldKnown bool
 }
 
 // newAutoscaler starts p's autoscaler from its stored history, if any.
@@ -79,16 +87,44 @@ func (m *Manager) bootObservedLocked(in *Instance) {
 	}
 }
 
-// leaseReleasedLocked counts how long l held its instance, for the
-// releases expected soon.
-func (m *Manager) leaseReleasedLocked(l *Lease) {
+// leaseChangedLocked follows l's change of state from from (setLeaseState):
+// an autoscaled pool keeps its active leases in view, and counts how long
+// a released one held its instance, for the releases expected soon.
+func (m *Manager) leaseChangedLocked(l *Lease, from LeaseState) {
 	p := m.pools[l.Pool]
-	if p == nil || p.auto == nil || l.AssignedAt.IsZero() {
+	if p == nil || p.auto == nil {
 		return
 	}
-	p.auto.demand.observeLease(l.EndedAt.Sub(l.AssignedAt))
-	p.auto.demand.served(l.AssignedAt.Sub(l.CreatedAt) > p.auto.spec.TargetWaitP95)
-	p.auto.dirty = true
+	a := p.auto
+	if l.State == LeaseActive && a.heldKnown {
+		a.held = append(a.held, l)
+	}
+	if from != LeaseActive || l.State != LeaseReleased || l.AssignedAt.IsZero() {
+		return
+	}
+	a.demand.observeLease(l.EndedAt.Sub(l.AssignedAt))
+	a.demand.served(l.AssignedAt.Sub(l.CreatedAt) > a.spec.TargetWaitP95)
+	a.dirty = true
+}
+
+// heldLocked is p's active leases in the order they were assigned: found
+// by walking every lease the first time (after a restart), kept by
+// leaseChangedLocked after.
+func (m *Manager) heldLocked(p *poolState) []*Lease {
+	a := p.auto
+	if !a.heldKnown {
+		for _, l := range m.leases {
+			if l.Pool == p.name && l.State == LeaseActive {
+				a.held = append(a.held, l)
+			}
+		}
+		slices.SortFunc(a.held, func(x, y *Lease) int {
+			return cmp.Or(x.AssignedAt.Compare(y.AssignedAt), strings.Compare(x.ID, y.ID))
+		})
+		a.heldKnown = true
+	}
+	a.held = slices.DeleteFunc(a.held, func(l *Lease) bool { return l.State != LeaseActive })
+	return a.held
 }
 
 // autoscaleLocked recomputes p's target when it is due, and writes p's
@@ -151,15 +187,18 @@ func (m *Manager) autoscaleInputLocked(p *poolState, now time.Time) AutoscaleInp
 	} else {
 		in.ActiveRate = d.rateSinceStart(now)
 	}
+	// The youngest first, as expectedFrees needs them: the latest
+	// assigned first, sorted only if the clock went back.
 	var ages []time.Duration
-	for _, l := range m.leases {
-		if l.Pool == p.name && l.State == LeaseActive && m.returnsToPoolLocked(p, l) {
+	held := m.heldLocked(p)
+	for i := len(held) - 1; i >= 0; i-- {
+		if l := held[i]; m.returnsToPoolLocked(p, l) {
 			ages = append(ages, now.Sub(l.AssignedAt))
 		}
 	}
-	// Summed in one order: floats summed in map order could round
-	// differently from run to run.
-	slices.Sort(ages)
+	if !slices.IsSorted(ages) {
+		slices.Sort(ages)
+	}
 	in.ExpectedFrees = d.expectedFrees(ages, PlanningWindow(p90, in.TargetWaitP95))
 	return in
 }

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"math"
 	"slices"
-	"sort"
 	"time"
 )
 
@@ -160,6 +159,12 @@ type demand struct {
 	// really cost is in Late; taking Allowed rather than Deliberate from it
 	// feeds an idle rule that overspends its share back into the budget.
 	Allowed float64 `json:"allowed,omitempty"`
+
+	// byQuiet are Gaps, longest quiet first, and leaseSorted, LeaseS in
+	// order: kept between changes, for a pool decides every few seconds
+	// and they change with pushes and releases.
+	byQuiet     []gapSample
+	leaseSorted []float64
 }
 
 func newDemand(now time.Time) *demand {
@@ -189,6 +194,7 @@ func (d *demand) arrival(t time.Time) {
 			d.Pushes = keepLast(d.Pushes, d.Open, pushSamples)
 			if d.OpenGapS >= 0 {
 				d.Gaps = keepLast(d.Gaps, gapSample{d.OpenGapS, d.Open}, gapSamples)
+				d.byQuiet = nil
 			}
 			d.OpenGapS = max(t.Sub(d.LastAt).Seconds(), 0)
 		} else {
@@ -242,6 +248,7 @@ func (d *demand) missedShare() float64 {
 func (d *demand) observeBoot(b time.Duration) { d.BootS = keepLast(d.BootS, b.Seconds(), bootSamples) }
 
 func (d *demand) observeLease(l time.Duration) {
+	d.leaseSorted = nil
 	d.LeaseS = keepLast(d.LeaseS, l.Seconds(), holdSamples)
 }
 
@@ -313,15 +320,19 @@ func (d *demand) historyRate(now time.Time) float64 {
 // the most requests for their cost, and those kept through long quiets
 // the fewest: these are the requests to let wait (autoscale.go).
 func (d *demand) activeFor(share float64) (time.Duration, float64) {
-	gaps := d.Gaps
-	if d.Open > 0 && d.OpenGapS >= 0 {
-		gaps = append(slices.Clip(gaps), gapSample{d.OpenGapS, d.Open})
+	longerFirst := func(a, b gapSample) int { return cmp.Or(cmp.Compare(b.S, a.S), cmp.Compare(a.N, b.N)) }
+	if d.byQuiet == nil {
+		d.byQuiet = slices.SortedFunc(slices.Values(d.Gaps), longerFirst)
 	}
-	if len(gaps) < minGaps {
+	s := d.byQuiet
+	if d.Open > 0 && d.OpenGapS >= 0 {
+		open := gapSample{d.OpenGapS, d.Open}
+		i, _ := slices.BinarySearchFunc(s, open, longerFirst)
+		s = slices.Insert(slices.Clone(s), i, open)
+	}
+	if len(s) < minGaps {
 		return 0, 0
 	}
-	s := slices.Clone(gaps)
-	slices.SortFunc(s, func(a, b gapSample) int { return cmp.Or(cmp.Compare(b.S, a.S), cmp.Compare(a.N, b.N)) })
 	total := 0
 	for _, g := range s {
 		total += g.N
@@ -375,21 +386,30 @@ func (d *demand) bootQuantiles() (p50, p90 time.Duration) {
 // expectedFrees is how many of the active leases of the given ages are
 // expected to be released within w: for each, the share of the latest
 // released leases that lasted longer than its age and ended within w
-// after it. A lease older than any seen counts nothing.
+// after it. A lease older than any seen counts nothing. ages are in
+// ascending order.
 func (d *demand) expectedFrees(ages []time.Duration, w time.Duration) float64 {
 	if len(d.LeaseS) < minHolds || w <= 0 {
 		return 0
 	}
-	s := slices.Sorted(slices.Values(d.LeaseS))
-	// above is how many lasted longer than x seconds.
-	above := func(x float64) int { return len(s) - sort.SearchFloat64s(s, math.Nextafter(x, math.Inf(1))) }
+	if d.leaseSorted == nil {
+		d.leaseSorted = slices.Sorted(slices.Values(d.LeaseS))
+	}
+	s := d.leaseSorted
+	// upTo and upToW count the leases that lasted at most a, and at most
+	// a+w: both only grow with a.
 	var frees float64
+	upTo, upToW := 0, 0
 	for _, a := range ages {
-		longer := above(a.Seconds())
-		if longer == 0 {
-			continue
+		for upTo < len(s) && s[upTo] <= a.Seconds() {
+			upTo++
 		}
-		frees += float64(longer-above((a+w).Seconds())) / float64(longer)
+		for upToW < len(s) && s[upToW] <= (a+w).Seconds() {
+			upToW++
+		}
+		if longer := len(s) - upTo; longer > 0 {
+			frees += float64(upToW-upTo) / float64(longer)
+		}
 	}
 	return frees
 }

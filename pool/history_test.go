@@ -306,6 +306,8 @@ func TestBootQuantilesAndFrees(t *testing.T) {
 		{[]time.Duration{5 * time.Minute}, 2 * time.Minute, 0.4},       // of 6,7,8,9,10: 6 and 7
 		{[]time.Duration{11 * time.Minute}, time.Minute, 0},            // older than any seen
 		{[]time.Duration{0, 5 * time.Minute}, 2 * time.Minute, 0.2 + 0.4},
+		// 1m: of 2..10, 2 and 3 end within 2 minutes.
+		{[]time.Duration{0, time.Minute, 5 * time.Minute, 11 * time.Minute}, 2 * time.Minute, 0.2 + 2.0/9 + 0.4},
 		{[]time.Duration{0}, 0, 0},
 	} {
 		if got := d.expectedFrees(tc.ages, tc.w); math.Abs(got-tc.want) > 1e-9 {

@@ -58,9 +58,7 @@ func (m *Manager) setLeaseState(l *Lease, to LeaseState) bool {
 	if to.ended() {
 		l.EndedAt = m.clock.Now()
 	}
-	if from == LeaseActive && to == LeaseReleased {
-		m.leaseReleasedLocked(l)
-	}
+	m.leaseChangedLocked(l, from)
 	m.saveLease(l)
 	m.wakeInstance(m.instances[l.InstanceKey])
 	m.notify()
