@@ -394,3 +394,40 @@ func TestBatchCallsBounded(t *testing.T) {
 		t.Errorf("%d launch calls, %d at once; want 20, at most %d", n, peak, maxLaunchCalls)
 	}
 }
+
+// pacedCloud is the fake cloud with a launch headroom, as EC2's instance
+// bucket gives one.
+type pacedCloud struct {
+	*fakeCloud
+	headroom int
+}
+
+func (p pacedCloud) LaunchHeadroom() int { return p.headroom }
+
+// wrapped is a provider wrapper, as the metrics wrapper is one.
+type wrapped struct{ cloud.Provider }
+
+func (w wrapped) Unwrap() cloud.Provider { return w.Provider }
+
+// A batch is no larger than the provider says it can start now (seen
+// through a wrapper), and at least one instance.
+func TestBatchShrinksToHeadroom(t *testing.T) {
+	for _, tc := range []struct {
+		headroom int
+		want     []int
+	}{{3, []int{2, 3}}, {0, []int{1, 1, 1, 1, 1}}, {100, []int{5}}} {
+		h := newHarness(t, func(s *Spec) { s.LaunchBatch = 5; s.MaxInstances = 5 })
+		h.provider = wrapped{pacedCloud{h.cloud, tc.headroom}}
+		h.restart()
+		h.scaleTo(5)
+		h.settle()
+		var asked []int
+		for _, c := range h.cloud.Calls("launch") {
+			asked = append(asked, c.N)
+		}
+		slices.Sort(asked)
+		if !slices.Equal(asked, tc.want) {
+			t.Errorf("headroom %d: launch calls asked for %v, want %v", tc.headroom, asked, tc.want)
+		}
+	}
+}

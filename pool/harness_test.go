@@ -33,6 +33,9 @@ type harness struct {
 	quiet bool
 	// logs, when set before open, also gets the Manager's log.
 	logs io.Writer
+	// provider, when set before open, is the pool's provider in place of
+	// the fake cloud (a wrapper of it).
+	provider cloud.Provider
 
 	runCancel context.CancelFunc
 	runDone   chan struct{}
@@ -104,6 +107,9 @@ func (h *harness) open() {
 	}
 	o := h.opts
 	o.Providers = map[string]cloud.Provider{"fake": h.cloud}
+	if h.provider != nil {
+		o.Providers["fake"] = h.provider
+	}
 	o.Store, o.Logger, o.Clock, o.Tick, o.Metrics = s, log, h.clock, time.Millisecond, h.metrics
 	m, err := New(o)
 	if err != nil {
