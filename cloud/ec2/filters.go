@@ -150,14 +150,15 @@ func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.Des
 		case filterRefused(err):
 			p.refuse(f, err)
 			return nil, true, nil
-		case serverFault(err):
+		case unreadableFault(err):
 			faults++
 			if faults >= 2 {
 				return p.control(ctx, f, err, controlOK)
 			}
 			wait = probeFaultWait
 		case uncertain(err) && attempt < probeAttempts:
-			// Throttled, or no answer: the probe learned nothing.
+			// Throttled, no answer, or EC2's own fault: the probe
+			// learned nothing.
 			wait = p.backoff(attempt)
 		default:
 			return nil, false, err
@@ -175,7 +176,7 @@ func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.Des
 	}
 }
 
-// control decides a filter that failed twice with a server fault: if the
+// control decides a filter that failed twice with an unreadable 5xx: if the
 // same Describe without it works, the cloud cannot serve the filter; if
 // not, the cloud is failing and the fault, which leaves everything open,
 // is the answer.
@@ -202,16 +203,14 @@ func (p *Provider) refuse(f *filterProbe, err error) {
 	}
 }
 
-// serverFault reports whether err is the cloud failing on its side, with
-// no EC2 code that says more: the shape of a filter a cloud cannot serve,
-// and of a cloud that is down.
-func serverFault(err error) bool {
-	code := errorCode(err)
-	switch code {
-	case "InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable":
-		return true
-	case "", "UnknownError":
-		// No code, or one the SDK made up for a body without one.
+// unreadableFault reports whether err is a 5xx whose body says nothing
+// EC2 would: not XML, or XML without an error code (an HTML page, as a web
+// server in front of a cloud sends). It is the shape of a filter a cloud
+// cannot serve, and of a cloud that is down; a 5xx with an EC2 code
+// (InternalError) is EC2 failing on its side, and refuses nothing.
+func unreadableFault(err error) bool {
+	switch errorCode(err) {
+	case "", "UnknownError": // "UnknownError": the SDK's, for a body without a code
 	default:
 		return false
 	}

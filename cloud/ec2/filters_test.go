@@ -151,6 +151,36 @@ func TestFilterProbeDuringOutage(t *testing.T) {
 	}
 }
 
+// TestFilterProbeEC2Fault: a 500 with EC2's InternalError is EC2 failing,
+// not refusing the filter: a few single attempts, then an uncertain error,
+// and nothing marked refused.
+func TestFilterProbeEC2Fault(t *testing.T) {
+	hermetic(t)
+	srv := newServer(t, ec2test.Options{})
+	ft := newFaultyTransport()
+	ft.reject["client-token"] = "InternalError"
+	ft.rejectStatus = http.StatusInternalServerError
+	p := newProvider(t, srv, func(o *Options) {
+		o.HTTPClient = &http.Client{Transport: ft}
+		o.backoff = func(int) time.Duration { return time.Millisecond }
+	})
+	spec := launchSpec("ec2-fault", "t3.small", "t3a.small")
+	delete(spec.Tags, cloud.TagIntent)
+	_, err := p.Launch(testCtx(t), spec, 1)
+	if err == nil || !uncertain(err) {
+		t.Fatalf("Launch: %v, want an uncertain error", err)
+	}
+	if n := ft.sent("DescribeInstances", "client-token"); n != probeAttempts {
+		t.Errorf("client-token asked %d times, want %d single attempts", n, probeAttempts)
+	}
+	if n := ft.count("RunInstances"); n != 0 {
+		t.Errorf("%d RunInstances, want 0", n)
+	}
+	if notes := p.Notes(); len(notes) != 0 {
+		t.Errorf("Notes() = %q, want none: InternalError refuses nothing", notes)
+	}
+}
+
 // TestLookupByIntentTagFirst: a launch landed on its second offering and
 // its caller never heard. A fresh provider, with the first offering free
 // again, finds it by tag, asks no client-token lookup, and answers with

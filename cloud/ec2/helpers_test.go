@@ -2,6 +2,7 @@ package ec2
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -125,6 +126,8 @@ type faultyTransport struct {
 	// reject answers requests whose body contains a key with an EC2 error
 	// instead of sending them: a cloud that lacks a parameter.
 	reject map[string]string // body substring → error code
+	// rejectStatus is the HTTP status of those answers; 0 means 400.
+	rejectStatus int
 	// down, when it says so, answers the action with an HTML 500 instead
 	// of sending it: a cloud that is down behind its web server.
 	down func(action string) bool
@@ -168,12 +171,13 @@ func (f *faultyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 			code = c
 		}
 	}
+	status := cmp.Or(f.rejectStatus, http.StatusBadRequest)
 	f.mu.Unlock()
 	if code != "" {
 		msg := `<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>` + code +
 			`</Code><Message>The parameter is not recognized</Message></Error></Errors><RequestID>fault-1</RequestID></Response>`
 		return &http.Response{
-			StatusCode: http.StatusBadRequest, Status: "400 Bad Request", Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			StatusCode: status, Status: http.StatusText(status), Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 			Header: http.Header{"Content-Type": {"text/xml"}}, Body: io.NopCloser(strings.NewReader(msg)),
 			ContentLength: int64(len(msg)), Request: r,
 		}, nil
