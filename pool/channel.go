@@ -213,6 +213,19 @@ func (m *Manager) Script(ctx context.Context, key string) ([]byte, error) {
 	return m.scripts.Load(ctx, src)
 }
 
+var _ bootstrap.PoolScripter = (*Manager)(nil)
+
+// PoolScript implements bootstrap.PoolScripter: the bootstrap script of a
+// pool, for an instance of a batch that fetches it with the batch token
+// (AuthenticateBatch) before it enrolls.
+func (m *Manager) PoolScript(ctx context.Context, pool string) ([]byte, error) {
+	p := m.pools[pool] // fixed in New: no lock needed
+	if p == nil {
+		return nil, fmt.Errorf("%w %q", ErrUnknownPool, pool)
+	}
+	return m.scripts.Load(ctx, p.spec.Bootstrap)
+}
+
 // Ready implements bootstrap.Backend: the instance's bootstrap runs.
 func (m *Manager) Ready(ctx context.Context, key string, r bootstrap.Ready) error {
 	m.mu.Lock()

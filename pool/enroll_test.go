@@ -412,3 +412,23 @@ func TestEnrollSignedIdentity(t *testing.T) {
 		})
 	}
 }
+
+// A batch's instance fetches its pool's bootstrap script with the batch
+// token before it enrolls: AuthenticateBatch names the pool, PoolScript
+// serves its script.
+func TestBatchTokenFetchesScript(t *testing.T) {
+	h := newHarness(t, func(s *Spec) { s.LaunchBatch = 2; s.MaxInstances = 2 })
+	h.scaleTo(2)
+	h.settle()
+	pool, err := h.m.AuthenticateBatch(h.batchHash(h.ids(Booting)[0]))
+	if err != nil || pool != "demo" {
+		t.Fatalf("AuthenticateBatch = %q, %v; want demo", pool, err)
+	}
+	script, err := h.m.PoolScript(context.Background(), pool)
+	if err != nil || !bytes.Contains(script, []byte("/bootstrap/v1/enroll")) {
+		t.Fatalf("PoolScript: %v, %d bytes; want generic.sh, which enrolls", err, len(script))
+	}
+	if _, err := h.m.PoolScript(context.Background(), "nope"); !errors.Is(err, ErrUnknownPool) {
+		t.Errorf("PoolScript of an unknown pool: %v", err)
+	}
+}
