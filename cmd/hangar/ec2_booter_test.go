@@ -187,7 +187,7 @@ func (b *fakeBooter) enrollQuantile(q float64) time.Duration {
 	return s[min(int(q*float64(len(s))), len(s)-1)]
 }
 
-// unquoteShell undoes shell.Quote: 'it'\''s' → it's.
+// unquoteShell undoes shell.Quote: 'it'\”s' → it's.
 func unquoteShell(s string) string {
 	s = strings.TrimSpace(s)
 	if len(s) < 2 || s[0] != '\'' || s[len(s)-1] != '\'' {
