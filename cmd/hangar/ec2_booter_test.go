@@ -187,7 +187,8 @@ func (b *fakeBooter) enrollQuantile(q float64) time.Duration {
 	return s[min(int(q*float64(len(s))), len(s)-1)]
 }
 
-// unquoteShell undoes shell.Quote: 'it'\”s' → it's.
+// unquoteShell undoes shell.Quote, which wraps a value in single quotes
+// and writes a quote inside it as a closing, an escaped and an opening one.
 func unquoteShell(s string) string {
 	s = strings.TrimSpace(s)
 	if len(s) < 2 || s[0] != '\'' || s[len(s)-1] != '\'' {
