@@ -5,7 +5,8 @@ package chaos
 // Setup. The real hangar binary is built once into t.TempDir() (or copied
 // from HANGAR_CHAOS_BIN, to test another build) and run as `hangar serve`
 // with a config written here: one local-cloud pool of at most maxInstances
-// instances, min_idle 1, idle_ttd 2s, lease_ttl 3s, the API on
+// instances launched in batches of up to 4 (each enrolling at boot),
+// min_idle 1, idle_ttd 2s, lease_ttl 3s, the API on
 // 127.0.0.1:<free port> in open loopback mode (no tokens), the data dir in
 // the temp dir.
 //
@@ -230,6 +231,7 @@ type = "local"
 provider = "local"
 min_idle = 1
 max_instances = %d
+launch_batch = 4
 idle_ttd = "2s"
 boot_timeout = "60s"
 lease_ttl = %q
@@ -1507,6 +1509,13 @@ func (h *harness) report(wall time.Duration) {
 	t.Logf("violations: %s", strings.Join(parts, ", "))
 	if h.kills < minKills {
 		t.Errorf("only %d kills within %s; want ≥ %d", h.kills, maxChaos, minKills)
+	}
+	// The instances came in batches: each enrolled with its batch's token.
+	serveLog, _ := os.ReadFile(h.logPath)
+	enrolled := strings.Count(string(serveLog), "instance enrolled")
+	t.Logf("figures: instances enrolled from batches %d", enrolled)
+	if enrolled == 0 {
+		t.Error("no instance enrolled: the pool launched no batch")
 	}
 	for _, k := range violationKinds {
 		for i, v := range tr.viols[k] {
