@@ -186,6 +186,10 @@ func newEngine(jobs []Job, o Options, policy Policy) (*engine, error) {
 		s.Provider = "sim"
 		s.LeaseTTL, s.MaxLeaseTTL = century, century
 		s.Cache, s.Bake, s.ImageFrom = nil, nil, nil
+		// One instance per launch call, with its token in its user-data:
+		// the simulated cloud models no API rate, so batches would change
+		// nothing it measures.
+		s.LaunchBatch, s.Identity, s.SignedIdentity = 1, "", nil
 		s.Launch.Image = cmp.Or(s.Launch.Image, "sim")
 		// A script, whose token line the simulated instance reads.
 		s.UserData = userdata.Params{Format: userdata.FormatScript}
