@@ -261,7 +261,10 @@ type Pool struct {
 	OnIdle       string   `toml:"on_idle"`       // "terminate" | "stop"
 	// LaunchBatch is how many instances one launch call may start, all
 	// booting with one user-data that holds a batch enrollment token
-	// (1..1000; 1 gives each instance its own call and token).
+	// (1..1000, default DefaultLaunchBatch; 1 gives each instance its own
+	// call and token). A batch's instances enroll through the bootstrap
+	// (builtin:generic.sh), so a bootstrap of one's own that does not
+	// include it needs launch_batch = 1.
 	LaunchBatch int `toml:"launch_batch"`
 
 	// Bootstrap is "builtin:NAME", a file path (resolved against the config
@@ -463,9 +466,9 @@ func (p *Pool) setDefaults() {
 	p.Bootstrap = "builtin:generic.sh"
 	p.UserDataFormat = "script"
 	p.ClaimTimeout = Duration{2 * time.Minute}
-	// 1 until the instance side of enrollment (the /enroll route and
-	// generic.sh) ships: a batch's instances cannot enroll without it.
-	p.LaunchBatch = 1
+	// Batches of 50 start 500 instances in ten calls, within EC2's
+	// request bucket (issue 14); 1 launches one instance per call.
+	p.LaunchBatch = DefaultLaunchBatch
 }
 
 // Load reads and validates the config file at path. It reads a token's

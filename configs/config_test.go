@@ -87,7 +87,7 @@ provider = "local"
 		Bootstrap:       "builtin:generic.sh",
 		UserDataFormat:  "script",
 		ClaimTimeout:    Duration{2 * time.Minute},
-		LaunchBatch:     1,
+		LaunchBatch:     50,
 	}
 	if got := c.Pools["a"]; !reflect.DeepEqual(got, wantPool) {
 		t.Errorf("pool = %+v\nwant   %+v", got, wantPool)

@@ -345,8 +345,11 @@ func (k *checker) imageSource(key string, p Pool) {
 }
 
 // MaxLaunchBatch is the most instances one launch call may start: EC2's
-// instance bucket holds 1,000.
-const MaxLaunchBatch = 1000
+// instance bucket holds 1,000. DefaultLaunchBatch is launch_batch unset.
+const (
+	MaxLaunchBatch     = 1000
+	DefaultLaunchBatch = 50
+)
 
 func (k *checker) pool(name string, p Pool) {
 	key := join("pools", name)

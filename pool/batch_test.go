@@ -431,3 +431,21 @@ func TestBatchShrinksToHeadroom(t *testing.T) {
 		}
 	}
 }
+
+// `hangar userdata render` shows what the pool's instances boot with: a
+// batch's user-data, which enrolls, when the pool launches batches.
+func TestRenderUserDataOfBatches(t *testing.T) {
+	for _, tc := range []struct {
+		batch  int
+		enroll bool
+	}{{0, false}, {1, false}, {50, true}} {
+		s := testOptions(func(s *Spec) { s.LaunchBatch = tc.batch }).Pools["demo"]
+		ud, err := RenderUserData(s, "demo", "http://127.0.0.1:7878")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Contains(string(ud), "export HANGAR_ENROLL=1"); got != tc.enroll {
+			t.Errorf("launch_batch %d: enrolls %v, want %v", tc.batch, got, tc.enroll)
+		}
+	}
+}

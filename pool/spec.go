@@ -141,7 +141,11 @@ func markEnroll(p *userdata.Params, identity string) {
 }
 
 // RenderUserData renders what an instance of the pool would boot with, with
-// a placeholder token, for `hangar userdata render`.
+// a placeholder token, for `hangar userdata render`: a batch's user-data
+// when the pool launches batches.
 func RenderUserData(s Spec, pool, publicURL string) ([]byte, error) {
+	if s.batched() {
+		return s.batchUserData(pool, publicURL, "TOKEN-PLACEHOLDER")
+	}
 	return s.userData(pool, publicURL, "TOKEN-PLACEHOLDER")
 }

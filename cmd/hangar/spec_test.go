@@ -96,16 +96,16 @@ func TestAutoscaledPoolServed(t *testing.T) {
 	}
 }
 
-// launch_batch maps to pool.Spec.LaunchBatch; unset, it is 1.
+// launch_batch maps to pool.Spec.LaunchBatch; unset, it is 50.
 func TestPoolSpecLaunchBatch(t *testing.T) {
 	cfg, err := configs.Parse("hangar.toml", []byte(`
 [providers.local]
 type = "local"
 [pools.one]
 provider = "local"
+launch_batch = 1
 [pools.many]
 provider = "local"
-launch_batch = 50
 `))
 	if err != nil {
 		t.Fatal(err)
