@@ -280,9 +280,11 @@ func (m *Manager) launchBatch(ctx context.Context, p *poolState, b *Batch) {
 	}
 	if !launching {
 		// Every slot drained before the call began: no call at all.
+		// (Those reconcile adopted meanwhile still enroll: the token
+		// dies only with nothing left to enroll.)
 		m.endBatchCallLocked(p, b)
 		m.dropUnlaunchedSlotsLocked(b, ReasonNone)
-		m.killBatchToken(b, "no slot left to launch")
+		m.answeredLocked(p, b, m.placedLocked(b))
 		m.unlock()
 		return
 	}
@@ -387,6 +389,11 @@ func (m *Manager) placeLocked(p *poolState, b *Batch, got []cloud.Instance) int 
 		}
 		m.launchedLocked(in, c)
 	}
+	return m.placedLocked(b)
+}
+
+// placedLocked is how many of b's slots have an instance.
+func (m *Manager) placedLocked(b *Batch) int {
 	placed := 0
 	for i := range b.Slots {
 		if in := m.slot(b, i); in != nil && in.ID != "" {
@@ -431,13 +438,8 @@ func (m *Manager) dropUnlaunchedSlotsLocked(b *Batch, reason Reason) int {
 func (m *Manager) batchFailedLocked(p *poolState, b *Batch, err error) {
 	m.launchBackoffLocked(p, b.Key, err)
 	m.dropUnlaunchedSlotsLocked(b, ReasonLaunchFailed)
-	placed := 0
-	for i := range b.Slots {
-		if in := m.slot(b, i); in != nil && in.ID != "" {
-			placed++ // adopted by reconcile before the retry failed
-		}
-	}
-	m.answeredLocked(p, b, placed)
+	// Those reconcile adopted before a retry failed are the batch's.
+	m.answeredLocked(p, b, m.placedLocked(b))
 }
 
 // resumeBatchesLocked restarts the launch calls of batches a crash cut
@@ -531,13 +533,7 @@ func (m *Manager) batchTimersLocked(now time.Time) {
 // adoptedLocked records that reconcile gave one of b's slots an instance
 // its call's lost answer would have named: the cloud answered, in effect.
 func (m *Manager) adoptedLocked(b *Batch) {
-	placed := 0
-	for i := range b.Slots {
-		if in := m.slot(b, i); in != nil && in.ID != "" {
-			placed++
-		}
-	}
-	b.Launched = placed
+	b.Launched = m.placedLocked(b)
 	if b.Deadline.IsZero() {
 		if p := m.pools[b.Pool]; p != nil {
 			b.Deadline = m.clock.Now().Add(p.spec.BootTimeout)

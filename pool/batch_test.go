@@ -449,3 +449,49 @@ func TestRenderUserDataOfBatches(t *testing.T) {
 		}
 	}
 }
+
+// A crash cut the batch's call off after the cloud started both of its
+// instances, and the listing at the restart shows only one: reconcile
+// adopts that one, the resumed call (same key) is answered with both, the
+// other takes the free slot, and both enroll with the token their
+// user-data holds, the first call's.
+func TestBatchPartlyAdoptedThenResumed(t *testing.T) {
+	h := newHarness(t, func(s *Spec) { s.LaunchBatch = 2; s.MaxInstances = 2 })
+	entered := make(chan struct{})
+	var once sync.Once
+	h.cloud.SetAfterLaunch(func(ctx context.Context, spec cloud.LaunchSpec) error {
+		once.Do(func() { close(entered) })
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	h.scaleTo(2)
+	<-entered
+	h.shutdown()
+	h.cloud.SetAfterLaunch(nil)
+	ids := h.cloud.Running()
+	if len(ids) != 2 {
+		t.Fatalf("cloud runs %v before the restart, want 2", ids)
+	}
+	h.cloud.Hide(ids[1], true)
+	h.open()
+	h.run()
+	testutil.Eventually(t, "both instances to be booting", 10*time.Second, func() bool { return len(h.ids(Booting)) == 2 })
+	h.stopRun()
+	h.cloud.Hide(ids[1], false)
+	calls := h.cloud.Calls("launch")
+	if len(calls) != 2 || calls[0].ClientToken != calls[1].ClientToken {
+		t.Fatalf("launch calls %+v, want the batch's call and its resumption, with one key", calls)
+	}
+	if got := h.instance(ids[0]).Reason; got != ReasonAdopted {
+		t.Errorf("listed instance %s: reason %s, want adopted", ids[0], got)
+	}
+	if n := h.cloud.Count("terminate"); n != 0 {
+		t.Errorf("%d terminate calls, want none", n)
+	}
+	for _, id := range ids {
+		h.enrolledReady(id)
+	}
+	if got := h.ids(Idle); !slices.Equal(got, ids) {
+		t.Errorf("idle %v, want %v", got, ids)
+	}
+}
