@@ -556,6 +556,12 @@ func (c *Config) derive() {
 			b, _ := scripts.ExpandFile(p.Bootstrap)
 			p.WorkerCommand = scripts.WorkerCommand(b)
 		}
+		if p.LaunchBatch > 1 && c.src != nil && c.src.lines[join(join("pools", name), "launch_batch")] == 0 && !bootstrapEnrolls(p.Bootstrap) {
+			// The default batch is for bootstraps that enroll a batch's
+			// instances; one that does not (or may not: a URL) gets its
+			// instances one a call, each with its own token.
+			p.LaunchBatch = 1
+		}
 		p.deriveJenkins(dir)
 		if p.Bake != nil {
 			b := *p.Bake

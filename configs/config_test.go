@@ -417,6 +417,62 @@ token_file = "secrets/a.token"
 	}
 }
 
+// A batch's instances enroll through the bootstrap: the default batch is
+// for bootstraps that do (the built-in ones, files that include
+// builtin:generic.sh); one that does not, or may not (a URL), launches one
+// instance a call, and asking it for batches is an error.
+func TestLaunchBatchFollowsTheBootstrap(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("own.sh", "#!/bin/bash\necho my own protocol\n")
+	write("wraps.sh", "#!/bin/bash\n# hangar:include builtin:generic.sh\n")
+	pools := `
+[providers.local]
+type = "local"
+[pools.builtin]
+provider = "local"
+[pools.wraps]
+provider = "local"
+bootstrap = "wraps.sh"
+[pools.own]
+provider = "local"
+bootstrap = "own.sh"
+[pools.url]
+provider = "local"
+bootstrap = "https://example.com/boot.sh"
+[pools.own1]
+provider = "local"
+bootstrap = "own.sh"
+launch_batch = 1
+`
+	path := filepath.Join(dir, "hangar.toml")
+	write("hangar.toml", pools)
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]int{"builtin": DefaultLaunchBatch, "wraps": DefaultLaunchBatch, "own": 1, "url": 1, "own1": 1} {
+		if got := c.Pools[name].LaunchBatch; got != want {
+			t.Errorf("pool %s: launch_batch %d, want %d", name, got, want)
+		}
+	}
+	write("hangar.toml", pools+"[pools.ownbatch]\nprovider = \"local\"\nbootstrap = \"own.sh\"\nlaunch_batch = 10\n"+
+		"[pools.urlbatch]\nprovider = \"local\"\nbootstrap = \"https://example.com/boot.sh\"\nlaunch_batch = 2\n")
+	_, err = Load(path)
+	for _, want := range []string{
+		path + ":22: pools.ownbatch.launch_batch: the instances of a batch enroll through the bootstrap, and " + filepath.Join(dir, "own.sh") + " does not",
+		path + ":26: pools.urlbatch.launch_batch: the instances of a batch enroll through the bootstrap, and https://example.com/boot.sh does not",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("got %v\nwant it to say %q", err, want)
+		}
+	}
+}
+
 func TestTokenSecret(t *testing.T) {
 	const secret = "s3cr3t-value"
 	dir := t.TempDir()

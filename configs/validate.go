@@ -404,6 +404,8 @@ func (k *checker) pool(name string, p Pool) {
 	k.notNegative(f("max_uses"), int64(p.MaxUses))
 	if p.LaunchBatch < 1 || p.LaunchBatch > MaxLaunchBatch {
 		k.add(f("launch_batch"), "must be between 1 and %d", MaxLaunchBatch)
+	} else if p.LaunchBatch > 1 && !bootstrapEnrolls(p.Bootstrap) {
+		k.add(f("launch_batch"), "the instances of a batch enroll through the bootstrap, and %s does not (include builtin:generic.sh in it, or set launch_batch = 1)", p.Bootstrap)
 	}
 	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
 	if c := p.Cache; c != nil {
@@ -499,6 +501,24 @@ func (k *checker) bootstrap(key, b string) {
 			k.add(key, "%v", err)
 		}
 	}
+}
+
+// bootstrapEnrolls says whether bootstrap b enrolls a batch's instances:
+// the built-in scripts and files that include builtin:generic.sh do. A
+// URL's script is not known until it is fetched, so it is taken not to;
+// a file that cannot be read is reported by bootstrap.
+func bootstrapEnrolls(b string) bool {
+	var script []byte
+	var err error
+	switch {
+	case strings.HasPrefix(b, "builtin:"):
+		script, err = scripts.BootstrapScript(strings.TrimPrefix(b, "builtin:"))
+	case strings.Contains(b, "://"):
+		return false
+	default:
+		script, err = scripts.ExpandFile(b)
+	}
+	return err != nil || scripts.Enrolls(script)
 }
 
 func isLoopback(host string) bool {

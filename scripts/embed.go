@@ -37,6 +37,13 @@ func DefaultWorkerCommand(name string) string {
 	return WorkerCommand(b)
 }
 
+// Enrolls says whether a bootstrap script (includes expanded) enrolls the
+// instances of a batched launch: generic.sh does, and so does any script
+// that includes it. The mark is the enroll route it calls.
+func Enrolls(b []byte) bool {
+	return strings.Contains(string(b), "/bootstrap/v1/enroll")
+}
+
 // WorkerCommand returns the worker command that a bootstrap script brings
 // for pools that set none (its "# hangar:worker-command" line), or "".
 func WorkerCommand(b []byte) string {
