@@ -266,6 +266,14 @@ type Pool struct {
 	// (builtin:generic.sh), so a bootstrap of one's own that does not
 	// include it needs launch_batch = 1.
 	LaunchBatch int `toml:"launch_batch"`
+	// Identity is "signed" when an instance of a batch enrolls only with
+	// its cloud's signed instance identity document, checked against
+	// IdentityCertificate (a PEM file; a local provider's own certificate
+	// by default) and, when set, IdentityAccount; "none" (the default):
+	// its instance id is enough.
+	Identity            string `toml:"identity"`
+	IdentityCertificate string `toml:"identity_certificate"`
+	IdentityAccount     string `toml:"identity_account"`
 
 	// Bootstrap is "builtin:NAME", a file path (resolved against the config
 	// file's directory) or an https:// URL.
@@ -469,6 +477,7 @@ func (p *Pool) setDefaults() {
 	// Batches of 50 start 500 instances in ten calls, within EC2's
 	// request bucket (issue 14); 1 launches one instance per call.
 	p.LaunchBatch = DefaultLaunchBatch
+	p.Identity = "none"
 }
 
 // Load reads and validates the config file at path. It reads a token's
@@ -562,6 +571,7 @@ func (c *Config) derive() {
 			// instances one a call, each with its own token.
 			p.LaunchBatch = 1
 		}
+		p.IdentityCertificate = resolve(dir, p.IdentityCertificate)
 		p.deriveJenkins(dir)
 		if p.Bake != nil {
 			b := *p.Bake

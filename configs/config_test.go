@@ -88,6 +88,7 @@ provider = "local"
 		UserDataFormat:  "script",
 		ClaimTimeout:    Duration{2 * time.Minute},
 		LaunchBatch:     50,
+		Identity:        "none",
 	}
 	if got := c.Pools["a"]; !reflect.DeepEqual(got, wantPool) {
 		t.Errorf("pool = %+v\nwant   %+v", got, wantPool)
@@ -311,6 +312,29 @@ hangar.toml:17: server.tokens[2]: one of token_env, token_file or token is requi
 hangar.toml:8: pools.big.launch_batch: must be between 1 and 1000
 hangar.toml:11: pools.word.launch_batch: must be an integer, not a string`,
 	}, {
+		name: "signed identity",
+		toml: base + `identity = "maybe"
+identity_account = "123"
+[providers.aws]
+type = "ec2"
+region = "us-east-1"
+[pools.aws]
+provider = "aws"
+image = "ami-0123456789abcdef0"
+instance_types = ["t3.small"]
+identity = "signed"
+identity_account = "1234"
+[pools.cert]
+provider = "local"
+identity = "signed"
+identity_certificate = "/dev/null"
+`,
+		want: `hangar.toml:5: pools.demo.identity: must be "none" or "signed", not "maybe"
+hangar.toml:6: pools.demo.identity_account: is only used with identity = "signed"
+hangar.toml:14: pools.aws.identity: "signed" needs identity_certificate: a PEM file of the certificate your cloud signs instance identity documents with (on AWS, your region's RSA certificate from the EC2 User Guide's "instance identity documents" pages)
+hangar.toml:15: pools.aws.identity_account: must be a 12-digit account id
+hangar.toml:19: pools.cert.identity_certificate: reading identity certificate: no certificate`,
+	}, {
 		name: "inline tokens, unknown key and bad type in the second one",
 		toml: base + `[server]
 tokens = [
@@ -352,6 +376,7 @@ local.toml (embedded): pools.demo.lease_ttl: must be positive
 local.toml (embedded): pools.demo.max_lease_ttl: must be positive
 local.toml (embedded): pools.demo.launch_batch: must be between 1 and 1000
 local.toml (embedded): pools.demo.on_idle: must be "terminate" or "stop", not ""
+local.toml (embedded): pools.demo.identity: must be "none" or "signed", not ""
 local.toml (embedded): pools.demo.bootstrap: must not be empty
 local.toml (embedded): pools.demo.userdata_format: must be "script", "cloud-config" or "mime", not ""
 local.toml (embedded): pools.demo.claim_timeout: must be positive`

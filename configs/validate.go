@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangar-ci/hangar/cloud/identity"
 	"github.com/hangar-ci/hangar/internal/shell"
 	"github.com/hangar-ci/hangar/scripts"
 	"github.com/hangar-ci/hangar/userdata"
@@ -408,6 +409,7 @@ func (k *checker) pool(name string, p Pool) {
 		k.add(f("launch_batch"), "the instances of a batch enroll through the bootstrap, and %s does not (include builtin:generic.sh in it, or set launch_batch = 1)", p.Bootstrap)
 	}
 	k.oneOf(f("on_idle"), p.OnIdle, "terminate", "stop")
+	k.identity(key, p)
 	if c := p.Cache; c != nil {
 		k.cache(f("cache"), *c)
 	}
@@ -500,6 +502,43 @@ func (k *checker) bootstrap(key, b string) {
 			// found here, not at boot_timeout.
 			k.add(key, "%v", err)
 		}
+	}
+}
+
+var accountRe = regexp.MustCompile(`^[0-9]{12}$`)
+
+// identity checks a pool's signed-identity settings: what they need, and
+// that the certificate file holds certificates that can verify.
+func (k *checker) identity(key string, p Pool) {
+	f := func(name string) string { return join(key, name) }
+	k.oneOf(f("identity"), p.Identity, "none", "signed")
+	if p.Identity != "signed" {
+		for _, kv := range [][2]string{{"identity_certificate", p.IdentityCertificate}, {"identity_account", p.IdentityAccount}} {
+			if kv[1] != "" {
+				k.add(f(kv[0]), `is only used with identity = "signed"`)
+			}
+		}
+		return
+	}
+	if !bootstrapEnrolls(p.Bootstrap) {
+		k.add(f("identity"), "instances present their identity when they enroll, through the bootstrap, and %s does not (include builtin:generic.sh in it)", p.Bootstrap)
+	}
+	if p.IdentityAccount != "" && !accountRe.MatchString(p.IdentityAccount) {
+		k.add(f("identity_account"), "must be a 12-digit account id")
+	}
+	switch prov, ok := k.c.Providers[p.Provider]; {
+	case p.IdentityCertificate != "":
+		b, err := os.ReadFile(p.IdentityCertificate)
+		if err == nil {
+			_, err = identity.FromPEM(b)
+		}
+		if err != nil {
+			k.add(f("identity_certificate"), "%v", err)
+		}
+	case ok && prov.Type != "local":
+		// Hangar ships no cloud's certificates: AWS publishes them per
+		// region, and they are rotated.
+		k.add(f("identity"), `"signed" needs identity_certificate: a PEM file of the certificate your cloud signs instance identity documents with (on AWS, your region's RSA certificate from the EC2 User Guide's "instance identity documents" pages)`)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/hangar-ci/hangar/bootstrap"
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/cloud/ec2"
+	"github.com/hangar-ci/hangar/cloud/identity"
 	"github.com/hangar-ci/hangar/cloud/local"
 	"github.com/hangar-ci/hangar/configs"
 	"github.com/hangar-ci/hangar/metrics"
@@ -163,6 +164,10 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 		s.providers[name] = met.Instrument(name, p)
 	}
 	po := poolOptions(cfg)
+	if err := signedIdentities(cfg, po.Pools, s.providers); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
 	po.Providers, po.Store, po.Logger, po.Metrics, po.Clock, po.Tick = s.providers, s.store, log, met, o.Clock, o.Tick
 	s.images = newServeImages(cfg, log, s.providers)
 	po.Images = s.images
@@ -210,6 +215,58 @@ func startServer(ctx context.Context, cfg configs.Config, o serveOptions) (_ *se
 	}()
 	log.Info("hangar serving", "url", s.url, "public_url", cfg.Server.PublicURL, "data_dir", cfg.Server.DataDir, "pools", len(cfg.Pools))
 	return s, nil
+}
+
+// signedIdentities gives each pool with identity = "signed" what checks its
+// instances' identity documents: the certificate file of its config, else
+// its provider's own (the local cloud signs with a key of its tree), and
+// its provider's region.
+func signedIdentities(cfg configs.Config, specs map[string]pool.Spec, providers map[string]cloud.Provider) error {
+	for name, spec := range specs {
+		if spec.Identity != "signed" {
+			continue
+		}
+		pc := cfg.Pools[name]
+		prov := providers[pc.Provider]
+		var pem []byte
+		if pc.IdentityCertificate != "" {
+			b, err := os.ReadFile(pc.IdentityCertificate)
+			if err != nil {
+				return fmt.Errorf("pool %s: reading identity_certificate: %w", name, err)
+			}
+			pem = b
+		} else if c, ok := providerAs[interface{ IdentityCertificate() []byte }](prov); ok {
+			pem = c.IdentityCertificate()
+		}
+		v, err := identity.FromPEM(pem)
+		if err != nil {
+			return fmt.Errorf("pool %s: the certificate that checks instance identity documents: %w", name, err)
+		}
+		check := &pool.IdentityCheck{Verifier: v, Account: pc.IdentityAccount}
+		if r, ok := providerAs[interface{ Region() string }](prov); ok {
+			check.Region = r.Region()
+		}
+		spec.SignedIdentity = check
+		specs[name] = spec
+	}
+	return nil
+}
+
+// providerAs finds an optional interface T of p, looking through wrappers
+// (the metrics' instrumentation).
+func providerAs[T any](p cloud.Provider) (T, bool) {
+	for p != nil {
+		if t, ok := p.(T); ok {
+			return t, true
+		}
+		w, ok := p.(cloud.Wrapper)
+		if !ok {
+			break
+		}
+		p = w.Unwrap()
+	}
+	var zero T
+	return zero, false
 }
 
 func newProvider(ctx context.Context, cfg configs.Config, name string, pc configs.Provider, log *slog.Logger, observe func(provider string) func(action, code string, d time.Duration)) (cloud.Provider, error) {

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"maps"
+	"strings"
 
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/configs"
@@ -26,6 +27,7 @@ func poolSpec(name string, pc configs.Pool) pool.Spec {
 		ClaimTimeout:   pc.ClaimTimeout.Duration,
 		StopWhenIdle:   pc.OnIdle == "stop",
 		LaunchBatch:    pc.LaunchBatch,
+		Identity:       strings.TrimPrefix(pc.Identity, "none"),
 		Bootstrap:      pc.Bootstrap,
 		WorkerCommand:  pc.WorkerCommand,
 		CleanupCommand: pc.CleanupCommand,
