@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/metrics"
 	"github.com/hangar-ci/hangar/pool/store"
 )
@@ -36,6 +37,9 @@ type PoolView struct {
 	// Autoscale is set for a pool with min_idle = "auto": MinIdle is then
 	// its current target, and this says why.
 	Autoscale *AutoscaleView `json:"autoscale,omitempty"`
+	// CloudNotes are what its provider says an operator should know, such
+	// as a filter the cloud refused and the fallback in use (cloud.Noter).
+	CloudNotes []string `json:"cloud_notes,omitempty"`
 }
 
 // AutoscaleView is an autoscaled pool's current target and its grounds.
@@ -112,7 +116,24 @@ func (m *Manager) poolViewLocked(p *poolState) PoolView {
 		t := p.retryAt
 		v.RetryAt = &t
 	}
+	v.CloudNotes = cloudNotes(p.provider)
 	return v
+}
+
+// cloudNotes is what prov (through wrappers) has to say, if it is a
+// cloud.Noter.
+func cloudNotes(prov cloud.Provider) []string {
+	for prov != nil {
+		if n, ok := prov.(cloud.Noter); ok {
+			return n.Notes()
+		}
+		w, ok := prov.(cloud.Wrapper)
+		if !ok {
+			return nil
+		}
+		prov = w.Unwrap()
+	}
+	return nil
 }
 
 // Scale changes a pool's min_idle and max_instances at run time. The change

@@ -262,6 +262,9 @@ func poolsCmd(g *globals) *cobra.Command {
 				if p.ImageCopy != "" {
 					note = strings.TrimSuffix(p.ImageCopy+"; "+note, "; ")
 				}
+				for _, n := range p.CloudNotes {
+					note = strings.TrimPrefix(note+"; note: "+n, "; ")
+				}
 				min, max := limits(p)
 				rows = append(rows, []string{p.Name, p.Provider, min, max,
 					countStates(p.Instances), fmt.Sprint(p.LeasesActive), fmt.Sprint(p.LeasesPending), note})

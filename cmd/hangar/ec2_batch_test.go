@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangar-ci/hangar/cloud/ec2/ec2test"
 	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
@@ -93,6 +94,30 @@ func TestEC2BatchEndToEnd(t *testing.T) {
 	}
 	if strings.Contains(ts.logs.String(), env["HANGAR_BOOTSTRAP_TOKEN"]) {
 		t.Error("the batch token is in the server's log")
+	}
+}
+
+// A cloud that answers the client-token filter with an HTML 500 (as some
+// EC2-compatible clouds do): the pool still launches, and `hangar pools`
+// says which filter the cloud refused and what Hangar does instead.
+func TestEC2RefusedFilterShown(t *testing.T) {
+	srv, _ := ec2Cloud(t)
+	srv.RefuseFilter("client-token", ec2test.HTML500)
+	ts := startTest(t, ec2TOML(t.TempDir(), srv.URL(), "min_idle = 1\nmax_instances = 1"), nil)
+	testutil.Eventually(t, "an idle instance", 90*time.Second, func() bool { return ts.countState(t, "ci", pool.Idle) == 1 })
+	pools, err := ts.client.Pools(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pools) != 1 || len(pools[0].CloudNotes) != 1 || !strings.Contains(pools[0].CloudNotes[0], "client-token") {
+		t.Fatalf("pools = %+v, want a note of the refused client-token filter", pools)
+	}
+	code, out, errOut := runCLI(t, "--server", ts.url, "pools")
+	if code != 0 || !strings.Contains(out, "note: "+pools[0].CloudNotes[0]) {
+		t.Errorf("hangar pools exited %d:\n%s%s\nwant the note %q", code, out, errOut, pools[0].CloudNotes[0])
+	}
+	if n := strings.Count(ts.logs.String(), "client-token"); n != 1 {
+		t.Errorf("the refusal is logged %d times, want once:\n%s", n, grepLines(ts.logs.String(), "client-token"))
 	}
 }
 
