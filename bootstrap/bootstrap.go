@@ -146,8 +146,9 @@ type Backend interface {
 	// Enroll gives an instance of a batch its own bootstrap token, once:
 	// the instance id must be one the cloud returned for the batch (or
 	// lists under its intent tag) and not enrolled before (see
-	// docs/plan-issue14.md §2). ErrEnrollPending while the launch has not
-	// answered yet; ErrUnauthorized for every refusal.
+	// docs/design.md, "Batched launches and enrollment"). ErrEnrollPending
+	// while the launch has not answered yet; ErrUnauthorized for every
+	// refusal.
 	//
 	// Enroll logs its own refusals, with why; the handler logs those it
 	// makes itself (no batch token, or one AuthenticateBatch refused).
