@@ -43,9 +43,14 @@ type Batch struct {
 	// Launched is how many instances the cloud started for it; -1 until
 	// the call answered (or reconcile adopted its instances).
 	Launched int `json:"launched"`
+	// Token is the enrollment token itself, kept only until the cloud has
+	// answered: a retry after a crash must send the very user-data of the
+	// first call, or EC2 refuses the replayed client token
+	// (IdempotentParameterMismatch) and the batch's instances may launch
+	// twice. Like an instance's password, it is on Hangar's disk alone.
+	Token string `json:"token,omitempty"`
 
-	token    string // the enrollment token, kept only until the user-data is rendered
-	inFlight bool   // its launch call is under way (or about to be)
+	inFlight bool // its launch call is under way (or about to be)
 	// deadHashes are the hashes its token had before it died: still in
 	// m.byBatchToken, so that a refusal names the batch, until the batch
 	// is forgotten.
@@ -82,7 +87,7 @@ func (m *Manager) killBatchToken(b *Batch, why string) {
 		return
 	}
 	b.deadHashes = append(append(b.deadHashes, b.TokenHash), b.EarlierTokenHashes...)
-	b.TokenHash, b.EarlierTokenHashes = "", nil
+	b.TokenHash, b.EarlierTokenHashes, b.Token = "", nil, ""
 	m.saveBatch(b)
 	m.log.Info("batch enrollment token dead", "pool", b.Pool, "batch", b.Key, "why", why)
 }
@@ -214,7 +219,7 @@ func (m *Manager) launchBatchLocked(p *poolState, k int) {
 		TokenHash: bootstrap.HashToken(token),
 		IntentAt:  now,
 		Launched:  -1,
-		token:     token,
+		Token:     token,
 		inFlight:  true,
 	}
 	for i := range k {
@@ -288,20 +293,22 @@ func (m *Manager) launchBatch(ctx context.Context, p *poolState, b *Batch) {
 		m.unlock()
 		return
 	}
-	token := b.token
+	token := b.Token
+	var renewed *store.Commit
 	if token == "" {
-		// Restarted with a batch whose call may have reached the cloud:
-		// only the token's hash was kept, so the retry gets a new token,
-		// and the earlier one still enrolls in case the call did happen.
+		// A record that kept only the token's hash (its token died, or an
+		// older version wrote it): the retry gets a new token, on disk
+		// before the call, and the earlier one still enrolls in case the
+		// first call did happen.
 		token = randomToken(32)
 		if b.TokenHash != "" {
 			b.EarlierTokenHashes = append(b.EarlierTokenHashes, b.TokenHash)
 		}
-		b.TokenHash = bootstrap.HashToken(token)
+		b.TokenHash, b.Token = bootstrap.HashToken(token), token
 		m.byBatchToken[b.TokenHash] = b
 		m.saveBatch(b)
+		renewed = m.synced()
 	}
-	b.token = ""
 	n := len(b.Slots) // always all of them: a retry must ask what the first try asked
 	spec := p.spec
 	launch := spec.Launch
@@ -310,7 +317,14 @@ func (m *Manager) launchBatch(ctx context.Context, p *poolState, b *Batch) {
 	launch.ClientToken = b.Key
 	m.unlock()
 
-	ud, err := spec.batchUserData(p.name, m.opts.PublicURL, token)
+	var err error
+	if renewed != nil {
+		err = renewed.Wait()
+	}
+	var ud []byte
+	if err == nil {
+		ud, err = spec.batchUserData(p.name, m.opts.PublicURL, token)
+	}
 	var got []cloud.Instance
 	if err == nil {
 		launch.UserData = ud
@@ -346,8 +360,12 @@ func (m *Manager) launchBatch(ctx context.Context, p *poolState, b *Batch) {
 // answeredLocked records that the cloud named placed instances of b: from
 // now, the batch's token lives until boot_timeout at most.
 func (m *Manager) answeredLocked(p *poolState, b *Batch, placed int) {
-	b.Launched = placed
-	b.Deadline = m.clock.Now().Add(p.spec.BootTimeout)
+	b.Launched, b.Token = placed, ""
+	if b.Deadline.IsZero() {
+		// Not again at a retry's answer: boot_timeout counts from the
+		// first answer (or adoption).
+		b.Deadline = m.clock.Now().Add(p.spec.BootTimeout)
+	}
 	m.saveBatch(b)
 	if m.batchDone(b) {
 		m.killBatchToken(b, "every slot enrolled or gone")
@@ -451,7 +469,7 @@ func (m *Manager) resumeBatchesLocked() {
 		p := m.pools[b.Pool]
 		// An answered batch too: reconcile may have adopted some of its
 		// instances and not (yet) the others.
-		if p == nil || b.inFlight {
+		if b.inFlight {
 			continue
 		}
 		var slots []*Instance
@@ -460,7 +478,21 @@ func (m *Manager) resumeBatchesLocked() {
 				slots = append(slots, in)
 			}
 		}
-		if len(slots) == 0 {
+		switch {
+		case len(slots) > 0 && p != nil:
+		case b.answered():
+			continue
+		default:
+			// Nothing left to launch of a call that never answered (its
+			// slots drained, or its pool removed): it is answered with
+			// what it has, so its token dies with the rest, not never.
+			b.Launched, b.Token = m.placedLocked(b), ""
+			m.saveBatch(b)
+			if p != nil && !m.batchDone(b) {
+				m.answeredLocked(p, b, b.Launched)
+			} else {
+				m.killBatchToken(b, "nothing left to launch")
+			}
 			continue
 		}
 		for _, in := range slots {

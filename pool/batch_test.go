@@ -1,6 +1,7 @@
 package pool
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"slices"
@@ -67,6 +68,35 @@ func TestBatchRestoreRepairs(t *testing.T) {
 	defer h.m.unlock()
 	if b := h.m.batches["b-done"]; b == nil || b.TokenHash != "" {
 		t.Errorf("after a restart the repaired batch is %+v, want its token still dead", b)
+	}
+}
+
+// A launched instance whose batch record a torn store lost lives on its
+// own record: reconcile knows it by its id, not as an orphan of an
+// unknown intent, and never ends it.
+func TestLaunchedSlotOutlivesItsBatchRecord(t *testing.T) {
+	h := newHarness(t, func(s *Spec) { s.LaunchBatch = 2; s.MaxInstances = 2 })
+	h.scaleTo(2)
+	h.settle()
+	ids := h.ids(Booting)
+	if len(ids) != 2 {
+		t.Fatalf("booting %v, want 2", ids)
+	}
+	var key string
+	for k := range h.batches() {
+		key = k
+	}
+	h.writeRecords(store.Op{Kind: store.Batches, ID: key})
+	for range 3 {
+		h.clock.Advance(10 * time.Minute) // past orphan_grace
+		h.reconcile()
+		h.settle()
+	}
+	if n := h.cloud.Count("terminate"); n != 0 {
+		t.Errorf("%d terminate calls for instances the store knows, want none", n)
+	}
+	if got := h.ids(Booting); len(got) != 2 {
+		t.Errorf("booting after reconciles %v, want %v", got, ids)
 	}
 }
 
@@ -298,8 +328,10 @@ func TestBatchAdoptAfterCrash(t *testing.T) {
 }
 
 // A crash before the call reached the cloud: the next start launches the
-// batch again with the same key (so a call that did land is answered, not
-// repeated), and a new token, the earlier one kept.
+// batch again with the same key and the very same user-data (so a call
+// that did land is answered, not repeated: EC2 refuses a client token
+// replayed with other parameters), its token kept on disk until the
+// cloud answers and not after.
 func TestBatchResumedWithItsKey(t *testing.T) {
 	h := newHarness(t, func(s *Spec) { s.LaunchBatch = 3; s.MaxInstances = 3 })
 	entered := make(chan struct{})
@@ -321,8 +353,55 @@ func TestBatchResumedWithItsKey(t *testing.T) {
 	if len(calls) != 2 || calls[0].ClientToken != calls[1].ClientToken || calls[1].N != 3 {
 		t.Fatalf("launch calls %+v, want two of 3 with one client token", calls)
 	}
-	if b := h.batches()[calls[0].ClientToken]; len(b.EarlierTokenHashes) != 1 || b.TokenHash == "" {
-		t.Errorf("resumed batch: token %q, earlier %v; want a new token and the earlier one kept", b.TokenHash, b.EarlierTokenHashes)
+	if !bytes.Equal(calls[0].UserData, calls[1].UserData) {
+		t.Errorf("the resumed call's user-data differs from the first's:\n%s\n---\n%s", calls[0].UserData, calls[1].UserData)
+	}
+	if b := h.batches()[calls[0].ClientToken]; len(b.EarlierTokenHashes) != 0 || b.TokenHash == "" || b.Token != "" {
+		t.Errorf("resumed batch: token hash %q, earlier %v, token kept %v; want the one token, live, off the disk once answered", b.TokenHash, b.EarlierTokenHashes, b.Token != "")
+	}
+}
+
+// A batch whose call never answered and whose slots all drained before a
+// crash has nothing left to launch: at the next start its token dies,
+// rather than open the script route for ever.
+func TestUnansweredDrainedBatchTokenDies(t *testing.T) {
+	h := newHarness(t, func(s *Spec) { s.LaunchBatch = 3; s.MaxInstances = 3 })
+	entered := make(chan struct{})
+	var once sync.Once
+	h.cloud.SetBeforeLaunch(func(ctx context.Context, spec cloud.LaunchSpec) error {
+		once.Do(func() { close(entered) })
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	h.scaleTo(3)
+	<-entered
+	var key, hash string
+	for k, b := range h.batches() {
+		key, hash = k, b.TokenHash
+	}
+	if _, err := h.m.AuthenticateBatch(hash); err != nil {
+		t.Fatalf("the batch token while its call is under way: %v", err)
+	}
+	// Drained while launching, then a crash.
+	h.scaleTo(0)
+	h.m.mu.Lock()
+	for _, k := range h.m.batches[key].Slots {
+		if in := h.m.instances[k]; in != nil && in.State == Launching {
+			h.m.terminateLocked(in, ReasonScaleIn)
+		}
+	}
+	h.m.unlock()
+	h.shutdown()
+	h.cloud.SetBeforeLaunch(nil)
+	h.open()
+	h.run()
+	testutil.Eventually(t, "the batch's token to die", 10*time.Second, func() bool {
+		_, err := h.m.AuthenticateBatch(hash)
+		return errors.Is(err, bootstrap.ErrUnauthorized)
+	})
+	h.stopRun()
+	if b, ok := h.batches()[key]; ok && (b.TokenHash != "" || b.Token != "") {
+		t.Errorf("batch %+v keeps a token", b)
 	}
 }
 

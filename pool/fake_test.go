@@ -22,7 +22,8 @@ func newFakeClock() *fakeClock { return testutil.NewFakeClock() }
 type fakeCall struct {
 	Op          string // launch | list | terminate | stop | start | console
 	ClientToken string
-	N           int // instances asked for, of a launch
+	N           int    // instances asked for, of a launch
+	UserData    []byte // of a launch
 	IDs         []string
 	Err         error
 }
@@ -124,7 +125,7 @@ func (f *fakeCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([
 	if before != nil {
 		if err := before(ctx, spec); err != nil {
 			f.mu.Lock()
-			f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, Err: err})
+			f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, UserData: slices.Clone(spec.UserData), Err: err})
 			f.mu.Unlock()
 			return nil, err
 		}
@@ -132,7 +133,7 @@ func (f *fakeCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([
 
 	f.mu.Lock()
 	out, err := f.launchLocked(spec, n)
-	f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, IDs: cloudIDs(out), Err: err})
+	f.record(fakeCall{Op: "launch", ClientToken: spec.ClientToken, N: n, UserData: slices.Clone(spec.UserData), IDs: cloudIDs(out), Err: err})
 	after := f.afterLaunch
 	f.mu.Unlock()
 	if len(out) == 0 {

@@ -88,6 +88,11 @@ func (m *Manager) reconcileLocked(prov cloud.Provider, list []cloud.Instance, li
 			if wait {
 				continue // the batch's call is under way; its answer names it
 			}
+			if in == nil && batch == nil {
+				// Its intent is unknown (a torn store lost its batch)
+				// but not the instance: a record names its id.
+				in = m.byID[c.ID]
+			}
 			if batch != nil && in == nil && !gone {
 				// More instances than the batch has slots: the
 				// cloud ignored the idempotency token.
