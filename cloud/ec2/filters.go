@@ -122,9 +122,8 @@ var _ cloud.Noter = (*Provider)(nil)
 
 // describeWith sends in, which uses f, as far as f's state allows.
 // refused reports that the cloud does not serve f (now, or lately): the
-// caller falls back. controlOK says that a DescribeInstances without f
-// has just succeeded, which spares the probe its control call.
-func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.DescribeInstancesInput, controlOK bool) (_ *ec2.DescribeInstancesOutput, refused bool, _ error) {
+// caller falls back.
+func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.DescribeInstancesInput) (_ *ec2.DescribeInstancesOutput, refused bool, _ error) {
 	switch f.current(p.clock.Now()) {
 	case probeRefused:
 		return nil, true, nil
@@ -139,7 +138,7 @@ func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.Des
 	// Single attempts: the SDK's retryer would take an HTML 500 for a
 	// passing fault and ask for a minute.
 	single := func(o *ec2.Options) { o.RetryMaxAttempts = 1 }
-	faults := 0
+	controlled := false
 	for attempt := 1; ; attempt++ {
 		out, err := p.api.DescribeInstances(ctx, in, single)
 		var wait time.Duration
@@ -150,12 +149,22 @@ func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.Des
 		case filterRefused(err):
 			p.refuse(f, err)
 			return nil, true, nil
+		case unreadableFault(err) && controlled:
+			// Failed with the filter, worked without it since, and
+			// failed with it again: the cloud cannot serve it.
+			p.refuse(f, err)
+			return nil, true, nil
 		case unreadableFault(err):
-			faults++
-			if faults >= 2 {
-				return p.control(ctx, f, err, controlOK)
+			// The filter, or the cloud? After a pause, the same Describe
+			// without the filter, then the filter once more.
+			if err := p.pause(ctx, probeFaultWait); err != nil {
+				return nil, false, err
 			}
-			wait = probeFaultWait
+			if err := p.control(ctx, f, err); err != nil {
+				return nil, false, err
+			}
+			controlled = true
+			continue
 		case uncertain(err) && attempt < probeAttempts:
 			// Throttled, no answer, or EC2's own fault: the probe
 			// learned nothing.
@@ -176,22 +185,41 @@ func (p *Provider) describeWith(ctx context.Context, f *filterProbe, in *ec2.Des
 	}
 }
 
-// control decides a filter that failed twice with an unreadable 5xx: if the
-// same Describe without it works, the cloud cannot serve the filter; if
-// not, the cloud is failing and the fault, which leaves everything open,
-// is the answer.
-func (p *Provider) control(ctx context.Context, f *filterProbe, faultErr error, controlOK bool) (*ec2.DescribeInstancesOutput, bool, error) {
-	if !controlOK {
+// control asks, in one attempt, the Describe that failed with f without
+// it: an error says the cloud is failing (the fault, which leaves
+// everything open, is then the answer); nil, that it works without f.
+//
+// Single attempts, asked again only when throttled: the SDK's retryer
+// would wait out a passing outage and so make it look like a refusal.
+func (p *Provider) control(ctx context.Context, f *filterProbe, faultErr error) error {
+	for attempt := 1; ; attempt++ {
 		_, err := p.api.DescribeInstances(ctx, &ec2.DescribeInstancesInput{
 			Filters:    []types.Filter{{Name: aws.String("instance-state-name"), Values: allStates}},
 			MaxResults: aws.Int32(5),
-		})
-		if err != nil {
-			return nil, false, fmt.Errorf("%w (and without the %s filter: %w)", faultErr, f.name, err)
+		}, func(o *ec2.Options) { o.RetryMaxAttempts = 1 })
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(classOf(errorCode(err)), cloud.ErrThrottled) && attempt < probeAttempts:
+			if err := p.pause(ctx, p.backoff(attempt)); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("%w (and without the %s filter: %w)", faultErr, f.name, err)
 		}
 	}
-	p.refuse(f, faultErr)
-	return nil, true, nil
+}
+
+// pause waits d on the provider's clock, or until ctx ends.
+func (p *Provider) pause(ctx context.Context, d time.Duration) error {
+	t := p.clock.NewTimer(d)
+	select {
+	case <-t.C():
+		return nil
+	case <-ctx.Done():
+		t.Stop()
+		return ctx.Err()
+	}
 }
 
 // refuse records that the cloud refused f, logging it the first time.
@@ -203,11 +231,12 @@ func (p *Provider) refuse(f *filterProbe, err error) {
 	}
 }
 
-// unreadableFault reports whether err is a 5xx whose body says nothing
-// EC2 would: not XML, or XML without an error code (an HTML page, as a web
-// server in front of a cloud sends). It is the shape of a filter a cloud
-// cannot serve, and of a cloud that is down; a 5xx with an EC2 code
-// (InternalError) is EC2 failing on its side, and refuses nothing.
+// unreadableFault reports whether err is a 500 or 501 whose body says
+// nothing EC2 would: not XML, or XML without an error code (an HTML page,
+// as a web server in front of a cloud sends). It is the shape of a filter
+// a cloud cannot serve, and of a cloud that is down; a 5xx with an EC2
+// code (InternalError) is EC2 failing on its side, and a 502, 503 or 504
+// a proxy's or a balancer's, passing: neither refuses anything.
 func unreadableFault(err error) bool {
 	switch errorCode(err) {
 	case "", "UnknownError": // "UnknownError": the SDK's, for a body without a code
@@ -215,7 +244,7 @@ func unreadableFault(err error) bool {
 		return false
 	}
 	re, ok := errors.AsType[*awshttp.ResponseError](err)
-	return ok && re.HTTPStatusCode() >= http.StatusInternalServerError
+	return ok && (re.HTTPStatusCode() == http.StatusInternalServerError || re.HTTPStatusCode() == http.StatusNotImplemented)
 }
 
 // answerOf words a refusal for notes and logs: "HTTP 500, not XML",

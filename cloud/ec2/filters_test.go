@@ -20,7 +20,7 @@ import (
 const refusedLog = "does not serve a DescribeInstances filter"
 
 // TestRefusedFilterHTML500Fast: a cloud that answers the client-token
-// filter with an HTML 500 is found out in at most three DescribeInstances
+// filter with an HTML 500 is found out in at most four DescribeInstances
 // (not the SDK's full retry budget), once: later launches do not ask it
 // again, the fallback is logged once, and Notes shows it.
 func TestRefusedFilterHTML500Fast(t *testing.T) {
@@ -52,8 +52,10 @@ func TestRefusedFilterHTML500Fast(t *testing.T) {
 			if _, err := p.Launch(ctx, spec("html-1"), 1); err != nil {
 				t.Fatal(err)
 			}
-			if n := ft.count("DescribeInstances"); n > 3 {
-				t.Errorf("%d DescribeInstances to find the filter refused, want at most 3", n)
+			// The tag lookup, the probe, the control without the
+			// filter, the probe again.
+			if n := ft.count("DescribeInstances"); n > 4 {
+				t.Errorf("%d DescribeInstances to find the filter refused, want at most 4", n)
 			}
 			if n := srv.Errors()["DescribeInstances/HTML500"]; n != 2 {
 				t.Errorf("%d HTML 500 answers, want 2 (a probe and one more single attempt)", n)
@@ -107,6 +109,37 @@ func TestRefusedFilter400(t *testing.T) {
 // uncertain error (so the pool backs off and asks again), launches nothing
 // blind, and nothing is marked refused; once the cloud is back, the next
 // launch probes again and works.
+// A proxy's 502s while a filter is first asked are a passing fault, not
+// a refusal: the probe asks again and the filter is served.
+func TestFilterProbeThrough502s(t *testing.T) {
+	hermetic(t)
+	srv := newServer(t, ec2test.Options{})
+	ft := newFaultyTransport()
+	blips := 0
+	ft.down = func(action string) bool {
+		if action == "DescribeInstances" && blips < 2 {
+			blips++
+			return true
+		}
+		return false
+	}
+	var logs logLines
+	p := newProvider(t, srv, func(o *Options) {
+		o.HTTPClient = &http.Client{Transport: ft}
+		o.backoff = func(int) time.Duration { return time.Millisecond }
+		o.Logger = logs.logger()
+	})
+	if _, err := p.Launch(testCtx(t), launchSpec("blip", "t3.small", "t3a.small"), 1); err != nil {
+		t.Fatalf("Launch through two 502s: %v", err)
+	}
+	if notes := p.Notes(); len(notes) != 0 {
+		t.Errorf("Notes() = %q after two 502s, want none", notes)
+	}
+	if n := logs.count(refusedLog); n != 0 {
+		t.Errorf("502s were logged as a refused filter %d times", n)
+	}
+}
+
 func TestFilterProbeDuringOutage(t *testing.T) {
 	hermetic(t)
 	srv := newServer(t, ec2test.Options{})

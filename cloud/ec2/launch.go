@@ -314,18 +314,16 @@ const maxFilterValues = 200
 // one call, then by the offerings' client tokens. A filter the cloud does
 // not serve is skipped (filters.go); with neither, nothing is found.
 func (p *Provider) findEarlier(ctx context.Context, spec cloud.LaunchSpec, offers []offering) ([]types.Instance, error) {
-	controlOK := false
 	if intent := spec.Tags[cloud.TagIntent]; intent != "" {
-		found, refused, err := p.earlierByTag(ctx, intent)
+		found, _, err := p.earlierByTag(ctx, intent)
 		if err != nil {
 			return nil, err
 		}
 		if len(found) > 0 {
 			return found, nil
 		}
-		controlOK = !refused
 	}
-	return p.earlierByToken(ctx, spec.ClientToken, offers, controlOK)
+	return p.earlierByToken(ctx, spec.ClientToken, offers)
 }
 
 // earlierByTag returns the instances tagged with the launch's intent.
@@ -339,7 +337,7 @@ func (p *Provider) earlierByTag(ctx context.Context, intent string) (_ []types.I
 	}
 	var out []types.Instance
 	for {
-		page, refused, err := p.describeWith(ctx, p.tagFilter, in, false)
+		page, refused, err := p.describeWith(ctx, p.tagFilter, in)
 		if err != nil || refused {
 			return nil, refused, err
 		}
@@ -362,7 +360,7 @@ func (p *Provider) earlierByTag(ctx context.Context, intent string) (_ []types.I
 
 // earlierByToken returns the instances launched under any of the launch's
 // offering tokens.
-func (p *Provider) earlierByToken(ctx context.Context, launchToken string, offers []offering, controlOK bool) ([]types.Instance, error) {
+func (p *Provider) earlierByToken(ctx context.Context, launchToken string, offers []offering) ([]types.Instance, error) {
 	tokens := make([]string, len(offers))
 	for i, o := range offers {
 		tokens[i] = clientToken(launchToken, o)
@@ -374,7 +372,7 @@ func (p *Provider) earlierByToken(ctx context.Context, launchToken string, offer
 			MaxResults: aws.Int32(pageSize),
 		}
 		for {
-			page, refused, err := p.describeWith(ctx, p.tokenFilter, in, controlOK)
+			page, refused, err := p.describeWith(ctx, p.tokenFilter, in)
 			if refused {
 				// Launching anyway keeps the pool working; a launch
 				// retried after a crash may then start a second
