@@ -100,8 +100,11 @@ func (b *fakeBooter) boot(ctx context.Context, in ec2test.Instance) error {
 		token = own
 	}
 	code, _, err := b.post(ctx, base+"/bootstrap/v1/ready", token, url.Values{"hostname": {in.ID}})
-	if err != nil || code != http.StatusNoContent {
-		return fmt.Errorf("ready: %d %v", code, err)
+	if err != nil {
+		return fmt.Errorf("ready: %w", err)
+	}
+	if code != http.StatusNoContent {
+		return fmt.Errorf("ready: HTTP %d", code)
 	}
 	b.mu.Lock()
 	b.ready++
