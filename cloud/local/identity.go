@@ -125,8 +125,8 @@ func certifies(certPEM []byte, key *rsa.PrivateKey) bool {
 
 // signer returns the tree's identity key and certificate, cached once read.
 func (p *Provider) signer() (*rsa.PrivateKey, []byte, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.identityMu.Lock()
+	defer p.identityMu.Unlock()
 	if p.identityKey == nil {
 		key, cert, err := p.store.identityKey()
 		if err != nil {

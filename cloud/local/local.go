@@ -117,7 +117,10 @@ type Provider struct {
 	mu     sync.Mutex
 	keys   map[string]string // metadata key → instance id, a cache
 	lastGC time.Time
-	// identityKey and identityCert are the tree's, once read (identity.go).
+	// identityKey and identityCert are the tree's, once read (identity.go),
+	// under identityMu: not mu, which every metadata request takes and a
+	// key's generation would hold for a while.
+	identityMu   sync.Mutex
 	identityKey  *rsa.PrivateKey
 	identityCert []byte
 }
