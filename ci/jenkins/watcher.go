@@ -276,11 +276,16 @@ func (w *Watcher) report(err error) {
 // nodes without one, deletions of nodes no longer needed, new nodes for
 // builds still waiting.
 func (w *Watcher) Reconcile(ctx context.Context) error {
-	items, err := w.client.Queue(ctx)
+	// The computers before the queue: a build that starts on one of our
+	// nodes between the two reads then leaves the queue after its node was
+	// seen idle (one node too many counted as free, which creates nothing),
+	// not before it was seen busy with the build still queued (which made
+	// a node for a build that had one).
+	all, err := w.client.Computers(ctx)
 	if err != nil {
 		return fmt.Errorf("jenkins %s: %w", w.cfg.URL, err)
 	}
-	all, err := w.client.Computers(ctx)
+	items, err := w.client.Queue(ctx)
 	if err != nil {
 		return fmt.Errorf("jenkins %s: %w", w.cfg.URL, err)
 	}
