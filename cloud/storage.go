@@ -177,15 +177,21 @@ type Wrapper interface {
 }
 
 // StorageOf returns p's Storage, looking through wrappers.
-func StorageOf(p Provider) (Storage, bool) {
-	for {
-		if st, ok := p.(Storage); ok {
-			return st, true
+func StorageOf(p Provider) (Storage, bool) { return As[Storage](p) }
+
+// As returns p as the optional interface T (Storage, Noter, a provider's
+// own extras), looking through wrappers.
+func As[T any](p Provider) (T, bool) {
+	for p != nil {
+		if t, ok := p.(T); ok {
+			return t, true
 		}
 		w, ok := p.(Wrapper)
 		if !ok {
-			return nil, false
+			break
 		}
 		p = w.Unwrap()
 	}
+	var zero T
+	return zero, false
 }

@@ -183,24 +183,10 @@ type launchPacer interface {
 // more of them and room for more within max_instances.
 func batchSize(p *poolState, need, room int) int {
 	k := min(need, p.spec.launchBatch(), room)
-	if lp, ok := pacerOf(p.provider); ok {
+	if lp, ok := cloud.As[launchPacer](p.provider); ok {
 		k = min(k, max(1, lp.LaunchHeadroom()))
 	}
 	return k
-}
-
-// pacerOf finds the launchPacer of prov, through wrappers (metrics).
-func pacerOf(prov cloud.Provider) (launchPacer, bool) {
-	for {
-		if lp, ok := prov.(launchPacer); ok {
-			return lp, true
-		}
-		w, ok := prov.(cloud.Wrapper)
-		if !ok {
-			return nil, false
-		}
-		prov = w.Unwrap()
-	}
 }
 
 // launchBatchLocked writes the intent of a batch of k instances for p, the

@@ -116,24 +116,10 @@ func (m *Manager) poolViewLocked(p *poolState) PoolView {
 		t := p.retryAt
 		v.RetryAt = &t
 	}
-	v.CloudNotes = cloudNotes(p.provider)
-	return v
-}
-
-// cloudNotes is what prov (through wrappers) has to say, if it is a
-// cloud.Noter.
-func cloudNotes(prov cloud.Provider) []string {
-	for prov != nil {
-		if n, ok := prov.(cloud.Noter); ok {
-			return n.Notes()
-		}
-		w, ok := prov.(cloud.Wrapper)
-		if !ok {
-			return nil
-		}
-		prov = w.Unwrap()
+	if n, ok := cloud.As[cloud.Noter](p.provider); ok {
+		v.CloudNotes = n.Notes()
 	}
-	return nil
+	return v
 }
 
 // Scale changes a pool's min_idle and max_instances at run time. The change

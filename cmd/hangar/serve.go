@@ -235,7 +235,7 @@ func signedIdentities(cfg configs.Config, specs map[string]pool.Spec, providers 
 				return fmt.Errorf("pool %s: reading identity_certificate: %w", name, err)
 			}
 			pem = b
-		} else if c, ok := providerAs[interface{ IdentityCertificate() []byte }](prov); ok {
+		} else if c, ok := cloud.As[interface{ IdentityCertificate() []byte }](prov); ok {
 			pem = c.IdentityCertificate()
 		}
 		v, err := identity.FromPEM(pem)
@@ -243,30 +243,13 @@ func signedIdentities(cfg configs.Config, specs map[string]pool.Spec, providers 
 			return fmt.Errorf("pool %s: the certificate that checks instance identity documents: %w", name, err)
 		}
 		check := &pool.IdentityCheck{Verifier: v, Account: pc.IdentityAccount}
-		if r, ok := providerAs[interface{ Region() string }](prov); ok {
+		if r, ok := cloud.As[interface{ Region() string }](prov); ok {
 			check.Region = r.Region()
 		}
 		spec.SignedIdentity = check
 		specs[name] = spec
 	}
 	return nil
-}
-
-// providerAs finds an optional interface T of p, looking through wrappers
-// (the metrics' instrumentation).
-func providerAs[T any](p cloud.Provider) (T, bool) {
-	for p != nil {
-		if t, ok := p.(T); ok {
-			return t, true
-		}
-		w, ok := p.(cloud.Wrapper)
-		if !ok {
-			break
-		}
-		p = w.Unwrap()
-	}
-	var zero T
-	return zero, false
 }
 
 func newProvider(ctx context.Context, cfg configs.Config, name string, pc configs.Provider, log *slog.Logger, observe func(provider string) func(action, code string, d time.Duration)) (cloud.Provider, error) {
