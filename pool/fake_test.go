@@ -6,11 +6,11 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/hangar-ci/hangar/cloud"
 	"github.com/hangar-ci/hangar/internal/testutil"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 // fakeClock is a clock tests move by hand.
@@ -421,11 +421,8 @@ func (f *fakeCloud) BootstrapToken(id string) (string, error) {
 	if !ok {
 		return "", fmt.Errorf("no instance %s", id)
 	}
-	const prefix = "export HANGAR_BOOTSTRAP_TOKEN="
-	for line := range strings.Lines(string(in.UserData)) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), prefix); ok {
-			return strings.Trim(v, "'"), nil
-		}
+	if token, ok := userdata.Exports(in.UserData)["HANGAR_BOOTSTRAP_TOKEN"]; ok {
+		return token, nil
 	}
 	return "", fmt.Errorf("instance %s: no bootstrap token in its user-data", id)
 }

@@ -92,6 +92,33 @@ type Cache struct {
 	Device string // /dev/sd[f-p]
 }
 
+// Exports returns the variables a rendered script (FormatScript) exports,
+// as the instance's shell reads them: for what plays an instance in tests
+// and the simulator. Lines that are not an export of a quoted word (or of
+// a bare one, such as HANGAR_ENROLL=1) are skipped.
+func Exports(userData []byte) map[string]string {
+	out := map[string]string{}
+	for line := range strings.Lines(string(userData)) {
+		kv, ok := strings.CutPrefix(strings.TrimSpace(line), "export ")
+		if !ok {
+			continue
+		}
+		k, word, ok := strings.Cut(kv, "=")
+		if !ok {
+			continue
+		}
+		if v, quoted := shell.Unquote(word); quoted {
+			out[k] = v
+		} else if bareWord.MatchString(word) {
+			out[k] = word
+		}
+	}
+	return out
+}
+
+// bareWord is a word the shell reads as itself, unquoted.
+var bareWord = regexp.MustCompile(`^[A-Za-z0-9_./:-]*$`)
+
 // ScriptPath is where the cloud-config form writes the script.
 const ScriptPath = "/var/lib/hangar/bootstrap-userdata.sh"
 

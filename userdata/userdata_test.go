@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"mime"
 	"mime/multipart"
 	"net/mail"
@@ -116,6 +117,23 @@ func TestRenderGolden(t *testing.T) {
 				t.Errorf("golden user-data is %d bytes, over MaxSize", len(got))
 			}
 		})
+	}
+}
+
+// What an instance's shell would export, read back from the rendered
+// script: the quoting undone, bare words taken as they are.
+func TestExports(t *testing.T) {
+	p := Params{Pool: "demo", HangarURL: "http://127.0.0.1:7878", BootstrapToken: "tok-en_1", Enroll: true,
+		Env: map[string]string{"GREETING": "it's $(not run)"}}
+	ud, err := Render(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := Exports(ud)
+	want := map[string]string{"HANGAR_URL": "http://127.0.0.1:7878", "HANGAR_POOL": "demo", "HANGAR_BOOTSTRAP_TOKEN": "tok-en_1",
+		"HANGAR_ENROLL": "1", "GREETING": "it's $(not run)"}
+	if !maps.Equal(got, want) {
+		t.Errorf("Exports = %v\nwant %v", got, want)
 	}
 }
 

@@ -37,6 +37,9 @@ import (
 	"time"
 )
 
+// DocumentVersion is the format of the documents EC2 serves.
+const DocumentVersion = "2017-09-30"
+
 // Document is the part of an instance identity document Hangar reads (the
 // names are EC2's). Version and Architecture are written by Marshal, so
 // that a document of the local cloud reads like one of EC2.

@@ -32,9 +32,6 @@ import (
 // localAccountID is the account every local document names.
 const localAccountID = "000000000000"
 
-// identityDocVersion is the document format EC2 serves.
-const identityDocVersion = "2017-09-30"
-
 func (s *store) identityKeyPath() string  { return filepath.Join(s.dir, "identity.key") }
 func (s *store) identityCertPath() string { return filepath.Join(s.dir, "identity.pem") }
 
@@ -168,7 +165,7 @@ func (p *Provider) identityDocument(r *record) ([]byte, error) {
 		PendingTime:      r.LaunchedAt.UTC().Truncate(time.Second),
 		PrivateIP:        r.PrivateIP,
 		Region:           p.region,
-		Version:          identityDocVersion,
+		Version:          identity.DocumentVersion,
 	}.Marshal()
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/hangar-ci/hangar/internal/testutil"
 	"github.com/hangar-ci/hangar/pool"
 	"github.com/hangar-ci/hangar/pool/api"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 // A batch of three on EC2 (the test server, its instances real ones of the
@@ -43,10 +44,7 @@ func TestEC2BatchEndToEnd(t *testing.T) {
 	if len(indexes) != 3 {
 		t.Errorf("launch indexes %v, want 0, 1 and 2", indexes)
 	}
-	env := map[string]string{}
-	for _, m := range userDataExport.FindAllStringSubmatch(userData, -1) {
-		env[m[1]] = unquoteShell(m[2])
-	}
+	env := userdata.Exports(insts[0].UserData)
 	if env["HANGAR_ENROLL"] != "1" || env["HANGAR_BOOTSTRAP_TOKEN"] == "" {
 		t.Fatalf("the batch's user-data does not enroll:\n%s", userData)
 	}

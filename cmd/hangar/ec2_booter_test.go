@@ -9,13 +9,13 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/hangar-ci/hangar/cloud/ec2/ec2test"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 // fakeBooter plays the instances of an EC2 test server, which keeps them in
@@ -77,13 +77,8 @@ func (b *fakeBooter) run(ctx context.Context) {
 	}
 }
 
-var userDataExport = regexp.MustCompile(`(?m)^export (HANGAR_URL|HANGAR_BOOTSTRAP_TOKEN|HANGAR_ENROLL|HANGAR_IDENTITY)=(.*)$`)
-
 func (b *fakeBooter) boot(ctx context.Context, in ec2test.Instance) error {
-	env := map[string]string{}
-	for _, m := range userDataExport.FindAllStringSubmatch(string(in.UserData), -1) {
-		env[m[1]] = unquoteShell(m[2])
-	}
+	env := userdata.Exports(in.UserData)
 	base, token := env["HANGAR_URL"], env["HANGAR_BOOTSTRAP_TOKEN"]
 	if base == "" || token == "" {
 		return errors.New("user-data has no HANGAR_URL or HANGAR_BOOTSTRAP_TOKEN")
@@ -132,11 +127,11 @@ func (b *fakeBooter) enroll(ctx context.Context, base, batchToken, id string, si
 		case err != nil:
 			return "", err
 		case code == http.StatusOK:
-			m := regexp.MustCompile(`HANGAR_BOOTSTRAP_TOKEN=(\S+)`).FindStringSubmatch(body)
-			if m == nil {
+			token, ok := userdata.Exports([]byte("export " + body))["HANGAR_BOOTSTRAP_TOKEN"]
+			if !ok {
 				return "", fmt.Errorf("enroll answered %q", body)
 			}
-			return unquoteShell(m[1]), nil
+			return token, nil
 		case code == http.StatusServiceUnavailable:
 			select {
 			case <-ctx.Done():
@@ -188,14 +183,4 @@ func (b *fakeBooter) enrollQuantile(q float64) time.Duration {
 	}
 	s := slices.Sorted(slices.Values(b.enrolls))
 	return s[min(int(q*float64(len(s))), len(s)-1)]
-}
-
-// unquoteShell undoes shell.Quote, which wraps a value in single quotes
-// and writes a quote inside it as a closing, an escaped and an opening one.
-func unquoteShell(s string) string {
-	s = strings.TrimSpace(s)
-	if len(s) < 2 || s[0] != '\'' || s[len(s)-1] != '\'' {
-		return s
-	}
-	return strings.ReplaceAll(s[1:len(s)-1], `'\''`, `'`)
 }

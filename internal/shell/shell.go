@@ -18,6 +18,18 @@ func Quote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
+// Unquote undoes Quote: ok is false for a word Quote did not write.
+func Unquote(word string) (s string, ok bool) {
+	if len(word) < 2 || word[0] != '\'' || word[len(word)-1] != '\'' {
+		return "", false
+	}
+	s = strings.ReplaceAll(word[1:len(word)-1], `'\''`, "'")
+	if Quote(s) != word {
+		return "", false // not Quote's: 'a' 'b', 'it's'
+	}
+	return s, true
+}
+
 var (
 	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 	envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)

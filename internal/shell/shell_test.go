@@ -77,6 +77,19 @@ func TestQuote(t *testing.T) {
 	}
 }
 
+func TestUnquote(t *testing.T) {
+	for _, s := range []string{"", "abc", "it's", "'", "''", "$(x) `y` \"z\" \\", "a\nb"} {
+		if got, ok := Unquote(Quote(s)); !ok || got != s {
+			t.Errorf("Unquote(Quote(%q)) = %q, %v", s, got, ok)
+		}
+	}
+	for _, word := range []string{"", "'", "abc", "'abc", "abc'", "'it's'", `"abc"`, "'a' 'b'"} {
+		if got, ok := Unquote(word); ok {
+			t.Errorf("Unquote(%s) = %q: a word Quote never writes", word, got)
+		}
+	}
+}
+
 func FuzzQuote(f *testing.F) {
 	bash := testutil.NeedTool(f, "bash", "runs the quoted strings")
 	for _, v := range []string{"'; touch pwned #", "$(touch pwned)", "`touch pwned`", "a\nb", "\x01\xff", "ünï ✓"} {

@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/hangar-ci/hangar/cloud"
+	"github.com/hangar-ci/hangar/userdata"
 )
 
 // simCloud is the simulated cloud: a launch, stop, start or terminate is
@@ -39,21 +39,15 @@ func newSimCloud(c *vclock) *simCloud {
 // idle instances and starts them again, with a boot, when needed.
 func (c *simCloud) Capabilities() cloud.Capabilities { return cloud.Capabilities{StopStart: true} }
 
-const tokenPrefix = "export HANGAR_BOOTSTRAP_TOKEN="
-
 func (c *simCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]cloud.Instance, error) {
 	if n != 1 || spec.ClientToken == "" {
 		return nil, fmt.Errorf("simulated cloud: launches one instance with a client token, not %d with %q", n, spec.ClientToken)
 	}
 	// The user-data is a script (the engine makes every pool's so): the
 	// token is on its export line, as the bootstrap reads it.
-	i := bytes.Index(spec.UserData, []byte(tokenPrefix))
-	if i < 0 {
+	token, ok := userdata.Exports(spec.UserData)["HANGAR_BOOTSTRAP_TOKEN"]
+	if !ok {
 		return nil, errors.New("simulated cloud: no bootstrap token in the user-data")
-	}
-	rest := spec.UserData[i+len(tokenPrefix):]
-	if j := bytes.IndexByte(rest, '\n'); j >= 0 {
-		rest = rest[:j]
 	}
 	id := "i-" + strings.TrimPrefix(spec.ClientToken, "h-")
 	c.mu.Lock()
@@ -64,7 +58,7 @@ func (c *simCloud) Launch(ctx context.Context, spec cloud.LaunchSpec, n int) ([]
 	in := &simInstance{
 		Instance: cloud.Instance{ID: id, State: cloud.StateRunning, Type: "sim", Zone: "sim-1a", Image: spec.Image,
 			Tags: maps.Clone(spec.Tags), LaunchedAt: c.clock.Now()},
-		token: strings.Trim(string(rest), "'"),
+		token: token,
 	}
 	c.instances[id] = in
 	return []cloud.Instance{in.copy()}, nil

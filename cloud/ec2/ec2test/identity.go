@@ -15,9 +15,6 @@ import (
 // (a benchmark enrolling a batch) asks the server for what the instance
 // would read. The key is Options.IdentityKey, or one made on first use.
 
-// identityDocVersion is the document format EC2 serves.
-const identityDocVersion = "2017-09-30"
-
 // identityKey returns the signing key and its certificate, making them on
 // first use: an RSA key takes a moment, which a server that never signs
 // should not spend.
@@ -72,7 +69,7 @@ func (r *Region) IdentityDocument(id string) (doc, sig []byte, err error) {
 			AccountID: r.s.opts.Account, Architecture: "x86_64", AvailabilityZone: in.zone,
 			ImageID: in.image, InstanceID: in.id, InstanceType: in.typ,
 			PendingTime: in.launched.UTC().Truncate(time.Second), PrivateIP: in.ip,
-			Region: r.rg.name, Version: identityDocVersion,
+			Region: r.rg.name, Version: identity.DocumentVersion,
 		}
 	}
 	r.s.mu.Unlock()
